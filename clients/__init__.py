@@ -1,0 +1,1 @@
+"""The hospital node: data loading, local DP training, encryption and local evaluation."""

@@ -1,0 +1,138 @@
+"""The hospital node as a Flower ClientApp.
+
+Each handler turns a message into a call on `HospitalNode` and its result into a reply. A
+user-caused failure (bad file, wrong key, privacy refusal) becomes a reply carrying one line of
+explanation, which names files and columns but never a record's value.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.data import hospital_files
+from clients.node import HospitalNode
+from federation import messages as M
+from federation.config import RunConfig
+from federation.errors import ConfigError, FedriskError
+from federation.he_codec import HOSPITAL_CONTEXT_FILE
+
+ERROR = "error"
+
+
+def _chain(message: Message) -> list[bytes]:
+    state = message.content.array_records.get(M.STATE)
+    if state is None:
+        return []
+    return [array.numpy().tobytes() for array in state.values()]
+
+
+def _config(message: Message) -> ConfigRecord:
+    return message.content.config_records[M.CONFIG]
+
+
+def node_for(context: Context, message: Message, preset: RunConfig | None) -> HospitalNode:
+    """The hospital this ClientApp serves: its file and key come from the node's own config
+    (deployment: `data-file`, `key-file`) or, in simulation, from the run's data directory."""
+    if preset is not None:
+        config = preset
+    else:
+        raw = _config(message).get(M.RUN_CONFIG)
+        config = RunConfig.from_user_config(json.loads(str(raw))) if raw else RunConfig.from_user_config(context.run_config)
+    node_config = context.node_config
+    if "data-file" in node_config:
+        data_file = Path(str(node_config["data-file"]))
+    else:
+        files = hospital_files(Path(config.data_dir))
+        index = int(node_config.get("partition-id", 0))
+        if index >= len(files):
+            raise ConfigError(f"{config.data_dir} holds {len(files)} hospital files; node {index} has none")
+        data_file = files[index]
+    key_file = Path(str(node_config.get("key-file", Path(config.keys_dir) / HOSPITAL_CONTEXT_FILE)))
+    node = HospitalNode(config, data_file, key_file)
+    cfg = _config(message)
+    node.check_federation(str(cfg[M.KEY_ID]), str(cfg[M.PARAMS_ID]))
+    return node
+
+
+def _reply(message: Message, **records: ConfigRecord | MetricRecord | ArrayRecord) -> Message:
+    return Message(content=RecordDict(records), reply_to=message)
+
+
+def _guarded(handler: Callable[[HospitalNode, Message, Context], Message], preset: RunConfig | None
+             ) -> Callable[[Message, Context], Message]:
+    def run(message: Message, context: Context) -> Message:
+        try:
+            node = node_for(context, message, preset)
+            return handler(node, message, context)
+        except FedriskError as exc:
+            return _reply(message, **{M.REPLY: ConfigRecord({ERROR: str(exc)})})
+    return run
+
+
+def _census(node: HospitalNode, message: Message, context: Context) -> Message:
+    return _reply(message, **{M.REPLY: ConfigRecord({M.CIPHERTEXTS: node.census(), M.HOSPITAL: node.name})})
+
+
+def _steps_key(node: HospitalNode) -> str:
+    return f"dp-steps:{node.config.seed}:{node.config.rounds}:{node.config.experiment}"
+
+
+def _train(node: HospitalNode, message: Message, context: Context) -> Message:
+    cfg = _config(message)
+    server_round = int(cfg[M.ROUND])
+    census = list(message.content.config_records[M.CENSUS_RECORD][M.CENSUS_TOTAL])
+    ledger = context.state.config_records.get("privacy", ConfigRecord())
+    steps_so_far = int(ledger.get(_steps_key(node), 0))
+    if server_round == 1:
+        steps_so_far = 0
+    outcome = node.train(server_round, census, _chain(message), steps_so_far)
+    ledger[_steps_key(node)] = outcome.spend.steps
+    context.state.config_records["privacy"] = ledger
+    spend = outcome.spend
+    metrics = MetricRecord({
+        M.EPSILON: spend.epsilon, M.STEPS: spend.steps, M.NOISE_MULTIPLIER: spend.noise_multiplier,
+        M.SAMPLE_RATE: spend.sample_rate, M.TRAIN_SECONDS: outcome.train_seconds,
+        M.HE_SECONDS: outcome.he_seconds})
+    return _reply(message, **{
+        M.REPLY: ConfigRecord({M.CIPHERTEXTS: outcome.ciphertexts, M.HOSPITAL: node.name,
+                               M.KEY_ID: node.key.key_id, M.PARAMS_ID: node.key.params_id}),
+        M.METRICS: metrics})
+
+
+def _evaluate(node: HospitalNode, message: Message, context: Context) -> Message:
+    census = list(message.content.config_records[M.CENSUS_RECORD][M.CENSUS_TOTAL])
+    ciphertexts = node.evaluate(census, _chain(message))
+    return _reply(message, **{M.REPLY: ConfigRecord({M.CIPHERTEXTS: ciphertexts, M.HOSPITAL: node.name})})
+
+
+def _reveal(node: HospitalNode, message: Message, context: Context) -> Message:
+    aggregate = list(message.content.config_records[M.AGGREGATE_RECORD][M.AGGREGATE])
+    return _reply(message, **{M.REPLY: ConfigRecord({M.VALUES: node.reveal(aggregate)})})
+
+
+def _release(node: HospitalNode, message: Message, context: Context) -> Message:
+    weights, digest = node.release(_chain(message))
+    return _reply(message, **{
+        M.REPLY: ConfigRecord({M.SHA256: digest, M.HOSPITAL: node.name}),
+        M.RELEASED_MODEL: ArrayRecord({M.WEIGHTS: Array(np.asarray(weights, dtype=np.float32))})})
+
+
+def make_client_app(preset: RunConfig | None = None) -> ClientApp:
+    """A ClientApp for hospital nodes. `preset` fixes the run config (simulation); without it
+    the config comes from the message or Flower's run config (`flwr run`)."""
+    client_app = ClientApp()
+    client_app.query("census")(_guarded(_census, preset))
+    client_app.train()(_guarded(_train, preset))
+    client_app.evaluate()(_guarded(_evaluate, preset))
+    client_app.query("reveal")(_guarded(_reveal, preset))
+    client_app.query("release")(_guarded(_release, preset))
+    return client_app
+
+
+app = make_client_app()

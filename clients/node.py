@@ -1,0 +1,180 @@
+"""A hospital node's side of the protocol, independent of how messages travel.
+
+The node keeps no model between rounds: the server sends the chain of encrypted aggregates,
+and the node replays it from the public initial model (decrypting is cheap). So a node that
+restarts, or joins late, computes exactly the global model every other node computes.
+
+What leaves the node: ciphertexts, and public privacy accounting values. Nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clients.data import HospitalData, load_hospital
+from clients.evaluation import risk_metrics
+from clients.training import LocalTraining, train_local
+from federation import he_codec
+from federation.config import RunConfig
+from federation.errors import KeyMaterialError, PrivacyBudgetError, ProtocolError
+from federation.he_codec import CENSUS_UNIT, CONTRIBUTOR_UNIT, HospitalKey, PlaintextCodec
+from federation.model import initial_weights, load_model, num_parameters, predict_proba, weights_digest
+from privacy.accounting import DPSpend, calibrate_noise, check_delta
+
+EVAL_LENGTH = 6  # [w_auc*auc, w_auc, w*brier, w*log-loss, w, contributor]
+
+_DATA_CACHE: dict[tuple[str, float, str], HospitalData] = {}
+_KEY_CACHE: dict[tuple[str, float], HospitalKey] = {}
+
+
+def _cached_data(path: Path, purpose: str) -> HospitalData:
+    key = (str(path), path.stat().st_mtime if path.exists() else 0.0, purpose)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_hospital(path, purpose)
+    return _DATA_CACHE[key]
+
+
+def _cached_key(path: Path) -> HospitalKey:
+    key = (str(path), path.stat().st_mtime if path.exists() else 0.0)
+    if key not in _KEY_CACHE:
+        _KEY_CACHE[key] = HospitalKey.load(path)
+    return _KEY_CACHE[key]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a train step sends back: ciphertexts and public accounting values."""
+
+    ciphertexts: list[bytes]
+    spend: DPSpend
+    train_seconds: float
+    he_seconds: float
+
+
+class HospitalNode:
+    """One hospital: its data file, its copy of the federation's CKKS secret key, a run config."""
+
+    def __init__(self, config: RunConfig, data_file: Path, key_file: Path) -> None:
+        self.config = config
+        self.data_file = Path(data_file)
+        self.key: HospitalKey | PlaintextCodec = _cached_key(Path(key_file)) if config.he else PlaintextCodec()
+        self.data = _cached_data(self.data_file, config.purpose)
+        self.name = self.data.name
+        self.length = num_parameters(config.model)
+        if config.dp and not check_delta(config.delta, self.data.n_train):
+            raise PrivacyBudgetError(
+                f"{self.data_file}: delta {config.delta:g} is not below 1/n for this hospital's records")
+        if config.sample_rate * self.data.n_train < 1.0:
+            raise PrivacyBudgetError(
+                f"{self.data_file}: too few consented records for sample-rate {config.sample_rate:g}")
+
+    def check_federation(self, key_id: str, params_id: str) -> None:
+        """Refuse to work under another key or other CKKS parameters than the server's."""
+        if params_id != self.key.params_id:
+            raise KeyMaterialError(f"{self.name}: the server's CKKS parameters differ from this hospital's")
+        if key_id != self.key.key_id:
+            raise KeyMaterialError(f"{self.name}: this hospital's CKKS key is not the federation's key")
+
+    # --- census -------------------------------------------------------------------------
+    def census(self) -> list[bytes]:
+        """Encrypted [n_k * 2^-24, contributor]: lets hospitals learn the federation's size
+        (to normalise updates) without the server learning any hospital's."""
+        return self.key.encrypt(np.array([self.data.n_train * CENSUS_UNIT, CONTRIBUTOR_UNIT]))
+
+    def census_total(self, census: Sequence[bytes]) -> float:
+        """Decrypt the summed census: N_hat, the federation's training record count."""
+        values = self.key.decrypt(census, 2)
+        self._check_contributors(values[1], "census")
+        return float(values[0] / CENSUS_UNIT)
+
+    def _check_contributors(self, value: float, what: str) -> int:
+        contributors = int(round(value / CONTRIBUTOR_UNIT))
+        if contributors < self.config.min_contributors:
+            raise ProtocolError(
+                f"{self.name}: refusing to decrypt a {what} holding {contributors} hospital(s); "
+                f"at least {self.config.min_contributors} are required")
+        return contributors
+
+    # --- global model ---------------------------------------------------------------------
+    def global_weights(self, chain: Sequence[bytes]) -> np.ndarray:
+        """Replay the chain of encrypted aggregates on the public initial model."""
+        weights = initial_weights(self.config.model, self.config.seed)
+        per_round = he_codec.ciphertexts_for(self.length + 2) if self.config.he else 1
+        if len(chain) % per_round:
+            raise ProtocolError(f"{self.name}: aggregate chain of {len(chain)} ciphertexts is not "
+                                f"whole rounds of {per_round}")
+        rounds = len(chain) // per_round
+        for r in range(rounds):
+            values = self.key.decrypt(chain[r * per_round:(r + 1) * per_round], self.length + 2)
+            self._check_contributors(values[-1], f"round {r + 1} aggregate")
+            share = values[-2]
+            if share <= 0:
+                raise ProtocolError(f"{self.name}: round {r + 1} aggregate carries no records")
+            weights = weights + values[:self.length] / share
+        return weights
+
+    # --- train ----------------------------------------------------------------------------
+    def noise_multiplier(self) -> float:
+        """Sigma for the whole planned run, so its epsilon meets the target at delta."""
+        cfg = self.config
+        return calibrate_noise(target_epsilon=cfg.target_epsilon, delta=cfg.delta,
+                               sample_rate=cfg.sample_rate, steps=cfg.planned_steps)
+
+    def train(self, server_round: int, census: Sequence[bytes], chain: Sequence[bytes],
+              steps_so_far: int) -> TrainOutcome:
+        """One round: replay the global model, run DP-SGD, encrypt the weighted delta."""
+        cfg = self.config
+        began = time.perf_counter()
+        n_hat = self.census_total(census)
+        start = self.global_weights(chain)
+        he_seconds = time.perf_counter() - began
+        round_steps = cfg.local_epochs * cfg.steps_per_epoch
+        if cfg.dp and steps_so_far + round_steps > cfg.planned_steps:
+            raise PrivacyBudgetError(
+                f"{self.name}: round {server_round} would exceed the {cfg.planned_steps} DP-SGD steps "
+                "the noise was calibrated for")
+        sigma = self.noise_multiplier() if cfg.dp else 0.0
+        result = train_local(start, self.data.train_x, self.data.train_y, LocalTraining(
+            model_kind=cfg.model, epochs=cfg.local_epochs, sample_rate=cfg.sample_rate,
+            learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm, noise_multiplier=sigma,
+            seed=cfg.seed * 1_000_003 + server_round * 101 + sum(map(ord, self.name)), dp=cfg.dp))
+        began = time.perf_counter()
+        share = self.data.n_train / n_hat
+        update = np.concatenate([share * (result.weights - start), [share, CONTRIBUTOR_UNIT]])
+        ciphertexts = self.key.encrypt(update)
+        he_seconds += time.perf_counter() - began
+        total_steps = steps_so_far + result.steps
+        spend = DPSpend.of(sample_rate=cfg.sample_rate, noise_multiplier=sigma, steps=total_steps if cfg.dp else 0,
+                           clip_norm=cfg.clip_norm, delta=cfg.delta)
+        return TrainOutcome(ciphertexts, spend, result.seconds, he_seconds)
+
+    # --- evaluate -------------------------------------------------------------------------
+    def evaluate(self, census: Sequence[bytes], chain: Sequence[bytes]) -> list[bytes]:
+        """Evaluate the global model on the local test split; encrypt the weighted metrics."""
+        n_hat = self.census_total(census)
+        weights = self.global_weights(chain)
+        probabilities = predict_proba(load_model(self.config.model, weights), self.data.test_x)
+        metrics = risk_metrics(self.data.test_y, probabilities)
+        weight = len(self.data.test_y) / n_hat
+        auc_weight = 0.0 if np.isnan(metrics["auc"]) else weight
+        vector = np.array([auc_weight * np.nan_to_num(metrics["auc"]), auc_weight,
+                           weight * metrics["brier"], weight * min(metrics["log-loss"], 1.0 / max(weight, 1e-12)),
+                           weight, CONTRIBUTOR_UNIT])
+        return self.key.encrypt(vector)
+
+    def reveal(self, aggregate: Sequence[bytes]) -> list[float]:
+        """Decrypt a summed evaluation vector, only if enough hospitals are in it."""
+        values = self.key.decrypt(aggregate, EVAL_LENGTH)
+        self._check_contributors(values[-1], "metric aggregate")
+        return [float(v) for v in values]
+
+    # --- release --------------------------------------------------------------------------
+    def release(self, chain: Sequence[bytes]) -> tuple[np.ndarray, str]:
+        """Decrypt the final model (DP by post-processing) and its SHA-256."""
+        weights = self.global_weights(chain).astype(np.float32)
+        return weights, weights_digest(weights)

@@ -1,0 +1,1 @@
+"""Experiment configs, sweep runners and the synthetic hospital-export generator."""

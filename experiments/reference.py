@@ -1,0 +1,68 @@
+"""Reference points for a federated run, computed by experiments only (never by the federated
+path): a centralized non-private model on pooled data, and the oracle that knows true risk.
+
+All three AUCs a demo prints (federated, centralized, oracle) are measured the same way: the
+AUC on each hospital's local test split, weighted by the split's size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from clients.data import PURPOSE_CONSENT, HospitalData, load_hospital, test_mask
+from clients.evaluation import risk_metrics
+from federation import features as fx
+from federation.model import build_model, predict_proba
+
+
+def weighted_auc(parts: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Mean of per-hospital AUCs weighted by test-split size (as federated evaluation does)."""
+    aucs, weights = [], []
+    for labels, scores in parts:
+        auc = risk_metrics(labels, scores)["auc"]
+        if not np.isnan(auc):
+            aucs.append(auc)
+            weights.append(len(labels))
+    return float(np.average(aucs, weights=weights))
+
+
+def centralized_auc(hospitals: list[HospitalData], model_kind: str, epochs: int = 8,
+                    batch_size: int = 512, seed: int = 0) -> float:
+    """Train the same model family without DP on all hospitals' pooled training splits."""
+    torch.manual_seed(seed)
+    x = torch.as_tensor(np.concatenate([h.train_x for h in hospitals]))
+    y = torch.as_tensor(np.concatenate([h.train_y for h in hospitals]))
+    model = build_model(model_kind)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.BCEWithLogitsLoss()
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for start in range(0, len(y), batch_size):
+            index = order[start:start + batch_size]
+            optimizer.zero_grad()
+            loss_fn(model(x[index]).squeeze(-1), y[index]).backward()
+            optimizer.step()
+    return weighted_auc([(h.test_y, predict_proba(model, h.test_x)) for h in hospitals])
+
+
+def oracle_auc(files: list[Path], truth_file: Path, purpose: str) -> float:
+    """AUC of the generator's true risk on the same test records the models are scored on."""
+    truth = pd.read_parquet(truth_file, columns=[fx.RECORD_KEY, "true_risk"]).set_index(fx.RECORD_KEY)["true_risk"]
+    parts = []
+    for path in files:
+        frame = pd.read_parquet(path, columns=[fx.RECORD_KEY, fx.LABEL, PURPOSE_CONSENT[purpose]])
+        frame = frame[frame[PURPOSE_CONSENT[purpose]].astype(bool)]
+        frame = frame[test_mask(frame[fx.RECORD_KEY])]
+        parts.append((frame[fx.LABEL].to_numpy(), truth.loc[frame[fx.RECORD_KEY]].to_numpy()))
+    return weighted_auc(parts)
+
+
+def load_all(files: list[Path], purpose: str) -> list[HospitalData]:
+    """Every hospital's consented, encoded records (simulation only: one machine holds all)."""
+    return [load_hospital(path, purpose) for path in files]

@@ -1,0 +1,174 @@
+"""The `fedrisk` command line.
+
+Every user-caused problem ends as one line on stderr (`fedrisk: error: ...`) and exit code 2;
+a traceback means a bug. Sub-commands import their machinery lazily so `fedrisk --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from federation.config import RunConfig
+from federation.errors import ConfigError, FedriskError
+
+EXIT_USER_ERROR = 2
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from experiments.synthetic import synthesize
+
+    report = synthesize(args.hospitals, args.patients, Path(args.out), seed=args.seed)
+    for path, rows, kind in zip(report.files, report.rows_by_hospital, report.hospital_types):
+        print(f"{path}  {rows:>8,} patients  {kind}")
+    print(f"ground truth (not for training): {report.truth_path}")
+    print(f"oracle AUC: {report.oracle_auc:.4f}")
+    return 0
+
+
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    from federation.he_codec import init_keys
+
+    keys = init_keys(Path(args.out), overwrite=args.force)
+    print(f"hospital secret context (mode 0600): {keys.hospital_context}")
+    print(f"server parameters-only context:      {keys.server_context}")
+    print(f"key id {keys.key_id}, parameters {keys.params_id}: {keys.federation_file}")
+    return 0
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    return RunConfig(data_dir=args.data, keys_dir=args.keys, run_dir=args.out,
+                     num_hospitals=args.hospitals, rounds=args.rounds, local_epochs=args.local_epochs,
+                     sample_rate=args.sample_rate, clip_norm=args.clip_norm,
+                     learning_rate=args.learning_rate, target_epsilon=args.epsilon, delta=args.delta,
+                     model=args.model, seed=args.seed, purpose=args.purpose,
+                     tracking_uri=args.tracking_uri or "", min_contributors=args.min_contributors)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from experiments.demo import _progress
+    from experiments.simulation import simulate
+
+    config = _run_config(args)
+    result = simulate(config, progress=_progress(sys.stdout), verbose=args.verbose)
+    print(f"release: {result.release_dir}  sha256 {result.digest}")
+    print(f"epsilon max {result.privacy['epsilon_max']:.3f} at delta {config.delta:g}; MLflow run {result.run_id}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from experiments.demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(out=Path(args.out) if args.out else None, hospitals=args.hospitals,
+                          patients=args.patients, rounds=args.rounds, epsilon=args.epsilon,
+                          delta=args.delta, model=args.model, seed=args.seed,
+                          tracking_uri=args.tracking_uri or "", overheads=not args.no_overheads))
+    return 0
+
+
+def _cmd_privacy_verify(args: argparse.Namespace) -> int:
+    from privacy.accounting import epsilon_for
+
+    path = Path(args.report)
+    try:
+        report = json.loads(path.read_text())
+        hospitals = report["hospitals"]
+    except FileNotFoundError:
+        raise ConfigError(f"privacy report not found: {path}") from None
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path} is not a fedrisk privacy report") from None
+    worst = 0.0
+    for name, h in sorted(hospitals.items()):
+        eps = epsilon_for(sample_rate=h["sample_rate"], noise_multiplier=h["noise_multiplier"],
+                          steps=int(h["steps"]), delta=h["delta"])
+        worst = max(worst, abs(eps - h["epsilon"]))
+        print(f"{name}: q={h['sample_rate']:g} sigma={h['noise_multiplier']:.4f} steps={h['steps']} "
+              f"delta={h['delta']:g} -> epsilon {eps:.4f} (reported {h['epsilon']:.4f})")
+    if worst > 1e-6:
+        raise ConfigError(f"{path}: a reported epsilon differs from its recomputation by {worst:.3g}")
+    print("every epsilon recomputes from its logged parameters")
+    return 0
+
+
+def _add_training_options(parser: argparse.ArgumentParser, *, demo: bool) -> None:
+    defaults = RunConfig()
+    parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
+    parser.add_argument("--epsilon", type=float, default=defaults.target_epsilon,
+                        help="target epsilon per hospital for the whole run (default 1.0)")
+    parser.add_argument("--delta", type=float, default=defaults.delta, help="delta (default 1e-5)")
+    parser.add_argument("--model", choices=("mlp", "logreg"), default="mlp", help="model family (default mlp)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for data, init and sampling (default 0)")
+    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: SQLite under --out)")
+    if demo:
+        return
+    parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
+    parser.add_argument("--sample-rate", type=float, default=defaults.sample_rate,
+                        help="Poisson sampling rate q, 1/k (default 0.01)")
+    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--purpose", default=defaults.purpose)
+    parser.add_argument("--min-contributors", type=int, default=2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="fedrisk", description=(
+        "Federated credit-risk models from hospital data: Flower + Opacus DP-SGD + TenSEAL CKKS."))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="the main job: synthesise, train (DP + HE), compare")
+    demo.add_argument("--out", help="output directory (default runs/<timestamp>/)")
+    demo.add_argument("--hospitals", type=int, default=8)
+    demo.add_argument("--patients", type=int, default=200_000)
+    demo.add_argument("--no-overheads", action="store_true", help="skip the overhead measurements")
+    _add_training_options(demo, demo=True)
+    demo.set_defaults(handler=_cmd_demo)
+
+    data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write synthetic hospital exports")
+    synth.add_argument("--hospitals", type=int, required=True)
+    synth.add_argument("--patients", type=int, required=True)
+    synth.add_argument("--out", required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_cmd_data_synth)
+
+    keys = commands.add_parser("keys", help="CKKS key material").add_subparsers(dest="keys_command", required=True)
+    init = keys.add_parser("init", help="create the hospitals' secret context and the server's public one")
+    init.add_argument("--out", required=True, help="directory for the key material")
+    init.add_argument("--force", action="store_true", help="replace an existing key")
+    init.set_defaults(handler=_cmd_keys_init)
+
+    run = commands.add_parser("run", help="federated training in Flower's simulation engine")
+    run.add_argument("--data", required=True, help="directory of hospital_*.parquet|csv files")
+    run.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
+    run.add_argument("--out", required=True, help="run directory (MLflow store, release)")
+    run.add_argument("--hospitals", type=int, default=3)
+    run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+    _add_training_options(run, demo=False)
+    run.set_defaults(handler=_cmd_run)
+
+    privacy = commands.add_parser("privacy", help="privacy reports").add_subparsers(dest="privacy_command", required=True)
+    verify = privacy.add_parser("verify", help="recompute every epsilon of a privacy report")
+    verify.add_argument("report")
+    verify.set_defaults(handler=_cmd_privacy_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fedrisk` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except FedriskError as exc:
+        print(f"fedrisk: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("fedrisk: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

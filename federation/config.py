@@ -1,0 +1,151 @@
+"""Run configuration: every parameter a federated training run depends on, in one place.
+
+A `RunConfig` travels three ways: built by the CLI, read from Flower's run config (so
+`flwr run .` works with the `[tool.flwr.app.config]` table in pyproject.toml), and logged to
+MLflow as the run's parameters. Privacy parameters travel together so that anyone can recompute
+each hospital's epsilon from the logged values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from federation.errors import ConfigError
+
+MODEL_KINDS = ("mlp", "logreg")
+DEFAULT_PURPOSE = "credit-risk-research"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Parameters of one federated training run.
+
+    Attributes:
+        data_dir: directory holding one export file per hospital (`hospital_*.parquet|csv`).
+        keys_dir: directory written by `fedrisk keys init` (hospital and server contexts).
+        run_dir: where the run writes its MLflow store, release artifact and reports.
+        num_hospitals: hospitals that take part; the run waits for this many nodes.
+        rounds: federated rounds (default 5).
+        local_epochs: DP-SGD epochs per hospital per round (default 1).
+        sample_rate: Poisson sampling rate q of DP-SGD, the same at every hospital, so it
+            reveals nothing about a hospital's size (default 0.01: 100 steps per epoch).
+        clip_norm: per-sample gradient L2 clip C (default 1.0).
+        learning_rate: local optimiser step size (default 0.002, Adam).
+        target_epsilon: epsilon each hospital may spend on the whole run (default 1.0).
+        delta: delta of the (epsilon, delta) guarantee; must be below 1/n at each hospital.
+        model: "mlp" (40-64-32-1) or "logreg".
+        seed: seeds model initialisation and every hospital's sampler.
+        purpose: the declared purpose of the run; only records consenting to it are used.
+        tracking_uri: MLflow tracking URI; empty means a SQLite store under run_dir.
+        experiment: MLflow experiment name.
+        min_contributors: fewest hospitals an aggregate must contain before any hospital
+            agrees to decrypt it (so no single hospital's update is ever revealed).
+        round_timeout: seconds the server waits for replies in one round.
+        dp: train with DP-SGD (only the overhead benchmark turns this off).
+        he: aggregate under CKKS (only the overhead benchmark turns this off).
+    """
+
+    data_dir: str = "data"
+    keys_dir: str = "keys"
+    run_dir: str = "runs/latest"
+    num_hospitals: int = 3
+    rounds: int = 5
+    local_epochs: int = 1
+    sample_rate: float = 0.01
+    clip_norm: float = 1.0
+    learning_rate: float = 0.002
+    target_epsilon: float = 1.0
+    delta: float = 1e-5
+    model: str = "mlp"
+    seed: int = 0
+    purpose: str = DEFAULT_PURPOSE
+    tracking_uri: str = ""
+    experiment: str = "fedrisk"
+    min_contributors: int = 2
+    round_timeout: float = 600.0
+    dp: bool = True
+    he: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first parameter that is out of range."""
+        if not (isinstance(self.target_epsilon, (int, float)) and self.target_epsilon > 0
+                and math.isfinite(self.target_epsilon)):
+            raise ConfigError(f"target-epsilon must be a positive number, got {self.target_epsilon!r}")
+        if not (0.0 < self.delta < 1.0):
+            raise ConfigError(f"delta must lie in (0, 1), got {self.delta!r}")
+        if not (0.0 < self.sample_rate <= 0.5):
+            raise ConfigError(f"sample-rate must lie in (0, 0.5], got {self.sample_rate!r}")
+        steps = 1.0 / self.sample_rate
+        if abs(steps - round(steps)) > 1e-9:
+            raise ConfigError(f"sample-rate must be 1/k for a whole k, got {self.sample_rate!r}")
+        if self.clip_norm <= 0:
+            raise ConfigError(f"clip-norm must be positive, got {self.clip_norm!r}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning-rate must be positive, got {self.learning_rate!r}")
+        for name in ("rounds", "local_epochs", "num_hospitals", "min_contributors"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        if self.model not in MODEL_KINDS:
+            raise ConfigError(f"model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
+        if self.min_contributors > self.num_hospitals:
+            raise ConfigError(
+                f"min-contributors ({self.min_contributors}) exceeds num-hospitals ({self.num_hospitals})")
+        if not self.purpose or not self.purpose.replace("-", "").isalnum():
+            raise ConfigError(f"purpose must be a slug like 'credit-risk-research', got {self.purpose!r}")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """DP-SGD steps per local epoch: 1/q, the same at every hospital."""
+        return int(round(1.0 / self.sample_rate))
+
+    @property
+    def planned_steps(self) -> int:
+        """DP-SGD steps a hospital takes over the whole run; noise is calibrated to this."""
+        return self.rounds * self.local_epochs * self.steps_per_epoch
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The tracking URI in force: the explicit one, else SQLite under run_dir."""
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{(Path(self.run_dir).resolve() / 'mlflow.db')}"
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_user_config(self) -> dict[str, Any]:
+        """Flower run-config form: kebab-case keys, scalar values."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_user_config(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's run config (kebab-case keys); unknown keys are an error."""
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown run-config key {key!r}")
+            kind = known[name].type
+            try:
+                if kind in ("int", int):
+                    value = int(value)
+                elif kind in ("float", float):
+                    value = float(value)
+                elif kind in ("bool", bool):
+                    value = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+                else:
+                    value = str(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"run-config key {key!r} has a value of the wrong type: {value!r}") from None
+            kwargs[name] = value
+        return cls(**kwargs)

@@ -1,0 +1,53 @@
+"""The wire contract between the server and hospitals: message actions and record keys.
+
+Every key lives here so neither side scatters strings. Ciphertexts travel as lists of bytes in
+ConfigRecords; the only plaintext numbers a hospital sends are privacy accounting values
+(epsilon, steps, noise multiplier), which are public by design.
+"""
+
+from __future__ import annotations
+
+# Message types (Flower "category.action").
+CENSUS = "query.census"
+TRAIN = "train"
+EVALUATE = "evaluate"
+RELEASE = "query.release"
+REVEAL = "query.reveal"
+
+# Record names inside a message's RecordDict.
+CONFIG = "config"
+STATE = "state"          # server -> hospital: the chain of encrypted aggregates (ArrayRecord)
+CENSUS_RECORD = "census"  # server -> hospital: the encrypted census total
+AGGREGATE_RECORD = "aggregate"  # server -> key holder: an encrypted metric sum to reveal
+REPLY = "reply"          # hospital -> server: ciphertexts, release
+METRICS = "metrics"      # hospital -> server: public accounting values
+RELEASED_MODEL = "released-model"
+
+# Keys in CONFIG.
+ROUND = "round"
+KEY_ID = "key-id"
+PARAMS_ID = "params-id"
+RUN_CONFIG = "run-config"  # JSON of the RunConfig for nodes started without one
+VECTOR_LENGTH = "vector-length"
+
+# Keys in CENSUS_RECORD / AGGREGATE_RECORD.
+CENSUS_TOTAL = "census-total"
+AGGREGATE = "aggregate"    # a REVEAL request: the encrypted sum to decrypt
+
+# Keys in REPLY.
+CIPHERTEXTS = "ciphertexts"
+HOSPITAL = "hospital"
+WEIGHTS = "weights"
+SHA256 = "sha256"
+VALUES = "values"
+
+# Keys in METRICS.
+EPSILON = "epsilon"
+STEPS = "steps"
+NOISE_MULTIPLIER = "noise-multiplier"
+SAMPLE_RATE = "sample-rate"
+TRAIN_SECONDS = "train-seconds"
+HE_SECONDS = "he-seconds"
+
+# Layout of the evaluation vector (each entry weighted by n_eval / N_hat before encryption).
+EVAL_FIELDS = ("auc", "brier", "log-loss")

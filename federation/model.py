@@ -1,0 +1,75 @@
+"""Model definitions and the flat-vector view of their weights that the HE codec carries."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from federation.features import FEATURE_NAMES
+
+N_FEATURES = len(FEATURE_NAMES)
+
+
+def build_model(kind: str) -> nn.Module:
+    """`mlp`: 40-64-32-1 with ReLU; `logreg`: 40-1. Both output one logit."""
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(N_FEATURES, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                             nn.Linear(32, 1))
+    if kind == "logreg":
+        return nn.Sequential(nn.Linear(N_FEATURES, 1))
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def num_parameters(kind: str) -> int:
+    """Length of the flat weight vector of a model kind."""
+    return sum(p.numel() for p in build_model(kind).parameters())
+
+
+def initial_weights(kind: str, seed: int) -> np.ndarray:
+    """The public starting point of a run: every hospital derives the same one from the seed."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = build_model(kind)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return get_weights(model)
+
+
+def get_weights(model: nn.Module) -> np.ndarray:
+    """All parameters as one float64 vector, in `model.parameters()` order."""
+    return torch.nn.utils.parameters_to_vector(
+        [p.detach() for p in model.parameters()]).double().numpy().copy()
+
+
+def set_weights(model: nn.Module, weights: np.ndarray) -> None:
+    """Load a flat vector produced by `get_weights` into `model`."""
+    vector = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    expected = sum(p.numel() for p in model.parameters())
+    if vector.numel() != expected:
+        raise ValueError(f"weight vector has {vector.numel()} values, model needs {expected}")
+    torch.nn.utils.vector_to_parameters(vector, list(model.parameters()))
+
+
+def load_model(kind: str, weights: np.ndarray) -> nn.Module:
+    """A model of `kind` holding `weights`, in eval mode."""
+    model = build_model(kind)
+    set_weights(model, weights)
+    return model.eval()
+
+
+def weights_digest(weights: np.ndarray) -> str:
+    """SHA-256 of the released model: its float32 little-endian bytes."""
+    return hashlib.sha256(np.asarray(weights, dtype="<f4").tobytes()).hexdigest()
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, features: np.ndarray, batch: int = 65536) -> np.ndarray:
+    """Predicted probability of delinquency for each row."""
+    model.eval()
+    out = [torch.sigmoid(model(torch.as_tensor(features[i:i + batch]))).squeeze(-1).numpy()
+           for i in range(0, len(features), batch)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,1 @@
+"""Privacy machinery with no federation imports: DP accounting and its records."""

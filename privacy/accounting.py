@@ -1,0 +1,84 @@
+"""DP-SGD accounting: calibrate the noise for a planned run, and say what a run spent.
+
+The mechanism is the Poisson-subsampled Gaussian mechanism run for `steps` steps with
+sampling rate q and noise multiplier sigma. Its Renyi-DP curve is computed with Opacus's RDP
+analysis and converted to (epsilon, delta). Everything needed to recompute an epsilon is in
+`DPSpend`, which is what runs log and certificates print.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from opacus.accountants.analysis import rdp as rdp_analysis
+
+RDP_ORDERS: tuple[float, ...] = tuple(
+    [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 128, 256, 512])
+ACCOUNTANT = "rdp (opacus.accountants.analysis.rdp)"
+
+
+def epsilon_for(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
+    """Epsilon at `delta` after `steps` Poisson-subsampled Gaussian steps (RDP accountant)."""
+    if steps <= 0:
+        return 0.0
+    curve = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier,
+                                     steps=steps, orders=list(RDP_ORDERS))
+    epsilon, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=curve, delta=delta)
+    return float(epsilon)
+
+
+@lru_cache(maxsize=64)
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    tolerance: float = 0.005) -> float:
+    """Smallest noise multiplier (to within `tolerance` in epsilon) whose epsilon over
+    `steps` steps is at most `target_epsilon`. Calibrated once per run, before training."""
+    low, high = 0.0, 1.0
+    while epsilon_for(sample_rate=sample_rate, noise_multiplier=high, steps=steps, delta=delta) > target_epsilon:
+        low, high = high, high * 2.0
+        if high > 1e4:
+            raise ValueError("no noise multiplier below 1e4 meets the target epsilon")
+    while True:
+        mid = (low + high) / 2.0
+        eps = epsilon_for(sample_rate=sample_rate, noise_multiplier=mid, steps=steps, delta=delta)
+        if eps > target_epsilon:
+            low = mid
+        else:
+            high = mid
+            if target_epsilon - eps <= tolerance * target_epsilon:
+                return high
+        if high - low < 1e-6:
+            return high
+
+
+@dataclass(frozen=True)
+class DPSpend:
+    """What one hospital's DP-SGD actually ran, and the epsilon it costs."""
+
+    mechanism: str
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    clip_norm: float
+    delta: float
+    epsilon: float
+    accountant: str = ACCOUNTANT
+
+    @classmethod
+    def of(cls, *, sample_rate: float, noise_multiplier: float, steps: int, clip_norm: float,
+           delta: float) -> "DPSpend":
+        """Account a run of `steps` DP-SGD steps."""
+        return cls(mechanism="DP-SGD, Poisson-subsampled Gaussian", sample_rate=sample_rate,
+                   noise_multiplier=noise_multiplier, steps=steps, clip_norm=clip_norm, delta=delta,
+                   epsilon=epsilon_for(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
+                                       steps=steps, delta=delta))
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form for the privacy report."""
+        return asdict(self)
+
+
+def check_delta(delta: float, records: int) -> bool:
+    """A meaningful (epsilon, delta) guarantee needs delta below 1/n."""
+    return records > 0 and delta < 1.0 / records and math.isfinite(delta)

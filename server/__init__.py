@@ -1,0 +1,1 @@
+"""The coordinating server: HE FedAvg strategy, run orchestration and release tracking."""

@@ -1,0 +1,111 @@
+"""MLflow tracking of a federated run: parameters, per-round metrics, epsilon per hospital, and
+the release artifacts (final model, privacy report).
+
+A run that fails is deleted from the tracking store, so no partial run stays registered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from federation.config import RunConfig
+from federation.he_codec import he_parameters
+from privacy.accounting import ACCOUNTANT, RDP_ORDERS
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+class RunTracker:
+    """One MLflow run for one federated training run."""
+
+    def __init__(self, config: RunConfig) -> None:
+        import mlflow  # imported here: it is slow to import and only the server needs it
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.mlflow = mlflow
+        self.config = config
+        Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(config.mlflow_uri)
+        experiment = mlflow.get_experiment_by_name(config.experiment)
+        if experiment is None:
+            artifact_root = (Path(config.run_dir).resolve() / "mlartifacts").as_uri() if not config.tracking_uri else None
+            experiment_id = mlflow.create_experiment(config.experiment, artifact_location=artifact_root)
+        else:
+            experiment_id = experiment.experiment_id
+        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=Path(config.run_dir).name)
+        self.run_id = self.run.info.run_id
+        params: dict[str, Any] = {k: v for k, v in config.to_user_config().items()
+                                  if k not in ("data-dir", "keys-dir", "run-dir", "tracking-uri")}
+        params["planned-steps"] = config.planned_steps
+        params["accountant"] = ACCOUNTANT
+        params.update({f"he.{k}": v for k, v in he_parameters().items()})
+        mlflow.log_params(params)
+
+    def log_round(self, server_round: int, metrics: dict[str, float]) -> None:
+        """Per-round metrics (federated AUC, Brier, log loss, bytes, seconds)."""
+        clean = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+        self.mlflow.log_metrics(clean, step=server_round)
+
+    def finish(self, *, weights: np.ndarray, digest: str, privacy_report: dict[str, Any],
+               summary: dict[str, Any]) -> Path:
+        """Log epsilon per hospital and the artifacts; returns the release directory."""
+        mlflow = self.mlflow
+        for hospital, spend in privacy_report["hospitals"].items():
+            mlflow.log_metric(f"epsilon.{hospital}", spend["epsilon"])
+        if privacy_report["hospitals"]:
+            first = next(iter(privacy_report["hospitals"].values()))
+            mlflow.log_param("noise-multiplier", first["noise_multiplier"])
+        release = Path(self.config.run_dir) / "release"
+        release.mkdir(parents=True, exist_ok=True)
+        np.savez(release / "model.npz", weights=np.asarray(weights, dtype=np.float32),
+                 model=self.config.model)
+        (release / "model.sha256").write_text(digest + "\n")
+        (release / "privacy_report.json").write_text(json.dumps(privacy_report, indent=2))
+        (release / "run_summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        mlflow.log_artifacts(str(release), artifact_path="release")
+        mlflow.set_tag("release.sha256", digest)
+        mlflow.end_run(status="FINISHED")
+        return release
+
+    def abort(self) -> None:
+        """End and delete the run: a failed run must not look like a result."""
+        mlflow = self.mlflow
+        try:
+            mlflow.end_run(status="FAILED")
+            mlflow.tracking.MlflowClient().delete_run(self.run_id)
+        finally:
+            release = Path(self.config.run_dir) / "release"
+            shutil.rmtree(release, ignore_errors=True)
+
+
+def privacy_report(config: RunConfig, spends: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Everything needed to recompute each hospital's epsilon, and the run's guarantee."""
+    hospitals = {
+        name: {"mechanism": "DP-SGD, Poisson-subsampled Gaussian", "sample_rate": s["sample-rate"],
+               "noise_multiplier": s["noise-multiplier"], "steps": int(s["steps"]),
+               "clip_norm": config.clip_norm, "delta": config.delta, "epsilon": s["epsilon"],
+               "target_epsilon": config.target_epsilon}
+        for name, s in sorted(spends.items())}
+    return {
+        "guarantee": "per-patient (epsilon, delta)-DP; hospitals hold disjoint patients, so the "
+                     "released model is (max_k epsilon_k, delta)-DP",
+        "epsilon_max": max((h["epsilon"] for h in hospitals.values()), default=0.0),
+        "delta": config.delta,
+        "accountant": ACCOUNTANT,
+        "rdp_orders": list(RDP_ORDERS),
+        "recompute": "fedrisk privacy verify privacy_report.json (or privacy.accounting.epsilon_for"
+                     "(sample_rate=, noise_multiplier=, steps=, delta=))",
+        "he_parameters": he_parameters(),
+        "purpose": config.purpose,
+        "hospitals": hospitals,
+    }
