@@ -96,24 +96,26 @@ def train_local(start: np.ndarray, features: np.ndarray, labels: np.ndarray,
                               generator=generator)
         engine = PrivacyEngine(accountant="rdp")
         with warnings.catch_warnings():
+            # Opacus warns about its non-cryptographic RNG and its backward hooks; neither
+            # applies to what is accounted.
             warnings.simplefilter("ignore")
             model, optimizer, criterion, loader = engine.make_private(
                 module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
                 noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip_norm,
                 poisson_sampling=False, grad_sample_mode=GRAD_SAMPLE_MODE)
-        params = [p for p in model.parameters() if p.requires_grad]
-        for _ in range(plan.epochs):
-            for batch_x, batch_y in loader:
-                optimizer.zero_grad()
-                if len(batch_y) == 0:
-                    # An empty Poisson batch is still a noisy step: the analysis counts it.
-                    for p in params:
-                        p.grad = torch.zeros_like(p)
-                else:
-                    loss = criterion(model(batch_x).squeeze(-1), batch_y)
-                    loss.backward()
-                optimizer.step()
-                steps += 1
+            params = [p for p in model.parameters() if p.requires_grad]
+            for _ in range(plan.epochs):
+                for batch_x, batch_y in loader:
+                    optimizer.zero_grad()
+                    if len(batch_y) == 0:
+                        # An empty Poisson batch is still a noisy step: the analysis counts it.
+                        for p in params:
+                            p.grad = torch.zeros_like(p)
+                    else:
+                        loss = criterion(model(batch_x).squeeze(-1), batch_y)
+                        loss.backward()
+                    optimizer.step()
+                    steps += 1
         history = engine.accountant.history
         recorded = sum(entry[2] for entry in history)
         if recorded != steps or any(entry[:2] != (plan.noise_multiplier, plan.sample_rate) for entry in history):

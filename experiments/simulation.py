@@ -13,24 +13,31 @@ import warnings
 from pathlib import Path
 
 from clients.app import make_client_app
-from clients.data import hospital_files
+from clients.data import hospital_files, load_table
 from federation.config import RunConfig
-from federation.errors import ConfigError, FedriskError, ProtocolError
-from federation.he_codec import HospitalKey, ServerContext, HOSPITAL_CONTEXT_FILE, check_file_mode
+from federation.errors import ConfigError, FedriskError, KeyMaterialError, ProtocolError
+from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey, ServerContext, check_file_mode
 from server.app import FederatedResult, Progress, make_server_app
 
 
 def preflight(config: RunConfig) -> list[Path]:
-    """Check everything that can be checked before any process starts: the hospital files
-    exist, the key material is of the right kind on each side. Returns the hospital files."""
+    """Check everything that can be checked before any process starts, so a bad input costs
+    seconds and leaves nothing behind: every hospital file reads and matches the export
+    schema, the key material is of the right kind on each side and is the same key.
+    Returns the hospital files."""
     files = hospital_files(Path(config.data_dir))
     if len(files) < config.num_hospitals:
         raise ConfigError(f"num-hospitals is {config.num_hospitals} but {config.data_dir} holds {len(files)} hospital files")
-    ServerContext.load(Path(config.keys_dir))
+    files = files[: config.num_hospitals]
+    for path in files:
+        load_table(path)
+    server = ServerContext.load(Path(config.keys_dir))
     key_path = Path(config.keys_dir) / HOSPITAL_CONTEXT_FILE
-    HospitalKey.load(key_path)
+    hospital = HospitalKey.load(key_path)
     check_file_mode(key_path)
-    return files[: config.num_hospitals]
+    if hospital.key_id != server.key_id:
+        raise KeyMaterialError(f"{key_path} is not the key named in {Path(config.keys_dir) / 'federation.json'}")
+    return files
 
 
 def simulate(config: RunConfig, progress: Progress | None = None, verbose: bool = False) -> FederatedResult:

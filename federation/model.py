@@ -11,16 +11,23 @@ from torch import nn
 from federation.features import FEATURE_NAMES
 
 N_FEATURES = len(FEATURE_NAMES)
+PRIOR_RATE = 0.10
+"""Public prior of 90-day medical-debt delinquency used to initialise the output bias, so
+the first rounds are calibrated without looking at any hospital's label rate."""
 
 
 def build_model(kind: str) -> nn.Module:
     """`mlp`: 40-64-32-1 with ReLU; `logreg`: 40-1. Both output one logit."""
     if kind == "mlp":
-        return nn.Sequential(nn.Linear(N_FEATURES, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
-                             nn.Linear(32, 1))
-    if kind == "logreg":
-        return nn.Sequential(nn.Linear(N_FEATURES, 1))
-    raise ValueError(f"unknown model kind {kind!r}")
+        model = nn.Sequential(nn.Linear(N_FEATURES, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+                              nn.Linear(32, 1))
+    elif kind == "logreg":
+        model = nn.Sequential(nn.Linear(N_FEATURES, 1))
+    else:
+        raise ValueError(f"unknown model kind {kind!r}")
+    with torch.no_grad():
+        model[-1].bias.fill_(float(np.log(PRIOR_RATE / (1 - PRIOR_RATE))))
+    return model
 
 
 def num_parameters(kind: str) -> int:

@@ -1,0 +1,209 @@
+"""What per-sample clipping costs: one epoch of DP training against one epoch of plain training.
+
+Times, in one process and interleaved (every repetition runs every path once, in turn), one epoch
+over ROWS x 40 synthetic rows of the 40-64-32-1 MLP with Adam for:
+
+  plain          non-private, shuffled batches of the expected size (the reference; as
+                 `clients.training.train_local` with dp=False)
+  plain-poisson  non-private, on the same Poisson batches as the DP paths (separates the cost
+                 of Poisson sampling from the cost of clipping)
+  ghost          Opacus `make_private(grad_sample_mode="ghost")`: two backward passes
+  bookkeeping    `clients.clipping.make_private_bk`: one backward pass, Opacus noise/accounting
+
+All paths fetch whole batches through `clients.training.TensorBatches.__getitems__`. Only the
+epoch loop is timed (model, optimizer and engine are built outside the timer). Reports the median
+over repetitions and the ratio of each median to plain's.
+
+    PYTHONPATH=. python bench/clipping_overhead.py [--reps 5] [--rows 100000] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.utils.data import DataLoader
+
+from clients.clipping import make_private_bk
+from clients.training import TensorBatches
+from federation.model import N_FEATURES, build_model
+
+SAMPLE_RATES = (0.01, 0.04)
+PATHS = ("plain", "plain-poisson", "ghost", "bookkeeping")
+NOISE_MULTIPLIER = 1.0
+CLIP_NORM = 1.0
+LEARNING_RATE = 1e-3
+
+
+def _first(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`TensorBatches.__getitems__` already returns the whole batch as one item."""
+    return batch[0]
+
+
+def _poisson_loader(dataset: TensorBatches, sample_rate: float, seed: int) -> DPDataLoader:
+    return DPDataLoader(dataset, sample_rate=sample_rate, collate_fn=_first,
+                        generator=torch.Generator().manual_seed(seed))
+
+
+def _timed(loop: Callable[[], int]) -> tuple[float, int]:
+    began = time.perf_counter()
+    steps = loop()
+    return time.perf_counter() - began, steps
+
+
+def epoch_plain(dataset: TensorBatches, sample_rate: float, seed: int) -> tuple[float, int]:
+    torch.manual_seed(seed)
+    model = build_model("mlp").train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    criterion = nn.BCEWithLogitsLoss()
+    batch = int(round(sample_rate * len(dataset)))
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=_first,
+                        generator=torch.Generator().manual_seed(seed))
+
+    def loop() -> int:
+        steps = 0
+        for x, y in loader:
+            optimizer.zero_grad()
+            criterion(model(x).squeeze(-1), y).backward()
+            optimizer.step()
+            steps += 1
+        return steps
+    return _timed(loop)
+
+
+def epoch_plain_poisson(dataset: TensorBatches, sample_rate: float, seed: int) -> tuple[float, int]:
+    torch.manual_seed(seed)
+    model = build_model("mlp").train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    criterion = nn.BCEWithLogitsLoss()
+    loader = _poisson_loader(dataset, sample_rate, seed)
+
+    def loop() -> int:
+        steps = 0
+        for x, y in loader:
+            optimizer.zero_grad()
+            if len(y):
+                criterion(model(x).squeeze(-1), y).backward()
+                optimizer.step()
+            steps += 1
+        return steps
+    return _timed(loop)
+
+
+def epoch_ghost(dataset: TensorBatches, sample_rate: float, seed: int) -> tuple[float, int]:
+    torch.manual_seed(seed)
+    model = build_model("mlp").train()
+    engine = PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, optimizer, criterion, loader = engine.make_private(
+            module=model, optimizer=torch.optim.Adam(model.parameters(), lr=LEARNING_RATE),
+            criterion=nn.BCEWithLogitsLoss(), data_loader=_poisson_loader(dataset, sample_rate, seed),
+            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIP_NORM, poisson_sampling=False,
+            grad_sample_mode="ghost")
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loop() -> int:
+        steps = 0
+        for x, y in loader:
+            optimizer.zero_grad()
+            if len(y) == 0:
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+            else:
+                criterion(model(x).squeeze(-1), y).backward()
+            optimizer.step()
+            steps += 1
+        return steps
+    return _timed(loop)
+
+
+def epoch_bookkeeping(dataset: TensorBatches, sample_rate: float, seed: int) -> tuple[float, int]:
+    torch.manual_seed(seed)
+    model = build_model("mlp").train()
+    engine = PrivacyEngine(accountant="rdp")
+    loader = _poisson_loader(dataset, sample_rate, seed)
+    model, optimizer, clipper = make_private_bk(
+        module=model, optimizer=torch.optim.Adam(model.parameters(), lr=LEARNING_RATE),
+        data_loader=loader, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIP_NORM,
+        engine=engine)
+    per_sample = nn.BCEWithLogitsLoss(reduction="none")
+
+    def loop() -> int:
+        steps = 0
+        for x, y in loader:
+            optimizer.zero_grad()
+            clipper.backward(per_sample(model(x).squeeze(-1), y))
+            optimizer.step()
+            steps += 1
+        return steps
+    seconds, steps = _timed(loop)
+    if engine.accountant.history != [(NOISE_MULTIPLIER, sample_rate, steps)]:
+        raise RuntimeError(f"accountant recorded {engine.accountant.history}, {steps} steps ran")
+    return seconds, steps
+
+
+EPOCHS: dict[str, Callable[[TensorBatches, float, int], tuple[float, int]]] = {
+    "plain": epoch_plain, "plain-poisson": epoch_plain_poisson, "ghost": epoch_ghost,
+    "bookkeeping": epoch_bookkeeping}
+
+
+def measure(rows: int, reps: int, seed: int = 0) -> list[dict[str, object]]:
+    """Median epoch seconds and ratio to plain for every path and sample rate."""
+    generator = np.random.default_rng(seed)
+    features = generator.standard_normal((rows, N_FEATURES)).astype(np.float32)
+    labels = (generator.random(rows) < 0.3).astype(np.float32)
+    dataset = TensorBatches(features, labels)
+    for q in SAMPLE_RATES:  # warm-up, untimed
+        for path in PATHS:
+            EPOCHS[path](dataset, q, seed)
+    seconds: dict[tuple[float, str], list[float]] = {(q, p): [] for q in SAMPLE_RATES for p in PATHS}
+    steps: dict[tuple[float, str], int] = {}
+    for rep in range(reps):
+        for q in SAMPLE_RATES:
+            for path in PATHS:
+                elapsed, steps[q, path] = EPOCHS[path](dataset, q, seed + rep)
+                seconds[q, path].append(elapsed)
+    results = []
+    for q in SAMPLE_RATES:
+        reference = statistics.median(seconds[q, "plain"])
+        for path in PATHS:
+            median = statistics.median(seconds[q, path])
+            results.append({"sample_rate": q, "expected_batch": int(rows * q), "path": path,
+                            "steps": steps[q, path], "median_seconds": median,
+                            "ratio_to_plain": median / reference, "seconds": seconds[q, path]})
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = measure(args.rows, args.reps)
+    if args.json:
+        print(json.dumps({"rows": args.rows, "reps": args.reps, "threads": args.threads,
+                          "torch": torch.__version__, "results": results}, indent=2))
+        return
+    print(f"{args.rows} rows x {N_FEATURES} features, MLP 40-64-32-1, Adam, "
+          f"{args.threads} thread(s), median of {args.reps}")
+    print(f"{'batch':>6} {'path':<14} {'steps':>5} {'epoch s':>8} {'x plain':>8}")
+    for row in results:
+        print(f"{row['expected_batch']:>6} {row['path']:<14} {row['steps']:>5} "
+              f"{row['median_seconds']:>8.3f} {row['ratio_to_plain']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Shared fixtures: small synthetic federations and key material, made once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+from experiments.synthetic import SynthesisReport, synthesize  # noqa: E402
+from federation.he_codec import KeyBundlePaths, init_keys  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def federation_data(tmp_path_factory: pytest.TempPathFactory) -> SynthesisReport:
+    """Three synthetic hospitals, 15,000 patients in all."""
+    return synthesize(3, 15_000, tmp_path_factory.mktemp("federation") / "data", seed=7)
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyBundlePaths:
+    """One federation key: hospital secret context and server parameters-only context."""
+    return init_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture()
+def data_dir(federation_data: SynthesisReport) -> Path:
+    """Directory of the three hospital files."""
+    return federation_data.files[0].parent

@@ -1,0 +1,137 @@
+"""A real federated run in Flower's simulation engine: 3 hospitals, 2 rounds, DP and HE on.
+
+One run is shared by the tests below; each asserts something a user relies on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import tenseal as ts
+
+import server.strategy as strategy_module
+from experiments.simulation import simulate
+from federation import messages as M
+from federation.config import RunConfig
+from federation.he_codec import ServerContext
+from federation.model import weights_digest
+from privacy.accounting import calibrate_noise, epsilon_for
+from tests.test_accounting import _independent_epsilon
+
+pytestmark = pytest.mark.slow
+
+ALLOWED_REPLY_KEYS = {M.CIPHERTEXTS, M.HOSPITAL, M.KEY_ID, M.PARAMS_ID}
+ALLOWED_METRIC_KEYS = {M.EPSILON, M.STEPS, M.NOISE_MULTIPLIER, M.SAMPLE_RATE, M.TRAIN_SECONDS, M.HE_SECONDS}
+
+
+@pytest.fixture(scope="module")
+def run(federation_data, keys, tmp_path_factory):
+    """Run once, recording every train reply the server receives."""
+    captured: list = []
+    original = strategy_module.HEFedAvg.aggregate_train
+
+    def recording(self, server_round, replies):
+        replies = list(replies)
+        captured.extend(replies)
+        return original(self, server_round, replies)
+
+    strategy_module.HEFedAvg.aggregate_train = recording
+    try:
+        config = RunConfig(data_dir=str(federation_data.files[0].parent), keys_dir=str(keys.server_context.parent),
+                           run_dir=str(tmp_path_factory.mktemp("run")), num_hospitals=3, rounds=2,
+                           learning_rate=0.005)
+        result = simulate(config)
+    finally:
+        strategy_module.HEFedAvg.aggregate_train = original
+    return config, result, captured
+
+
+def test_federated_model_clearly_beats_a_constant_predictor(run) -> None:
+    _, result, _ = run
+    assert result.rounds[2]["auc"] > 0.70
+    assert result.rounds[2]["hospitals"] == 3
+
+
+def test_train_replies_carry_ciphertext_only(run, keys) -> None:
+    config, _, replies = run
+    assert len(replies) == 3 * config.rounds
+    server = ServerContext.load(keys.server_context.parent)
+    for reply in replies:
+        content = reply.content
+        assert not content.array_records, "no plaintext arrays may travel in a train reply"
+        record = content.config_records[M.REPLY]
+        assert set(record.keys()) <= ALLOWED_REPLY_KEYS
+        for blob in record[M.CIPHERTEXTS]:
+            vector = ts.ckks_vector_from(server.context, blob)
+            with pytest.raises(ValueError):
+                vector.decrypt()
+        metrics = content.metric_records[M.METRICS]
+        assert set(metrics.keys()) <= ALLOWED_METRIC_KEYS
+
+
+def test_no_record_count_travels_in_plaintext(run, federation_data) -> None:
+    _, _, replies = run
+    counts = set(federation_data.rows_by_hospital)
+    for reply in replies:
+        numbers = [v for v in reply.content.metric_records[M.METRICS].values()]
+        assert not any(float(v).is_integer() and int(v) in counts for v in numbers)
+        assert all(not isinstance(v, (int, float)) for v in reply.content.config_records[M.REPLY].values()
+                   if not isinstance(v, (str, list)))
+
+
+def test_each_epsilon_is_within_target_and_recomputes_from_what_ran(run) -> None:
+    config, result, _ = run
+    hospitals = result.privacy["hospitals"]
+    assert len(hospitals) == 3
+    sigma = calibrate_noise(target_epsilon=config.target_epsilon, delta=config.delta,
+                            sample_rate=config.sample_rate, steps=config.planned_steps)
+    for spend in hospitals.values():
+        assert spend["steps"] == config.rounds * config.local_epochs * round(1 / config.sample_rate)
+        assert spend["noise_multiplier"] == pytest.approx(sigma)
+        recomputed = epsilon_for(sample_rate=spend["sample_rate"], noise_multiplier=spend["noise_multiplier"],
+                                 steps=spend["steps"], delta=spend["delta"])
+        assert recomputed == pytest.approx(spend["epsilon"], rel=1e-9)
+        assert recomputed <= config.target_epsilon
+        independent = _independent_epsilon(spend["sample_rate"], spend["noise_multiplier"],
+                                           spend["steps"], spend["delta"])
+        assert independent <= config.target_epsilon * 1.02
+
+
+def test_mlflow_run_has_parameters_metrics_and_release(run) -> None:
+    config, result, _ = run
+    client = mlflow.tracking.MlflowClient(tracking_uri=config.mlflow_uri)
+    tracked = client.get_run(result.run_id)
+    assert tracked.info.status == "FINISHED"
+    params = tracked.data.params
+    for key in ("target-epsilon", "delta", "clip-norm", "sample-rate", "noise-multiplier", "rounds",
+                "local-epochs", "he.poly_modulus_degree", "he.coeff_mod_bit_sizes"):
+        assert key in params, key
+    history = client.get_metric_history(result.run_id, "auc")
+    assert [m.step for m in history] == [1, 2]
+    assert {f"epsilon.{h}" for h in result.privacy["hospitals"]} <= set(tracked.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(result.run_id, "release")}
+    assert {"release/model.npz", "release/privacy_report.json"} <= artifacts
+    assert tracked.data.tags["release.sha256"] == result.digest
+
+
+def test_release_artifact_matches_its_hash(run) -> None:
+    _, result, _ = run
+    release = Path(result.release_dir)
+    weights = np.load(release / "model.npz")["weights"]
+    assert weights_digest(weights) == result.digest == (release / "model.sha256").read_text().strip()
+    report = json.loads((release / "privacy_report.json").read_text())
+    assert report["epsilon_max"] == max(h["epsilon"] for h in report["hospitals"].values())
+
+
+def test_server_side_files_hold_no_identifiers(run, federation_data) -> None:
+    import pandas as pd
+
+    config, _, _ = run
+    identities = pd.read_parquet(federation_data.files[0], columns=["full_name", "national_id", "phone"]).head(50)
+    blobs = b"".join(p.read_bytes() for p in Path(config.run_dir).rglob("*") if p.is_file())
+    for value in identities.to_numpy().ravel():
+        assert str(value).encode() not in blobs
