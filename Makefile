@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean flwr-run
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "fedrisk needs $(PYTHON) on PATH"; exit 1; }
@@ -30,3 +30,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs
+
+# `flwr run .` on Flower's own launcher (local SuperLink + simulation) with this .venv:
+# runtime dependency installation is disabled, or uv would fetch PyPI's CUDA build of torch.
+flwr-run: $(STAMP)
+	test -d runs/flwr/data || $(BIN)/fedrisk data synth --hospitals 3 --patients 15000 --out runs/flwr/data
+	test -f runs/flwr/keys/hospital.ckks || $(BIN)/fedrisk keys init --out runs/flwr/keys
+	PATH="$(CURDIR)/$(BIN):$$PATH" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 $(BIN)/flwr run . --stream

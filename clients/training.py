@@ -1,13 +1,23 @@
 """Local DP-SGD at a hospital, with Opacus.
 
-Opacus's `PrivacyEngine` makes the model private with Poisson sampling (its `DPDataLoader`)
-and its fast gradient clipping path (`grad_sample_mode="ghost"`), which never materialises
-per-sample gradients. The noise multiplier is calibrated once per run for the whole planned
-number of steps, so every round uses the same sigma and the run's epsilon meets its target.
+Batches are Poisson samples of the hospital's records (`clients.sampling`). Per-sample
+clipping runs on Opacus's fast-gradient-clipping path, which never materialises per-sample
+gradients, in one of two modes:
+
+* "bookkeeping" (default): the clipped gradient sum in a single backward pass
+  (`clients.clipping`), then Opacus's `DPOptimizerFastGradientClipping` adds the noise and its
+  RDP accountant records the step;
+* "ghost": Opacus's own `make_private(grad_sample_mode="ghost")`, two backward passes; kept as
+  the reference the book-keeping path is tested against.
+
+The noise multiplier is calibrated once per run for the whole planned number of steps, so
+every round uses the same sigma and the run's epsilon meets its target. After training, the
+steps Opacus's accountant recorded are checked against the steps that ran.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 import warnings
 from dataclasses import dataclass
@@ -15,13 +25,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from clients.clipping import make_private_bk
+from clients.sampling import PoissonBatchSampler
 from federation.model import build_model, get_weights, set_weights
 
-GRAD_SAMPLE_MODE = "ghost"
+CLIPPING_MODES = ("bookkeeping", "ghost")
 
 
 class TensorBatches(Dataset):
@@ -60,6 +71,11 @@ class LocalTraining:
     noise_multiplier: float
     seed: int
     dp: bool = True
+    clipping: str = "bookkeeping"
+    secret_seed: int | None = None
+    """Seeds Poisson sampling and the Gaussian noise. Both must be unpredictable to anyone
+    outside the node, or the DP guarantee is void: None (the default) draws it from the
+    operating system's entropy. Only tests pass a value, to compare two runs."""
 
 
 @dataclass(frozen=True)
@@ -80,8 +96,6 @@ def train_local(start: np.ndarray, features: np.ndarray, labels: np.ndarray,
     loop runs plain minibatch training with batches of the same expected size (the benchmark's
     non-private reference).
     """
-    torch.manual_seed(plan.seed)
-    generator = torch.Generator().manual_seed(plan.seed)
     model = build_model(plan.model_kind)
     set_weights(model, start)
     model.train()
@@ -92,30 +106,50 @@ def train_local(start: np.ndarray, features: np.ndarray, labels: np.ndarray,
     began = time.perf_counter()
     steps = 0
     if plan.dp:
-        loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, collate_fn=_whole_batch,
-                              generator=generator)
-        engine = PrivacyEngine(accountant="rdp")
+        secret_seed = plan.secret_seed if plan.secret_seed is not None else secrets.randbits(63)
+        noise = torch.Generator().manual_seed(secret_seed)
+        sampler = PoissonBatchSampler(len(dataset), plan.sample_rate, steps_per_epoch, seed=secret_seed + 1)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_whole_batch)
         with warnings.catch_warnings():
-            # Opacus warns about its non-cryptographic RNG and its backward hooks; neither
-            # applies to what is accounted.
+            # Opacus warns that secure_mode is off (its CSPRNG needs torchcsprng, which has no
+            # build for this torch) and about its backward hooks; the noise and sampling seed
+            # comes from OS entropy instead (see `LocalTraining.secret_seed`).
             warnings.simplefilter("ignore")
-            model, optimizer, criterion, loader = engine.make_private(
-                module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
-                noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip_norm,
-                poisson_sampling=False, grad_sample_mode=GRAD_SAMPLE_MODE)
-            params = [p for p in model.parameters() if p.requires_grad]
-            for _ in range(plan.epochs):
-                for batch_x, batch_y in loader:
-                    optimizer.zero_grad()
-                    if len(batch_y) == 0:
-                        # An empty Poisson batch is still a noisy step: the analysis counts it.
-                        for p in params:
-                            p.grad = torch.zeros_like(p)
-                    else:
-                        loss = criterion(model(batch_x).squeeze(-1), batch_y)
-                        loss.backward()
-                    optimizer.step()
-                    steps += 1
+            engine = PrivacyEngine(accountant="rdp")
+            if plan.clipping == "bookkeeping":
+                model, optimizer, clipper = make_private_bk(
+                    module=model, optimizer=optimizer, data_loader=loader,
+                    noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip_norm,
+                    engine=engine, noise_generator=noise)
+                per_sample = nn.BCEWithLogitsLoss(reduction="none")
+                for _ in range(plan.epochs):
+                    for batch_x, batch_y in loader:
+                        optimizer.zero_grad()
+                        if len(batch_y) == 0:
+                            clipper.empty_batch()  # an empty Poisson batch is still a noisy step
+                        else:
+                            clipper.backward(per_sample(model(batch_x).squeeze(-1), batch_y))
+                        optimizer.step()
+                        steps += 1
+                clipper.remove()
+            elif plan.clipping == "ghost":
+                model, optimizer, criterion, loader = engine.make_private(
+                    module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
+                    noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip_norm,
+                    poisson_sampling=False, grad_sample_mode="ghost", noise_generator=noise)
+                params = [p for p in model.parameters() if p.requires_grad]
+                for _ in range(plan.epochs):
+                    for batch_x, batch_y in loader:
+                        optimizer.zero_grad()
+                        if len(batch_y) == 0:
+                            for p in params:  # an empty Poisson batch is still a noisy step
+                                p.grad = torch.zeros_like(p)
+                        else:
+                            criterion(model(batch_x).squeeze(-1), batch_y).backward()
+                        optimizer.step()
+                        steps += 1
+            else:
+                raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {plan.clipping!r}")
         history = engine.accountant.history
         recorded = sum(entry[2] for entry in history)
         if recorded != steps or any(entry[:2] != (plan.noise_multiplier, plan.sample_rate) for entry in history):
@@ -124,7 +158,7 @@ def train_local(start: np.ndarray, features: np.ndarray, labels: np.ndarray,
     else:
         batch = max(1, int(round(plan.sample_rate * len(dataset))))
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=_whole_batch,
-                            generator=generator)
+                            generator=torch.Generator().manual_seed(plan.seed))
         for _ in range(plan.epochs):
             for step, (batch_x, batch_y) in enumerate(loader):
                 if step >= steps_per_epoch:

@@ -34,7 +34,7 @@ class RunConfig:
         sample_rate: Poisson sampling rate q of DP-SGD, the same at every hospital, so it
             reveals nothing about a hospital's size (default 0.01: 100 steps per epoch).
         clip_norm: per-sample gradient L2 clip C (default 1.0).
-        learning_rate: local optimiser step size (default 0.002, Adam).
+        learning_rate: local optimiser step size (default 0.005, Adam).
         target_epsilon: epsilon each hospital may spend on the whole run (default 1.0).
         delta: delta of the (epsilon, delta) guarantee; must be below 1/n at each hospital.
         model: "mlp" (40-64-32-1) or "logreg".
@@ -57,7 +57,7 @@ class RunConfig:
     local_epochs: int = 1
     sample_rate: float = 0.01
     clip_norm: float = 1.0
-    learning_rate: float = 0.002
+    learning_rate: float = 0.005
     target_epsilon: float = 1.0
     delta: float = 1e-5
     model: str = "mlp"

@@ -1,0 +1,112 @@
+"""Overhead benchmark: DP-SGD vs plain training, CKKS vs plaintext FedAvg, ciphertext size.
+
+Every comparison runs both sides in this one process, alternating A, B, A, B, and quotes
+medians, so machine drift hits both sides alike. Run: `make bench` or
+`.venv/bin/python bench/overheads.py [--repeats 5] [--simulation] [--json FILE]`.
+
+Figures:
+* dp_overhead_ratio: one epoch of DP-SGD (Opacus, Poisson sampling, fast clipping) over one
+  plain epoch, same 40-64-32-1 MLP, 100,000 rows, same expected batch size, one thread.
+* he_overhead_ratio: one federated round of the demo's federation (8 hospitals, 200,000
+  patients): every hospital trains and packs its update, the server sums, every hospital
+  decodes; CKKS against plaintext FedAvg.
+* ciphertext_expansion: bytes of one encrypted MLP update over the float32 bytes of the model.
+* with --simulation: whole rounds in Flower's simulation engine, HE on against HE off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clients.data import HospitalData  # noqa: E402
+from experiments import overheads  # noqa: E402
+from experiments.synthetic import synthesize  # noqa: E402
+from federation import features as fx  # noqa: E402
+from federation.config import RunConfig  # noqa: E402
+from federation.he_codec import init_keys  # noqa: E402
+
+
+def dp_figure(workdir: Path, repeats: int, sample_rate: float) -> overheads.Ratio:
+    """DP epoch vs plain epoch on 100,000 synthetic rows."""
+    report = synthesize(1, 100_000, workdir / "dp-data", seed=11)
+    frame = pd.read_parquet(report.files[0])
+    x, y = fx.encode_features(frame), fx.encode_labels(frame)
+    data = HospitalData("bench", x, y, x[:0], y[:0])
+    config = RunConfig(sample_rate=sample_rate)
+    return overheads.dp_overhead(data, config, repeats=repeats)
+
+
+def he_figure(workdir: Path, repeats: int) -> overheads.HEOverhead:
+    """One demo-sized round with CKKS vs plaintext FedAvg."""
+    report = synthesize(8, 200_000, workdir / "he-data", seed=0)
+    init_keys(workdir / "keys")
+    config = RunConfig(data_dir=str(report.files[0].parent), keys_dir=str(workdir / "keys"),
+                       num_hospitals=8, rounds=1)
+    return overheads.he_overhead(list(report.files), config, repeats=repeats)
+
+
+def simulation_figure(workdir: Path, pairs: int) -> overheads.Ratio:
+    """Median round seconds of whole simulated runs, HE on vs HE off, alternating."""
+    from experiments.simulation import simulate
+
+    data = workdir / "he-data"
+    on, off = [], []
+    for index in range(pairs):
+        for he, sink in ((True, on), (False, off)):
+            config = RunConfig(data_dir=str(data), keys_dir=str(workdir / "keys"), num_hospitals=8,
+                               rounds=3, run_dir=str(workdir / f"sim-{index}-{he}"), he=he)
+            result = simulate(config)
+            sink.extend(list(result.round_seconds.values())[1:])  # round 1 includes actor start-up
+    return overheads.Ratio(statistics.median(on), statistics.median(off))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--simulation", action="store_true", help="also time whole simulated rounds")
+    parser.add_argument("--json", type=Path, help="write the figures to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    figures: dict[str, object] = {"machine": {"cpus": __import__("os").cpu_count(), "torch_threads": 1}}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for q in (0.01, 0.04):
+            ratio = dp_figure(workdir / f"q{q}", args.repeats, q)
+            figures[f"dp_q{q}"] = {"dp_epoch_s": ratio.numerator_seconds, "plain_epoch_s": ratio.denominator_seconds,
+                                   "dp_overhead_ratio": ratio.ratio}
+            print(f"DP-SGD epoch, 100k rows, q={q}: {ratio.numerator_seconds:.3f}s vs plain "
+                  f"{ratio.denominator_seconds:.3f}s -> dp_overhead_ratio {ratio.ratio:.2f}", flush=True)
+        he = he_figure(workdir, args.repeats)
+        figures["he_round"] = {"he_round_s": he.round.numerator_seconds, "plain_round_s": he.round.denominator_seconds,
+                               "he_overhead_ratio": he.round.ratio, "update_bytes": he.update_bytes,
+                               "model_float32_bytes": he.model_float32_bytes,
+                               "ciphertext_expansion": he.ciphertext_expansion}
+        print(f"federated round, 8 hospitals / 200k patients: CKKS {he.round.numerator_seconds:.3f}s vs "
+              f"plaintext {he.round.denominator_seconds:.3f}s -> he_overhead_ratio {he.round.ratio:.3f}", flush=True)
+        print(f"encrypted update {he.update_bytes:,} B for a {he.model_float32_bytes:,} B float32 model "
+              f"-> ciphertext_expansion {he.ciphertext_expansion:.2f}", flush=True)
+        if args.simulation:
+            sim = simulation_figure(workdir, pairs=2)
+            figures["simulation_round"] = {"he_round_s": sim.numerator_seconds, "plain_round_s": sim.denominator_seconds,
+                                           "he_overhead_ratio": sim.ratio}
+            print(f"Flower simulation round: HE {sim.numerator_seconds:.2f}s vs plaintext "
+                  f"{sim.denominator_seconds:.2f}s -> {sim.ratio:.3f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Local DP-SGD: Poisson batches, secret randomness, and the two clipping paths agreeing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clients.sampling import PoissonBatchSampler
+from clients.training import LocalTraining, train_local
+from federation.model import initial_weights
+
+
+def _data(n: int = 4000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 40)).astype(np.float32)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(x[:, 0] - 2)))).astype(np.float32)
+    return x, y
+
+
+def _plan(**changes) -> LocalTraining:
+    base = dict(model_kind="mlp", epochs=1, sample_rate=0.02, learning_rate=0.005, clip_norm=1.0,
+                noise_multiplier=1.0, seed=0)
+    return LocalTraining(**{**base, **changes})
+
+
+def test_poisson_batches_include_each_record_with_probability_q() -> None:
+    n, q, steps = 2000, 0.05, 4000
+    sampler = PoissonBatchSampler(n, q, steps, seed=3)
+    counts = np.zeros(n)
+    sizes = []
+    for batch in sampler:
+        assert len(set(batch)) == len(batch)
+        counts[batch] += 1
+        sizes.append(len(batch))
+    assert np.mean(sizes) == pytest.approx(n * q, rel=0.01)
+    assert np.var(sizes) == pytest.approx(n * q * (1 - q), rel=0.1)
+    inclusion = counts / steps
+    assert inclusion.mean() == pytest.approx(q, rel=0.01)
+    assert np.abs(inclusion - q).max() < 6 * np.sqrt(q * (1 - q) / steps)
+
+
+def test_noise_and_sampling_cannot_be_replayed_from_public_parameters() -> None:
+    x, y = _data()
+    start = initial_weights("mlp", 0)
+    first = train_local(start, x, y, _plan())
+    second = train_local(start, x, y, _plan())
+    assert first.steps == second.steps == 50
+    assert np.abs(first.weights - second.weights).max() > 1e-4
+
+
+def test_bookkeeping_and_opacus_ghost_train_the_same_model_without_noise() -> None:
+    x, y = _data()
+    start = initial_weights("mlp", 0)
+    ours = train_local(start, x, y, _plan(noise_multiplier=0.0, secret_seed=11, clip_norm=0.1))
+    ghost = train_local(start, x, y, _plan(noise_multiplier=0.0, secret_seed=11, clip_norm=0.1,
+                                           clipping="ghost"))
+    assert np.linalg.norm(ours.weights - ghost.weights) <= 1e-5 * np.linalg.norm(ghost.weights)
+    assert np.abs(ours.weights - start).max() > 1e-3
+
+
+def test_several_local_epochs_run_one_over_q_steps_each() -> None:
+    x, y = _data()
+    result = train_local(initial_weights("logreg", 0), x, y, _plan(model_kind="logreg", epochs=3))
+    assert result.steps == 150
