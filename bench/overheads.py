@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from clients.data import HospitalData  # noqa: E402
 from experiments import overheads  # noqa: E402
+from experiments.provision import provision_nodes  # noqa: E402
 from experiments.synthetic import synthesize  # noqa: E402
 from federation import features as fx  # noqa: E402
 from federation.config import RunConfig  # noqa: E402
@@ -51,10 +52,12 @@ def dp_figure(workdir: Path, repeats: int, sample_rate: float) -> overheads.Rati
 def he_figure(workdir: Path, repeats: int) -> overheads.HEOverhead:
     """One demo-sized round with CKKS vs plaintext FedAvg."""
     report = synthesize(8, 200_000, workdir / "he-data", seed=0)
-    init_keys(workdir / "keys")
+    keys = init_keys(workdir / "keys")
     config = RunConfig(data_dir=str(report.files[0].parent), keys_dir=str(workdir / "keys"),
                        num_hospitals=8, rounds=1)
-    return overheads.he_overhead(list(report.files), config, repeats=repeats)
+    nodes = provision_nodes(report.files[0].parent, keys.hospital_context, workdir / "nodes",
+                            purposes={config.purpose: (10.0, config.delta)})
+    return overheads.he_overhead(nodes, config, repeats=repeats)
 
 
 def simulation_figure(workdir: Path, pairs: int) -> overheads.Ratio:
@@ -66,7 +69,8 @@ def simulation_figure(workdir: Path, pairs: int) -> overheads.Ratio:
     for index in range(pairs):
         for he, sink in ((True, on), (False, off)):
             config = RunConfig(data_dir=str(data), keys_dir=str(workdir / "keys"), num_hospitals=8,
-                               rounds=3, run_dir=str(workdir / f"sim-{index}-{he}"), he=he)
+                               rounds=3, run_dir=str(workdir / f"sim-{index}-{he}"), he=he,
+                               nodes_dir=str(workdir / "nodes"), provision_budget=100.0)
             result = simulate(config)
             sink.extend(list(result.round_seconds.values())[1:])  # round 1 includes actor start-up
     return overheads.Ratio(statistics.median(on), statistics.median(off))

@@ -15,12 +15,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.data import hospital_files
 from clients.node import HospitalNode
+from clients.node_state import NodeState
 from federation import messages as M
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
-from federation.he_codec import HOSPITAL_CONTEXT_FILE
 
 ERROR = "error"
 
@@ -37,24 +36,25 @@ def _config(message: Message) -> ConfigRecord:
 
 
 def node_for(context: Context, message: Message, preset: RunConfig | None) -> HospitalNode:
-    """The hospital this ClientApp serves: its file and key come from the node's own config
-    (deployment: `data-file`, `key-file`) or, in simulation, from the run's data directory."""
+    """The hospital this ClientApp serves. Its node directory (data, schema, ledger, audit log,
+    key) comes from the SuperNode's own config (deployment: `node-dir`, optionally `key-file`)
+    or, in simulation, is the partition's directory under the run's `nodes-dir`."""
     if preset is not None:
         config = preset
     else:
         raw = _config(message).get(M.RUN_CONFIG)
         config = RunConfig.from_user_config(json.loads(str(raw))) if raw else RunConfig.from_user_config(context.run_config)
     node_config = context.node_config
-    if "data-file" in node_config:
-        data_file = Path(str(node_config["data-file"]))
+    if "node-dir" in node_config:
+        directory = Path(str(node_config["node-dir"]))
     else:
-        files = hospital_files(Path(config.data_dir))
+        nodes = sorted(p for p in Path(config.nodes_dir).glob("*") if (p / "node.json").is_file())
         index = int(node_config.get("partition-id", 0))
-        if index >= len(files):
-            raise ConfigError(f"{config.data_dir} holds {len(files)} hospital files; node {index} has none")
-        data_file = files[index]
-    key_file = Path(str(node_config.get("key-file", Path(config.keys_dir) / HOSPITAL_CONTEXT_FILE)))
-    node = HospitalNode(config, data_file, key_file)
+        if index >= len(nodes):
+            raise ConfigError(f"{config.nodes_dir} holds {len(nodes)} fedrisk node(s); node {index} has none")
+        directory = nodes[index]
+    key_file = Path(str(node_config["key-file"])) if "key-file" in node_config else None
+    node = HospitalNode(config, NodeState.load(directory), key_file)
     cfg = _config(message)
     node.check_federation(str(cfg[M.KEY_ID]), str(cfg[M.PARAMS_ID]))
     return node
@@ -75,7 +75,12 @@ def _guarded(handler: Callable[[HospitalNode, Message, Context], Message], prese
     return run
 
 
+def _run_id(message: Message) -> str:
+    return f"flwr-{message.metadata.run_id}"
+
+
 def _census(node: HospitalNode, message: Message, context: Context) -> Message:
+    node.begin_run(_run_id(message))
     return _reply(message, **{M.REPLY: ConfigRecord({M.CIPHERTEXTS: node.census(), M.HOSPITAL: node.name})})
 
 
@@ -91,7 +96,7 @@ def _train(node: HospitalNode, message: Message, context: Context) -> Message:
     steps_so_far = int(ledger.get(_steps_key(node), 0))
     if server_round == 1:
         steps_so_far = 0
-    outcome = node.train(server_round, census, _chain(message), steps_so_far)
+    outcome = node.train(server_round, census, _chain(message), steps_so_far, run_id=_run_id(message))
     ledger[_steps_key(node)] = outcome.spend.steps
     context.state.config_records["privacy"] = ledger
     spend = outcome.spend
@@ -117,7 +122,7 @@ def _reveal(node: HospitalNode, message: Message, context: Context) -> Message:
 
 
 def _release(node: HospitalNode, message: Message, context: Context) -> Message:
-    weights, digest = node.release(_chain(message))
+    weights, digest = node.release(_chain(message), run_id=_run_id(message))
     return _reply(message, **{
         M.REPLY: ConfigRecord({M.SHA256: digest, M.HOSPITAL: node.name}),
         M.RELEASED_MODEL: ArrayRecord({M.WEIGHTS: Array(np.asarray(weights, dtype=np.float32))})})

@@ -16,26 +16,31 @@ from typing import Sequence
 
 import numpy as np
 
-from clients.data import HospitalData, load_hospital
+from clients.data import HospitalData
 from clients.evaluation import risk_metrics
+from clients.node_state import NodeState
 from clients.training import LocalTraining, train_local
 from federation import he_codec
 from federation.config import RunConfig
-from federation.errors import KeyMaterialError, PrivacyBudgetError, ProtocolError
+from federation.errors import ConfigError, FedriskError, KeyMaterialError, PrivacyBudgetError, ProtocolError
 from federation.he_codec import CENSUS_UNIT, CONTRIBUTOR_UNIT, HospitalKey, PlaintextCodec
 from federation.model import initial_weights, load_model, num_parameters, predict_proba, weights_digest
 from privacy.accounting import DPSpend, calibrate_noise, check_delta
+from privacy.audit import REFUSAL, ROUND_TRAIN, RUN_START
+from privacy.ledger import GaussianMechanism
 
 EVAL_LENGTH = 6  # [w_auc*auc, w_auc, w*brier, w*log-loss, w, contributor]
 
-_DATA_CACHE: dict[tuple[str, float, str], HospitalData] = {}
+_DATA_CACHE: dict[tuple, HospitalData] = {}
 _KEY_CACHE: dict[tuple[str, float], HospitalKey] = {}
 
 
-def _cached_data(path: Path, purpose: str) -> HospitalData:
-    key = (str(path), path.stat().st_mtime if path.exists() else 0.0, purpose)
+def _cached_data(state: NodeState, purpose: str, features: str) -> HospitalData:
+    files = (state.data_file, state.schema_file, state.directory / "revocations.sqlite")
+    key = (str(state.directory), purpose, features, *(f.stat().st_mtime if f.exists() else 0.0 for f in files))
     if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_hospital(path, purpose)
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = state.load_records(purpose, features=features)
     return _DATA_CACHE[key]
 
 
@@ -57,21 +62,66 @@ class TrainOutcome:
 
 
 class HospitalNode:
-    """One hospital: its data file, its copy of the federation's CKKS secret key, a run config."""
+    """One hospital: its node state (data, schema, ledger, audit log), its copy of the
+    federation's CKKS secret key, and a run config."""
 
-    def __init__(self, config: RunConfig, data_file: Path, key_file: Path) -> None:
+    def __init__(self, config: RunConfig, state: NodeState, key_file: Path | None = None) -> None:
         self.config = config
-        self.data_file = Path(data_file)
-        self.key: HospitalKey | PlaintextCodec = _cached_key(Path(key_file)) if config.he else PlaintextCodec()
-        self.data = _cached_data(self.data_file, config.purpose)
-        self.name = self.data.name
-        self.length = num_parameters(config.model)
-        if config.dp and not check_delta(config.delta, self.data.n_train):
-            raise PrivacyBudgetError(
-                f"{self.data_file}: delta {config.delta:g} is not below 1/n for this hospital's records")
-        if config.sample_rate * self.data.n_train < 1.0:
-            raise PrivacyBudgetError(
-                f"{self.data_file}: too few consented records for sample-rate {config.sample_rate:g}")
+        self.state = state
+        self.name = state.hospital
+        self.key: HospitalKey | PlaintextCodec = (
+            _cached_key(Path(key_file or state.key_file)) if config.he else PlaintextCodec())
+        self.length = num_parameters(config.model, config.input_size)
+        self._data: HospitalData | None = None
+
+    @property
+    def data(self) -> HospitalData:
+        """The consented, de-identified, encoded records (loaded on first use, audited)."""
+        if self._data is None:
+            self._data = _cached_data(self.state, self.config.purpose, self.config.features)
+            if self._data.train_x.shape[1] != self.config.input_size:
+                self._refuse(ConfigError(
+                    f"{self.name}: the export encodes to {self._data.train_x.shape[1]} model inputs, "
+                    f"the run expects {self.config.input_size}"))
+            if self.config.dp and not check_delta(self.config.delta, self.data.n_train):
+                self._refuse(PrivacyBudgetError(
+                    f"{self.name}: delta {self.config.delta:g} is not below 1/n for this hospital's records"))
+            if self.config.sample_rate * self._data.n_train < 1.0:
+                self._refuse(PrivacyBudgetError(
+                    f"{self.name}: too few consented records for sample-rate {self.config.sample_rate:g}"))
+        return self._data
+
+    def _refuse(self, error: FedriskError) -> None:
+        audit = self.state.audit()
+        try:
+            audit.append(REFUSAL, purpose=self.config.purpose, details={"reason": str(error)[:300]})
+        except ValueError:  # the reason tripped the identifier filter: log its kind only
+            audit.append(REFUSAL, purpose=self.config.purpose, details={"reason": type(error).__name__})
+        raise error
+
+    def _mechanism(self, steps: int) -> GaussianMechanism:
+        return GaussianMechanism(sample_rate=self.config.sample_rate,
+                                 noise_multiplier=self.noise_multiplier(), steps=steps)
+
+    def begin_run(self, run_id: str) -> None:
+        """Before any record is touched: refuse a run whose planned spend would exceed what is
+        left of this hospital's budget for the purpose; then load (and audit) the data."""
+        cfg = self.config
+        if cfg.dp:
+            with self.state.ledger() as ledger:
+                try:
+                    budget = ledger.budget(cfg.purpose)
+                    planned = ledger.would_spend(cfg.purpose, self._mechanism(cfg.planned_steps))
+                except FedriskError as error:
+                    self._refuse(error)
+                spent = ledger.spent(cfg.purpose)
+            if planned > budget.epsilon_total:
+                self._refuse(PrivacyBudgetError(
+                    f"{self.name}: run would bring purpose {cfg.purpose!r} to epsilon {planned:.3f}, "
+                    f"over its budget of {budget.epsilon_total:g} (spent {spent:.3f})"))
+        self.state.audit().append(RUN_START, purpose=cfg.purpose, details={
+            "run": run_id, "rounds": cfg.rounds, "target-epsilon": cfg.target_epsilon})
+        _ = self.data
 
     def check_federation(self, key_id: str, params_id: str) -> None:
         """Refuse to work under another key or other CKKS parameters than the server's."""
@@ -103,7 +153,7 @@ class HospitalNode:
     # --- global model ---------------------------------------------------------------------
     def global_weights(self, chain: Sequence[bytes]) -> np.ndarray:
         """Replay the chain of encrypted aggregates on the public initial model."""
-        weights = initial_weights(self.config.model, self.config.seed)
+        weights = initial_weights(self.config.model, self.config.seed, self.config.input_size)
         per_round = he_codec.ciphertexts_for(self.length + 2) if self.config.he else 1
         if len(chain) % per_round:
             raise ProtocolError(f"{self.name}: aggregate chain of {len(chain)} ciphertexts is not "
@@ -126,8 +176,9 @@ class HospitalNode:
                                sample_rate=cfg.sample_rate, steps=cfg.planned_steps)
 
     def train(self, server_round: int, census: Sequence[bytes], chain: Sequence[bytes],
-              steps_so_far: int) -> TrainOutcome:
-        """One round: replay the global model, run DP-SGD, encrypt the weighted delta."""
+              steps_so_far: int, run_id: str = "local") -> TrainOutcome:
+        """One round: replay the global model, charge the round to the ledger, run DP-SGD,
+        encrypt the weighted delta."""
         cfg = self.config
         began = time.perf_counter()
         n_hat = self.census_total(census)
@@ -139,10 +190,21 @@ class HospitalNode:
                 f"{self.name}: round {server_round} would exceed the {cfg.planned_steps} DP-SGD steps "
                 "the noise was calibrated for")
         sigma = self.noise_multiplier() if cfg.dp else 0.0
+        if cfg.dp:
+            with self.state.ledger() as ledger:
+                try:
+                    charge = ledger.charge(cfg.purpose, self._mechanism(round_steps), run_id=run_id,
+                                           kind="training", actor=self.name,
+                                           idempotency_key=f"round-{server_round}")
+                except FedriskError as error:
+                    self._refuse(error)
+            self.state.audit().append(ROUND_TRAIN, purpose=cfg.purpose, epsilon=charge.epsilon_after,
+                                      details={"run": run_id, "round": server_round, "steps": round_steps})
         result = train_local(start, self.data.train_x, self.data.train_y, LocalTraining(
             model_kind=cfg.model, epochs=cfg.local_epochs, sample_rate=cfg.sample_rate,
             learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm, noise_multiplier=sigma,
-            seed=cfg.seed * 1_000_003 + server_round * 101 + sum(map(ord, self.name)), dp=cfg.dp))
+            seed=cfg.seed * 1_000_003 + server_round * 101 + sum(map(ord, self.name)), dp=cfg.dp,
+            n_features=cfg.input_size))
         began = time.perf_counter()
         share = self.data.n_train / n_hat
         update = np.concatenate([share * (result.weights - start), [share, CONTRIBUTOR_UNIT]])
@@ -158,7 +220,8 @@ class HospitalNode:
         """Evaluate the global model on the local test split; encrypt the weighted metrics."""
         n_hat = self.census_total(census)
         weights = self.global_weights(chain)
-        probabilities = predict_proba(load_model(self.config.model, weights), self.data.test_x)
+        probabilities = predict_proba(load_model(self.config.model, weights, self.config.input_size),
+                                      self.data.test_x)
         metrics = risk_metrics(self.data.test_y, probabilities)
         weight = len(self.data.test_y) / n_hat
         auc_weight = 0.0 if np.isnan(metrics["auc"]) else weight
@@ -174,7 +237,10 @@ class HospitalNode:
         return [float(v) for v in values]
 
     # --- release --------------------------------------------------------------------------
-    def release(self, chain: Sequence[bytes]) -> tuple[np.ndarray, str]:
-        """Decrypt the final model (DP by post-processing) and its SHA-256."""
+    def release(self, chain: Sequence[bytes], run_id: str = "local") -> tuple[np.ndarray, str]:
+        """Decrypt the final model (DP by post-processing) and its SHA-256. Audited."""
         weights = self.global_weights(chain).astype(np.float32)
-        return weights, weights_digest(weights)
+        digest = weights_digest(weights)
+        self.state.audit().append("release", purpose=self.config.purpose,
+                                  details={"run": run_id, "sha256": digest})
+        return weights, digest

@@ -71,6 +71,7 @@ class LocalTraining:
     noise_multiplier: float
     seed: int
     dp: bool = True
+    n_features: int = 40
     clipping: str = "bookkeeping"
     secret_seed: int | None = None
     """Seeds Poisson sampling and the Gaussian noise. Both must be unpredictable to anyone
@@ -96,7 +97,7 @@ def train_local(start: np.ndarray, features: np.ndarray, labels: np.ndarray,
     loop runs plain minibatch training with batches of the same expected size (the benchmark's
     non-private reference).
     """
-    model = build_model(plan.model_kind)
+    model = build_model(plan.model_kind, plan.n_features)
     set_weights(model, start)
     model.train()
     optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=plan.learning_rate)

@@ -56,6 +56,7 @@ def _progress(stream: TextIO):
 def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the demo and return the summary it writes to `summary.json`."""
     from experiments import overheads, reference
+    from experiments.provision import provision_nodes
     from experiments.simulation import simulate
     from experiments.synthetic import synthesize
     from federation.he_codec import init_keys
@@ -74,6 +75,11 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
         stream.flush()
         synthesis = synthesize(settings.hospitals, settings.patients, out / "data", seed=settings.seed)
         keys = init_keys(out / "keys")
+        nodes = provision_nodes(out / "data", keys.hospital_context, out / "nodes",
+                                purposes={config.purpose: (config.provision_budget, config.delta)})
+        config = config.replace(nodes_dir=str(out / "nodes"))
+        stream.write(f"  {len(nodes)} hospital nodes initialised (schema checked, pseudonym key, "
+                     f"budget epsilon={config.provision_budget:g} for {config.purpose}, audit log)\n")
         stream.write(f"  CKKS key {keys.key_id} created (hospitals: {keys.hospital_context.name}, "
                      f"server: {keys.server_context.name}, parameters only)\n")
         stream.write(f"  training in Flower's simulation engine: {settings.rounds} rounds, DP-SGD at "
@@ -84,10 +90,9 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
         wall_seconds = time.perf_counter() - train_began
         stream.write("  computing reference points (centralized non-private model, oracle)...\n")
         stream.flush()
-        files = list(synthesis.files)
-        hospitals = reference.load_all(files, config.purpose)
+        hospitals = reference.load_all(nodes, config.purpose)
         auc_centralized = reference.centralized_auc(hospitals, config.model, seed=config.seed)
-        auc_oracle = reference.oracle_auc(files, synthesis.truth_path, config.purpose)
+        auc_oracle = reference.oracle_auc(nodes, synthesis.truth_path, config.purpose)
         summary: dict[str, Any] = {
             "auc_federated": result.rounds[settings.rounds]["auc"],
             "auc_centralized": auc_centralized,
@@ -107,9 +112,9 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
         if settings.overheads:
             stream.write("  measuring overheads side by side (DP vs plain epoch, HE vs plaintext round)...\n")
             stream.flush()
-            largest = max(hospitals, key=lambda h: h.n_train)
-            summary["dp_overhead_ratio"] = overheads.dp_overhead(largest, config).ratio
-            he = overheads.he_overhead(files, config.replace(rounds=1), repeats=2)
+            pooled = reference.pooled(hospitals)
+            summary["dp_overhead_ratio"] = overheads.dp_overhead(pooled, config).ratio
+            he = overheads.he_overhead(nodes, config.replace(rounds=1), repeats=3)
             summary["he_overhead_ratio"] = he.round.ratio
             summary["ciphertext_expansion"] = he.ciphertext_expansion
         summary["total_seconds"] = time.perf_counter() - began

@@ -19,15 +19,19 @@ from typing import Callable
 
 from clients.data import HospitalData
 from clients.node import HospitalNode
+from clients.node_state import NodeState
 from clients.training import LocalTraining, train_local
 from federation.config import RunConfig
-from federation.he_codec import HOSPITAL_CONTEXT_FILE, PlaintextCodec, ServerContext
+from federation.he_codec import PlaintextCodec, ServerContext
 from federation.model import initial_weights, num_parameters
 
 
 def interleaved(first: Callable[[], object], second: Callable[[], object], repeats: int
                 ) -> tuple[list[float], list[float]]:
-    """Wall seconds of `first` and `second`, run alternately `repeats` times each."""
+    """Wall seconds of `first` and `second`, run alternately `repeats` times each after one
+    unmeasured warm-up run of each (imports, caches, allocator)."""
+    first()
+    second()
     a, b = [], []
     for _ in range(repeats):
         for fn, sink in ((first, a), (second, b)):
@@ -90,12 +94,12 @@ class HEOverhead:
         return self.update_bytes / self.model_float32_bytes
 
 
-def he_overhead(files: list[Path], config: RunConfig, repeats: int = 3) -> HEOverhead:
+def he_overhead(nodes: list[NodeState], config: RunConfig, repeats: int = 3) -> HEOverhead:
     """A whole round (all hospitals train and pack; the server sums; all decode) with CKKS
-    against plaintext FedAvg. Hospitals run one after another, as on a single core."""
-    key_file = Path(config.keys_dir) / HOSPITAL_CONTEXT_FILE
-    encrypted = [HospitalNode(config, f, key_file) for f in files]
-    plaintext = [HospitalNode(config.replace(he=False), f, key_file) for f in files]
+    against plaintext FedAvg. Hospitals run one after another, as on a single core. Every
+    repetition is the same round 1 of one run, so each hospital's ledger is charged once."""
+    encrypted = [HospitalNode(config, state) for state in nodes]
+    plaintext = [HospitalNode(config.replace(he=False), state) for state in nodes]
     sizes: list[int] = []
     a, b = interleaved(_round(encrypted, ServerContext.load(Path(config.keys_dir)), sizes),
                        _round(plaintext, PlaintextCodec(), []), repeats)

@@ -14,8 +14,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from clients.data import PURPOSE_CONSENT, HospitalData, load_hospital, test_mask
+from clients.data import HospitalData
+from clients.deidentify import PSEUDONYM
 from clients.evaluation import risk_metrics
+from clients.node_state import NodeState, test_split
 from federation import features as fx
 from federation.model import build_model, predict_proba
 
@@ -37,7 +39,7 @@ def centralized_auc(hospitals: list[HospitalData], model_kind: str, epochs: int 
     torch.manual_seed(seed)
     x = torch.as_tensor(np.concatenate([h.train_x for h in hospitals]))
     y = torch.as_tensor(np.concatenate([h.train_y for h in hospitals]))
-    model = build_model(model_kind)
+    model = build_model(model_kind, x.shape[1])
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.BCEWithLogitsLoss()
     generator = torch.Generator().manual_seed(seed)
@@ -51,18 +53,28 @@ def centralized_auc(hospitals: list[HospitalData], model_kind: str, epochs: int 
     return weighted_auc([(h.test_y, predict_proba(model, h.test_x)) for h in hospitals])
 
 
-def oracle_auc(files: list[Path], truth_file: Path, purpose: str) -> float:
-    """AUC of the generator's true risk on the same test records the models are scored on."""
+def oracle_auc(nodes: list[NodeState], truth_file: Path, purpose: str) -> float:
+    """AUC of the generator's true risk on the same test records the models are scored on
+    (simulation only: the demo holds every hospital's file and the ground truth)."""
     truth = pd.read_parquet(truth_file, columns=[fx.RECORD_KEY, "true_risk"]).set_index(fx.RECORD_KEY)["true_risk"]
     parts = []
-    for path in files:
-        frame = pd.read_parquet(path, columns=[fx.RECORD_KEY, fx.LABEL, PURPOSE_CONSENT[purpose]])
-        frame = frame[frame[PURPOSE_CONSENT[purpose]].astype(bool)]
-        frame = frame[test_mask(frame[fx.RECORD_KEY])]
-        parts.append((frame[fx.LABEL].to_numpy(), truth.loc[frame[fx.RECORD_KEY]].to_numpy()))
+    for state in nodes:
+        clean, mask, _ = state.usable(purpose)
+        raw = pd.read_parquet(state.data_file, columns=[fx.RECORD_KEY, fx.LABEL])
+        keys = raw[fx.RECORD_KEY].to_numpy()[mask]
+        labels = raw[fx.LABEL].to_numpy()[mask]
+        is_test = test_split(clean[PSEUDONYM][mask].reset_index(drop=True))
+        parts.append((labels[is_test], truth.loc[keys[is_test]].to_numpy()))
     return weighted_auc(parts)
 
 
-def load_all(files: list[Path], purpose: str) -> list[HospitalData]:
+def pooled(hospitals: list[HospitalData]) -> HospitalData:
+    """All hospitals' training records as one table (demo reference computations only)."""
+    x = np.concatenate([h.train_x for h in hospitals])
+    y = np.concatenate([h.train_y for h in hospitals])
+    return HospitalData("pooled", x, y, x[:0], y[:0])
+
+
+def load_all(nodes: list[NodeState], purpose: str) -> list[HospitalData]:
     """Every hospital's consented, encoded records (simulation only: one machine holds all)."""
-    return [load_hospital(path, purpose) for path in files]
+    return [state.load_records(purpose) for state in nodes]

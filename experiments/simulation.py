@@ -9,35 +9,40 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
 from clients.app import make_client_app
-from clients.data import hospital_files, load_table
+from clients.validation import validate_export
+from experiments.provision import load_nodes, provision_nodes
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError, KeyMaterialError, ProtocolError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey, ServerContext, check_file_mode
 from server.app import FederatedResult, Progress, make_server_app
 
 
-def preflight(config: RunConfig) -> list[Path]:
+def preflight(config: RunConfig) -> RunConfig:
     """Check everything that can be checked before any process starts, so a bad input costs
-    seconds and leaves nothing behind: every hospital file reads and matches the export
-    schema, the key material is of the right kind on each side and is the same key.
-    Returns the hospital files."""
-    files = hospital_files(Path(config.data_dir))
-    if len(files) < config.num_hospitals:
-        raise ConfigError(f"num-hospitals is {config.num_hospitals} but {config.data_dir} holds {len(files)} hospital files")
-    files = files[: config.num_hospitals]
-    for path in files:
-        load_table(path)
+    seconds and leaves nothing behind: the key material is of the right kind on each side and
+    is the same key; every hospital's export validates against its schema. Without a
+    `nodes_dir`, node directories are provisioned under the run directory from `data_dir`.
+    Returns the config with `nodes_dir` set."""
     server = ServerContext.load(Path(config.keys_dir))
     key_path = Path(config.keys_dir) / HOSPITAL_CONTEXT_FILE
     hospital = HospitalKey.load(key_path)
     check_file_mode(key_path)
     if hospital.key_id != server.key_id:
         raise KeyMaterialError(f"{key_path} is not the key named in {Path(config.keys_dir) / 'federation.json'}")
-    return files
+    if config.nodes_dir:
+        for state in load_nodes(Path(config.nodes_dir), config.num_hospitals):
+            validate_export(state.data_file, state.schema())
+        return config
+    nodes_dir = Path(config.run_dir) / "nodes"
+    provision_nodes(Path(config.data_dir), key_path, nodes_dir, count=config.num_hospitals,
+                    purposes={config.purpose: (config.provision_budget, config.delta)},
+                    schema_file=Path(config.schema_file) if config.schema_file else None)
+    return config.replace(nodes_dir=str(nodes_dir))
 
 
 def simulate(config: RunConfig, progress: Progress | None = None, verbose: bool = False) -> FederatedResult:
@@ -48,7 +53,18 @@ def simulate(config: RunConfig, progress: Progress | None = None, verbose: bool 
     """
     from flwr.simulation import run_simulation
 
-    preflight(config)
+    run_dir_existed = Path(config.run_dir).exists()
+    provisioned = not config.nodes_dir
+    config = preflight(config)
+    try:
+        return _run(config, progress, verbose, run_simulation)
+    except BaseException:
+        if provisioned and not run_dir_existed:
+            shutil.rmtree(config.run_dir, ignore_errors=True)
+        raise
+
+
+def _run(config: RunConfig, progress: Progress | None, verbose: bool, run_simulation) -> FederatedResult:
     outcome: list = []
     server_app = make_server_app(config, progress, outcome)
     client_app = make_client_app(config)

@@ -29,6 +29,16 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_breast_cancer(args: argparse.Namespace) -> int:
+    from experiments.breast_cancer import export_breast_cancer
+
+    files, schema = export_breast_cancer(Path(args.out), hospitals=args.hospitals, seed=args.seed)
+    for path in files:
+        print(path)
+    print(f"schema: {schema}")
+    return 0
+
+
 def _cmd_keys_init(args: argparse.Namespace) -> int:
     from federation.he_codec import init_keys
 
@@ -40,12 +50,15 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
-    return RunConfig(data_dir=args.data, keys_dir=args.keys, run_dir=args.out,
+    if not args.data and not args.nodes:
+        raise ConfigError("give --nodes (initialised hospital nodes) or --data (provision them for a simulation)")
+    return RunConfig(data_dir=args.data or "", nodes_dir=args.nodes or "", keys_dir=args.keys, run_dir=args.out,
                      num_hospitals=args.hospitals, rounds=args.rounds, local_epochs=args.local_epochs,
                      sample_rate=args.sample_rate, clip_norm=args.clip_norm,
                      learning_rate=args.learning_rate, target_epsilon=args.epsilon, delta=args.delta,
                      model=args.model, seed=args.seed, purpose=args.purpose,
-                     tracking_uri=args.tracking_uri or "", min_contributors=args.min_contributors)
+                     tracking_uri=args.tracking_uri or "", min_contributors=args.min_contributors,
+                     features=args.features, n_features=args.n_features, schema_file=args.schema or "")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -93,6 +106,103 @@ def _cmd_privacy_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budgets(values: list[str], delta: float) -> dict[str, tuple[float, float]]:
+    budgets: dict[str, tuple[float, float]] = {}
+    for value in values:
+        purpose, _, epsilon = value.partition("=")
+        try:
+            budgets[purpose.strip()] = (float(epsilon), delta)
+        except ValueError:
+            raise ConfigError(f"--budget takes PURPOSE=EPSILON, got {value!r}") from None
+    return budgets
+
+
+def _cmd_node_init(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+
+    state = NodeState.init(Path(args.dir), hospital=args.hospital, data_file=Path(args.data),
+                           key_file=Path(args.key), budgets=_budgets(args.budget, args.delta),
+                           schema_file=Path(args.schema) if args.schema else None)
+    print(f"node {state.hospital} initialised in {state.directory}")
+    print(f"  export {state.data_file} validates against {state.schema_file}")
+    with state.ledger() as ledger:
+        for purpose in _budgets(args.budget, args.delta):
+            budget = ledger.budget(purpose)
+            print(f"  budget {purpose}: epsilon {budget.epsilon_total:g} at delta {budget.delta:g}")
+    return 0
+
+
+def _cmd_node_provision(args: argparse.Namespace) -> int:
+    from experiments.provision import provision_nodes
+
+    nodes = provision_nodes(Path(args.data), Path(args.key), Path(args.out),
+                            purposes=_budgets(args.budget, args.delta),
+                            schema_file=Path(args.schema) if args.schema else None)
+    for state in nodes:
+        print(f"node {state.hospital}: {state.directory}")
+    return 0
+
+
+def _cmd_node_check(args: argparse.Namespace) -> int:
+    from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
+    from clients.validation import validate_export
+
+    schema = ExportSchema.load(Path(args.schema) if args.schema else SHIPPED_SYNTHETIC_SCHEMA)
+    validated = validate_export(Path(args.file), schema)
+    print(f"{args.file}: {len(validated.table):,} records, valid against {schema.source}")
+    for role in ("record-key", "direct-identifier", "quasi-identifier", "feature", "label", "consent"):
+        columns = schema.columns_by_role(role)
+        if columns:
+            print(f"  {role}: {', '.join(columns)}")
+    for purpose in schema.consent_policy().purposes:
+        print(f"  trains on for {purpose}: {len(schema.training_columns(purpose))} columns; "
+              f"excluded as sensitive: {', '.join(schema.excluded_columns(purpose)) or 'none'}")
+    return 0
+
+
+def _cmd_node_budget(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    with state.ledger() as ledger:
+        purposes = [args.purpose] if args.purpose else ledger.purposes()
+        for purpose in purposes:
+            budget = ledger.budget(purpose)
+            spent = ledger.spent(purpose)
+            print(f"{state.hospital} / {purpose}: spent epsilon {spent:.4f} of {budget.epsilon_total:g} "
+                  f"(left {ledger.remaining(purpose):.4f}) at delta {budget.delta:g}")
+            for charge in ledger.history(purpose):
+                print(f"  {charge.charged_at}  {charge.kind:<9} run {charge.run_id} {charge.idempotency_key}  "
+                      f"{charge.mechanism.describe()}  -> epsilon {charge.epsilon_after:.4f}")
+    return 0
+
+
+def _cmd_node_revoke(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    pseudonym = state.pseudonym_key().pseudonymise(pd.Series([args.record_key])).iloc[0]
+    state.revocations().revoke(pseudonym, args.purpose)
+    state.audit().append("consent.revoke", purpose=args.purpose, details={"pseudonym": pseudonym})
+    print(f"consent for {args.purpose} withdrawn for one record; it is excluded from the next run")
+    return 0
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from privacy.audit import AuditLog, format_verification
+
+    path = Path(args.log)
+    if path.is_dir():
+        path = path / "audit.sqlite" if (path / "audit.sqlite").exists() else path / "server_audit.sqlite"
+    if not path.is_file():
+        raise ConfigError(f"audit log not found: {path}")
+    result = AuditLog(path, role="auditor", identity="fedrisk-cli").verify()
+    print(format_verification(result))
+    return 0 if result.ok else 1
+
+
 def _add_training_options(parser: argparse.ArgumentParser, *, demo: bool) -> None:
     defaults = RunConfig()
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
@@ -111,6 +221,10 @@ def _add_training_options(parser: argparse.ArgumentParser, *, demo: bool) -> Non
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--purpose", default=defaults.purpose)
     parser.add_argument("--min-contributors", type=int, default=2)
+    parser.add_argument("--features", choices=("standard", "schema"), default="standard",
+                        help="model inputs: the standard 40-input contract, or encoded from the schema")
+    parser.add_argument("--n-features", type=int, default=0, help="model inputs of a --features schema run")
+    parser.add_argument("--schema", help="export schema for nodes provisioned from --data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(handler=_cmd_data_synth)
 
+    cancer = data.add_parser("breast-cancer", help="scikit-learn's breast-cancer data as hospital exports")
+    cancer.add_argument("--out", required=True)
+    cancer.add_argument("--hospitals", type=int, default=3)
+    cancer.add_argument("--seed", type=int, default=0)
+    cancer.set_defaults(handler=_cmd_data_breast_cancer)
+
     keys = commands.add_parser("keys", help="CKKS key material").add_subparsers(dest="keys_command", required=True)
     init = keys.add_parser("init", help="create the hospitals' secret context and the server's public one")
     init.add_argument("--out", required=True, help="directory for the key material")
@@ -142,13 +262,53 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(handler=_cmd_keys_init)
 
     run = commands.add_parser("run", help="federated training in Flower's simulation engine")
-    run.add_argument("--data", required=True, help="directory of hospital_*.parquet|csv files")
+    run.add_argument("--nodes", help="directory of hospital node directories (`fedrisk node init`)")
+    run.add_argument("--data", help="directory of hospital_*.parquet|csv files: provision nodes for a simulation")
     run.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
     run.add_argument("--out", required=True, help="run directory (MLflow store, release)")
     run.add_argument("--hospitals", type=int, default=3)
     run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     _add_training_options(run, demo=False)
     run.set_defaults(handler=_cmd_run)
+
+    node = commands.add_parser("node", help="hospital node: init, check, budget, consent").add_subparsers(
+        dest="node_command", required=True)
+    node_init = node.add_parser("init", help="create a node directory: schema check, keys, ledger, audit log")
+    node_init.add_argument("--dir", required=True, help="the node's state directory (back it up)")
+    node_init.add_argument("--hospital", required=True, help="this hospital's name in the federation")
+    node_init.add_argument("--data", required=True, help="the hospital's export (Parquet or CSV)")
+    node_init.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
+    node_init.add_argument("--key", required=True, help="the federation's hospital CKKS context")
+    node_init.add_argument("--budget", action="append", default=[], metavar="PURPOSE=EPSILON",
+                           help="total epsilon for a purpose (repeatable)")
+    node_init.add_argument("--delta", type=float, default=1e-5, help="delta of every budget (default 1e-5)")
+    node_init.set_defaults(handler=_cmd_node_init)
+    node_provision = node.add_parser("provision", help="simulation: one node per hospital file in a directory")
+    node_provision.add_argument("--data", required=True, help="directory of hospital_*.parquet|csv files")
+    node_provision.add_argument("--key", required=True, help="the federation's hospital CKKS context")
+    node_provision.add_argument("--out", required=True, help="directory to hold the node directories")
+    node_provision.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
+    node_provision.add_argument("--budget", action="append", default=[], metavar="PURPOSE=EPSILON")
+    node_provision.add_argument("--delta", type=float, default=1e-5)
+    node_provision.set_defaults(handler=_cmd_node_provision)
+    node_check = node.add_parser("check", help="validate an export against its schema; writes nothing")
+    node_check.add_argument("file")
+    node_check.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
+    node_check.set_defaults(handler=_cmd_node_check)
+    node_budget = node.add_parser("budget", help="privacy budget: spent, left, history")
+    node_budget.add_argument("--dir", required=True)
+    node_budget.add_argument("--purpose")
+    node_budget.set_defaults(handler=_cmd_node_budget)
+    node_revoke = node.add_parser("revoke", help="withdraw a patient's consent for a purpose")
+    node_revoke.add_argument("--dir", required=True)
+    node_revoke.add_argument("--record-key", required=True, help="the patient's record key in the export")
+    node_revoke.add_argument("--purpose", required=True)
+    node_revoke.set_defaults(handler=_cmd_node_revoke)
+
+    audit = commands.add_parser("audit", help="audit logs").add_subparsers(dest="audit_command", required=True)
+    audit_verify = audit.add_parser("verify", help="check a hash-chained audit log; exit 1 if tampered")
+    audit_verify.add_argument("log", help="audit.sqlite, server_audit.sqlite, or a node/run directory")
+    audit_verify.set_defaults(handler=_cmd_audit_verify)
 
     privacy = commands.add_parser("privacy", help="privacy reports").add_subparsers(dest="privacy_command", required=True)
     verify = privacy.add_parser("verify", help="recompute every epsilon of a privacy report")

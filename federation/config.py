@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from federation.errors import ConfigError
 
 MODEL_KINDS = ("mlp", "logreg")
+STANDARD_INPUTS = 40
 DEFAULT_PURPOSE = "credit-risk-research"
 
 
@@ -25,7 +26,12 @@ class RunConfig:
     """Parameters of one federated training run.
 
     Attributes:
-        data_dir: directory holding one export file per hospital (`hospital_*.parquet|csv`).
+        data_dir: directory of hospital export files (`hospital_*.parquet|csv`); simulation only:
+            used to provision node directories when `nodes_dir` is empty.
+        nodes_dir: directory of hospital node directories (`fedrisk node init`); each holds
+            the hospital's export path, schema, budget ledger and audit log.
+        provision_budget: epsilon budget per purpose given to nodes provisioned for a simulation.
+        schema_file: export schema of provisioned nodes (default: the synthetic export's).
         keys_dir: directory written by `fedrisk keys init` (hospital and server contexts).
         run_dir: where the run writes its MLflow store, release artifact and reports.
         num_hospitals: hospitals that take part; the run waits for this many nodes.
@@ -37,7 +43,10 @@ class RunConfig:
         learning_rate: local optimiser step size (default 0.005, Adam).
         target_epsilon: epsilon each hospital may spend on the whole run (default 1.0).
         delta: delta of the (epsilon, delta) guarantee; must be below 1/n at each hospital.
-        model: "mlp" (40-64-32-1) or "logreg".
+        model: "mlp" (inputs-64-32-1) or "logreg".
+        features: "standard" (the 40-input credit-risk contract of federation.features) or
+            "schema" (inputs encoded from the export schema's declared bounds and categories).
+        n_features: number of model inputs of a "schema" run (every hospital checks its own).
         seed: seeds model initialisation and every hospital's sampler.
         purpose: the declared purpose of the run; only records consenting to it are used.
         tracking_uri: MLflow tracking URI; empty means a SQLite store under run_dir.
@@ -50,6 +59,9 @@ class RunConfig:
     """
 
     data_dir: str = "data"
+    nodes_dir: str = ""
+    provision_budget: float = 10.0
+    schema_file: str = ""
     keys_dir: str = "keys"
     run_dir: str = "runs/latest"
     num_hospitals: int = 3
@@ -61,6 +73,8 @@ class RunConfig:
     target_epsilon: float = 1.0
     delta: float = 1e-5
     model: str = "mlp"
+    features: str = "standard"
+    n_features: int = 0
     seed: int = 0
     purpose: str = DEFAULT_PURPOSE
     tracking_uri: str = ""
@@ -85,6 +99,8 @@ class RunConfig:
         steps = 1.0 / self.sample_rate
         if abs(steps - round(steps)) > 1e-9:
             raise ConfigError(f"sample-rate must be 1/k for a whole k, got {self.sample_rate!r}")
+        if self.provision_budget <= 0:
+            raise ConfigError(f"provision-budget must be positive, got {self.provision_budget!r}")
         if self.clip_norm <= 0:
             raise ConfigError(f"clip-norm must be positive, got {self.clip_norm!r}")
         if self.learning_rate <= 0:
@@ -93,6 +109,10 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        if self.features not in ("standard", "schema"):
+            raise ConfigError(f"features must be 'standard' or 'schema', got {self.features!r}")
+        if self.features == "schema" and self.n_features < 1:
+            raise ConfigError("n-features must be given (>= 1) for a run with features = 'schema'")
         if self.model not in MODEL_KINDS:
             raise ConfigError(f"model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
         if self.min_contributors > self.num_hospitals:
@@ -100,6 +120,11 @@ class RunConfig:
                 f"min-contributors ({self.min_contributors}) exceeds num-hospitals ({self.num_hospitals})")
         if not self.purpose or not self.purpose.replace("-", "").isalnum():
             raise ConfigError(f"purpose must be a slug like 'credit-risk-research', got {self.purpose!r}")
+
+    @property
+    def input_size(self) -> int:
+        """Number of model inputs: 40 for the standard contract, else `n_features`."""
+        return STANDARD_INPUTS if self.features == "standard" else self.n_features
 
     @property
     def steps_per_epoch(self) -> int:

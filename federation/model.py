@@ -16,13 +16,14 @@ PRIOR_RATE = 0.10
 the first rounds are calibrated without looking at any hospital's label rate."""
 
 
-def build_model(kind: str) -> nn.Module:
-    """`mlp`: 40-64-32-1 with ReLU; `logreg`: 40-1. Both output one logit."""
+def build_model(kind: str, n_features: int = N_FEATURES) -> nn.Module:
+    """`mlp`: n-64-32-1 with ReLU; `logreg`: n-1 (n = 40 for the standard contract). Both output
+    one logit."""
     if kind == "mlp":
-        model = nn.Sequential(nn.Linear(N_FEATURES, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
+        model = nn.Sequential(nn.Linear(n_features, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
                               nn.Linear(32, 1))
     elif kind == "logreg":
-        model = nn.Sequential(nn.Linear(N_FEATURES, 1))
+        model = nn.Sequential(nn.Linear(n_features, 1))
     else:
         raise ValueError(f"unknown model kind {kind!r}")
     with torch.no_grad():
@@ -30,17 +31,17 @@ def build_model(kind: str) -> nn.Module:
     return model
 
 
-def num_parameters(kind: str) -> int:
+def num_parameters(kind: str, n_features: int = N_FEATURES) -> int:
     """Length of the flat weight vector of a model kind."""
-    return sum(p.numel() for p in build_model(kind).parameters())
+    return sum(p.numel() for p in build_model(kind, n_features).parameters())
 
 
-def initial_weights(kind: str, seed: int) -> np.ndarray:
+def initial_weights(kind: str, seed: int, n_features: int = N_FEATURES) -> np.ndarray:
     """The public starting point of a run: every hospital derives the same one from the seed."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        model = build_model(kind)
+        model = build_model(kind, n_features)
     finally:
         torch.random.set_rng_state(generator_state)
     return get_weights(model)
@@ -61,9 +62,9 @@ def set_weights(model: nn.Module, weights: np.ndarray) -> None:
     torch.nn.utils.vector_to_parameters(vector, list(model.parameters()))
 
 
-def load_model(kind: str, weights: np.ndarray) -> nn.Module:
+def load_model(kind: str, weights: np.ndarray, n_features: int = N_FEATURES) -> nn.Module:
     """A model of `kind` holding `weights`, in eval mode."""
-    model = build_model(kind)
+    model = build_model(kind, n_features)
     set_weights(model, weights)
     return model.eval()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,10 +21,12 @@ from federation.config import RunConfig
 from federation.errors import FedriskError, ProtocolError
 from federation.he_codec import PlaintextCodec, ServerContext
 from federation.model import weights_digest
+from privacy.audit import REFUSAL, RELEASE, ROLE_SERVER, ROUND_TRAIN, RUN_START, AuditLog
 from server.strategy import ERROR, HEFedAvg, chain_ciphertexts
 from server.tracking import RunTracker, privacy_report
 
 Progress = Callable[[str, dict], None]
+SERVER_AUDIT_FILE = "server_audit.sqlite"
 
 
 @dataclass
@@ -72,6 +75,19 @@ def run_federated(grid: Grid, config: RunConfig, progress: Progress | None = Non
                   share_config: bool = False) -> FederatedResult:
     """Run census, `config.rounds` HE FedAvg rounds with federated evaluation, and the release."""
     notify = progress or (lambda event, data: None)
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    audit = AuditLog(Path(config.run_dir) / SERVER_AUDIT_FILE, role=ROLE_SERVER, identity="coordinator")
+    try:
+        return _run(grid, config, notify, share_config, audit)
+    except FedriskError as error:
+        try:
+            audit.append(REFUSAL, purpose=config.purpose, details={"reason": str(error)[:300]})
+        except ValueError:  # the reason tripped the identifier filter: log its kind only
+            audit.append(REFUSAL, purpose=config.purpose, details={"reason": type(error).__name__})
+        raise
+
+
+def _run(grid: Grid, config: RunConfig, notify: Progress, share_config: bool, audit: AuditLog) -> FederatedResult:
     he: ServerContext | PlaintextCodec = ServerContext.load(config.keys_dir) if config.he else PlaintextCodec()
     nodes = _wait_for_nodes(grid, config.num_hospitals, config.round_timeout)
     base = {M.KEY_ID: he.key_id, M.PARAMS_ID: he.params_id}
@@ -91,6 +107,9 @@ def run_federated(grid: Grid, config: RunConfig, progress: Progress | None = Non
 
     strategy = HEFedAvg(he, census_total, reveal, min_replies=config.num_hospitals, config=base)
     tracker = RunTracker(config)
+    audit.append(RUN_START, purpose=config.purpose, details={
+        "mlflow-run": tracker.run_id, "hospitals": len(nodes), "rounds": config.rounds,
+        "target-epsilon": config.target_epsilon})
     try:
         rounds: dict[int, dict[str, float]] = {}
         round_seconds: dict[int, float] = {}
@@ -112,6 +131,8 @@ def run_federated(grid: Grid, config: RunConfig, progress: Progress | None = Non
                        "round-seconds": round_seconds[server_round]}
             rounds[server_round] = metrics
             tracker.log_round(server_round, metrics)
+            audit.append(ROUND_TRAIN, purpose=config.purpose, epsilon=metrics["epsilon-max"], details={
+                "round": server_round, "hospitals": int(metrics["hospitals"]), "auc": round(metrics["auc"], 6)})
             notify("round", {"round": server_round, "rounds": config.rounds, **metrics})
         release = _ask(grid, [key_holder], M.RELEASE, {
             M.STATE: arrays, M.CONFIG: ConfigRecord({**base, M.ROUND: config.rounds})}, timeout, "release")[0]
@@ -123,6 +144,8 @@ def run_federated(grid: Grid, config: RunConfig, progress: Progress | None = Non
         summary = {"rounds": rounds, "hospitals": sorted(strategy.privacy), "sha256": digest,
                    "chain_ciphertexts": len(chain_ciphertexts(arrays))}
         release_dir = tracker.finish(weights=weights, digest=digest, privacy_report=report, summary=summary)
+        audit.append(RELEASE, purpose=config.purpose, epsilon=report["epsilon_max"],
+                     details={"mlflow-run": tracker.run_id, "sha256": digest})
     except BaseException:
         tracker.abort()
         raise

@@ -68,7 +68,7 @@ class RunTracker:
         release = Path(self.config.run_dir) / "release"
         release.mkdir(parents=True, exist_ok=True)
         np.savez(release / "model.npz", weights=np.asarray(weights, dtype=np.float32),
-                 model=self.config.model)
+                 model=self.config.model, n_features=self.config.input_size)
         (release / "model.sha256").write_text(digest + "\n")
         (release / "privacy_report.json").write_text(json.dumps(privacy_report, indent=2))
         (release / "run_summary.json").write_text(json.dumps(summary, indent=2, default=float))

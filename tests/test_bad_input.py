@@ -127,6 +127,27 @@ def test_a_run_that_fails_mid_way_leaves_no_registered_run(federation_data, keys
     """An update too large for the codec fails round 1 after the MLflow run was opened."""
     import mlflow
 
+    from experiments.provision import provision_nodes
+    from experiments.simulation import simulate
+    from federation.config import RunConfig
+    from federation.errors import FedriskError
+
+    nodes = provision_nodes(federation_data.files[0].parent, keys.hospital_context, tmp_path / "nodes",
+                            purposes={"credit-risk-research": (10.0, 1e-5)})
+    config = RunConfig(nodes_dir=str(tmp_path / "nodes"), keys_dir=str(keys.server_context.parent),
+                       run_dir=str(tmp_path / "run"), num_hospitals=3, rounds=1, learning_rate=50.0)
+    with pytest.raises(FedriskError, match="range"):
+        simulate(config)
+    client = mlflow.tracking.MlflowClient(tracking_uri=config.mlflow_uri)
+    experiment = client.get_experiment_by_name(config.experiment)
+    assert experiment is not None, "the run was opened before it failed"
+    assert client.search_runs([experiment.experiment_id]) == []
+    assert not (tmp_path / "run" / "release").exists()
+    with nodes[0].ledger() as ledger:
+        assert len(ledger.history("credit-risk-research")) == 1, "round 1 was charged before it trained"
+
+
+def test_a_provisioned_simulation_that_fails_leaves_no_run_directory(federation_data, keys, tmp_path) -> None:
     from experiments.simulation import simulate
     from federation.config import RunConfig
     from federation.errors import FedriskError
@@ -135,7 +156,4 @@ def test_a_run_that_fails_mid_way_leaves_no_registered_run(federation_data, keys
                        run_dir=str(tmp_path / "run"), num_hospitals=3, rounds=1, learning_rate=50.0)
     with pytest.raises(FedriskError, match="range"):
         simulate(config)
-    client = mlflow.tracking.MlflowClient(tracking_uri=config.mlflow_uri)
-    experiment = client.get_experiment_by_name(config.experiment)
-    assert client.search_runs([experiment.experiment_id]) == []
-    assert not (tmp_path / "run" / "release").exists()
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,162 @@
+"""A hospital node's own state: one directory the hospital can back up.
+
+    node.json           which hospital, which export file and schema, which CKKS key
+    pseudonym.key       HMAC key for record pseudonyms (0600, never leaves the node)
+    ledger.sqlite       privacy budget per purpose and every charge against it
+    audit.sqlite(.head) hash-chained log of every load, run, round, release and refusal
+    revocations.sqlite  consent withdrawals, by pseudonym
+
+`NodeState.load_records` is the only way a run reads the hospital's data: validate against the
+schema, drop identifiers, pseudonymise, generalise, keep consented records, encode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clients import encoding
+from clients.data import HospitalData
+from clients.deidentify import PSEUDONYM, deidentify
+from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
+from clients.validation import validate_export
+from federation import features as fx
+from federation.errors import ConfigError
+from privacy.audit import DATA_LOAD, ROLE_HOSPITAL, AuditLog
+from privacy.consent import RevocationRegistry
+from privacy.ledger import BudgetLedger
+from privacy.pseudonym import PseudonymKey
+
+NODE_FILE = "node.json"
+TEST_FRACTION = 0.2
+
+
+def test_split(pseudonyms: pd.Series) -> np.ndarray:
+    """The local test split: a fixed hash of the pseudonym, the same in every run."""
+    hashed = pd.util.hash_pandas_object(pseudonyms.astype(str), index=False).to_numpy()
+    return (hashed % 1000) < int(TEST_FRACTION * 1000)
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """A hospital node's directory and what it names."""
+
+    directory: Path
+    hospital: str
+    data_file: Path
+    schema_file: Path
+    key_file: Path
+
+    @property
+    def ledger_path(self) -> Path:
+        """The privacy budget ledger."""
+        return self.directory / "ledger.sqlite"
+
+    @property
+    def audit_path(self) -> Path:
+        """The node's hash-chained audit log."""
+        return self.directory / "audit.sqlite"
+
+    def ledger(self) -> BudgetLedger:
+        """Open the budget ledger."""
+        return BudgetLedger(self.ledger_path)
+
+    def audit(self) -> AuditLog:
+        """Open the audit log as this hospital's node."""
+        return AuditLog(self.audit_path, role=ROLE_HOSPITAL, identity=self.hospital)
+
+    def revocations(self) -> RevocationRegistry:
+        """Consent withdrawals recorded at this node."""
+        return RevocationRegistry(self.directory / "revocations.sqlite")
+
+    def pseudonym_key(self) -> PseudonymKey:
+        """The node's pseudonymisation key."""
+        return PseudonymKey.load(self.directory / "pseudonym.key")
+
+    def schema(self) -> ExportSchema:
+        """The export schema the hospital declared."""
+        return ExportSchema.load(self.schema_file)
+
+    @classmethod
+    def init(cls, directory: Path, *, hospital: str, data_file: Path, key_file: Path,
+             budgets: dict[str, tuple[float, float]], schema_file: Path | None = None) -> "NodeState":
+        """Create a node directory: check the schema and the export against it, create the
+        pseudonym key, the ledger with its budgets and the audit log. Nothing is written
+        unless every check passes."""
+        directory = Path(directory)
+        if (directory / NODE_FILE).exists():
+            raise ConfigError(f"{directory} is already a fedrisk node ({NODE_FILE} exists)")
+        if not hospital or not hospital.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"hospital name must be letters, digits, '-' or '_', got {hospital!r}")
+        if not budgets:
+            raise ConfigError("a node needs at least one purpose budget (--budget PURPOSE=EPSILON)")
+        schema_file = Path(schema_file or SHIPPED_SYNTHETIC_SCHEMA).resolve()
+        schema = ExportSchema.load(schema_file)
+        validate_export(Path(data_file), schema)
+        if not Path(key_file).is_file():
+            raise ConfigError(f"hospital CKKS context not found: {key_file}")
+        state = cls(directory.resolve(), hospital, Path(data_file).resolve(), schema_file,
+                    Path(key_file).resolve())
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        PseudonymKey.create(directory / "pseudonym.key")
+        with state.ledger() as ledger:
+            for purpose, (epsilon, delta) in budgets.items():
+                ledger.set_budget(purpose, epsilon, delta)
+        state.revocations()
+        state.audit().append("node.init", details={"purposes": sorted(budgets)})
+        (directory / NODE_FILE).write_text(json.dumps({
+            "hospital": hospital, "data_file": str(state.data_file), "schema_file": str(schema_file),
+            "key_file": str(state.key_file)}, indent=2))
+        return state
+
+    @classmethod
+    def load(cls, directory: Path) -> "NodeState":
+        """Open an initialised node directory."""
+        directory = Path(directory)
+        try:
+            raw = json.loads((directory / NODE_FILE).read_text())
+            return cls(directory.resolve(), str(raw["hospital"]), Path(raw["data_file"]),
+                       Path(raw["schema_file"]), Path(raw["key_file"]))
+        except FileNotFoundError:
+            raise ConfigError(f"{directory} is not a fedrisk node; run `fedrisk node init` first") from None
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{directory / NODE_FILE} is damaged") from None
+
+    def usable(self, purpose: str, today: date | None = None) -> tuple[pd.DataFrame, np.ndarray, dict[str, int]]:
+        """Validate, de-identify and apply consent: the de-identified table (all rows), the
+        mask of rows `purpose` may use, and exclusion counts by reason. Reads, never writes."""
+        schema = self.schema()
+        validated = validate_export(self.data_file, schema)
+        clean = deidentify(validated, schema, self.pseudonym_key(), purpose=purpose)
+        revoked = self.revocations().revoked(purpose, as_of=datetime.now(timezone.utc))
+        decision = schema.consent_policy().decide(validated.table, purpose, today=today or date.today(),
+                                                  revoked=revoked, pseudonyms=clean.table[PSEUDONYM])
+        return clean.table, np.asarray(decision.mask, dtype=bool), decision.excluded.as_dict()
+
+    def load_records(self, purpose: str, today: date | None = None, features: str = "standard") -> HospitalData:
+        """The records a run with `purpose` may use, encoded for the model: through the
+        standard 40-input contract, or (`features="schema"`) from the schema. Audited."""
+        clean, mask, excluded = self.usable(purpose, today)
+        table = clean.loc[mask].reset_index(drop=True)
+        if table.empty:
+            self.audit().append("refusal", purpose=purpose, details={"reason": "no consented records",
+                                                                      "excluded": excluded})
+            raise ConfigError(f"{self.data_file}: no record may be used for purpose {purpose!r} "
+                              f"(excluded: {excluded})")
+        is_test = test_split(table[PSEUDONYM])
+        if features == "schema":
+            schema = self.schema()
+            x, y = encoding.encode(table, schema, purpose), encoding.labels(table, schema)
+        else:
+            x, y = fx.encode_features(table), fx.encode_labels(table)
+        self.audit().append(DATA_LOAD, purpose=purpose, details={
+            "records": int(len(clean)), "used": int(len(table)), "excluded": excluded})
+        return HospitalData(name=self.hospital, train_x=x[~is_test], train_y=y[~is_test],
+                            test_x=x[is_test], test_y=y[is_test], excluded=excluded)

@@ -1,0 +1,47 @@
+"""Provision hospital node directories for a simulation (one machine holds every hospital).
+
+In production each hospital runs `fedrisk node init` on its own machine. A simulation does the
+same for every export file in a data directory, all or nothing: every file is validated against
+the schema before any node directory is created.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from clients.data import hospital_files
+from clients.node_state import NodeState
+from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
+from clients.validation import validate_export
+from federation.errors import ConfigError
+
+
+def provision_nodes(data_dir: Path, key_file: Path, nodes_dir: Path, *, purposes: dict[str, tuple[float, float]],
+                    count: int | None = None, schema_file: Path | None = None) -> list[NodeState]:
+    """One node directory per hospital file (named after the file), with `purposes` budgets."""
+    files = hospital_files(Path(data_dir))
+    if count is not None:
+        if len(files) < count:
+            raise ConfigError(f"num-hospitals is {count} but {data_dir} holds {len(files)} hospital files")
+        files = files[:count]
+    schema = ExportSchema.load(Path(schema_file or SHIPPED_SYNTHETIC_SCHEMA))
+    for path in files:
+        validate_export(path, schema)
+    nodes_dir = Path(nodes_dir)
+    if nodes_dir.exists() and any(nodes_dir.iterdir()):
+        raise ConfigError(f"{nodes_dir} already holds node directories")
+    try:
+        return [NodeState.init(nodes_dir / path.stem, hospital=path.stem, data_file=path, key_file=key_file,
+                               budgets=purposes, schema_file=schema_file) for path in files]
+    except BaseException:
+        shutil.rmtree(nodes_dir, ignore_errors=True)
+        raise
+
+
+def load_nodes(nodes_dir: Path, count: int) -> list[NodeState]:
+    """The first `count` node directories under `nodes_dir`, in name order."""
+    directories = sorted(p for p in Path(nodes_dir).glob("*") if (p / "node.json").is_file())
+    if len(directories) < count:
+        raise ConfigError(f"num-hospitals is {count} but {nodes_dir} holds {len(directories)} fedrisk nodes")
+    return [NodeState.load(d) for d in directories[:count]]
