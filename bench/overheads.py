@@ -2,7 +2,7 @@
 
 Every comparison runs both sides in this one process, alternating A, B, A, B, and quotes
 medians, so machine drift hits both sides alike. Run: `make bench` or
-`.venv/bin/python bench/overheads.py [--repeats 5] [--simulation] [--json FILE]`.
+`.venv/bin/python bench/overheads.py [--repeats 15] [--he-repeats 5] [--simulation] [--json FILE]`.
 
 Figures:
 * dp_overhead_ratio: one epoch of DP-SGD (Opacus, Poisson sampling, fast clipping) over one
@@ -78,7 +78,8 @@ def simulation_figure(workdir: Path, pairs: int) -> overheads.Ratio:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15, help="DP epoch pairs (default 15)")
+    parser.add_argument("--he-repeats", type=int, default=5, help="federated round pairs (default 5)")
     parser.add_argument("--simulation", action="store_true", help="also time whole simulated rounds")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
@@ -92,7 +93,7 @@ def main() -> int:
                                    "dp_overhead_ratio": ratio.ratio}
             print(f"DP-SGD epoch, 100k rows, q={q}: {ratio.numerator_seconds:.3f}s vs plain "
                   f"{ratio.denominator_seconds:.3f}s -> dp_overhead_ratio {ratio.ratio:.2f}", flush=True)
-        he = he_figure(workdir, args.repeats)
+        he = he_figure(workdir, args.he_repeats)
         figures["he_round"] = {"he_round_s": he.round.numerator_seconds, "plain_round_s": he.round.denominator_seconds,
                                "he_overhead_ratio": he.round.ratio, "update_bytes": he.update_bytes,
                                "model_float32_bytes": he.model_float32_bytes,

@@ -2,6 +2,7 @@
 
     node.json           which hospital, which export file and schema, which CKKS key
     pseudonym.key       HMAC key for record pseudonyms (0600, never leaves the node)
+    hospital.ckks       this node's copy of the federation's CKKS secret context (0600)
     ledger.sqlite       privacy budget per purpose and every charge against it
     audit.sqlite(.head) hash-chained log of every load, run, round, release and refusal
     revocations.sqlite  consent withdrawals, by pseudonym
@@ -28,6 +29,7 @@ from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
 from clients.validation import validate_export
 from federation import features as fx
 from federation.errors import ConfigError
+from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
 from privacy.audit import DATA_LOAD, ROLE_HOSPITAL, AuditLog
 from privacy.consent import RevocationRegistry
 from privacy.ledger import BudgetLedger
@@ -101,10 +103,14 @@ class NodeState:
         validate_export(Path(data_file), schema)
         if not Path(key_file).is_file():
             raise ConfigError(f"hospital CKKS context not found: {key_file}")
+        HospitalKey.load(Path(key_file))
         state = cls(directory.resolve(), hospital, Path(data_file).resolve(), schema_file,
-                    Path(key_file).resolve())
+                    directory.resolve() / HOSPITAL_CONTEXT_FILE)
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
+        fd = os.open(state.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(Path(key_file).read_bytes())
         PseudonymKey.create(directory / "pseudonym.key")
         with state.ledger() as ledger:
             for purpose, (epsilon, delta) in budgets.items():

@@ -75,13 +75,13 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
         stream.flush()
         synthesis = synthesize(settings.hospitals, settings.patients, out / "data", seed=settings.seed)
         keys = init_keys(out / "keys")
+        stream.write(f"  CKKS key {keys.key_id} created (hospitals: {keys.hospital_context.name}, "
+                     f"server: {keys.server_context.name}, parameters only)\n")
         nodes = provision_nodes(out / "data", keys.hospital_context, out / "nodes",
                                 purposes={config.purpose: (config.provision_budget, config.delta)})
         config = config.replace(nodes_dir=str(out / "nodes"))
         stream.write(f"  {len(nodes)} hospital nodes initialised (schema checked, pseudonym key, "
                      f"budget epsilon={config.provision_budget:g} for {config.purpose}, audit log)\n")
-        stream.write(f"  CKKS key {keys.key_id} created (hospitals: {keys.hospital_context.name}, "
-                     f"server: {keys.server_context.name}, parameters only)\n")
         stream.write(f"  training in Flower's simulation engine: {settings.rounds} rounds, DP-SGD at "
                      f"epsilon={settings.epsilon:g}, delta={settings.delta:g} per hospital, CKKS aggregation\n")
         stream.flush()
