@@ -32,6 +32,7 @@ from privacy.ledger import GaussianMechanism
 EVAL_LENGTH = 6  # [w_auc*auc, w_auc, w*brier, w*log-loss, w, contributor]
 
 _DATA_CACHE: dict[tuple, HospitalData] = {}
+_CACHE_LIMIT = 16  # hospitals one simulation worker may serve in turn
 _KEY_CACHE: dict[tuple[str, float], HospitalKey] = {}
 
 
@@ -39,7 +40,8 @@ def _cached_data(state: NodeState, purpose: str, features: str) -> HospitalData:
     files = (state.data_file, state.schema_file, state.directory / "revocations.sqlite")
     key = (str(state.directory), purpose, features, *(f.stat().st_mtime if f.exists() else 0.0 for f in files))
     if key not in _DATA_CACHE:
-        _DATA_CACHE.clear()
+        if len(_DATA_CACHE) >= _CACHE_LIMIT:
+            _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
         _DATA_CACHE[key] = state.load_records(purpose, features=features)
     return _DATA_CACHE[key]
 
@@ -107,6 +109,9 @@ class HospitalNode:
         """Before any record is touched: refuse a run whose planned spend would exceed what is
         left of this hospital's budget for the purpose; then load (and audit) the data."""
         cfg = self.config
+        for key in [k for k in _DATA_CACHE if k[0] == str(self.state.directory)]:
+            del _DATA_CACHE[key]  # every run reads (and audits) its data afresh
+        self._data = None
         if cfg.dp:
             with self.state.ledger() as ledger:
                 try:
@@ -186,9 +191,9 @@ class HospitalNode:
         he_seconds = time.perf_counter() - began
         round_steps = cfg.local_epochs * cfg.steps_per_epoch
         if cfg.dp and steps_so_far + round_steps > cfg.planned_steps:
-            raise PrivacyBudgetError(
+            self._refuse(PrivacyBudgetError(
                 f"{self.name}: round {server_round} would exceed the {cfg.planned_steps} DP-SGD steps "
-                "the noise was calibrated for")
+                "the noise was calibrated for"))
         sigma = self.noise_multiplier() if cfg.dp else 0.0
         if cfg.dp:
             with self.state.ledger() as ledger:
