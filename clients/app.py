@@ -21,8 +21,6 @@ from federation import messages as M
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
 
-ERROR = "error"
-
 
 def _chain(message: Message) -> list[bytes]:
     state = message.content.array_records.get(M.STATE)
@@ -71,7 +69,7 @@ def _guarded(handler: Callable[[HospitalNode, Message, Context], Message], prese
             node = node_for(context, message, preset)
             return handler(node, message, context)
         except FedriskError as exc:
-            return _reply(message, **{M.REPLY: ConfigRecord({ERROR: str(exc)})})
+            return _reply(message, **{M.REPLY: ConfigRecord({M.ERROR: str(exc)})})
     return run
 
 

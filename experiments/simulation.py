@@ -17,7 +17,7 @@ from clients.app import make_client_app
 from clients.validation import validate_export
 from experiments.provision import load_nodes, provision_nodes
 from federation.config import RunConfig
-from federation.errors import ConfigError, FedriskError, KeyMaterialError, ProtocolError
+from federation.errors import FedriskError, KeyMaterialError, ProtocolError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey, ServerContext, check_file_mode
 from server.app import FederatedResult, Progress, make_server_app
 

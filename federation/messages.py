@@ -35,6 +35,7 @@ CENSUS_TOTAL = "census-total"
 AGGREGATE = "aggregate"    # a REVEAL request: the encrypted sum to decrypt
 
 # Keys in REPLY.
+ERROR = "error"          # a hospital's one-line refusal, in place of a result
 CIPHERTEXTS = "ciphertexts"
 HOSPITAL = "hospital"
 WEIGHTS = "weights"

@@ -22,7 +22,7 @@ from federation.errors import FedriskError, ProtocolError
 from federation.he_codec import PlaintextCodec, ServerContext
 from federation.model import weights_digest
 from privacy.audit import REFUSAL, RELEASE, ROLE_SERVER, ROUND_TRAIN, RUN_START, AuditLog
-from server.strategy import ERROR, HEFedAvg, chain_ciphertexts
+from server.strategy import HEFedAvg, chain_ciphertexts
 from server.tracking import RunTracker, privacy_report
 
 Progress = Callable[[str, dict], None]
@@ -54,8 +54,8 @@ def _ask(grid: Grid, node_ids: list[int], message_type: str, records: dict, time
         if reply.has_error():
             raise ProtocolError(f"{what}: node {reply.metadata.src_node_id} failed: {reply.error.reason}")
         record = reply.content.config_records.get(M.REPLY)
-        if record is None or ERROR in record:
-            raise ProtocolError(f"{what}: {record[ERROR] if record is not None else 'empty reply'}")
+        if record is None or M.ERROR in record:
+            raise ProtocolError(f"{what}: {record[M.ERROR] if record is not None else 'empty reply'}")
         out.append(reply)
     if len(out) < len(node_ids):
         raise ProtocolError(f"{what}: {len(out)} of {len(node_ids)} hospitals replied in time")

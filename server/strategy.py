@@ -22,7 +22,6 @@ from federation.errors import ProtocolError
 from federation.he_codec import PlaintextCodec, ServerContext
 
 Reveal = Callable[[list[bytes]], list[float]]
-ERROR = "error"
 
 
 def chain_ciphertexts(arrays: ArrayRecord) -> list[bytes]:
@@ -90,8 +89,8 @@ class HEFedAvg(Strategy):
                 refusals.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
                 continue
             record = reply.content.config_records.get(M.REPLY)
-            if record is None or ERROR in record:
-                refusals.append(str(record[ERROR]) if record is not None else "empty reply")
+            if record is None or M.ERROR in record:
+                refusals.append(str(record[M.ERROR]) if record is not None else "empty reply")
                 continue
             accepted.append(record)
         if len(accepted) < self.min_replies:
@@ -108,7 +107,7 @@ class HEFedAvg(Strategy):
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         for reply in replies:
             record = reply.content.config_records.get(M.REPLY) if reply.has_content() else None
-            if record is None or ERROR in record:
+            if record is None or M.ERROR in record:
                 continue
             hospital = str(record[M.HOSPITAL])
             traffic.up_bytes[hospital] = sum(len(b) for b in record[M.CIPHERTEXTS])

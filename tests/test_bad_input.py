@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import tenseal as ts
 
-from federation.he_codec import FEDERATION_FILE, HOSPITAL_CONTEXT_FILE, SERVER_CONTEXT_FILE, init_keys
+from federation.he_codec import HOSPITAL_CONTEXT_FILE, SERVER_CONTEXT_FILE, init_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 

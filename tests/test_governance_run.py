@@ -3,13 +3,11 @@ enforced before any record is touched, consent withdrawals apply, audit logs hol
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
@@ -17,7 +15,6 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 from experiments.provision import provision_nodes
 from experiments.simulation import simulate
 from federation.config import RunConfig
-from federation.errors import PrivacyBudgetError
 
 ROOT = Path(__file__).resolve().parents[1]
 PURPOSE = "credit-risk-research"
