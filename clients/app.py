@@ -82,21 +82,11 @@ def _census(node: HospitalNode, message: Message, context: Context) -> Message:
     return _reply(message, **{M.REPLY: ConfigRecord({M.CIPHERTEXTS: node.census(), M.HOSPITAL: node.name})})
 
 
-def _steps_key(node: HospitalNode) -> str:
-    return f"dp-steps:{node.config.seed}:{node.config.rounds}:{node.config.experiment}"
-
-
 def _train(node: HospitalNode, message: Message, context: Context) -> Message:
     cfg = _config(message)
     server_round = int(cfg[M.ROUND])
     census = list(message.content.config_records[M.CENSUS_RECORD][M.CENSUS_TOTAL])
-    ledger = context.state.config_records.get("privacy", ConfigRecord())
-    steps_so_far = int(ledger.get(_steps_key(node), 0))
-    if server_round == 1:
-        steps_so_far = 0
-    outcome = node.train(server_round, census, _chain(message), steps_so_far, run_id=_run_id(message))
-    ledger[_steps_key(node)] = outcome.spend.steps
-    context.state.config_records["privacy"] = ledger
+    outcome = node.train(server_round, census, _chain(message), run_id=_run_id(message))
     spend = outcome.spend
     metrics = MetricRecord({
         M.EPSILON: spend.epsilon, M.STEPS: spend.steps, M.NOISE_MULTIPLIER: spend.noise_multiplier,

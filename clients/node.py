@@ -180,11 +180,20 @@ class HospitalNode:
         return calibrate_noise(target_epsilon=cfg.target_epsilon, delta=cfg.delta,
                                sample_rate=cfg.sample_rate, steps=cfg.planned_steps)
 
+    def _steps_charged(self, run_id: str, server_round: int) -> int:
+        """DP-SGD steps this run has already charged for earlier rounds (the ledger is the record)."""
+        if not self.config.dp:
+            return 0
+        with self.state.ledger() as ledger:
+            return sum(charge.mechanism.steps for charge in ledger.history(self.config.purpose)
+                       if charge.run_id == run_id and charge.idempotency_key != f"round-{server_round}")
+
     def train(self, server_round: int, census: Sequence[bytes], chain: Sequence[bytes],
-              steps_so_far: int, run_id: str = "local") -> TrainOutcome:
+              run_id: str = "local") -> TrainOutcome:
         """One round: replay the global model, charge the round to the ledger, run DP-SGD,
         encrypt the weighted delta."""
         cfg = self.config
+        steps_so_far = self._steps_charged(run_id, server_round)
         began = time.perf_counter()
         n_hat = self.census_total(census)
         start = self.global_weights(chain)

@@ -72,7 +72,7 @@ def _round(nodes: list[HospitalNode], server: ServerContext | PlaintextCodec, si
     census = server.sum(node.census() for node in nodes)
 
     def one_round() -> None:
-        updates = [node.train(1, census, [], 0).ciphertexts for node in nodes]
+        updates = [node.train(1, census, []).ciphertexts for node in nodes]
         aggregate = server.sum(updates)
         for node in nodes:
             node.global_weights(aggregate)

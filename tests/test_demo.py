@@ -1,0 +1,44 @@
+"""`fedrisk demo` end to end on small settings: the table, summary.json and the run it leaves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {"auc_federated", "auc_centralized", "auc_oracle", "epsilon_by_hospital", "delta", "rounds",
+                "wall_seconds", "he_overhead_ratio", "dp_overhead_ratio", "ciphertext_expansion"}
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_prints_progress_and_writes_its_summary(tmp_path) -> None:
+    out = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "federation.cli", "demo", "--out", str(out), "--hospitals", "3",
+                             "--patients", "9000", "--rounds", "2"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "round 1/2" in result.stdout and "round 2/2" in result.stdout
+    assert "fedrisk demo summary" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert len(summary["epsilon_by_hospital"]) == 3
+    assert all(0 < eps <= 1.0 for eps in summary["epsilon_by_hospital"].values())
+    assert 0.5 < summary["auc_federated"] <= summary["auc_oracle"] + 0.05
+    assert summary["ciphertext_expansion"] <= 6.0
+    assert summary["dp_overhead_ratio"] > 1.0 and summary["he_overhead_ratio"] > 0.9
+    assert (out / "mlflow.db").is_file() and (out / "release" / "model.npz").is_file()
+    assert len(list((out / "nodes").glob("*/ledger.sqlite"))) == 3
+
+
+def test_demo_refuses_a_used_output_directory(tmp_path) -> None:
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "federation.cli", "demo", "--out", str(tmp_path / "used")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "already holds files" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "used").iterdir()) == ["keep.txt"]
