@@ -26,7 +26,7 @@ from federation.errors import ConfigError, FedriskError, KeyMaterialError, Priva
 from federation.he_codec import CENSUS_UNIT, CONTRIBUTOR_UNIT, HospitalKey, PlaintextCodec
 from federation.model import initial_weights, load_model, num_parameters, predict_proba, weights_digest
 from privacy.accounting import DPSpend, calibrate_noise, check_delta
-from privacy.audit import REFUSAL, ROUND_TRAIN, RUN_START
+from privacy.audit import RELEASE, ROUND_TRAIN, RUN_START
 from privacy.ledger import GaussianMechanism
 
 EVAL_LENGTH = 6  # [w_auc*auc, w_auc, w*brier, w*log-loss, w, contributor]
@@ -85,7 +85,7 @@ class HospitalNode:
                 self._refuse(ConfigError(
                     f"{self.name}: the export encodes to {self._data.train_x.shape[1]} model inputs, "
                     f"the run expects {self.config.input_size}"))
-            if self.config.dp and not check_delta(self.config.delta, self.data.n_train):
+            if self.config.dp and not check_delta(self.config.delta, self._data.n_train):
                 self._refuse(PrivacyBudgetError(
                     f"{self.name}: delta {self.config.delta:g} is not below 1/n for this hospital's records"))
             if self.config.sample_rate * self._data.n_train < 1.0:
@@ -94,11 +94,7 @@ class HospitalNode:
         return self._data
 
     def _refuse(self, error: FedriskError) -> None:
-        audit = self.state.audit()
-        try:
-            audit.append(REFUSAL, purpose=self.config.purpose, details={"reason": str(error)[:300]})
-        except ValueError:  # the reason tripped the identifier filter: log its kind only
-            audit.append(REFUSAL, purpose=self.config.purpose, details={"reason": type(error).__name__})
+        self.state.audit().refusal(error, purpose=self.config.purpose)
         raise error
 
     def _mechanism(self, steps: int) -> GaussianMechanism:
@@ -180,40 +176,38 @@ class HospitalNode:
         return calibrate_noise(target_epsilon=cfg.target_epsilon, delta=cfg.delta,
                                sample_rate=cfg.sample_rate, steps=cfg.planned_steps)
 
-    def _steps_charged(self, run_id: str, server_round: int) -> int:
-        """DP-SGD steps this run has already charged for earlier rounds (the ledger is the record)."""
-        if not self.config.dp:
-            return 0
+    def _charge_round(self, run_id: str, server_round: int, round_steps: int) -> int:
+        """Charge this round to the ledger before it trains, and return the DP-SGD steps the run
+        had already charged for earlier rounds (the ledger is the record of what ran)."""
+        cfg = self.config
         with self.state.ledger() as ledger:
-            return sum(charge.mechanism.steps for charge in ledger.history(self.config.purpose)
-                       if charge.run_id == run_id and charge.idempotency_key != f"round-{server_round}")
+            steps_so_far = sum(charge.mechanism.steps for charge in ledger.history(cfg.purpose)
+                               if charge.run_id == run_id and charge.idempotency_key != f"round-{server_round}")
+            if steps_so_far + round_steps > cfg.planned_steps:
+                self._refuse(PrivacyBudgetError(
+                    f"{self.name}: round {server_round} would exceed the {cfg.planned_steps} DP-SGD steps "
+                    "the noise was calibrated for"))
+            try:
+                charge = ledger.charge(cfg.purpose, self._mechanism(round_steps), run_id=run_id,
+                                       kind="training", actor=self.name, idempotency_key=f"round-{server_round}")
+            except FedriskError as error:
+                self._refuse(error)
+        self.state.audit().append(ROUND_TRAIN, purpose=cfg.purpose, epsilon=charge.epsilon_after,
+                                  details={"run": run_id, "round": server_round, "steps": round_steps})
+        return steps_so_far
 
     def train(self, server_round: int, census: Sequence[bytes], chain: Sequence[bytes],
               run_id: str = "local") -> TrainOutcome:
         """One round: replay the global model, charge the round to the ledger, run DP-SGD,
         encrypt the weighted delta."""
         cfg = self.config
-        steps_so_far = self._steps_charged(run_id, server_round)
         began = time.perf_counter()
         n_hat = self.census_total(census)
         start = self.global_weights(chain)
         he_seconds = time.perf_counter() - began
         round_steps = cfg.local_epochs * cfg.steps_per_epoch
-        if cfg.dp and steps_so_far + round_steps > cfg.planned_steps:
-            self._refuse(PrivacyBudgetError(
-                f"{self.name}: round {server_round} would exceed the {cfg.planned_steps} DP-SGD steps "
-                "the noise was calibrated for"))
+        steps_so_far = self._charge_round(run_id, server_round, round_steps) if cfg.dp else 0
         sigma = self.noise_multiplier() if cfg.dp else 0.0
-        if cfg.dp:
-            with self.state.ledger() as ledger:
-                try:
-                    charge = ledger.charge(cfg.purpose, self._mechanism(round_steps), run_id=run_id,
-                                           kind="training", actor=self.name,
-                                           idempotency_key=f"round-{server_round}")
-                except FedriskError as error:
-                    self._refuse(error)
-            self.state.audit().append(ROUND_TRAIN, purpose=cfg.purpose, epsilon=charge.epsilon_after,
-                                      details={"run": run_id, "round": server_round, "steps": round_steps})
         result = train_local(start, self.data.train_x, self.data.train_y, LocalTraining(
             model_kind=cfg.model, epochs=cfg.local_epochs, sample_rate=cfg.sample_rate,
             learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm, noise_multiplier=sigma,
@@ -255,6 +249,6 @@ class HospitalNode:
         """Decrypt the final model (DP by post-processing) and its SHA-256. Audited."""
         weights = self.global_weights(chain).astype(np.float32)
         digest = weights_digest(weights)
-        self.state.audit().append("release", purpose=self.config.purpose,
+        self.state.audit().append(RELEASE, purpose=self.config.purpose,
                                   details={"run": run_id, "sha256": digest})
         return weights, digest

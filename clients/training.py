@@ -123,34 +123,36 @@ def train_local(start: np.ndarray, features: np.ndarray, labels: np.ndarray,
                     noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip_norm,
                     engine=engine, noise_generator=noise)
                 per_sample = nn.BCEWithLogitsLoss(reduction="none")
-                for _ in range(plan.epochs):
-                    for batch_x, batch_y in loader:
-                        optimizer.zero_grad()
-                        if len(batch_y) == 0:
-                            clipper.empty_batch()  # an empty Poisson batch is still a noisy step
-                        else:
-                            clipper.backward(per_sample(model(batch_x).squeeze(-1), batch_y))
-                        optimizer.step()
-                        steps += 1
-                clipper.remove()
+
+                def backward(x: torch.Tensor, y: torch.Tensor) -> None:
+                    clipper.backward(per_sample(model(x).squeeze(-1), y))
+                empty_batch = clipper.empty_batch
             elif plan.clipping == "ghost":
                 model, optimizer, criterion, loader = engine.make_private(
                     module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
                     noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip_norm,
                     poisson_sampling=False, grad_sample_mode="ghost", noise_generator=noise)
                 params = [p for p in model.parameters() if p.requires_grad]
-                for _ in range(plan.epochs):
-                    for batch_x, batch_y in loader:
-                        optimizer.zero_grad()
-                        if len(batch_y) == 0:
-                            for p in params:  # an empty Poisson batch is still a noisy step
-                                p.grad = torch.zeros_like(p)
-                        else:
-                            criterion(model(batch_x).squeeze(-1), batch_y).backward()
-                        optimizer.step()
-                        steps += 1
+
+                def backward(x: torch.Tensor, y: torch.Tensor) -> None:
+                    criterion(model(x).squeeze(-1), y).backward()
+
+                def empty_batch() -> None:
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
             else:
                 raise ValueError(f"clipping must be one of {CLIPPING_MODES}, got {plan.clipping!r}")
+            for _ in range(plan.epochs):
+                for batch_x, batch_y in loader:
+                    optimizer.zero_grad()
+                    if len(batch_y) == 0:
+                        empty_batch()  # an empty Poisson batch is still a noisy, accounted step
+                    else:
+                        backward(batch_x, batch_y)
+                    optimizer.step()
+                    steps += 1
+            if plan.clipping == "bookkeeping":
+                clipper.remove()
         history = engine.accountant.history
         recorded = sum(entry[2] for entry in history)
         if recorded != steps or any(entry[:2] != (plan.noise_multiplier, plan.sample_rate) for entry in history):

@@ -1,8 +1,8 @@
 """Provision hospital node directories for a simulation (one machine holds every hospital).
 
 In production each hospital runs `fedrisk node init` on its own machine. A simulation does the
-same for every export file in a data directory, all or nothing: every file is validated against
-the schema before any node directory is created.
+same for every export file in a data directory, all or nothing: `NodeState.init` validates each
+export against its schema, and any failure removes every node directory made so far.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from pathlib import Path
 
 from clients.data import hospital_files
 from clients.node_state import NodeState
-from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
-from clients.validation import validate_export
 from federation.errors import ConfigError
 
 
@@ -25,9 +23,6 @@ def provision_nodes(data_dir: Path, key_file: Path, nodes_dir: Path, *, purposes
         if len(files) < count:
             raise ConfigError(f"num-hospitals is {count} but {data_dir} holds {len(files)} hospital files")
         files = files[:count]
-    schema = ExportSchema.load(Path(schema_file or SHIPPED_SYNTHETIC_SCHEMA))
-    for path in files:
-        validate_export(path, schema)
     nodes_dir = Path(nodes_dir)
     if nodes_dir.exists() and any(nodes_dir.iterdir()):
         raise ConfigError(f"{nodes_dir} already holds node directories")

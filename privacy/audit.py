@@ -189,6 +189,14 @@ class AuditLog:
             self._write_anchor(AuditAnchor(seq, entry.hash))  # under the lock: anchors stay ordered
         return entry
 
+    def refusal(self, error: BaseException, *, purpose: str | None = None) -> AuditEntry:
+        """Record a refusal with its one-line reason. A reason the identifier filter rejects
+        (it may quote a path or a number) is recorded by its kind only."""
+        try:
+            return self.append(REFUSAL, purpose=purpose, details={"reason": str(error)[:300]})
+        except ValueError:
+            return self.append(REFUSAL, purpose=purpose, details={"reason": type(error).__name__})
+
     def entries(self) -> list[AuditEntry]:
         """All stored entries in sequence order (as stored; `verify` says whether to trust them)."""
         with closing(self._connect()) as db:

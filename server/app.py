@@ -21,7 +21,7 @@ from federation.config import RunConfig
 from federation.errors import FedriskError, ProtocolError
 from federation.he_codec import PlaintextCodec, ServerContext
 from federation.model import weights_digest
-from privacy.audit import REFUSAL, RELEASE, ROLE_SERVER, ROUND_TRAIN, RUN_START, AuditLog
+from privacy.audit import RELEASE, ROLE_SERVER, ROUND_TRAIN, RUN_START, AuditLog
 from server.strategy import HEFedAvg, chain_ciphertexts
 from server.tracking import RunTracker, privacy_report
 
@@ -80,10 +80,7 @@ def run_federated(grid: Grid, config: RunConfig, progress: Progress | None = Non
     try:
         return _run(grid, config, notify, share_config, audit)
     except FedriskError as error:
-        try:
-            audit.append(REFUSAL, purpose=config.purpose, details={"reason": str(error)[:300]})
-        except ValueError:  # the reason tripped the identifier filter: log its kind only
-            audit.append(REFUSAL, purpose=config.purpose, details={"reason": type(error).__name__})
+        audit.refusal(error, purpose=config.purpose)
         raise
 
 
