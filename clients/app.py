@@ -15,6 +15,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import faults
 from clients.node import HospitalNode
 from clients.node_state import NodeState
 from federation import messages as M
@@ -74,12 +75,28 @@ def _guarded(handler: Callable[[HospitalNode, Message, Context], Message], prese
 
 
 def _run_id(message: Message) -> str:
-    return f"flwr-{message.metadata.run_id}"
+    """The fedrisk run the message belongs to (it outlives a restarted coordinator's Flower run)."""
+    run_id = _config(message).get(M.RUN_ID)
+    return str(run_id) if run_id else f"flwr-{message.metadata.run_id}"
+
+
+def _ciphertext_reply(node: HospitalNode, message: Message, ciphertexts: list[bytes], length: int,
+                      **extra: object) -> ConfigRecord:
+    """A reply carrying ciphertexts and the key and parameters they were made under (with a
+    fault swapped in when this node's operator injected one for this message)."""
+    key_id = node.key.key_id
+    kind = faults.fault_for(node.name, message.metadata.message_type, int(_config(message)[M.ROUND]))
+    if kind is not None:
+        plaintext = node.key.decrypt(ciphertexts, length)
+        ciphertexts, named_key = faults.corrupt(kind, ciphertexts, plaintext)
+        key_id = named_key or key_id
+    return ConfigRecord({M.CIPHERTEXTS: ciphertexts, M.HOSPITAL: node.name, M.KEY_ID: key_id,
+                         M.PARAMS_ID: node.key.params_id, **extra})
 
 
 def _census(node: HospitalNode, message: Message, context: Context) -> Message:
     node.begin_run(_run_id(message))
-    return _reply(message, **{M.REPLY: ConfigRecord({M.CIPHERTEXTS: node.census(), M.HOSPITAL: node.name})})
+    return _reply(message, **{M.REPLY: _ciphertext_reply(node, message, node.census(), M.CENSUS_LENGTH)})
 
 
 def _train(node: HospitalNode, message: Message, context: Context) -> Message:
@@ -93,15 +110,14 @@ def _train(node: HospitalNode, message: Message, context: Context) -> Message:
         M.SAMPLE_RATE: spend.sample_rate, M.TRAIN_SECONDS: outcome.train_seconds,
         M.HE_SECONDS: outcome.he_seconds})
     return _reply(message, **{
-        M.REPLY: ConfigRecord({M.CIPHERTEXTS: outcome.ciphertexts, M.HOSPITAL: node.name,
-                               M.KEY_ID: node.key.key_id, M.PARAMS_ID: node.key.params_id}),
+        M.REPLY: _ciphertext_reply(node, message, outcome.ciphertexts, node.length + 2),
         M.METRICS: metrics})
 
 
 def _evaluate(node: HospitalNode, message: Message, context: Context) -> Message:
     census = list(message.content.config_records[M.CENSUS_RECORD][M.CENSUS_TOTAL])
     ciphertexts = node.evaluate(census, _chain(message))
-    return _reply(message, **{M.REPLY: ConfigRecord({M.CIPHERTEXTS: ciphertexts, M.HOSPITAL: node.name})})
+    return _reply(message, **{M.REPLY: _ciphertext_reply(node, message, ciphertexts, M.EVAL_LENGTH)})
 
 
 def _reveal(node: HospitalNode, message: Message, context: Context) -> Message:

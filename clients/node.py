@@ -19,17 +19,16 @@ import numpy as np
 from clients.data import HospitalData
 from clients.evaluation import risk_metrics
 from clients.node_state import NodeState
-from clients.training import LocalTraining, train_local
 from federation import he_codec
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError, KeyMaterialError, PrivacyBudgetError, ProtocolError
 from federation.he_codec import CENSUS_UNIT, CONTRIBUTOR_UNIT, HospitalKey, PlaintextCodec
+from federation.messages import EVAL_LENGTH
 from federation.model import initial_weights, load_model, num_parameters, predict_proba, weights_digest
 from privacy.accounting import DPSpend, calibrate_noise, check_delta
 from privacy.audit import RELEASE, ROUND_TRAIN, RUN_START
 from privacy.ledger import GaussianMechanism
 
-EVAL_LENGTH = 6  # [w_auc*auc, w_auc, w*brier, w*log-loss, w, contributor]
 
 _DATA_CACHE: dict[tuple, HospitalData] = {}
 _CACHE_LIMIT = 16  # hospitals one simulation worker may serve in turn
@@ -103,16 +102,22 @@ class HospitalNode:
 
     def begin_run(self, run_id: str) -> None:
         """Before any record is touched: refuse a run whose planned spend would exceed what is
-        left of this hospital's budget for the purpose; then load (and audit) the data."""
+        left of this hospital's budget for the purpose; then load (and audit) the data.
+
+        A resumed run (same `run_id`) is checked for the steps it has not yet charged only."""
         cfg = self.config
         for key in [k for k in _DATA_CACHE if k[0] == str(self.state.directory)]:
             del _DATA_CACHE[key]  # every run reads (and audits) its data afresh
         self._data = None
+        charged = 0
         if cfg.dp:
             with self.state.ledger() as ledger:
                 try:
                     budget = ledger.budget(cfg.purpose)
-                    planned = ledger.would_spend(cfg.purpose, self._mechanism(cfg.planned_steps))
+                    charged = sum(c.mechanism.steps for c in ledger.history(cfg.purpose) if c.run_id == run_id)
+                    remaining = max(cfg.planned_steps - charged, 0)
+                    planned = ledger.would_spend(cfg.purpose, self._mechanism(remaining)) if remaining \
+                        else ledger.spent(cfg.purpose)
                 except FedriskError as error:
                     self._refuse(error)
                 spent = ledger.spent(cfg.purpose)
@@ -121,7 +126,8 @@ class HospitalNode:
                     f"{self.name}: run would bring purpose {cfg.purpose!r} to epsilon {planned:.3f}, "
                     f"over its budget of {budget.epsilon_total:g} (spent {spent:.3f})"))
         self.state.audit().append(RUN_START, purpose=cfg.purpose, details={
-            "run": run_id, "rounds": cfg.rounds, "target-epsilon": cfg.target_epsilon})
+            "run": run_id, "rounds": cfg.rounds, "target-epsilon": cfg.target_epsilon,
+            "steps-already-charged": charged})
         _ = self.data
 
     def check_federation(self, key_id: str, params_id: str) -> None:
@@ -176,20 +182,32 @@ class HospitalNode:
         return calibrate_noise(target_epsilon=cfg.target_epsilon, delta=cfg.delta,
                                sample_rate=cfg.sample_rate, steps=cfg.planned_steps)
 
-    def _charge_round(self, run_id: str, server_round: int, round_steps: int) -> int:
+    def _charge_round(self, run_id: str, server_round: int, round_steps: int, start_digest: str) -> int:
         """Charge this round to the ledger before it trains, and return the DP-SGD steps the run
-        had already charged for earlier rounds (the ledger is the record of what ran)."""
+        had already charged for earlier rounds (the ledger is the record of what ran).
+
+        The charge is named by the round and the model it starts from. The round's sampling and
+        noise come from a seed derived from the node's secret, the run and the round, so
+        training the same round again from the same model (the coordinator restarted, a reply
+        was lost) repeats the same computation: it releases nothing new and is not charged
+        again. The same round from a different model would reuse that noise on other inputs,
+        and is refused."""
         cfg = self.config
+        key = f"round-{server_round}:{start_digest[:16]}"
         with self.state.ledger() as ledger:
-            steps_so_far = sum(charge.mechanism.steps for charge in ledger.history(cfg.purpose)
-                               if charge.run_id == run_id and charge.idempotency_key != f"round-{server_round}")
+            earlier = [c for c in ledger.history(cfg.purpose) if c.run_id == run_id and c.idempotency_key != key]
+            if any(c.idempotency_key.split(":")[0] == f"round-{server_round}" for c in earlier):
+                self._refuse(PrivacyBudgetError(
+                    f"{self.name}: round {server_round} of run {run_id} was already trained from a different "
+                    "global model; training it again would spend the budget twice"))
+            steps_so_far = sum(charge.mechanism.steps for charge in earlier)
             if steps_so_far + round_steps > cfg.planned_steps:
                 self._refuse(PrivacyBudgetError(
                     f"{self.name}: round {server_round} would exceed the {cfg.planned_steps} DP-SGD steps "
                     "the noise was calibrated for"))
             try:
                 charge = ledger.charge(cfg.purpose, self._mechanism(round_steps), run_id=run_id,
-                                       kind="training", actor=self.name, idempotency_key=f"round-{server_round}")
+                                       kind="training", actor=self.name, idempotency_key=key)
             except FedriskError as error:
                 self._refuse(error)
         self.state.audit().append(ROUND_TRAIN, purpose=cfg.purpose, epsilon=charge.epsilon_after,
@@ -202,17 +220,21 @@ class HospitalNode:
         encrypt the weighted delta."""
         cfg = self.config
         began = time.perf_counter()
+        from clients.training import LocalTraining, train_local  # torch + opacus: train messages only
+
         n_hat = self.census_total(census)
         start = self.global_weights(chain)
         he_seconds = time.perf_counter() - began
         round_steps = cfg.local_epochs * cfg.steps_per_epoch
-        steps_so_far = self._charge_round(run_id, server_round, round_steps) if cfg.dp else 0
+        start_digest = weights_digest(start)
+        steps_so_far = self._charge_round(run_id, server_round, round_steps, start_digest) if cfg.dp else 0
         sigma = self.noise_multiplier() if cfg.dp else 0.0
         result = train_local(start, self.data.train_x, self.data.train_y, LocalTraining(
             model_kind=cfg.model, epochs=cfg.local_epochs, sample_rate=cfg.sample_rate,
             learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm, noise_multiplier=sigma,
             seed=cfg.seed * 1_000_003 + server_round * 101 + sum(map(ord, self.name)), dp=cfg.dp,
-            n_features=cfg.input_size))
+            n_features=cfg.input_size,
+            secret_seed=self.state.pseudonym_key().derive_seed("dp-sgd", run_id, server_round, cfg.fingerprint())))
         began = time.perf_counter()
         share = self.data.n_train / n_hat
         update = np.concatenate([share * (result.weights - start), [share, CONTRIBUTOR_UNIT]])

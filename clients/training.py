@@ -75,8 +75,9 @@ class LocalTraining:
     clipping: str = "bookkeeping"
     secret_seed: int | None = None
     """Seeds Poisson sampling and the Gaussian noise. Both must be unpredictable to anyone
-    outside the node, or the DP guarantee is void: None (the default) draws it from the
-    operating system's entropy. Only tests pass a value, to compare two runs."""
+    outside the node, or the DP guarantee is void. Hospital nodes derive it from their own
+    secret key, the run and the round's starting model (`PseudonymKey.derive_seed`); None draws
+    it from the operating system's entropy."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def train_local(start: np.ndarray, features: np.ndarray, labels: np.ndarray,
         with warnings.catch_warnings():
             # Opacus warns that secure_mode is off (its CSPRNG needs torchcsprng, which has no
             # build for this torch) and about its backward hooks; the noise and sampling seed
-            # comes from OS entropy instead (see `LocalTraining.secret_seed`).
+            # comes from the node's secret instead (see `LocalTraining.secret_seed`).
             warnings.simplefilter("ignore")
             engine = PrivacyEngine(accountant="rdp")
             if plan.clipping == "bookkeeping":

@@ -69,11 +69,11 @@ def dp_overhead(data: HospitalData, config: RunConfig, repeats: int = 3) -> Rati
 
 def _round(nodes: list[HospitalNode], server: ServerContext | PlaintextCodec, sizes: list[int]
            ) -> Callable[[], None]:
-    census = server.sum(node.census() for node in nodes)
+    census = server.sum((node.census() for node in nodes), 2)
 
     def one_round() -> None:
         updates = [node.train(1, census, []).ciphertexts for node in nodes]
-        aggregate = server.sum(updates)
+        aggregate = server.sum(updates, nodes[0].length + 2)
         for node in nodes:
             node.global_weights(aggregate)
         sizes.extend(sum(len(b) for b in update) for update in updates)

@@ -203,13 +203,44 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _cmd_certs_init(args: argparse.Namespace) -> int:
+    from federation.certs import LOOPBACK_HOSTS, hospital_names, init_credentials
+
+    creds = init_credentials(Path(args.out), hospital_names(args.hospitals), args.host or list(LOOPBACK_HOSTS),
+                             days=args.days, force=args.force)
+    print(f"credentials in {creds.directory}, valid until {creds.not_valid_after:%Y-%m-%d %H:%M} UTC")
+    print(f"  test CA (every party trusts it):    {creds.ca_certificate}")
+    print(f"    sha256 {creds.ca_sha256_fingerprint}")
+    print(f"  CA key (mode 0600, keep it private): {creds.ca_key}")
+    print(f"  SuperLink certificate and key:       {creds.superlink_certificate}  {creds.superlink_key}")
+    print(f"    valid for {', '.join(creds.hosts)}")
+    for hospital in creds.hospitals.values():
+        print(f"  {hospital.name}: auth key {hospital.auth_private_key} (+ .pub), "
+              f"Runtime API certificate {hospital.node_certificate} (+ node.key)")
+    print(f"manifest: {creds.manifest}")
+    print("enrol each hospital's SuperNode (<connection>: the SuperLink connection in the flwr CLI's config.toml):")
+    for hospital in creds.hospitals.values():
+        print(f"  flwr supernode register {hospital.auth_public_key} <connection> --name {hospital.name}")
+    return 0
+
+
+def _cmd_certs_node_key(args: argparse.Namespace) -> int:
+    from federation.certs import new_node_key
+
+    private_key, public_key = new_node_key(Path(args.out), args.name, force=args.force)
+    print(f"SuperNode auth key (mode 0600, stays on this machine): {private_key}")
+    print(f"public key, send it to the coordinator:               {public_key}")
+    print(f"the coordinator runs: flwr supernode register {public_key.name} <connection> --name {args.name}")
+    return 0
+
+
 def _add_training_options(parser: argparse.ArgumentParser, *, demo: bool) -> None:
     defaults = RunConfig()
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     parser.add_argument("--epsilon", type=float, default=defaults.target_epsilon,
                         help="target epsilon per hospital for the whole run (default 1.0)")
     parser.add_argument("--delta", type=float, default=defaults.delta, help="delta (default 1e-5)")
-    parser.add_argument("--model", choices=("mlp", "logreg"), default="mlp", help="model family (default mlp)")
+    parser.add_argument("--model", default="mlp", help="mlp (40-64-32-1), mlp:W1,W2,... or logreg (default mlp)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, init and sampling (default 0)")
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: SQLite under --out)")
     if demo:
@@ -309,6 +340,26 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify = audit.add_parser("verify", help="check a hash-chained audit log; exit 1 if tampered")
     audit_verify.add_argument("log", help="audit.sqlite, server_audit.sqlite, or a node/run directory")
     audit_verify.set_defaults(handler=_cmd_audit_verify)
+
+    certs = commands.add_parser("certs", help="TLS and SuperNode credentials for Flower's deployment engine")
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True)
+    certs_init = certs_commands.add_parser(
+        "init", help="test CA, SuperLink certificate, and every hospital's auth key and Runtime API certificate")
+    certs_init.add_argument("--out", required=True, help="directory to create (must be absent or empty)")
+    certs_init.add_argument("--hospitals", default="3",
+                            help="a number N (hospital_00 .. hospital_{N-1}) or comma-separated names (default 3)")
+    certs_init.add_argument("--host", action="append", metavar="HOST",
+                            help="name or IP address the SuperLink is reached at (repeatable; "
+                                 "default 127.0.0.1, localhost, ::1)")
+    certs_init.add_argument("--days", type=int, default=30, help="validity of the certificates in days (default 30)")
+    certs_init.add_argument("--force", action="store_true", help="replace credentials made earlier in --out")
+    certs_init.set_defaults(handler=_cmd_certs_init)
+    certs_node_key = certs_commands.add_parser(
+        "node-key", help="one hospital's SuperNode auth key pair, made on its own machine")
+    certs_node_key.add_argument("--out", required=True, help="directory to create (must be absent or empty)")
+    certs_node_key.add_argument("--name", required=True, help="the hospital's name (goes in the public key's comment)")
+    certs_node_key.add_argument("--force", action="store_true", help="replace a key pair made earlier in --out")
+    certs_node_key.set_defaults(handler=_cmd_certs_node_key)
 
     privacy = commands.add_parser("privacy", help="privacy reports").add_subparsers(dest="privacy_command", required=True)
     verify = privacy.add_parser("verify", help="recompute every epsilon of a privacy report")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,6 +18,27 @@ from typing import Any, Mapping
 from federation.errors import ConfigError
 
 MODEL_KINDS = ("mlp", "logreg")
+DEFAULT_HIDDEN = (64, 32)
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def model_layers(kind: str) -> tuple[str, tuple[int, ...]]:
+    """Split a model spec into its family and hidden widths: "mlp" is inputs-64-32-1,
+    "mlp:1000,960" is inputs-1000-960-1 (about 1M parameters), "logreg" has no hidden layer."""
+    family, _, widths = str(kind).partition(":")
+    if family == "logreg" and not widths:
+        return family, ()
+    if family != "mlp":
+        raise ConfigError(f"model must be 'mlp', 'mlp:W1,W2,...' or 'logreg', got {kind!r}")
+    if not widths:
+        return family, DEFAULT_HIDDEN
+    try:
+        hidden = tuple(int(w) for w in widths.split(","))
+    except ValueError:
+        raise ConfigError(f"model {kind!r}: hidden widths must be whole numbers, e.g. 'mlp:128,64'") from None
+    if not hidden or any(not 1 <= w <= 8192 for w in hidden) or len(hidden) > 8:
+        raise ConfigError(f"model {kind!r}: 1 to 8 hidden layers of 1 to 8192 units each")
+    return family, hidden
 STANDARD_INPUTS = 40
 DEFAULT_PURPOSE = "credit-risk-research"
 
@@ -43,7 +65,7 @@ class RunConfig:
         learning_rate: local optimiser step size (default 0.005, Adam).
         target_epsilon: epsilon each hospital may spend on the whole run (default 1.0).
         delta: delta of the (epsilon, delta) guarantee; must be below 1/n at each hospital.
-        model: "mlp" (inputs-64-32-1) or "logreg".
+        model: "mlp" (inputs-64-32-1), "mlp:W1,W2,..." (other hidden widths) or "logreg".
         features: "standard" (the 40-input credit-risk contract of federation.features) or
             "schema" (inputs encoded from the export schema's declared bounds and categories).
         n_features: number of model inputs of a "schema" run (every hospital checks its own).
@@ -53,7 +75,13 @@ class RunConfig:
         experiment: MLflow experiment name.
         min_contributors: fewest hospitals an aggregate must contain before any hospital
             agrees to decrypt it (so no single hospital's update is ever revealed).
-        round_timeout: seconds the server waits for replies in one round.
+        round_timeout: seconds the server waits for replies to one message of a round; a hospital
+            that has not replied by then is left out of that step (a straggler) and asked again
+            in the next round.
+        min_replies: fewest hospitals whose valid replies a round needs to complete; 0 (the
+            default) means all `num_hospitals`. Must be at least `min_contributors`.
+        run_id: the run's name, which hospitals' ledgers charge rounds to; empty means the server
+            names it (or takes it from the run directory's checkpoint, when resuming).
         dp: train with DP-SGD (only the overhead benchmark turns this off).
         he: aggregate under CKKS (only the overhead benchmark turns this off).
     """
@@ -81,6 +109,8 @@ class RunConfig:
     experiment: str = "fedrisk"
     min_contributors: int = 2
     round_timeout: float = 600.0
+    min_replies: int = 0
+    run_id: str = ""
     dp: bool = True
     he: bool = True
 
@@ -113,11 +143,20 @@ class RunConfig:
             raise ConfigError(f"features must be 'standard' or 'schema', got {self.features!r}")
         if self.features == "schema" and self.n_features < 1:
             raise ConfigError("n-features must be given (>= 1) for a run with features = 'schema'")
-        if self.model not in MODEL_KINDS:
-            raise ConfigError(f"model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
+        model_layers(self.model)
         if self.min_contributors > self.num_hospitals:
             raise ConfigError(
                 f"min-contributors ({self.min_contributors}) exceeds num-hospitals ({self.num_hospitals})")
+        if not isinstance(self.min_replies, int) or self.min_replies < 0 or self.min_replies > self.num_hospitals:
+            raise ConfigError(f"min-replies must be 0 (all) or at most num-hospitals ({self.num_hospitals}), "
+                              f"got {self.min_replies!r}")
+        if 0 < self.min_replies < self.min_contributors:
+            raise ConfigError(f"min-replies ({self.min_replies}) is below min-contributors ({self.min_contributors}): "
+                              "hospitals would refuse to decrypt such a round")
+        if not (isinstance(self.round_timeout, (int, float)) and self.round_timeout > 0):
+            raise ConfigError(f"round-timeout must be a positive number of seconds, got {self.round_timeout!r}")
+        if self.run_id and not RUN_ID_PATTERN.fullmatch(self.run_id):
+            raise ConfigError(f"run-id must be 1-64 letters, digits, '.', '_' or '-', got {self.run_id!r}")
         if not self.purpose or not self.purpose.replace("-", "").isalnum():
             raise ConfigError(f"purpose must be a slug like 'credit-risk-research', got {self.purpose!r}")
 
@@ -125,6 +164,11 @@ class RunConfig:
     def input_size(self) -> int:
         """Number of model inputs: 40 for the standard contract, else `n_features`."""
         return STANDARD_INPUTS if self.features == "standard" else self.n_features
+
+    @property
+    def required_replies(self) -> int:
+        """Hospitals whose valid replies a round needs."""
+        return self.min_replies or self.num_hospitals
 
     @property
     def steps_per_epoch(self) -> int:
@@ -142,6 +186,17 @@ class RunConfig:
         if self.tracking_uri:
             return self.tracking_uri
         return f"sqlite:///{(Path(self.run_dir).resolve() / 'mlflow.db')}"
+
+    def fingerprint(self) -> str:
+        """SHA-256 (16 hex) of everything that decides what a run computes: a checkpoint may only
+        be resumed by the same run. Paths, tracking and timeouts are not part of it."""
+        import hashlib
+        import json
+
+        ignored = {"data-dir", "nodes-dir", "keys-dir", "run-dir", "tracking-uri", "experiment",
+                   "round-timeout", "min-replies", "run-id", "schema-file", "provision-budget"}
+        decisive = {k: v for k, v in self.to_user_config().items() if k not in ignored}
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with some fields changed (validated again)."""

@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import tenseal as ts
 
-from federation.errors import CodecRangeError, KeyMaterialError
+from federation.errors import CodecRangeError, KeyMaterialError, ProtocolError
 
 POLY_MODULUS_DEGREE = 2048
 COEFF_MOD_BIT_SIZES = (34, 20)
@@ -42,6 +42,10 @@ SECURITY_BITS = 128
 MAX_ABS_VALUE = 1.0  # what one hospital may put in a slot; sums of many stay below 2
 CONTRIBUTOR_UNIT = 2.0 ** -7  # each hospital adds this to the contributor slot (<=255 fit)
 CENSUS_UNIT = 2.0 ** -24  # census slot carries n_k * 2^-24 (up to ~33M records in all)
+
+MAX_CIPHERTEXT_BYTES = 2 * len(COEFF_MOD_BIT_SIZES) * POLY_MODULUS_DEGREE * 8 + 4096
+"""Largest serialised ciphertext a server accepts: two polynomials over every modulus,
+uncompressed, plus headers (a fresh ciphertext is about 21.6 kB compressed)."""
 
 HOSPITAL_CONTEXT_FILE = "hospital.ckks"
 SERVER_CONTEXT_FILE = "server.ckks"
@@ -237,23 +241,49 @@ class ServerContext:
         """Fingerprint of the parameters (shared with the hospitals)."""
         return params_id(self.context)
 
-    def sum(self, updates: Iterable[Sequence[bytes]]) -> list[bytes]:
-        """Add ciphertext vectors slot-wise; every update must have the same ciphertext count."""
-        total: list | None = None
-        for update in updates:
+    def parse(self, update: Sequence[bytes], length: int) -> list[ts.CKKSVector]:
+        """Check one hospital's reply and load its ciphertexts, or raise `ReplyRejected` saying
+        why: the wrong number of ciphertexts, one over the size limit, bytes that are not a
+        fresh CKKS ciphertext under the federation's parameters, or the wrong number of values.
+        (A ciphertext made under another secret key with these parameters cannot be told apart
+        by anyone without a key; replies name their key and are checked for that upstream.)"""
+        expected = ciphertexts_for(length)
+        if len(update) != expected:
+            raise ReplyRejected(f"{len(update)} ciphertexts where {expected} were expected")
+        vectors = []
+        for index, blob in enumerate(update):
+            if len(blob) > MAX_CIPHERTEXT_BYTES:
+                raise ReplyRejected(f"ciphertext {index} is {len(blob):,} bytes, over the "
+                                    f"{MAX_CIPHERTEXT_BYTES:,}-byte limit")
             try:
-                vectors = [ts.ckks_vector_from(self.context, bytes(blob)) for blob in update]
+                vector = ts.ckks_vector_from(self.context, bytes(blob))
+                scales = [c.scale for c in vector.ciphertext()]
             except Exception:
-                raise KeyMaterialError("a reply carried bytes that are not a ciphertext under these parameters") from None
-            if total is None:
-                total = vectors
-            elif len(vectors) != len(total):
-                raise KeyMaterialError("replies carry different numbers of ciphertexts")
-            else:
-                total = [acc + vec for acc, vec in zip(total, vectors)]
+                raise ReplyRejected(f"ciphertext {index} is not a CKKS ciphertext under the federation's "
+                                    "parameters") from None
+            want = min(SLOTS, length - index * SLOTS)
+            if vector.size() != want or scales != [2.0 ** GLOBAL_SCALE_BITS]:
+                raise ReplyRejected(f"ciphertext {index} carries {vector.size()} values at another scale or "
+                                    f"count than the {want} expected")
+            vectors.append(vector)
+        return vectors
+
+    def add(self, updates: Iterable[list[ts.CKKSVector]]) -> list[bytes]:
+        """Slot-wise sum of parsed updates (see `parse`), serialised."""
+        total: list | None = None
+        for vectors in updates:
+            total = list(vectors) if total is None else [acc + vec for acc, vec in zip(total, vectors)]
         if total is None:
             raise KeyMaterialError("no ciphertexts to sum")
         return [vector.serialize() for vector in total]
+
+    def sum(self, updates: Iterable[Sequence[bytes]], length: int) -> list[bytes]:
+        """Check, parse and add serialised updates of `length` values each."""
+        return self.add(self.parse(update, length) for update in updates)
+
+
+class ReplyRejected(ProtocolError):
+    """One hospital's reply cannot enter an aggregate; the round goes on without it."""
 
 
 def ciphertexts_for(length: int) -> int:
@@ -285,15 +315,25 @@ class PlaintextCodec:
         """Inverse of `encrypt`."""
         return np.concatenate([np.frombuffer(bytes(b), dtype="<f8") for b in blocks])[:length]
 
-    def sum(self, updates: Iterable[Sequence[bytes]]) -> list[bytes]:
-        """Element-wise sum of plaintext vectors."""
+    def parse(self, update: Sequence[bytes], length: int) -> list[np.ndarray]:
+        """Check a reply's block against `length` and load it (mirrors `ServerContext.parse`)."""
+        if len(update) != 1 or len(update[0]) != 8 * length:
+            raise ReplyRejected(f"a plaintext reply of {sum(len(b) for b in update):,} bytes where "
+                                f"{8 * length:,} were expected")
+        return [np.frombuffer(bytes(update[0]), dtype="<f8")]
+
+    def add(self, updates: Iterable[list[np.ndarray]]) -> list[bytes]:
+        """Element-wise sum of parsed plaintext vectors."""
         total = None
-        for update in updates:
-            vector = self.decrypt(update, 1 << 62)
+        for (vector,) in updates:
             total = vector if total is None else total + vector
         if total is None:
             raise KeyMaterialError("no updates to sum")
         return self.encrypt(total)
+
+    def sum(self, updates: Iterable[Sequence[bytes]], length: int) -> list[bytes]:
+        """Element-wise sum of plaintext vectors of `length` values each."""
+        return self.add(self.parse(update, length) for update in updates)
 
     @staticmethod
     def blocks_for(length: int) -> int:

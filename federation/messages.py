@@ -28,6 +28,7 @@ ROUND = "round"
 KEY_ID = "key-id"
 PARAMS_ID = "params-id"
 RUN_CONFIG = "run-config"  # JSON of the RunConfig for nodes started without one
+RUN_ID = "run-id"          # the run's name: what hospitals' ledgers charge rounds to
 VECTOR_LENGTH = "vector-length"
 
 # Keys in CENSUS_RECORD / AGGREGATE_RECORD.
@@ -52,3 +53,5 @@ HE_SECONDS = "he-seconds"
 
 # Layout of the evaluation vector (each entry weighted by n_eval / N_hat before encryption).
 EVAL_FIELDS = ("auc", "brier", "log-loss")
+EVAL_LENGTH = 6  # [w_auc*auc, w_auc, w*brier, w*log-loss, w, contributor]
+CENSUS_LENGTH = 2  # [n_k * 2^-24, contributor]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from federation.config import model_layers
 from federation.features import FEATURE_NAMES
 
 N_FEATURES = len(FEATURE_NAMES)
@@ -17,15 +18,15 @@ the first rounds are calibrated without looking at any hospital's label rate."""
 
 
 def build_model(kind: str, n_features: int = N_FEATURES) -> nn.Module:
-    """`mlp`: n-64-32-1 with ReLU; `logreg`: n-1 (n = 40 for the standard contract). Both output
-    one logit."""
-    if kind == "mlp":
-        model = nn.Sequential(nn.Linear(n_features, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(),
-                              nn.Linear(32, 1))
-    elif kind == "logreg":
-        model = nn.Sequential(nn.Linear(n_features, 1))
-    else:
-        raise ValueError(f"unknown model kind {kind!r}")
+    """`mlp`: n-64-32-1 with ReLU (`mlp:W1,W2,...` for other hidden widths); `logreg`: n-1
+    (n = 40 for the standard contract). All output one logit."""
+    _, hidden = model_layers(kind)
+    layers: list[nn.Module] = []
+    width = n_features
+    for units in hidden:
+        layers += [nn.Linear(width, units), nn.ReLU()]
+        width = units
+    model = nn.Sequential(*layers, nn.Linear(width, 1))
     with torch.no_grad():
         model[-1].bias.fill_(float(np.log(PRIOR_RATE / (1 - PRIOR_RATE))))
     return model

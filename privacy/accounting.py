@@ -12,20 +12,27 @@ import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 RDP_ORDERS: tuple[float, ...] = tuple(
     [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 128, 256, 512])
 ACCOUNTANT = "rdp (opacus.accountants.analysis.rdp)"
 
 
+def rdp_analysis():
+    """Opacus's RDP analysis, imported on first use: importing opacus costs about a second,
+    which every short-lived ClientApp process that computes no epsilon would otherwise pay."""
+    from opacus.accountants.analysis import rdp
+
+    return rdp
+
+
 def epsilon_for(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
     """Epsilon at `delta` after `steps` Poisson-subsampled Gaussian steps (RDP accountant)."""
     if steps <= 0:
         return 0.0
-    curve = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier,
-                                     steps=steps, orders=list(RDP_ORDERS))
-    epsilon, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=curve, delta=delta)
+    curve = rdp_analysis().compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier,
+                                    steps=steps, orders=list(RDP_ORDERS))
+    epsilon, _ = rdp_analysis().get_privacy_spent(orders=list(RDP_ORDERS), rdp=curve, delta=delta)
     return float(epsilon)
 
 

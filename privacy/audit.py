@@ -46,6 +46,7 @@ GENESIS = "0" * 64
 ROLE_HOSPITAL, ROLE_SERVER, ROLE_DATA_SCIENTIST = "hospital-node", "server", "data-scientist"
 DATA_LOAD, RUN_START, ROUND_TRAIN, RELEASE, REFUSAL = (
     "data.load", "run.start", "round.train", "release", "refusal")
+RUN_RESUME, REPLY_REJECTED, ROUND_MISSING = "run.resume", "reply.rejected", "round.missing"
 MAX_DETAILS_CHARS = 4096  # a summary of an event, never data
 
 _ACTION = re.compile(r"[a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)*")

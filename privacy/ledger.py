@@ -26,10 +26,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 from federation.errors import PrivacyBudgetError
-from privacy.accounting import RDP_ORDERS
+from privacy.accounting import RDP_ORDERS, rdp_analysis
 
 KINDS = ("training", "analytics")
 SCHEMA_VERSION = 1
@@ -77,7 +76,7 @@ def _check(ok: bool, message: str) -> None:
 
 @lru_cache(maxsize=1024)
 def _rdp_curve(q: float, sigma: float, steps: int, orders: tuple[float, ...]) -> tuple[float, ...]:
-    return tuple(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
+    return tuple(rdp_analysis().compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
                                           orders=list(orders)))
 
 
@@ -143,7 +142,7 @@ def _epsilon(mechanisms: Iterable[GaussianMechanism], delta: float) -> float:
     curves = [m.rdp() for m in mechanisms]
     if not curves:
         return 0.0
-    eps, _ = rdp_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=np.sum(curves, axis=0),
+    eps, _ = rdp_analysis().get_privacy_spent(orders=list(RDP_ORDERS), rdp=np.sum(curves, axis=0),
                                             delta=delta)
     return float(eps)
 

@@ -88,6 +88,17 @@ class PseudonymKey:
         digest = hmac.digest(self.secret, str(record_key).encode("utf-8"), hashlib.sha256)
         return digest.hex()[:PSEUDONYM_HEX_CHARS]
 
+    def derive_seed(self, purpose: str, *context: object) -> int:
+        """A 63-bit seed derived from the node's secret for `purpose` and `context`.
+
+        Domain-separated from pseudonyms. DP-SGD draws its Poisson batches and Gaussian noise
+        from it: unpredictable to anyone without the node's key, yet the same when the same
+        round is computed again from the same inputs (a retried round then repeats its output
+        instead of releasing a second, independently noised one).
+        """
+        message = "\x1f".join(["fedrisk-seed", purpose, *map(str, context)]).encode("utf-8")
+        return int.from_bytes(hmac.digest(self.secret, message, hashlib.sha256)[:8], "big") >> 1
+
     def pseudonymise(self, record_keys: pd.Series) -> pd.Series:
         """Pseudonyms of `record_keys`, same index and name. Empty keys are refused."""
         if record_keys.isna().any():

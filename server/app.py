@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from federation import messages as M
 from federation.config import RunConfig
 from federation.errors import FedriskError, ProtocolError
 from federation.he_codec import PlaintextCodec, ServerContext
-from federation.model import weights_digest
-from privacy.audit import RELEASE, ROLE_SERVER, ROUND_TRAIN, RUN_START, AuditLog
-from server.strategy import HEFedAvg, chain_ciphertexts
+from federation.model import num_parameters, weights_digest
+from privacy.audit import RELEASE, REPLY_REJECTED, ROLE_SERVER, ROUND_TRAIN, RUN_RESUME, RUN_START, AuditLog
+from server.checkpoint import Checkpoint, new_run_id
+from server.strategy import HEFedAvg, Rejection, chain_ciphertexts
 from server.tracking import RunTracker, privacy_report
 
 Progress = Callable[[str, dict], None]
@@ -42,115 +43,207 @@ class FederatedResult:
     round_seconds: dict[int, float] = field(default_factory=dict)
     he_seconds: dict[int, float] = field(default_factory=dict)
     bytes_up: dict[int, dict[str, int]] = field(default_factory=dict)
+    fedrisk_run_id: str = ""
+    contributors: dict[int, list[str]] = field(default_factory=dict)
+    rejections: list[dict[str, object]] = field(default_factory=list)
 
 
-def _ask(grid: Grid, node_ids: list[int], message_type: str, records: dict, timeout: float,
-         what: str) -> list[ConfigRecord | Message]:
-    messages = [Message(content=RecordDict(records), dst_node_id=node, message_type=message_type)
-                for node in node_ids]
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    out = []
-    for reply in replies:
+def _ask_one(grid: Grid, candidates: list[int], message_type: str, records: dict, timeout: float,
+             what: str) -> Message:
+    """Send one request to the first candidate hospital that answers it; the next one if a
+    hospital fails or does not reply in time. Raises ProtocolError if none does."""
+    reasons = []
+    for node in candidates:
+        message = Message(content=RecordDict(records), dst_node_id=node, message_type=message_type)
+        replies = list(grid.send_and_receive([message], timeout=timeout))
+        if not replies:
+            reasons.append(f"node-{node}: no reply within {timeout:g}s")
+            continue
+        reply = replies[0]
         if reply.has_error():
-            raise ProtocolError(f"{what}: node {reply.metadata.src_node_id} failed: {reply.error.reason}")
+            reasons.append(f"node-{node}: {reply.error.reason}")
+            continue
         record = reply.content.config_records.get(M.REPLY)
         if record is None or M.ERROR in record:
-            raise ProtocolError(f"{what}: {record[M.ERROR] if record is not None else 'empty reply'}")
-        out.append(reply)
-    if len(out) < len(node_ids):
-        raise ProtocolError(f"{what}: {len(out)} of {len(node_ids)} hospitals replied in time")
-    return out
+            reasons.append(str(record[M.ERROR]) if record is not None else f"node-{node}: empty reply")
+            continue
+        return reply
+    raise ProtocolError(f"{what}: no hospital could answer ({'; '.join(reasons) or 'no hospital connected'})")
 
 
-def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+def _wait_for_nodes(grid: Grid, want: int, need: int, timeout: float) -> list[int]:
+    """Wait up to `timeout` for `want` hospital nodes; settle for `need` after that."""
     deadline = time.monotonic() + timeout
-    while len(nodes := sorted(grid.get_node_ids())) < count:
-        if time.monotonic() > deadline:
-            raise ProtocolError(f"only {len(nodes)} of {count} hospital nodes connected within {timeout:.0f}s")
+    while len(nodes := sorted(grid.get_node_ids())) < want and time.monotonic() < deadline:
         time.sleep(0.5)
+    if len(nodes) < need:
+        raise ProtocolError(f"only {len(nodes)} of {want} hospital nodes connected within {timeout:.0f}s; "
+                            f"{need} needed")
     return nodes
+
+
+def _exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], list[int]]:
+    """Send and wait up to `timeout`; return the replies and the nodes that did not reply."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replied = {reply.metadata.src_node_id for reply in replies}
+    return replies, [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
 
 
 def run_federated(grid: Grid, config: RunConfig, progress: Progress | None = None,
                   share_config: bool = False) -> FederatedResult:
-    """Run census, `config.rounds` HE FedAvg rounds with federated evaluation, and the release."""
+    """Run census, `config.rounds` HE FedAvg rounds with federated evaluation, and the release.
+
+    Resumes after the last completed round when the run directory holds this run's checkpoint.
+    """
     notify = progress or (lambda event, data: None)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     audit = AuditLog(Path(config.run_dir) / SERVER_AUDIT_FILE, role=ROLE_SERVER, identity="coordinator")
     try:
-        return _run(grid, config, notify, share_config, audit)
+        return _Run(grid, config, notify, share_config, audit).run()
     except FedriskError as error:
         audit.refusal(error, purpose=config.purpose)
         raise
 
 
-def _run(grid: Grid, config: RunConfig, notify: Progress, share_config: bool, audit: AuditLog) -> FederatedResult:
-    he: ServerContext | PlaintextCodec = ServerContext.load(config.keys_dir) if config.he else PlaintextCodec()
-    nodes = _wait_for_nodes(grid, config.num_hospitals, config.round_timeout)
-    base = {M.KEY_ID: he.key_id, M.PARAMS_ID: he.params_id}
-    if share_config:
-        base[M.RUN_CONFIG] = json.dumps(config.to_user_config())
-    timeout = config.round_timeout
-    census_replies = _ask(grid, nodes, M.CENSUS, {M.CONFIG: ConfigRecord({**base, M.ROUND: 0})},
-                          timeout, "census")
-    census_total = he.sum(list(r.content.config_records[M.REPLY][M.CIPHERTEXTS]) for r in census_replies)
-    key_holder = nodes[0]
+class _Run:
+    """One federated run (or the rest of one, when resuming), driven by the ServerApp."""
 
-    def reveal(aggregate: list[bytes]) -> list[float]:
-        reply = _ask(grid, [key_holder], M.REVEAL, {
-            M.CONFIG: ConfigRecord({**base, M.ROUND: 0}),
-            M.AGGREGATE_RECORD: ConfigRecord({M.AGGREGATE: aggregate})}, timeout, "reveal")[0]
+    def __init__(self, grid: Grid, config: RunConfig, notify: Progress, share_config: bool, audit: AuditLog) -> None:
+        self.grid, self.config, self.notify, self.audit = grid, config, notify, audit
+        self.he: ServerContext | PlaintextCodec = ServerContext.load(config.keys_dir) if config.he else PlaintextCodec()
+        self.checkpoint = Checkpoint.load(Path(config.run_dir), config)
+        self.run_id = self.checkpoint.run_id if self.checkpoint else (config.run_id or new_run_id())
+        self.base: dict[str, object] = {M.KEY_ID: self.he.key_id, M.PARAMS_ID: self.he.params_id, M.RUN_ID: self.run_id}
+        if share_config:
+            self.base[M.RUN_CONFIG] = json.dumps(config.to_user_config())
+        self.strategy = HEFedAvg(self.he, [], self._reveal, min_replies=config.required_replies, config=self.base,
+                                 update_length=num_parameters(config.model, config.input_size) + 2)
+        self.logged_rejections = 0
+
+    def _log_rejections(self) -> None:
+        for rejection in self.strategy.rejections[self.logged_rejections:]:
+            details = {"run": self.run_id, **rejection.to_dict()}
+            try:
+                self.audit.append(REPLY_REJECTED, purpose=self.config.purpose, details=details)
+            except ValueError:  # a reason the identifier filter refuses is logged by its step only
+                self.audit.append(REPLY_REJECTED, purpose=self.config.purpose,
+                                  details={**details, "reason": "withheld by the identifier filter"})
+            self.notify("rejected", rejection.to_dict())
+        self.logged_rejections = len(self.strategy.rejections)
+
+    def _send(self, server_round: int, messages: list[Message], step: str) -> list[Message]:
+        replies, silent = _exchange(self.grid, messages, self.config.round_timeout)
+        for node in silent:
+            self.strategy.rejections.append(Rejection(server_round, step, self.strategy.hospital_of(node),
+                                                      f"no reply within round-timeout ({self.config.round_timeout:g}s)"))
+        return replies
+
+    def _reveal(self, aggregate: list[bytes], hospitals: list[str]) -> list[float]:
+        reply = _ask_one(self.grid, self.strategy.nodes_of(hospitals), M.REVEAL, {
+            M.CONFIG: ConfigRecord({**self.base, M.ROUND: 0}),
+            M.AGGREGATE_RECORD: ConfigRecord({M.AGGREGATE: aggregate})}, self.config.round_timeout, "reveal")
         return [float(v) for v in reply.content.config_records[M.REPLY][M.VALUES]]
 
-    strategy = HEFedAvg(he, census_total, reveal, min_replies=config.num_hospitals, config=base)
-    tracker = RunTracker(config)
-    audit.append(RUN_START, purpose=config.purpose, details={
-        "mlflow-run": tracker.run_id, "hospitals": len(nodes), "rounds": config.rounds,
-        "target-epsilon": config.target_epsilon})
-    try:
-        rounds: dict[int, dict[str, float]] = {}
-        round_seconds: dict[int, float] = {}
-        arrays = ArrayRecord()
-        for server_round in range(1, config.rounds + 1):
-            began = time.perf_counter()
-            replies = grid.send_and_receive(
-                strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout=timeout)
-            arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-            replies = grid.send_and_receive(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout=timeout)
-            evaluation = strategy.aggregate_evaluate(server_round, replies)
-            round_seconds[server_round] = time.perf_counter() - began
-            traffic = strategy.traffic[server_round]
-            metrics = {**{k: float(v) for k, v in evaluation.items()},
-                       "epsilon-max": float(train_metrics["epsilon-max"]),
-                       "bytes-up-per-hospital": float(np.mean(list(traffic.up_bytes.values()))),
-                       "bytes-down-per-hospital": float(traffic.down_bytes),
-                       "round-seconds": round_seconds[server_round]}
-            rounds[server_round] = metrics
-            tracker.log_round(server_round, metrics)
-            audit.append(ROUND_TRAIN, purpose=config.purpose, epsilon=metrics["epsilon-max"], details={
-                "round": server_round, "hospitals": int(metrics["hospitals"]), "auc": round(metrics["auc"], 6)})
-            notify("round", {"round": server_round, "rounds": config.rounds, **metrics})
-        release = _ask(grid, [key_holder], M.RELEASE, {
-            M.STATE: arrays, M.CONFIG: ConfigRecord({**base, M.ROUND: config.rounds})}, timeout, "release")[0]
-        weights = release.content.array_records[M.RELEASED_MODEL][M.WEIGHTS].numpy()
-        digest = str(release.content.config_records[M.REPLY][M.SHA256])
-        if weights_digest(weights) != digest:
-            raise ProtocolError("the released model does not match the SHA-256 its hospital sent")
-        report = privacy_report(config, strategy.privacy)
-        summary = {"rounds": rounds, "hospitals": sorted(strategy.privacy), "sha256": digest,
-                   "chain_ciphertexts": len(chain_ciphertexts(arrays))}
-        release_dir = tracker.finish(weights=weights, digest=digest, privacy_report=report, summary=summary)
-        audit.append(RELEASE, purpose=config.purpose, epsilon=report["epsilon_max"],
-                     details={"mlflow-run": tracker.run_id, "sha256": digest})
-    except BaseException:
-        tracker.abort()
-        raise
-    he_seconds = {r: max(v.values()) for r, v in strategy.he_seconds.items()}
-    return FederatedResult(run_id=tracker.run_id, weights=weights, digest=digest, rounds=rounds,
-                           privacy=report, release_dir=str(release_dir), round_seconds=round_seconds,
-                           he_seconds=he_seconds,
-                           bytes_up={r: t.up_bytes for r, t in strategy.traffic.items()})
+    def _census(self, nodes: list[int]) -> None:
+        messages = [Message(content=RecordDict({M.CONFIG: ConfigRecord({**self.base, M.ROUND: 0})}),
+                            dst_node_id=node, message_type=M.CENSUS) for node in nodes]
+        replies = self._send(0, messages, "census")
+        accepted = self.strategy.accepted(0, replies, "census", M.CENSUS_LENGTH)
+        self._log_rejections()
+        # On resume the chain is normalised by the first census: keep it (hospitals still run
+        # the census: it re-checks their budget for the rounds left, before any data is read).
+        self.strategy.census_total = (self.checkpoint.census_total if self.checkpoint
+                                      else self.he.add(parsed for _, _, parsed in accepted))
+
+    def run(self) -> FederatedResult:
+        config, strategy, checkpoint = self.config, self.strategy, self.checkpoint
+        nodes = _wait_for_nodes(self.grid, config.num_hospitals, config.required_replies, config.round_timeout)
+        self._census(nodes)
+        tracker = RunTracker(config, resume_run_id=checkpoint.mlflow_run_id if checkpoint else "", run_name=self.run_id)
+        state = checkpoint or Checkpoint(run_id=self.run_id, fingerprint=config.fingerprint(), completed_round=0,
+                                         census_total=strategy.census_total, chain={}, mlflow_run_id=tracker.run_id)
+        state.mlflow_run_id = tracker.run_id
+        strategy.privacy.update(state.privacy)
+        strategy.contributors.update(state.contributors)
+        earlier = [Rejection(int(r["round"]), str(r["step"]), str(r["hospital"]), str(r["reason"]))
+                   for r in state.rejections]
+        strategy.rejections[:0] = earlier  # the census's own rejections follow, already logged
+        self.logged_rejections += len(earlier)
+        arrays = ArrayRecord({key: Array(np.frombuffer(blob, dtype=np.uint8).copy()) for key, blob in state.chain.items()})
+        if checkpoint:
+            self.audit.append(RUN_RESUME, purpose=config.purpose, details={
+                "run": self.run_id, "mlflow-run": tracker.run_id, "completed-rounds": checkpoint.completed_round})
+            self.notify("resume", {"run": self.run_id, "completed": checkpoint.completed_round, "rounds": config.rounds})
+        else:
+            self.audit.append(RUN_START, purpose=config.purpose, details={
+                "run": self.run_id, "mlflow-run": tracker.run_id, "hospitals": len(nodes), "rounds": config.rounds,
+                "target-epsilon": config.target_epsilon})
+        try:
+            for server_round in range(state.completed_round + 1, config.rounds + 1):
+                arrays = self._round(server_round, arrays, state, tracker)
+            release = _ask_one(self.grid, strategy.nodes_of(strategy.contributors[config.rounds]), M.RELEASE, {
+                M.STATE: arrays, M.CONFIG: ConfigRecord({**self.base, M.ROUND: config.rounds})},
+                config.round_timeout, "release")
+            weights = release.content.array_records[M.RELEASED_MODEL][M.WEIGHTS].numpy()
+            digest = str(release.content.config_records[M.REPLY][M.SHA256])
+            if weights_digest(weights) != digest:
+                raise ProtocolError("the released model does not match the SHA-256 its hospital sent")
+            report = privacy_report(config, strategy.privacy)
+            summary = {"run-id": self.run_id, "rounds": state.rounds, "hospitals": sorted(strategy.privacy),
+                       "contributors": strategy.contributors, "rejections": state.rejections, "sha256": digest,
+                       "chain_ciphertexts": len(chain_ciphertexts(arrays))}
+            release_dir = tracker.finish(weights=weights, digest=digest, privacy_report=report, summary=summary)
+            self.audit.append(RELEASE, purpose=config.purpose, epsilon=report["epsilon_max"],
+                              details={"run": self.run_id, "mlflow-run": tracker.run_id, "sha256": digest})
+        except BaseException:
+            self._log_rejections()
+            if state.completed_round > 0:
+                tracker.fail()  # resumable: keep the MLflow run next to the checkpoint
+            else:
+                tracker.abort()
+            raise
+        Checkpoint.clear(Path(config.run_dir))
+        return FederatedResult(run_id=tracker.run_id, weights=weights, digest=digest, rounds=state.rounds,
+                               privacy=report, release_dir=str(release_dir), round_seconds=state.round_seconds,
+                               he_seconds=state.he_seconds, bytes_up=state.bytes_up, fedrisk_run_id=self.run_id,
+                               contributors=dict(strategy.contributors), rejections=list(state.rejections))
+
+    def _round(self, server_round: int, arrays: ArrayRecord, state: Checkpoint, tracker: RunTracker) -> ArrayRecord:
+        """Train, aggregate, evaluate; then log and checkpoint the round."""
+        config, strategy = self.config, self.strategy
+        began = time.perf_counter()
+        replies = self._send(server_round, list(strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)),
+                             "training")
+        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        replies = self._send(server_round, list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)),
+                             "evaluation")
+        evaluation = strategy.aggregate_evaluate(server_round, replies)
+        seconds = time.perf_counter() - began
+        self._log_rejections()
+        traffic = strategy.traffic[server_round]
+        metrics = {**{k: float(v) for k, v in evaluation.items()},
+                   "contributors": float(train_metrics["hospitals"]),
+                   "epsilon-max": float(train_metrics["epsilon-max"]),
+                   "bytes-up-per-hospital": float(np.mean(list(traffic.up_bytes.values()))),
+                   "bytes-down-per-hospital": float(traffic.down_bytes),
+                   "rejected-replies": float(sum(r.server_round == server_round for r in strategy.rejections)),
+                   "round-seconds": seconds}
+        tracker.log_round(server_round, metrics)
+        self.audit.append(ROUND_TRAIN, purpose=config.purpose, epsilon=metrics["epsilon-max"], details={
+            "run": self.run_id, "round": server_round, "contributors": strategy.contributors[server_round],
+            "auc": round(metrics["auc"], 6)})
+        state.completed_round = server_round
+        state.rounds[server_round] = metrics
+        state.round_seconds[server_round] = seconds
+        state.he_seconds[server_round] = max(strategy.he_seconds.get(server_round, {0: 0.0}).values())
+        state.bytes_up[server_round] = dict(traffic.up_bytes)
+        state.privacy = dict(strategy.privacy)
+        state.contributors = dict(strategy.contributors)
+        state.rejections = [r.to_dict() for r in strategy.rejections]
+        state.chain = {key: array.numpy().tobytes() for key, array in arrays.items()}
+        state.save(Path(config.run_dir))
+        self.notify("round", {"round": server_round, "rounds": config.rounds, **metrics})
+        return arrays
 
 
 def make_server_app(preset: RunConfig | None = None, progress: Progress | None = None,

@@ -1,7 +1,9 @@
 """MLflow tracking of a federated run: parameters, per-round metrics, epsilon per hospital, and
 the release artifacts (final model, privacy report).
 
-A run that fails is deleted from the tracking store, so no partial run stays registered.
+A run that fails before its first round completes is deleted from the tracking store, so no
+partial run stays registered; one that fails later is marked FAILED and kept, because the
+coordinator can resume it from its checkpoint (`server.checkpoint`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 class RunTracker:
     """One MLflow run for one federated training run."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, resume_run_id: str = "", run_name: str = "") -> None:
         import mlflow  # imported here: it is slow to import and only the server needs it
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -41,7 +43,11 @@ class RunTracker:
             experiment_id = mlflow.create_experiment(config.experiment, artifact_location=artifact_root)
         else:
             experiment_id = experiment.experiment_id
-        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=Path(config.run_dir).name)
+        if resume_run_id and _is_active(mlflow, resume_run_id):
+            self.run = mlflow.start_run(run_id=resume_run_id)
+            self.run_id = self.run.info.run_id
+            return
+        self.run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name or Path(config.run_dir).name)
         self.run_id = self.run.info.run_id
         params: dict[str, Any] = {k: v for k, v in config.to_user_config().items()
                                   if k not in ("data-dir", "keys-dir", "run-dir", "tracking-uri")}
@@ -76,6 +82,10 @@ class RunTracker:
         mlflow.end_run(status="FINISHED")
         return release
 
+    def fail(self) -> None:
+        """End the run as FAILED but keep it: its checkpoint can be resumed."""
+        self.mlflow.end_run(status="FAILED")
+
     def abort(self) -> None:
         """End and delete the run: a failed run must not look like a result."""
         mlflow = self.mlflow
@@ -85,6 +95,13 @@ class RunTracker:
         finally:
             release = Path(self.config.run_dir) / "release"
             shutil.rmtree(release, ignore_errors=True)
+
+
+def _is_active(mlflow: Any, run_id: str) -> bool:
+    try:
+        return mlflow.tracking.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
+    except mlflow.exceptions.MlflowException:
+        return False
 
 
 def privacy_report(config: RunConfig, spends: dict[str, dict[str, float]]) -> dict[str, Any]:

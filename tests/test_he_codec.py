@@ -23,7 +23,7 @@ def _encrypted_fedavg(key: HospitalKey, server: ServerContext, weights: list[np.
     start = np.zeros_like(weights[0])
     updates = [key.encrypt(np.concatenate([n / n_hat * (w - start), [n / n_hat]]))
                for w, n in zip(weights, counts)]
-    total = key.decrypt(server.sum(updates), len(start) + 1)
+    total = key.decrypt(server.sum(updates, len(start) + 1), len(start) + 1)
     return start + total[:-1] / total[-1]
 
 

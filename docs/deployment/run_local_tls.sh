@@ -27,7 +27,7 @@ RUN_TIMEOUT="${RUN_TIMEOUT:-1500}"
 
 case "$WORK" in */runs/deploy|*/runs/deploy/*) ;; *) echo "WORK must be a runs/deploy directory (it is wiped)" >&2; exit 2;; esac
 [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"
-D="$WORK/D"; CREDS="$WORK/creds"; CERTS="$CREDS/certs"; LOGS="$WORK/logs"; STATE="$WORK/state"
+D="$WORK/D"; CREDS="$WORK/creds"; LOGS="$WORK/logs"; STATE="$WORK/state"
 mkdir -p "$LOGS" "$STATE"
 
 # --- environment: every Flower process inherits this ------------------------------------
@@ -87,9 +87,17 @@ fedrisk node provision --data "$D/data" --key "$D/keys/hospital.ckks" --out "$D/
 mapfile -t NODE_DIRS < <(ls -d "$D"/nodes/*/ | sed 's:/$::' | sort)
 [ "${#NODE_DIRS[@]}" -eq $N ] || { echo "expected $N node dirs, got ${#NODE_DIRS[@]}" >&2; exit 1; }
 
-# --- 2. TLS: test CA + server cert (SAN 127.0.0.1, localhost, ::1); node auth keys (P-384) -----
-say "generating test CA, server certificate and SuperNode auth keys"
-python "$HERE/gen_creds.py" "$CREDS" $N > /dev/null
+# --- 2. TLS: test CA, SuperLink cert (SAN 127.0.0.1, localhost, ::1), per-hospital auth key (P-384)
+#        and Runtime API cert; plus one key pair that is never enrolled, for the negative check.
+#        With KEEP_WORK=1 the credentials (and the SuperLink's enrolment of them) are reused.
+HOSPITALS=$(for dir in "${NODE_DIRS[@]}"; do basename "$dir"; done | paste -sd,)
+if [ -f "$CREDS/credentials.json" ]; then
+  say "reusing the credentials in $CREDS"
+else
+  say "generating test CA, SuperLink certificate and SuperNode credentials for $HOSPITALS"
+  fedrisk certs init --out "$CREDS" --hospitals "$HOSPITALS" > "$LOGS/certs.log"
+fi
+[ -f "$CREDS/rogue/auth.key" ] || fedrisk certs node-key --out "$CREDS/rogue" --name rogue >> "$LOGS/certs.log"
 
 # --- 3. flwr CLI connection (FLWR_HOME/config.toml) --------------------------------------------
 cat > "$HOMES/cli/config.toml" <<EOF
@@ -98,7 +106,7 @@ default = "fedrisk-tls"
 
 [superlink.fedrisk-tls]
 address = "127.0.0.1:$LINK_PORT"
-root-certificates = "$CERTS/ca.crt"
+root-certificates = "$CREDS/ca.crt"
 
 # Only used by the negative check: a plain-HTTP client against the TLS SuperLink.
 [superlink.fedrisk-plain]
@@ -109,7 +117,7 @@ EOF
 # --- 4. SuperLink ---------------------------------------------------------------------------
 say "starting SuperLink on https://127.0.0.1:$LINK_PORT (TLS, supernode auth, state $STATE/superlink.db)"
 ( cd "$WORK" && FLWR_HOME="$HOMES/superlink" exec flower-superlink \
-    --ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/server.pem" --ssl-keyfile "$CERTS/server.key" \
+    --ssl-ca-certfile "$CREDS/ca.crt" --ssl-certfile "$CREDS/superlink.crt" --ssl-keyfile "$CREDS/superlink.key" \
     --enable-supernode-auth \
     --database "$STATE/superlink.db" \
     --host 127.0.0.1 --port "$LINK_PORT" \
@@ -125,7 +133,7 @@ done
 # --- 5. enroll the SuperNodes' public keys -----------------------------------------------------
 for i in $(seq 0 $((N-1))); do
   name=$(basename "${NODE_DIRS[$i]}")
-  if out=$(cli supernode register "$CREDS/node-keys/supernode_$i.pub" fedrisk-tls --name "$name" 2>&1); then
+  if out=$(cli supernode register "$CREDS/hospitals/$name/auth.pub" fedrisk-tls --name "$name" 2>&1); then
     say "enrolled $name: $(echo "$out" | grep -o 'SuperNode [0-9]* registered' || true)"
   elif echo "$out" | grep -q "Public key already in use"; then
     say "$name already enrolled (persistent SuperLink database)"
@@ -138,7 +146,7 @@ done
 if [ "$NEGATIVE_CHECKS" = 1 ]; then
   say "negative check 1: SuperNode with an unenrolled key"
   if FLWR_HOME="$HOMES/supernode_0" timeout 60 flower-supernode --superlink "127.0.0.1:$LINK_PORT" \
-      --root-certificates "$CERTS/ca.crt" --auth-supernode-private-key "$CREDS/node-keys/supernode_rogue" \
+      --root-certificates "$CREDS/ca.crt" --auth-supernode-private-key "$CREDS/rogue/auth.key" \
       --host 127.0.0.1 --port $((NODE_PORT0+N)) --max-retries 0 \
       --node-config "node-dir='${NODE_DIRS[0]}'" > "$LOGS/neg_unenrolled.log" 2>&1; then
     echo "FAIL: unenrolled SuperNode was accepted" >&2; exit 1
@@ -160,12 +168,13 @@ fi
 
 # --- 7. SuperNodes --------------------------------------------------------------------------
 for i in $(seq 0 $((N-1))); do
-  port=$((NODE_PORT0+i))
-  say "starting SuperNode $i ($(basename "${NODE_DIRS[$i]}")), Runtime API https://127.0.0.1:$port"
+  port=$((NODE_PORT0+i)); name=$(basename "${NODE_DIRS[$i]}")
+  say "starting SuperNode $i ($name), Runtime API https://127.0.0.1:$port"
   ( cd "$WORK" && FLWR_HOME="$HOMES/supernode_$i" exec flower-supernode \
-      --superlink "127.0.0.1:$LINK_PORT" --root-certificates "$CERTS/ca.crt" \
-      --auth-supernode-private-key "$CREDS/node-keys/supernode_$i" \
-      --ssl-certfile "$CERTS/server.pem" --ssl-keyfile "$CERTS/server.key" --ssl-ca-certfile "$CERTS/ca.crt" \
+      --superlink "127.0.0.1:$LINK_PORT" --root-certificates "$CREDS/ca.crt" \
+      --auth-supernode-private-key "$CREDS/hospitals/$name/auth.key" \
+      --ssl-certfile "$CREDS/hospitals/$name/node.crt" --ssl-keyfile "$CREDS/hospitals/$name/node.key" \
+      --ssl-ca-certfile "$CREDS/ca.crt" \
       --host 127.0.0.1 --port "$port" \
       --node-config "node-dir='${NODE_DIRS[$i]}'" \
       > "$LOGS/supernode_$i.log" 2>&1 ) &

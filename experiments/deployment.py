@@ -1,0 +1,300 @@
+"""fedrisk on Flower's deployment engine, on one machine: a SuperLink and one SuperNode per
+hospital, each a separate process on loopback, TLS on every connection, and SuperNode
+authentication (only registered keys may join).
+
+This is the harness the deployment tests, the deployment benchmark and `fedrisk deploy local`
+use. On real machines every party runs the same commands on its own host
+(docs/deployment/README.md); nothing here is specific to loopback except the addresses.
+
+Each party gets its own FLWR_HOME under the work directory, as it would on its own machine;
+every process started here carries that path in its environment, which is how `stop` finds
+the processes Flower starts on its own (SuperExec, ServerApp, ClientApps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from federation.certs import CredentialPaths
+from federation.errors import ConfigError, ProtocolError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONNECTION = "fedrisk-tls"
+PLAIN_CONNECTION = "fedrisk-plain"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _toml_string(value: object) -> str:
+    return json.dumps(str(value))
+
+
+def run_config_arg(values: dict[str, object]) -> str:
+    """Flower's `--run-config` form: `k1=v1 k2="text"` (TOML values)."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            parts.append(f"{key}={value!r}")
+        else:
+            parts.append(f"{key}={_toml_string(value)}")
+    return " ".join(parts)
+
+
+@dataclass
+class RunStatus:
+    """A Flower run as `flwr ls` reports it."""
+
+    run_id: int
+    status: str
+    details: str
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended, one way or another."""
+        return self.status.startswith("finished")
+
+    @property
+    def completed(self) -> bool:
+        """Whether the run ended without error."""
+        return self.status == "finished:completed"
+
+
+@dataclass
+class LocalDeployment:
+    """Processes of one local federation. Use as a context manager: everything it started is
+    stopped on exit, SuperNodes first (a SuperNode stopped after its SuperLink stays
+    "online" in the SuperLink's database and is refused re-activation for a minute)."""
+
+    work: Path
+    credentials: CredentialPaths
+    app_dir: Path = ROOT
+    bin_dir: Path = field(default_factory=lambda: Path(sys.executable).parent)
+    link_port: int = field(default_factory=free_port)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    node_ids: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.work = Path(self.work).resolve()
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        (self.work / "state").mkdir(parents=True, exist_ok=True)
+        self.homes = self.work / "flwr-home"
+        cli_home = self.homes / "cli"
+        cli_home.mkdir(parents=True, exist_ok=True)
+        (cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.link_port}"\n'
+            f"root-certificates = {_toml_string(self.credentials.ca_certificate)}\n\n"
+            f'[superlink.{PLAIN_CONNECTION}]\naddress = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
+
+    # --- processes ---------------------------------------------------------------------------
+    def env(self, party: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment of one party's processes: its own FLWR_HOME, no telemetry, no update
+        check, and no runtime dependency installation (which would fetch a CUDA torch)."""
+        home = self.homes / party
+        home.mkdir(parents=True, exist_ok=True)
+        return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{self.bin_dir}{os.pathsep}{os.environ['PATH']}",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_UPDATE_CHECK": "1", **(extra or {})}
+
+    def log(self, name: str) -> Path:
+        """Where a process's output goes."""
+        return self.work / "logs" / f"{name}.log"
+
+    def _spawn(self, name: str, argv: list[str], party: str, extra_env: dict[str, str] | None = None
+               ) -> subprocess.Popen:
+        handle = open(self.log(name), "ab")
+        try:
+            process = subprocess.Popen(argv, cwd=self.work, env=self.env(party, extra_env), stdout=handle,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            handle.close()
+        self.processes[name] = process
+        return process
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run the `flwr` CLI as the federation's operator."""
+        return subprocess.run([str(self.bin_dir / "flwr"), *args], cwd=self.work, env=self.env("cli"),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start_superlink(self, timeout: float = 90) -> None:
+        """Start (or restart, on the same database) the coordinator's SuperLink: TLS with the
+        test CA's server certificate, SuperNode authentication on."""
+        c = self.credentials
+        self._spawn("superlink", [
+            str(self.bin_dir / "flower-superlink"),
+            "--ssl-ca-certfile", str(c.ca_certificate), "--ssl-certfile", str(c.superlink_certificate),
+            "--ssl-keyfile", str(c.superlink_key), "--enable-supernode-auth",
+            "--database", str(self.work / "state" / "superlink.db"),
+            "--host", "127.0.0.1", "--port", str(self.link_port),
+            "--disable-runtime-dependency-installation"], "superlink")
+        deadline = time.monotonic() + timeout
+        while self.cli("supernode", "list", CONNECTION, "--format", "json", timeout=60).returncode != 0:
+            if self.processes["superlink"].poll() is not None:
+                raise ProtocolError(f"SuperLink exited with {self.processes['superlink'].returncode}; "
+                                    f"see {self.log('superlink')}")
+            if time.monotonic() > deadline:
+                raise ProtocolError(f"SuperLink did not answer within {timeout:.0f}s; see {self.log('superlink')}")
+            time.sleep(1)
+
+    def register(self, hospital: str, public_key: Path | None = None) -> int:
+        """Enroll a hospital's SuperNode key with the SuperLink; returns its node id."""
+        key = public_key or self.credentials.hospitals[hospital].auth_public_key
+        result = self.cli("supernode", "register", str(key), CONNECTION, "--name", hospital)
+        words = (result.stdout + result.stderr).split()
+        if result.returncode != 0 or "registered" not in words:
+            raise ProtocolError(f"registering {hospital} failed: {(result.stdout + result.stderr).strip()[-300:]}")
+        node_id = int(words[words.index("registered") - 1])
+        self.node_ids[hospital] = node_id
+        return node_id
+
+    def start_supernode(self, hospital: str, node_dir: Path, *, auth_key: Path | None = None,
+                        insecure: bool = False, max_retries: int | None = None, name: str | None = None,
+                        env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start a hospital's SuperNode: TLS to the SuperLink (trusting only the federation's CA),
+        its registered auth key, TLS on its own Runtime API, and its node directory."""
+        c = self.credentials
+        mine = c.hospitals[hospital]
+        argv = [str(self.bin_dir / "flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}"]
+        if insecure:
+            argv += ["--insecure"]
+        else:
+            argv += ["--root-certificates", str(c.ca_certificate),
+                     "--auth-supernode-private-key", str(auth_key or mine.auth_private_key),
+                     "--ssl-certfile", str(mine.node_certificate), "--ssl-keyfile", str(mine.node_key),
+                     "--ssl-ca-certfile", str(c.ca_certificate)]
+        argv += ["--host", "127.0.0.1", "--port", str(free_port()),
+                 "--node-config", f"node-dir={_toml_string(Path(node_dir).resolve())}"]
+        if max_retries is not None:
+            argv += ["--max-retries", str(max_retries)]
+        name = name or f"supernode-{hospital}"
+        return self._spawn(name, argv, name, env)
+
+    def nodes(self) -> dict[int, str]:
+        """Node id -> status ("registered", "online", "offline") as the SuperLink reports them."""
+        result = self.cli("supernode", "list", CONNECTION, "--format", "json")
+        if result.returncode != 0:
+            return {}
+        return {int(n["node-id"]): n["status"] for n in json.loads(result.stdout)["nodes"]}
+
+    def wait_online(self, hospitals: list[str], timeout: float = 120) -> None:
+        """Wait until these hospitals' SuperNodes are online."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.nodes()
+            if all(status.get(self.node_ids[h]) == "online" for h in hospitals):
+                return
+            if time.monotonic() > deadline:
+                raise ProtocolError(f"SuperNodes not online after {timeout:.0f}s: {status}")
+            time.sleep(1)
+
+    # --- runs ------------------------------------------------------------------------------------
+    def submit(self, run_config: dict[str, object]) -> int:
+        """`flwr run <app> <connection>` with these run-config overrides; returns Flower's run id."""
+        result = self.cli("run", str(self.app_dir), CONNECTION, "--run-config", run_config_arg(run_config),
+                          "--format", "json", timeout=300)
+        try:
+            payload = json.loads(result.stdout[result.stdout.index("{"):])
+            return int(payload["run-id"])
+        except (ValueError, KeyError, TypeError):
+            raise ProtocolError(f"flwr run failed: {(result.stdout + result.stderr).strip()[-500:]}") from None
+
+    def status(self, run_id: int) -> RunStatus:
+        """The run's status as the SuperLink reports it."""
+        result = self.cli("ls", CONNECTION, "--format", "json")
+        if result.returncode == 0 and "{" in result.stdout:
+            for run in json.loads(result.stdout[result.stdout.index("{"):]).get("runs", []):
+                if int(run["run-id"]) == run_id:
+                    return RunStatus(run_id, run["status"], str(run.get("status-details", "")))
+        return RunStatus(run_id, "unknown", (result.stdout + result.stderr).strip()[-300:])
+
+    def wait_run(self, run_id: int, timeout: float) -> RunStatus:
+        """Wait for the run to finish (or `timeout`); returns its last status."""
+        deadline = time.monotonic() + timeout
+        while not (status := self.status(run_id)).finished and time.monotonic() < deadline:
+            time.sleep(2)
+        return status
+
+    # --- faults ----------------------------------------------------------------------------------
+    def _tree(self, name: str) -> list[int]:
+        """The process and every process Flower started for the same party (same FLWR_HOME)."""
+        return _processes_with(f"FLWR_HOME={self.homes / name}", exact=True)
+
+    def signal(self, name: str, signum: signal.Signals) -> None:
+        """Send a signal to a party's processes: SIGSTOP/SIGCONT to stall and resume one,
+        SIGKILL to crash it."""
+        for pid in self._tree(name):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+        process = self.processes.get(name)
+        if signum == signal.SIGKILL and process is not None:
+            process.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Stop every process this deployment started, SuperNodes before the SuperLink."""
+        order = sorted(self.processes, key=lambda name: name == "superlink")
+        for name in order:
+            for pid in self._tree(name):
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.processes[name].wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.monotonic() + 20
+        while (left := _processes_with(f"FLWR_HOME={self.homes}")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in _processes_with(f"FLWR_HOME={self.homes}"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.processes.clear()
+
+    def __enter__(self) -> "LocalDeployment":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _processes_with(marker: str, exact: bool = False) -> list[int]:
+    """PIDs of processes whose environment holds `marker` (a FLWR_HOME prefix, or exactly it)."""
+    found = []
+    needle = marker.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if any(var == needle if exact else var.startswith(needle) for var in environ.split(b"\0")):
+            found.append(int(entry.name))
+    return found
+
+
+def require_flower_binaries(bin_dir: Path) -> None:
+    """Refuse early, with one line, when Flower's deployment commands are not installed."""
+    for name in ("flower-superlink", "flower-supernode", "flwr"):
+        if not (Path(bin_dir) / name).exists():
+            raise ConfigError(f"{bin_dir / name} not found: install fedrisk (make install) first")

@@ -1,0 +1,103 @@
+"""The coordinator's checkpoint: what it takes to resume a run after the coordinator dies.
+
+Written atomically after every completed round to `<run_dir>/checkpoint.npz`, and removed once
+the model is released. It holds only what the server holds anyway: ciphertexts (the encrypted
+census total and the chain of encrypted aggregates) and public values (round metrics, the
+privacy accounting hospitals reported, rejected replies, the MLflow run). Nothing in it can be
+decrypted without a hospital's key.
+
+A restarted coordinator that is handed the same run config (`RunConfig.fingerprint`) resumes
+after the last completed round, under the same run id, so hospitals' ledgers recognise the
+rounds they already charged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from federation.config import RunConfig
+from federation.errors import ConfigError
+
+CHECKPOINT_FILE = "checkpoint.npz"
+FORMAT = 1
+
+
+def new_run_id() -> str:
+    """A fresh, sortable run name: `run-<UTC time>-<random>`."""
+    return f"run-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Checkpoint:
+    """The server's state after `completed_round` rounds of run `run_id`."""
+
+    run_id: str
+    fingerprint: str
+    completed_round: int
+    census_total: list[bytes]
+    chain: dict[str, bytes]
+    mlflow_run_id: str = ""
+    rounds: dict[int, dict[str, float]] = field(default_factory=dict)
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    contributors: dict[int, list[str]] = field(default_factory=dict)
+    rejections: list[dict[str, object]] = field(default_factory=list)
+    round_seconds: dict[int, float] = field(default_factory=dict)
+    he_seconds: dict[int, float] = field(default_factory=dict)
+    bytes_up: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def save(self, run_dir: Path) -> Path:
+        """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
+        path = Path(run_dir) / CHECKPOINT_FILE
+        meta = {k: v for k, v in asdict(self).items() if k not in ("census_total", "chain")}
+        meta["format"] = FORMAT
+        meta["chain_keys"] = list(self.chain)
+        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+        arrays.update({f"census{i}": np.frombuffer(b, dtype=np.uint8) for i, b in enumerate(self.census_total)})
+        arrays.update({f"chain{i}": np.frombuffer(b, dtype=np.uint8) for i, b in enumerate(self.chain.values())})
+        tmp = path.with_name(f".{CHECKPOINT_FILE}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, run_dir: Path, config: RunConfig) -> "Checkpoint | None":
+        """The run directory's checkpoint, or None. Refuses one left by a different run."""
+        path = Path(run_dir) / CHECKPOINT_FILE
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(data["meta"].tobytes())
+                census = [data[f"census{i}"].tobytes() for i in range(sum(k.startswith("census") for k in data))]
+                chain = {key: data[f"chain{i}"].tobytes() for i, key in enumerate(meta["chain_keys"])}
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{path} is not a readable fedrisk checkpoint ({exc}); move it away to start afresh") from None
+        if meta.get("format") != FORMAT:
+            raise ConfigError(f"{path} has checkpoint format {meta.get('format')!r}, this fedrisk reads {FORMAT}")
+        if meta["fingerprint"] != config.fingerprint():
+            raise ConfigError(f"{path} belongs to a run with a different configuration; resume it with the "
+                              "same run config, or use another run-dir")
+        if config.run_id and config.run_id != meta["run_id"]:
+            raise ConfigError(f"{path} belongs to run {meta['run_id']!r}, not run-id {config.run_id!r}")
+        as_rounds = lambda d: {int(k): v for k, v in d.items()}  # noqa: E731  (JSON keys are strings)
+        return cls(run_id=meta["run_id"], fingerprint=meta["fingerprint"], completed_round=int(meta["completed_round"]),
+                   census_total=census, chain=chain, mlflow_run_id=meta["mlflow_run_id"],
+                   rounds=as_rounds(meta["rounds"]), privacy=meta["privacy"],
+                   contributors=as_rounds(meta["contributors"]), rejections=meta["rejections"],
+                   round_seconds=as_rounds(meta["round_seconds"]), he_seconds=as_rounds(meta["he_seconds"]),
+                   bytes_up=as_rounds(meta["bytes_up"]))
+
+    @staticmethod
+    def clear(run_dir: Path) -> None:
+        """Remove the checkpoint of a run that has finished."""
+        (Path(run_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)

@@ -1,0 +1,224 @@
+"""fedrisk on Flower's deployment engine: a real SuperLink and three real SuperNodes, separate
+processes on loopback, TLS on every connection and SuperNode authentication.
+
+The tests start every process themselves and stop all of them (SuperExec, ServerApp and
+ClientApp processes included) at the end of the module. They run in file order: the last one
+injects faults, killing and restarting processes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.deployment import CONNECTION, PLAIN_CONNECTION, LocalDeployment
+from experiments.provision import provision_nodes
+from experiments.simulation import simulate
+from experiments.synthetic import synthesize
+from federation.certs import init_credentials, new_node_key
+from federation.config import RunConfig
+from federation.he_codec import CONTRIBUTOR_UNIT, HospitalKey, init_keys
+from privacy.accounting import epsilon_for
+from privacy.audit import REPLY_REJECTED, ROUND_TRAIN, RUN_RESUME, AuditLog
+from privacy.ledger import BudgetLedger
+from server.checkpoint import CHECKPOINT_FILE
+
+pytestmark = pytest.mark.slow
+PURPOSE = "credit-risk-research"
+ROUND_TIMEOUT = 30.0  # a normal step takes 5-15 s here; a straggler is one that takes longer
+FAULTY = "hospital_01"  # its SuperNode is started with a fault for the drill: a corrupted round-3 reply
+
+
+class Federation:
+    """Everything the module's tests share: data, keys, credentials, node directories and
+    the running deployment."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        report = synthesize(3, 4500, root / "data", seed=11)
+        self.hospitals = [path.stem for path in report.files]
+        self.keys = init_keys(root / "keys")
+        self.credentials = init_credentials(root / "creds", self.hospitals, ["127.0.0.1", "localhost"])
+        provision_nodes(root / "data", self.keys.hospital_context, root / "nodes",
+                        purposes={PURPOSE: (10.0, 1e-5)})
+        # The simulation gets an identical copy of every node (same pseudonym keys, same data).
+        shutil.copytree(root / "nodes", root / "sim-nodes")
+        self.deployment = LocalDeployment(root / "work", self.credentials)
+
+    def node_dir(self, hospital: str) -> Path:
+        return self.root / "nodes" / hospital
+
+    def start(self) -> None:
+        d = self.deployment
+        d.start_superlink()
+        for hospital in self.hospitals:
+            d.register(hospital)
+        for hospital in self.hospitals:
+            env = {"FEDRISK_INJECT_FAULTS": f"{FAULTY}:train@3:truncated"} if hospital == FAULTY else None
+            d.start_supernode(hospital, self.node_dir(hospital), env=env)
+        d.wait_online(self.hospitals)
+
+    def run_config(self, run_dir: Path, **changes: object) -> dict[str, object]:
+        return {"keys-dir": str(self.keys.server_context.parent), "run-dir": str(run_dir), "nodes-dir": "",
+                "num-hospitals": 3, "round-timeout": ROUND_TIMEOUT, **changes}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    federation = Federation(tmp_path_factory.mktemp("deployment"))
+    try:
+        federation.start()
+        yield federation
+    finally:
+        federation.deployment.stop()
+
+
+def test_an_unenrolled_supernode_cannot_join(federation: Federation) -> None:
+    d = federation.deployment
+    rogue_key, _ = new_node_key(federation.root / "rogue", "rogue")
+    before = d.nodes()
+    rogue = d.start_supernode("hospital_00", federation.node_dir("hospital_00"), auth_key=rogue_key,
+                              max_retries=0, name="rogue-supernode")
+    assert rogue.wait(timeout=90) != 0
+    assert "Failed to activate SuperNode" in d.log("rogue-supernode").read_text()
+    assert d.nodes() == before  # nothing joined, nothing was added
+
+
+def test_a_plaintext_client_cannot_connect(federation: Federation) -> None:
+    d = federation.deployment
+    plain = d.start_supernode("hospital_00", federation.node_dir("hospital_00"), insecure=True, max_retries=0,
+                              name="plain-supernode")
+    assert plain.wait(timeout=90) != 0
+    result = d.cli("supernode", "list", PLAIN_CONNECTION)
+    assert result.returncode != 0
+    assert "unavailable" in (result.stdout + result.stderr)
+    assert d.cli("supernode", "list", CONNECTION).returncode == 0  # the TLS connection still works
+
+
+def test_a_run_is_refused_when_the_server_is_handed_a_secret_key(federation: Federation, tmp_path: Path) -> None:
+    leaky = tmp_path / "leaky-keys"
+    shutil.copytree(federation.keys.server_context.parent, leaky)
+    shutil.copy(federation.keys.hospital_context, leaky / "server.ckks")
+    d = federation.deployment
+    status = d.wait_run(d.submit(federation.run_config(tmp_path / "run", rounds=1, **{"keys-dir": str(leaky)})),
+                        timeout=180)
+    assert status.finished and not status.completed
+    assert "holds a CKKS secret key" in status.details
+    assert not (tmp_path / "run" / "release").exists()
+
+
+def test_deployment_trains_the_same_model_as_the_simulation(federation: Federation, tmp_path: Path) -> None:
+    d = federation.deployment
+    status = d.wait_run(d.submit(federation.run_config(tmp_path / "deployed", rounds=2, **{"run-id": "same-model"})),
+                        timeout=600)
+    assert status.completed, (status, d.log("superlink").read_text()[-3000:])
+    deployed = np.load(tmp_path / "deployed" / "release" / "model.npz")["weights"]
+
+    simulated = simulate(RunConfig(nodes_dir=str(federation.root / "sim-nodes"),
+                                   keys_dir=str(federation.keys.server_context.parent),
+                                   run_dir=str(tmp_path / "simulated"), num_hospitals=3, rounds=2,
+                                   run_id="same-model"))
+    assert np.max(np.abs(deployed - simulated.weights)) < 1e-5
+    report = json.loads((tmp_path / "deployed" / "release" / "privacy_report.json").read_text())
+    for hospital, spend in report["hospitals"].items():
+        assert spend["epsilon"] == pytest.approx(simulated.privacy["hospitals"][hospital]["epsilon"])
+        assert spend["steps"] == simulated.privacy["hospitals"][hospital]["steps"]
+
+
+def _checkpoint_round(run_dir: Path) -> int:
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        return 0
+    try:
+        with np.load(path) as data:
+            return int(json.loads(data["meta"].tobytes())["completed_round"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def _trainings(node_dir: Path, run_id: str, server_round: int) -> int:
+    """How many times the hospital started training `server_round` of the run (audit log)."""
+    return sum(1 for e in AuditLog(node_dir / "audit.sqlite", role="test", identity="test").entries()
+               if e.action == ROUND_TRAIN and e.details.get("run") == run_id and e.details.get("round") == server_round)
+
+
+def test_faults_stragglers_dropouts_bad_ciphertexts_and_a_coordinator_crash(federation: Federation,
+                                                                            tmp_path: Path) -> None:
+    """Four rounds, at least two hospitals each:
+    round 2: hospital_02 stalls (SIGSTOP) past the round timeout -> left out, rejoins in round 3;
+    round 3: hospital_01 sends a truncated ciphertext -> rejected, the round goes on;
+    round 4: the coordinator (SuperLink, SuperExec, ServerApp) is SIGKILLed mid-round, restarted
+             and the run resubmitted -> resumes at round 4 from the checkpoint; then hospital_02's
+             SuperNode is SIGKILLed mid-round -> round 4 completes with the other two."""
+    d, run_dir, run_id = federation.deployment, tmp_path / "drill", "fault-drill"
+    config = federation.run_config(run_dir, rounds=4, **{"min-replies": 2, "run-id": run_id})
+    first = d.submit(config)
+
+    _wait_for(lambda: _checkpoint_round(run_dir) >= 1, 300, "round 1")
+    d.signal("supernode-hospital_02", signal.SIGSTOP)
+    time.sleep(ROUND_TIMEOUT + 5)
+    d.signal("supernode-hospital_02", signal.SIGCONT)
+
+    _wait_for(lambda: _checkpoint_round(run_dir) >= 3, 400, "round 3")
+    _wait_for(lambda: _trainings(federation.node_dir("hospital_00"), run_id, 4) >= 1, 120, "round 4 training")
+    d.signal("superlink", signal.SIGKILL)
+    assert d.status(first).status == "unknown"  # the coordinator is gone
+    d.start_superlink()
+    d.wait_online(federation.hospitals, timeout=180)
+    second = d.submit(config)
+    _wait_for(lambda: _trainings(federation.node_dir("hospital_02"), run_id, 4) >= 2, 300, "resumed round 4")
+    d.signal("supernode-hospital_02", signal.SIGKILL)
+    status = d.wait_run(second, timeout=400)
+    assert status.completed, (status, d.log("superlink").read_text()[-3000:])
+
+    summary = json.loads((run_dir / "release" / "run_summary.json").read_text())
+    contributors = {int(r): names for r, names in summary["contributors"].items()}
+    assert contributors == {1: ["hospital_00", "hospital_01", "hospital_02"], 2: ["hospital_00", "hospital_01"],
+                            3: ["hospital_00", "hospital_02"], 4: ["hospital_00", "hospital_01"]}
+    rejected = {(r["round"], r["step"], r["hospital"]): r["reason"] for r in summary["rejections"]}
+    assert "no reply within round-timeout" in rejected[(2, "training", "hospital_02")]
+    assert "not a CKKS ciphertext" in rejected[(3, "training", "hospital_01")]
+    assert "no reply within round-timeout" in rejected[(4, "training", "hospital_02")]
+    assert sorted(map(int, summary["rounds"])) == [1, 2, 3, 4]
+    assert not (run_dir / CHECKPOINT_FILE).exists()
+
+    server_log = AuditLog(run_dir / "server_audit.sqlite", role="test", identity="test")
+    assert server_log.verify().ok
+    actions = [e.action for e in server_log.entries()]
+    assert actions.count(RUN_RESUME) == 1 and actions.count(REPLY_REJECTED) >= 3
+    assert actions.count(ROUND_TRAIN) == 4  # no round lost or repeated
+
+    # Round 4 trained twice at hospital_00 (before and after the crash), charged once.
+    assert _trainings(federation.node_dir("hospital_00"), run_id, 4) == 2
+    report = json.loads((run_dir / "release" / "privacy_report.json").read_text())
+    for hospital in federation.hospitals:
+        with BudgetLedger(federation.node_dir(hospital) / "ledger.sqlite") as ledger:
+            charges = [c for c in ledger.history(PURPOSE) if c.run_id == run_id]
+        rounds = sorted(int(c.idempotency_key.split(":")[0].removeprefix("round-")) for c in charges)
+        assert rounds == sorted(set(rounds)), f"{hospital} was charged twice for a round: {rounds}"
+        steps = sum(c.mechanism.steps for c in charges)
+        if hospital in report["hospitals"]:
+            spend = report["hospitals"][hospital]
+            assert spend["epsilon"] == pytest.approx(epsilon_for(
+                sample_rate=spend["sample_rate"], noise_multiplier=spend["noise_multiplier"],
+                steps=spend["steps"], delta=spend["delta"]))
+            assert spend["steps"] <= steps
+
+    # The released model is the replay of the four aggregates (each a weighted mean of its round).
+    weights = np.load(run_dir / "release" / "model.npz")["weights"]
+    assert np.all(np.isfinite(weights)) and summary["chain_ciphertexts"] == 4 * 5
