@@ -55,10 +55,27 @@ def _poisson_loader(dataset: TensorBatches, sample_rate: float, seed: int) -> DP
                         generator=torch.Generator().manual_seed(seed))
 
 
-def _timed(loop: Callable[[], int]) -> tuple[float, int]:
+def _timed_epoch(loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 backward: Callable[[torch.Tensor, torch.Tensor], None],
+                 empty_batch: Callable[[], None] | None = None) -> tuple[float, int]:
+    """Time one epoch: a step per batch. An empty Poisson batch is skipped by the plain paths
+    (`empty_batch` None) and is a noisy step of zero gradient on the DP paths."""
     began = time.perf_counter()
-    steps = loop()
+    steps = 0
+    for x, y in loader:
+        optimizer.zero_grad()
+        if len(y):
+            backward(x, y)
+            optimizer.step()
+        elif empty_batch is not None:
+            empty_batch()
+            optimizer.step()
+        steps += 1
     return time.perf_counter() - began, steps
+
+
+def _loss_backward(model: nn.Module, criterion: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    return lambda x, y: criterion(model(x).squeeze(-1), y).backward()
 
 
 def epoch_plain_shuffled(dataset: TensorBatches, sample_rate: float,
@@ -70,16 +87,7 @@ def epoch_plain_shuffled(dataset: TensorBatches, sample_rate: float,
     batch = int(round(sample_rate * len(dataset)))
     loader = DataLoader(dataset, batch_size=batch, shuffle=True, collate_fn=_first,
                         generator=torch.Generator().manual_seed(seed))
-
-    def loop() -> int:
-        steps = 0
-        for x, y in loader:
-            optimizer.zero_grad()
-            criterion(model(x).squeeze(-1), y).backward()
-            optimizer.step()
-            steps += 1
-        return steps
-    return _timed(loop)
+    return _timed_epoch(loader, optimizer, _loss_backward(model, criterion))
 
 
 def epoch_plain(dataset: TensorBatches, sample_rate: float, seed: int) -> tuple[float, int]:
@@ -88,17 +96,7 @@ def epoch_plain(dataset: TensorBatches, sample_rate: float, seed: int) -> tuple[
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     criterion = nn.BCEWithLogitsLoss()
     loader = _poisson_loader(dataset, sample_rate, seed)
-
-    def loop() -> int:
-        steps = 0
-        for x, y in loader:
-            optimizer.zero_grad()
-            if len(y):
-                criterion(model(x).squeeze(-1), y).backward()
-                optimizer.step()
-            steps += 1
-        return steps
-    return _timed(loop)
+    return _timed_epoch(loader, optimizer, _loss_backward(model, criterion))
 
 
 def epoch_ghost(dataset: TensorBatches, sample_rate: float, seed: int) -> tuple[float, int]:
@@ -112,19 +110,10 @@ def epoch_ghost(dataset: TensorBatches, sample_rate: float, seed: int) -> tuple[
         grad_sample_mode="ghost")
     params = [p for p in model.parameters() if p.requires_grad]
 
-    def loop() -> int:
-        steps = 0
-        for x, y in loader:
-            optimizer.zero_grad()
-            if len(y) == 0:
-                for p in params:
-                    p.grad = torch.zeros_like(p)
-            else:
-                criterion(model(x).squeeze(-1), y).backward()
-            optimizer.step()
-            steps += 1
-        return steps
-    return _timed(loop)
+    def zero_gradients() -> None:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+    return _timed_epoch(loader, optimizer, _loss_backward(model, criterion), zero_gradients)
 
 
 def epoch_bookkeeping(dataset: TensorBatches, sample_rate: float, seed: int) -> tuple[float, int]:
@@ -137,16 +126,8 @@ def epoch_bookkeeping(dataset: TensorBatches, sample_rate: float, seed: int) -> 
         data_loader=loader, noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=CLIP_NORM,
         engine=engine)
     per_sample = nn.BCEWithLogitsLoss(reduction="none")
-
-    def loop() -> int:
-        steps = 0
-        for x, y in loader:
-            optimizer.zero_grad()
-            clipper.backward(per_sample(model(x).squeeze(-1), y))
-            optimizer.step()
-            steps += 1
-        return steps
-    seconds, steps = _timed(loop)
+    seconds, steps = _timed_epoch(loader, optimizer, lambda x, y: clipper.backward(per_sample(model(x).squeeze(-1), y)),
+                                  clipper.empty_batch)
     if engine.accountant.history != [(NOISE_MULTIPLIER, sample_rate, steps)]:
         raise RuntimeError(f"accountant recorded {engine.accountant.history}, {steps} steps ran")
     return seconds, steps

@@ -80,8 +80,11 @@ def _run_id(message: Message) -> str:
     return str(run_id) if run_id else f"flwr-{message.metadata.run_id}"
 
 
-def _ciphertext_reply(node: HospitalNode, message: Message, ciphertexts: list[bytes], length: int,
-                      **extra: object) -> ConfigRecord:
+def _census_total(message: Message) -> list[bytes]:
+    return list(message.content.config_records[M.CENSUS_RECORD][M.CENSUS_TOTAL])
+
+
+def _ciphertext_reply(node: HospitalNode, message: Message, ciphertexts: list[bytes], length: int) -> ConfigRecord:
     """A reply carrying ciphertexts and the key and parameters they were made under (with a
     fault swapped in when this node's operator injected one for this message)."""
     key_id = node.key.key_id
@@ -91,7 +94,7 @@ def _ciphertext_reply(node: HospitalNode, message: Message, ciphertexts: list[by
         ciphertexts, named_key = faults.corrupt(kind, ciphertexts, plaintext)
         key_id = named_key or key_id
     return ConfigRecord({M.CIPHERTEXTS: ciphertexts, M.HOSPITAL: node.name, M.KEY_ID: key_id,
-                         M.PARAMS_ID: node.key.params_id, **extra})
+                         M.PARAMS_ID: node.key.params_id})
 
 
 def _census(node: HospitalNode, message: Message, context: Context) -> Message:
@@ -100,10 +103,8 @@ def _census(node: HospitalNode, message: Message, context: Context) -> Message:
 
 
 def _train(node: HospitalNode, message: Message, context: Context) -> Message:
-    cfg = _config(message)
-    server_round = int(cfg[M.ROUND])
-    census = list(message.content.config_records[M.CENSUS_RECORD][M.CENSUS_TOTAL])
-    outcome = node.train(server_round, census, _chain(message), run_id=_run_id(message))
+    server_round = int(_config(message)[M.ROUND])
+    outcome = node.train(server_round, _census_total(message), _chain(message), run_id=_run_id(message))
     spend = outcome.spend
     metrics = MetricRecord({
         M.EPSILON: spend.epsilon, M.STEPS: spend.steps, M.NOISE_MULTIPLIER: spend.noise_multiplier,
@@ -115,8 +116,7 @@ def _train(node: HospitalNode, message: Message, context: Context) -> Message:
 
 
 def _evaluate(node: HospitalNode, message: Message, context: Context) -> Message:
-    census = list(message.content.config_records[M.CENSUS_RECORD][M.CENSUS_TOTAL])
-    ciphertexts = node.evaluate(census, _chain(message))
+    ciphertexts = node.evaluate(_census_total(message), _chain(message))
     return _reply(message, **{M.REPLY: _ciphertext_reply(node, message, ciphertexts, M.EVAL_LENGTH)})
 
 

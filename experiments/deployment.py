@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from federation.certs import CredentialPaths
-from federation.errors import ConfigError, ProtocolError
+from federation.errors import ProtocolError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedrisk-tls"
@@ -232,16 +232,12 @@ class LocalDeployment:
     # --- faults ----------------------------------------------------------------------------------
     def _tree(self, name: str) -> list[int]:
         """The process and every process Flower started for the same party (same FLWR_HOME)."""
-        return _processes_with(f"FLWR_HOME={self.homes / name}", exact=True)
+        return processes_with(f"FLWR_HOME={self.homes / name}", exact=True)
 
     def signal(self, name: str, signum: signal.Signals) -> None:
         """Send a signal to a party's processes: SIGSTOP/SIGCONT to stall and resume one,
         SIGKILL to crash it."""
-        for pid in self._tree(name):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
+        send_signals(self._tree(name), signum)
         process = self.processes.get(name)
         if signum == signal.SIGKILL and process is not None:
             process.wait(timeout=30)
@@ -250,24 +246,15 @@ class LocalDeployment:
         """Stop every process this deployment started, SuperNodes before the SuperLink."""
         order = sorted(self.processes, key=lambda name: name == "superlink")
         for name in order:
-            for pid in self._tree(name):
-                try:
-                    os.kill(pid, signal.SIGCONT)
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            send_signals(self._tree(name), signal.SIGCONT, signal.SIGTERM)  # a stalled process must wake to stop
             try:
                 self.processes[name].wait(timeout=20)
             except subprocess.TimeoutExpired:
                 pass
         deadline = time.monotonic() + 20
-        while (left := _processes_with(f"FLWR_HOME={self.homes}")) and time.monotonic() < deadline:
+        while processes_with(f"FLWR_HOME={self.homes}") and time.monotonic() < deadline:
             time.sleep(0.5)
-        for pid in _processes_with(f"FLWR_HOME={self.homes}"):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        send_signals(processes_with(f"FLWR_HOME={self.homes}"), signal.SIGKILL)
         self.processes.clear()
 
     def __enter__(self) -> "LocalDeployment":
@@ -277,7 +264,17 @@ class LocalDeployment:
         self.stop()
 
 
-def _processes_with(marker: str, exact: bool = False) -> list[int]:
+def send_signals(pids: list[int], *signums: signal.Signals) -> None:
+    """Send each signal to each process, skipping those that have already exited."""
+    for pid in pids:
+        for signum in signums:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                break
+
+
+def processes_with(marker: str, exact: bool = False) -> list[int]:
     """PIDs of processes whose environment holds `marker` (a FLWR_HOME prefix, or exactly it)."""
     found = []
     needle = marker.encode()
@@ -291,10 +288,3 @@ def _processes_with(marker: str, exact: bool = False) -> list[int]:
         if any(var == needle if exact else var.startswith(needle) for var in environ.split(b"\0")):
             found.append(int(entry.name))
     return found
-
-
-def require_flower_binaries(bin_dir: Path) -> None:
-    """Refuse early, with one line, when Flower's deployment commands are not installed."""
-    for name in ("flower-superlink", "flower-supernode", "flwr"):
-        if not (Path(bin_dir) / name).exists():
-            raise ConfigError(f"{bin_dir / name} not found: install fedrisk (make install) first")

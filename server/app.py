@@ -23,7 +23,7 @@ from federation.he_codec import PlaintextCodec, ServerContext
 from federation.model import num_parameters, weights_digest
 from privacy.audit import RELEASE, REPLY_REJECTED, ROLE_SERVER, ROUND_TRAIN, RUN_RESUME, RUN_START, AuditLog
 from server.checkpoint import Checkpoint, new_run_id
-from server.strategy import HEFedAvg, Rejection, chain_ciphertexts
+from server.strategy import HEFedAvg, Rejection, chain_ciphertexts, reply_record
 from server.tracking import RunTracker, privacy_report
 
 Progress = Callable[[str, dict], None]
@@ -40,12 +40,14 @@ class FederatedResult:
     rounds: dict[int, dict[str, float]]
     privacy: dict[str, object]
     release_dir: str
-    round_seconds: dict[int, float] = field(default_factory=dict)
-    he_seconds: dict[int, float] = field(default_factory=dict)
-    bytes_up: dict[int, dict[str, int]] = field(default_factory=dict)
     fedrisk_run_id: str = ""
     contributors: dict[int, list[str]] = field(default_factory=dict)
     rejections: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def round_seconds(self) -> dict[int, float]:
+        """Wall seconds of each round, as the server measured it."""
+        return {r: metrics["round-seconds"] for r, metrics in self.rounds.items()}
 
 
 def _ask_one(grid: Grid, candidates: list[int], message_type: str, records: dict, timeout: float,
@@ -59,15 +61,10 @@ def _ask_one(grid: Grid, candidates: list[int], message_type: str, records: dict
         if not replies:
             reasons.append(f"node-{node}: no reply within {timeout:g}s")
             continue
-        reply = replies[0]
-        if reply.has_error():
-            reasons.append(f"node-{node}: {reply.error.reason}")
-            continue
-        record = reply.content.config_records.get(M.REPLY)
-        if record is None or M.ERROR in record:
-            reasons.append(str(record[M.ERROR]) if record is not None else f"node-{node}: empty reply")
-            continue
-        return reply
+        record, reason = reply_record(replies[0])
+        if reason is None:
+            return replies[0]
+        reasons.append(reason if record is not None else f"node-{node}: {reason}")
     raise ProtocolError(f"{what}: no hospital could answer ({'; '.join(reasons) or 'no hospital connected'})")
 
 
@@ -118,7 +115,13 @@ class _Run:
             self.base[M.RUN_CONFIG] = json.dumps(config.to_user_config())
         self.strategy = HEFedAvg(self.he, [], self._reveal, min_replies=config.required_replies, config=self.base,
                                  update_length=num_parameters(config.model, config.input_size) + 2)
-        self.logged_rejections = 0
+        self.rounds: dict[int, dict[str, float]] = {}
+        if self.checkpoint:
+            self.rounds.update(self.checkpoint.rounds)
+            self.strategy.privacy.update(self.checkpoint.privacy)
+            self.strategy.contributors.update(self.checkpoint.contributors)
+            self.strategy.rejections.extend(Rejection.from_dict(r) for r in self.checkpoint.rejections)
+        self.logged_rejections = len(self.strategy.rejections)  # a checkpoint's were logged by the earlier run
 
     def _log_rejections(self) -> None:
         for rejection in self.strategy.rejections[self.logged_rejections:]:
@@ -160,16 +163,8 @@ class _Run:
         nodes = _wait_for_nodes(self.grid, config.num_hospitals, config.required_replies, config.round_timeout)
         self._census(nodes)
         tracker = RunTracker(config, resume_run_id=checkpoint.mlflow_run_id if checkpoint else "", run_name=self.run_id)
-        state = checkpoint or Checkpoint(run_id=self.run_id, fingerprint=config.fingerprint(), completed_round=0,
-                                         census_total=strategy.census_total, chain={}, mlflow_run_id=tracker.run_id)
-        state.mlflow_run_id = tracker.run_id
-        strategy.privacy.update(state.privacy)
-        strategy.contributors.update(state.contributors)
-        earlier = [Rejection(int(r["round"]), str(r["step"]), str(r["hospital"]), str(r["reason"]))
-                   for r in state.rejections]
-        strategy.rejections[:0] = earlier  # the census's own rejections follow, already logged
-        self.logged_rejections += len(earlier)
-        arrays = ArrayRecord({key: Array(np.frombuffer(blob, dtype=np.uint8).copy()) for key, blob in state.chain.items()})
+        chain = checkpoint.chain if checkpoint else {}
+        arrays = ArrayRecord({key: Array(np.frombuffer(blob, dtype=np.uint8).copy()) for key, blob in chain.items()})
         if checkpoint:
             self.audit.append(RUN_RESUME, purpose=config.purpose, details={
                 "run": self.run_id, "mlflow-run": tracker.run_id, "completed-rounds": checkpoint.completed_round})
@@ -179,8 +174,8 @@ class _Run:
                 "run": self.run_id, "mlflow-run": tracker.run_id, "hospitals": len(nodes), "rounds": config.rounds,
                 "target-epsilon": config.target_epsilon})
         try:
-            for server_round in range(state.completed_round + 1, config.rounds + 1):
-                arrays = self._round(server_round, arrays, state, tracker)
+            for server_round in range((checkpoint.completed_round if checkpoint else 0) + 1, config.rounds + 1):
+                arrays = self._round(server_round, arrays, tracker)
             release = _ask_one(self.grid, strategy.nodes_of(strategy.contributors[config.rounds]), M.RELEASE, {
                 M.STATE: arrays, M.CONFIG: ConfigRecord({**self.base, M.ROUND: config.rounds})},
                 config.round_timeout, "release")
@@ -189,26 +184,26 @@ class _Run:
             if weights_digest(weights) != digest:
                 raise ProtocolError("the released model does not match the SHA-256 its hospital sent")
             report = privacy_report(config, strategy.privacy)
-            summary = {"run-id": self.run_id, "rounds": state.rounds, "hospitals": sorted(strategy.privacy),
-                       "contributors": strategy.contributors, "rejections": state.rejections, "sha256": digest,
+            rejections = [r.to_dict() for r in strategy.rejections]
+            summary = {"run-id": self.run_id, "rounds": self.rounds, "hospitals": sorted(strategy.privacy),
+                       "contributors": strategy.contributors, "rejections": rejections, "sha256": digest,
                        "chain_ciphertexts": len(chain_ciphertexts(arrays))}
             release_dir = tracker.finish(weights=weights, digest=digest, privacy_report=report, summary=summary)
             self.audit.append(RELEASE, purpose=config.purpose, epsilon=report["epsilon_max"],
                               details={"run": self.run_id, "mlflow-run": tracker.run_id, "sha256": digest})
         except BaseException:
             self._log_rejections()
-            if state.completed_round > 0:
+            if self.rounds:
                 tracker.fail()  # resumable: keep the MLflow run next to the checkpoint
             else:
                 tracker.abort()
             raise
         Checkpoint.clear(Path(config.run_dir))
-        return FederatedResult(run_id=tracker.run_id, weights=weights, digest=digest, rounds=state.rounds,
-                               privacy=report, release_dir=str(release_dir), round_seconds=state.round_seconds,
-                               he_seconds=state.he_seconds, bytes_up=state.bytes_up, fedrisk_run_id=self.run_id,
-                               contributors=dict(strategy.contributors), rejections=list(state.rejections))
+        return FederatedResult(run_id=tracker.run_id, weights=weights, digest=digest, rounds=self.rounds,
+                               privacy=report, release_dir=str(release_dir), fedrisk_run_id=self.run_id,
+                               contributors=dict(strategy.contributors), rejections=rejections)
 
-    def _round(self, server_round: int, arrays: ArrayRecord, state: Checkpoint, tracker: RunTracker) -> ArrayRecord:
+    def _round(self, server_round: int, arrays: ArrayRecord, tracker: RunTracker) -> ArrayRecord:
         """Train, aggregate, evaluate; then log and checkpoint the round."""
         config, strategy = self.config, self.strategy
         began = time.perf_counter()
@@ -232,16 +227,12 @@ class _Run:
         self.audit.append(ROUND_TRAIN, purpose=config.purpose, epsilon=metrics["epsilon-max"], details={
             "run": self.run_id, "round": server_round, "contributors": strategy.contributors[server_round],
             "auc": round(metrics["auc"], 6)})
-        state.completed_round = server_round
-        state.rounds[server_round] = metrics
-        state.round_seconds[server_round] = seconds
-        state.he_seconds[server_round] = max(strategy.he_seconds.get(server_round, {0: 0.0}).values())
-        state.bytes_up[server_round] = dict(traffic.up_bytes)
-        state.privacy = dict(strategy.privacy)
-        state.contributors = dict(strategy.contributors)
-        state.rejections = [r.to_dict() for r in strategy.rejections]
-        state.chain = {key: array.numpy().tobytes() for key, array in arrays.items()}
-        state.save(Path(config.run_dir))
+        self.rounds[server_round] = metrics
+        Checkpoint(run_id=self.run_id, fingerprint=config.fingerprint(), completed_round=server_round,
+                   census_total=strategy.census_total, chain=dict(zip(arrays.keys(), chain_ciphertexts(arrays))),
+                   mlflow_run_id=tracker.run_id, rounds=self.rounds, privacy=strategy.privacy,
+                   contributors=strategy.contributors,
+                   rejections=[r.to_dict() for r in strategy.rejections]).save(Path(config.run_dir))
         self.notify("round", {"round": server_round, "rounds": config.rounds, **metrics})
         return arrays
 

@@ -48,9 +48,6 @@ class Checkpoint:
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
     contributors: dict[int, list[str]] = field(default_factory=dict)
     rejections: list[dict[str, object]] = field(default_factory=list)
-    round_seconds: dict[int, float] = field(default_factory=dict)
-    he_seconds: dict[int, float] = field(default_factory=dict)
-    bytes_up: dict[int, dict[str, int]] = field(default_factory=dict)
 
     def save(self, run_dir: Path) -> Path:
         """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
@@ -93,9 +90,7 @@ class Checkpoint:
         return cls(run_id=meta["run_id"], fingerprint=meta["fingerprint"], completed_round=int(meta["completed_round"]),
                    census_total=census, chain=chain, mlflow_run_id=meta["mlflow_run_id"],
                    rounds=as_rounds(meta["rounds"]), privacy=meta["privacy"],
-                   contributors=as_rounds(meta["contributors"]), rejections=meta["rejections"],
-                   round_seconds=as_rounds(meta["round_seconds"]), he_seconds=as_rounds(meta["he_seconds"]),
-                   bytes_up=as_rounds(meta["bytes_up"]))
+                   contributors=as_rounds(meta["contributors"]), rejections=meta["rejections"])
 
     @staticmethod
     def clear(run_dir: Path) -> None:

@@ -48,6 +48,24 @@ class Rejection:
         """JSON form, for the checkpoint, the audit log and MLflow."""
         return {"round": self.server_round, "step": self.step, "hospital": self.hospital, "reason": self.reason}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> "Rejection":
+        """Inverse of `to_dict` (a resumed run reads its checkpoint's rejections back)."""
+        return cls(int(data["round"]), str(data["step"]), str(data["hospital"]), str(data["reason"]))
+
+
+def reply_record(reply: Message) -> tuple[ConfigRecord | None, str | None]:
+    """A hospital's reply record, and why it carries no result if it doesn't: Flower reported
+    a failure, the reply is empty, or the hospital refused (its one-line reason)."""
+    if reply.has_error():
+        return None, f"failed: {reply.error.reason}"
+    record = reply.content.config_records.get(M.REPLY)
+    if record is None:
+        return None, "empty reply"
+    if M.ERROR in record:
+        return record, str(record[M.ERROR])
+    return record, None
+
 
 @dataclass
 class RoundTraffic:
@@ -80,8 +98,6 @@ class HEFedAvg(Strategy):
         self.chain = ArrayRecord()
         self.privacy: dict[str, dict[str, float]] = {}
         self.traffic: dict[int, RoundTraffic] = {}
-        self.he_seconds: dict[int, dict[str, float]] = {}
-        self.train_seconds: dict[int, dict[str, float]] = {}
         self.rejections: list[Rejection] = []
         self.contributors: dict[int, list[str]] = {}
         self.node_ids: dict[str, int] = {}
@@ -117,28 +133,26 @@ class HEFedAvg(Strategy):
         return self._messages(grid, server_round, arrays, M.TRAIN)
 
     def accepted(self, server_round: int, replies: Iterable[Message], step: str, length: int
-                 ) -> list[tuple[str, ConfigRecord, list]]:
-        """The valid replies of one step as (hospital, reply record, parsed ciphertexts); every
-        other reply is recorded as a `Rejection`. Raises ProtocolError if fewer than
-        `min_replies` remain."""
-        accepted: list[tuple[str, ConfigRecord, list]] = []
+                 ) -> list[tuple[str, Message, list]]:
+        """The valid replies of one step as (hospital, reply, parsed ciphertexts); every other
+        reply is recorded as a `Rejection`. Raises ProtocolError if fewer than `min_replies`
+        remain."""
+        accepted: list[tuple[str, Message, list]] = []
         reasons: list[str] = []
         for reply in replies:
             who = f"node-{reply.metadata.src_node_id}"
-            if reply.has_error():
-                reason = f"failed: {reply.error.reason}"
-            else:
-                record = reply.content.config_records.get(M.REPLY)
-                if record is not None and M.HOSPITAL in record:
-                    who = str(record[M.HOSPITAL])
-                    self.node_ids.setdefault(who, reply.metadata.src_node_id)
-                reason = self._invalid(record, length, [h for h, _, _ in accepted])
-                if reason is None:
-                    try:
-                        accepted.append((who, record, self.he.parse(list(record[M.CIPHERTEXTS]), length)))
-                        continue
-                    except ReplyRejected as exc:
-                        reason = str(exc)
+            record, reason = reply_record(reply)
+            if record is not None and M.HOSPITAL in record:
+                who = str(record[M.HOSPITAL])
+                self.node_ids.setdefault(who, reply.metadata.src_node_id)
+            if reason is None:
+                reason = self._invalid(record, [h for h, _, _ in accepted])
+            if reason is None:
+                try:
+                    accepted.append((who, reply, self.he.parse(list(record[M.CIPHERTEXTS]), length)))
+                    continue
+                except ReplyRejected as exc:
+                    reason = str(exc)
             self.rejections.append(Rejection(server_round, step, who, reason))
             reasons.append(f"{who}: {reason}")
         if len(accepted) < self.min_replies:
@@ -147,11 +161,8 @@ class HEFedAvg(Strategy):
                                 f"{self.min_replies} needed ({detail})")
         return accepted
 
-    def _invalid(self, record: ConfigRecord | None, length: int, seen: list[str]) -> str | None:
-        if record is None:
-            return "empty reply"
-        if M.ERROR in record:
-            return str(record[M.ERROR])
+    def _invalid(self, record: ConfigRecord, seen: list[str]) -> str | None:
+        """Why a hospital's result record cannot enter an aggregate, checked before parsing."""
         if M.CIPHERTEXTS not in record:
             return "reply carries no ciphertexts"
         if str(record.get(M.KEY_ID, "")) != self.base_config[M.KEY_ID]:
@@ -165,27 +176,19 @@ class HEFedAvg(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Sum the valid encrypted updates and append the sum to the chain."""
-        replies = list(replies)
         accepted = self.accepted(server_round, replies, "training", self.update_length)
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        by_hospital = {hospital: record for hospital, record, _ in accepted}
-        for reply in replies:
-            record = reply.content.config_records.get(M.REPLY) if reply.has_content() else None
-            if record is None or str(record.get(M.HOSPITAL, "")) not in by_hospital:
-                continue
-            hospital = str(record[M.HOSPITAL])
-            traffic.up_bytes[hospital] = sum(len(b) for b in record[M.CIPHERTEXTS])
+        for hospital, reply, _ in accepted:
+            traffic.up_bytes[hospital] = sum(len(b) for b in reply.content.config_records[M.REPLY][M.CIPHERTEXTS])
             metrics = reply.content.metric_records[M.METRICS]
             self.privacy[hospital] = {key: float(metrics[key]) for key in
                                       (M.EPSILON, M.STEPS, M.NOISE_MULTIPLIER, M.SAMPLE_RATE)}
-            self.he_seconds.setdefault(server_round, {})[hospital] = float(metrics[M.HE_SECONDS])
-            self.train_seconds.setdefault(server_round, {})[hospital] = float(metrics[M.TRAIN_SECONDS])
         summed = self.he.add(parsed for _, _, parsed in accepted)
         chain = ArrayRecord({key: array for key, array in self.chain.items()})
         for index, blob in enumerate(summed):
             chain[f"r{server_round:03d}-c{index:02d}"] = Array(np.frombuffer(blob, dtype=np.uint8).copy())
         self.chain = chain
-        self.contributors[server_round] = sorted(by_hospital)
+        self.contributors[server_round] = sorted(hospital for hospital, _, _ in accepted)
         epsilons = [p[M.EPSILON] for p in self.privacy.values()]
         return chain, MetricRecord({"hospitals": len(accepted), "epsilon-max": max(epsilons)})
 

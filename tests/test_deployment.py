@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from experiments.simulation import simulate
 from experiments.synthetic import synthesize
 from federation.certs import init_credentials, new_node_key
 from federation.config import RunConfig
-from federation.he_codec import CONTRIBUTOR_UNIT, HospitalKey, init_keys
+from federation.he_codec import init_keys
 from privacy.accounting import epsilon_for
 from privacy.audit import REPLY_REJECTED, ROUND_TRAIN, RUN_RESUME, AuditLog
 from privacy.ledger import BudgetLedger

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments.deployment import processes_with, send_signals
 from experiments.provision import provision_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,15 +20,7 @@ pytestmark = pytest.mark.slow
 
 def _stop_processes_of(flwr_home: Path) -> None:
     """Flower leaves its local SuperLink running; stop every process started for this test."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if marker in (proc / "environ").read_bytes():
-                os.kill(int(proc.name), signal.SIGTERM)
-        except (OSError, PermissionError):
-            continue
+    send_signals(processes_with(f"FLWR_HOME={flwr_home}", exact=True), signal.SIGTERM)
 
 
 def test_flwr_run_trains_and_releases(federation_data, keys, tmp_path) -> None:
