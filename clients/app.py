@@ -16,11 +16,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from clients import faults
+from clients.analytics import HospitalAnalytics
 from clients.node import HospitalNode
 from clients.node_state import NodeState
 from federation import messages as M
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
+from federation.query import CohortQuery, QueryError
 
 
 def _chain(message: Message) -> list[bytes]:
@@ -122,7 +124,33 @@ def _evaluate(node: HospitalNode, message: Message, context: Context) -> Message
 
 def _reveal(node: HospitalNode, message: Message, context: Context) -> Message:
     aggregate = list(message.content.config_records[M.AGGREGATE_RECORD][M.AGGREGATE])
-    return _reply(message, **{M.REPLY: ConfigRecord({M.VALUES: node.reveal(aggregate)})})
+    length = int(_config(message).get(M.VECTOR_LENGTH, M.EVAL_LENGTH))
+    return _reply(message, **{M.REPLY: ConfigRecord({M.VALUES: node.reveal(aggregate, length)})})
+
+
+def _query(message: Message) -> tuple[CohortQuery, str]:
+    """The cohort query a message carries, validated here (never trusting the server's reading),
+    and the query run it belongs to."""
+    config = _config(message)
+    try:
+        data = json.loads(str(config[M.QUERY]))
+    except (KeyError, ValueError):
+        raise QueryError("the server's message carries no readable query") from None
+    return CohortQuery.from_mapping(data, source="query from the server"), str(config[M.QUERY_RUN])
+
+
+def _query_check(node: HospitalNode, message: Message, context: Context) -> Message:
+    query, run_id = _query(message)
+    multiplier = HospitalAnalytics(node.state, node.key).check(query, run_id)
+    return _reply(message, **{M.REPLY: ConfigRecord({M.HOSPITAL: node.name, M.NOISE_MULTIPLIER: multiplier})})
+
+
+def _query_answer(node: HospitalNode, message: Message, context: Context) -> Message:
+    query, run_id = _query(message)
+    answer = HospitalAnalytics(node.state, node.key).answer(query, run_id, int(_config(message)[M.HOSPITALS]))
+    return _reply(message, **{
+        M.REPLY: _ciphertext_reply(node, message, answer.ciphertexts, query.layout().length),
+        M.METRICS: MetricRecord({M.QUERY_EPSILON: answer.epsilon, M.NOISE_MULTIPLIER: answer.noise_multiplier})})
 
 
 def _release(node: HospitalNode, message: Message, context: Context) -> Message:
@@ -141,6 +169,8 @@ def make_client_app(preset: RunConfig | None = None) -> ClientApp:
     client_app.evaluate()(_guarded(_evaluate, preset))
     client_app.query("reveal")(_guarded(_reveal, preset))
     client_app.query("release")(_guarded(_release, preset))
+    client_app.query("check")(_guarded(_query_check, preset))
+    client_app.query("answer")(_guarded(_query_answer, preset))
     return client_app
 
 

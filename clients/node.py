@@ -260,9 +260,10 @@ class HospitalNode:
                            weight, CONTRIBUTOR_UNIT])
         return self.key.encrypt(vector)
 
-    def reveal(self, aggregate: Sequence[bytes]) -> list[float]:
-        """Decrypt a summed evaluation vector, only if enough hospitals are in it."""
-        values = self.key.decrypt(aggregate, EVAL_LENGTH)
+    def reveal(self, aggregate: Sequence[bytes], length: int = EVAL_LENGTH) -> list[float]:
+        """Decrypt a summed metric or query vector of `length` values (its last slot counts the
+        hospitals in it), only if enough hospitals are in it."""
+        values = self.key.decrypt(aggregate, length)
         self._check_contributors(values[-1], "metric aggregate")
         return [float(v) for v in values]
 

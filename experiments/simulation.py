@@ -18,7 +18,12 @@ from clients.validation import validate_export
 from experiments.provision import load_nodes, provision_nodes
 from federation.config import RunConfig
 from federation.errors import FedriskError, KeyMaterialError, ProtocolError
-from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey, ServerContext, check_file_mode
+from federation.he_codec import (
+    HOSPITAL_CONTEXT_FILE,
+    HospitalKey,
+    ServerContext,
+    check_file_mode,
+)
 from server.app import FederatedResult, Progress, make_server_app
 
 
@@ -46,7 +51,8 @@ def preflight(config: RunConfig) -> RunConfig:
 
 
 def simulate(config: RunConfig, progress: Progress | None = None, verbose: bool = False) -> FederatedResult:
-    """Train `config` in Flower's simulation engine and return the run's result.
+    """Train `config` in Flower's simulation engine and return the run's result (a
+    `server.analytics.QueryResult` when the config carries a cohort query).
 
     User-caused failures (bad file, wrong key, privacy refusal) come back as FedriskError
     with one line of explanation; the MLflow run is deleted in that case.

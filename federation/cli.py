@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
@@ -69,6 +69,42 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = simulate(config, progress=_progress(sys.stdout), verbose=args.verbose)
     print(f"release: {result.release_dir}  sha256 {result.digest}")
     print(f"epsilon max {result.privacy['epsilon_max']:.3f} at delta {config.delta:g}; MLflow run {result.run_id}")
+    return 0
+
+
+def _cmd_analytics_check(args: argparse.Namespace) -> int:
+    from federation.query import load_query
+
+    query = load_query(args.query)
+    layout, z = query.layout(), query.noise_multiplier()
+    print(f"{query.name}: {query.describe()}")
+    print(f"{len(layout.cells)} cell(s) x {layout.per_cell} statistic(s); noise multiplier {z:.4f} "
+          f"at delta {query.delta:g}")
+    print(f"standard error of a cell's record count with {args.hospitals} hospitals: "
+          f"{(args.hospitals ** 0.5) * z * layout.noise_scales[0]:.1f}; cells below {query.suppress_below:g} "
+          "noised records are suppressed")
+    return 0
+
+
+def _cmd_analytics_run(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from experiments.analytics import run_query
+    from federation.query import load_query
+    from server.analytics import write_result
+
+    if not args.data and not args.nodes:
+        raise ConfigError("give --nodes (initialised hospital nodes) or --data (provision them for a simulation)")
+    query = load_query(args.query)
+    result = run_query(query, nodes_dir=args.nodes or "", data_dir=args.data or "", keys_dir=args.keys,
+                       run_dir=args.out, num_hospitals=args.hospitals, run_id=args.run_id,
+                       tracking_uri=args.tracking_uri or "", provision_budget=args.budget, verbose=args.verbose)
+    files = result.files + ([str(p) for p in write_result(result, Path(args.table))] if args.table else [])
+    print(f"{query.name} ({result.run_id}): {query.describe()}; noise multiplier {result.noise_multiplier:.4f}, "
+          f"{len(result.hospitals)} hospitals")
+    with pd.option_context("display.width", 200, "display.max_rows", 500, "display.float_format", "{:,.4g}".format):
+        print(result.table.to_string(index=False))
+    print(f"written: {', '.join(files)}; MLflow run {result.mlflow_run_id}")
     return 0
 
 
@@ -301,6 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     _add_training_options(run, demo=False)
     run.set_defaults(handler=_cmd_run)
+
+    analytics = commands.add_parser("analytics", help="federated DP cohort statistics").add_subparsers(
+        dest="analytics_command", required=True)
+    analytics_run = analytics.add_parser("run", help="answer a cohort query across the hospitals (simulation engine)")
+    analytics_run.add_argument("query", help="query file (YAML; format in federation/query.py)")
+    analytics_run.add_argument("--nodes", help="directory of hospital node directories (`fedrisk node init`)")
+    analytics_run.add_argument("--data", help="directory of hospital_*.parquet|csv files: provision nodes for a simulation")
+    analytics_run.add_argument("--budget", type=float, default=10.0,
+                               help="with --data: epsilon budget of provisioned nodes for the query's purpose")
+    analytics_run.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
+    analytics_run.add_argument("--out", required=True, help="run directory (tables under queries/, MLflow store)")
+    analytics_run.add_argument("--hospitals", type=int, default=3)
+    analytics_run.add_argument("--run-id", default="", help="name of this query run (default: name and digest of the "
+                               "query; the same run on the same records repeats its answer at no new cost)")
+    analytics_run.add_argument("--table", help="also write the table here (.csv or .parquet)")
+    analytics_run.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: SQLite under --out)")
+    analytics_run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+    analytics_run.set_defaults(handler=_cmd_analytics_run)
+    analytics_check = analytics.add_parser("check", help="validate a query and show its noise; touches no data")
+    analytics_check.add_argument("query")
+    analytics_check.add_argument("--hospitals", type=int, default=3)
+    analytics_check.set_defaults(handler=_cmd_analytics_check)
 
     node = commands.add_parser("node", help="hospital node: init, check, budget, consent").add_subparsers(
         dest="node_command", required=True)

@@ -82,6 +82,8 @@ class RunConfig:
             default) means all `num_hospitals`. Must be at least `min_contributors`.
         run_id: the run's name, which hospitals' ledgers charge rounds to; empty means the server
             names it (or takes it from the run directory's checkpoint, when resuming).
+        query: a cohort query (federation.query) to answer instead of training: a YAML or JSON
+            file on the server, or the query as inline JSON. `run_id` then names the query run.
         dp: train with DP-SGD (only the overhead benchmark turns this off).
         he: aggregate under CKKS (only the overhead benchmark turns this off).
     """
@@ -111,6 +113,7 @@ class RunConfig:
     round_timeout: float = 600.0
     min_replies: int = 0
     run_id: str = ""
+    query: str = ""
     dp: bool = True
     he: bool = True
 
@@ -194,7 +197,7 @@ class RunConfig:
         import json
 
         ignored = {"data-dir", "nodes-dir", "keys-dir", "run-dir", "tracking-uri", "experiment",
-                   "round-timeout", "min-replies", "run-id", "schema-file", "provision-budget"}
+                   "round-timeout", "min-replies", "run-id", "schema-file", "provision-budget", "query"}
         decisive = {k: v for k, v in self.to_user_config().items() if k not in ignored}
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -13,6 +13,8 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 RELEASE = "query.release"
 REVEAL = "query.reveal"
+QUERY_CHECK = "query.check"      # analytics, phase 1: can every hospital answer and afford it?
+QUERY_ANSWER = "query.answer"    # analytics, phase 2: charge, compute, noise, encrypt
 
 # Record names inside a message's RecordDict.
 CONFIG = "config"
@@ -29,7 +31,10 @@ KEY_ID = "key-id"
 PARAMS_ID = "params-id"
 RUN_CONFIG = "run-config"  # JSON of the RunConfig for nodes started without one
 RUN_ID = "run-id"          # the run's name: what hospitals' ledgers charge rounds to
-VECTOR_LENGTH = "vector-length"
+VECTOR_LENGTH = "vector-length"  # a REVEAL request: how many values the aggregate holds
+QUERY = "query"                  # a cohort query, canonical JSON (federation.query)
+QUERY_RUN = "query-run"          # the query run's id: what hospitals' ledgers charge it to
+HOSPITALS = "hospitals"          # how many answers the server will sum
 
 # Keys in CENSUS_RECORD / AGGREGATE_RECORD.
 CENSUS_TOTAL = "census-total"
@@ -48,6 +53,7 @@ EPSILON = "epsilon"
 STEPS = "steps"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
+QUERY_EPSILON = "query-epsilon"
 TRAIN_SECONDS = "train-seconds"
 HE_SECONDS = "he-seconds"
 

@@ -239,15 +239,21 @@ class _Run:
 
 def make_server_app(preset: RunConfig | None = None, progress: Progress | None = None,
                     outcome: list | None = None) -> ServerApp:
-    """A ServerApp. `preset` fixes the run config (simulation); `outcome` receives the
-    FederatedResult, or the user-caused error that ended the run."""
+    """A ServerApp: federated training, or a cohort query when the run config carries one.
+    `preset` fixes the run config (simulation); `outcome` receives the FederatedResult (or
+    `server.analytics.QueryResult`), or the user-caused error that ended the run."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
             config = preset or RunConfig.from_user_config(context.run_config)
-            result = run_federated(grid, config, progress, share_config=preset is None)
+            if config.query:
+                from server.analytics import run_analytics
+
+                result = run_analytics(grid, config)
+            else:
+                result = run_federated(grid, config, progress, share_config=preset is None)
         except FedriskError as exc:
             if outcome is None:
                 raise

@@ -125,3 +125,31 @@ def privacy_report(config: RunConfig, spends: dict[str, dict[str, float]]) -> di
         "purpose": config.purpose,
         "hospitals": hospitals,
     }
+
+
+def track_query(config: RunConfig, result: Any, files: list[Path]) -> str:
+    """One MLflow run for one answered cohort query (`server.analytics.QueryResult`): the query
+    as parameters, its privacy statement and table as artifacts. Returns the MLflow run id."""
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(config.mlflow_uri)
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is None:
+        artifact_root = (Path(config.run_dir).resolve() / "mlartifacts").as_uri() if not config.tracking_uri else None
+        experiment_id = mlflow.create_experiment(config.experiment, artifact_location=artifact_root)
+    else:
+        experiment_id = experiment.experiment_id
+    query = result.query
+    with mlflow.start_run(experiment_id=experiment_id, run_name=result.run_id) as run:
+        mlflow.set_tags({"fedrisk.kind": "analytics", "fedrisk.query": query.name, "fedrisk.purpose": query.purpose})
+        mlflow.log_params({"query." + k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                           for k, v in query.to_dict().items()})
+        mlflow.log_params({"query.run-id": result.run_id, "noise-multiplier": result.noise_multiplier,
+                           "hospitals": ",".join(result.hospitals), "accountant": ACCOUNTANT})
+        mlflow.log_metrics({"epsilon": result.epsilon, "seconds": result.seconds,
+                            "cells": float(len(result.table)),
+                            "suppressed": float(result.table["suppressed"].sum())})
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="query")
+    return run.info.run_id

@@ -15,15 +15,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from clients.node_state import NodeState
+from experiments.analytics import answer_in_process
 from experiments.deployment import CONNECTION, PLAIN_CONNECTION, LocalDeployment
 from experiments.provision import provision_nodes
 from experiments.simulation import simulate
 from experiments.synthetic import synthesize
 from federation.certs import init_credentials, new_node_key
 from federation.config import RunConfig
-from federation.he_codec import init_keys
+from federation.he_codec import HospitalKey, ServerContext, init_keys
+from federation.query import CohortQuery
 from privacy.accounting import epsilon_for
 from privacy.audit import REPLY_REJECTED, ROUND_TRAIN, RUN_RESUME, AuditLog
 from privacy.ledger import BudgetLedger
@@ -129,6 +133,32 @@ def test_deployment_trains_the_same_model_as_the_simulation(federation: Federati
     for hospital, spend in report["hospitals"].items():
         assert spend["epsilon"] == pytest.approx(simulated.privacy["hospitals"][hospital]["epsilon"])
         assert spend["steps"] == simulated.privacy["hospitals"][hospital]["steps"]
+
+
+def test_a_cohort_query_gives_the_same_answer_on_both_engines(federation: Federation, tmp_path: Path) -> None:
+    query = tmp_path / "query.yaml"
+    query.write_text("name: delinquency-by-insurance\npurpose: credit-risk-research\nepsilon: 0.5\n"
+                     "measure: rate\nfield: delinquent_90d_12m\ngroup-by: [insurance_type]\n")
+    d = federation.deployment
+    status = d.wait_run(d.submit(federation.run_config(tmp_path / "deployed", query=str(query),
+                                                       **{"run-id": "same-query"})), timeout=300)
+    assert status.completed, (status, d.log("superlink").read_text()[-3000:])
+    deployed = pd.read_csv(tmp_path / "deployed" / "queries" / "same-query.csv")
+
+    # The simulation engine runs the same ClientApp and ServerApp code (tests/test_analytics.py);
+    # here the identical node copies answer in-process: same secrets, records and run id, so each
+    # hospital draws the same DP noise (only the CKKS decryption error, a fraction of a record, differs).
+    states = [NodeState.load(federation.root / "sim-nodes" / h) for h in federation.hospitals]
+    local = answer_in_process(states, HospitalKey.load(federation.keys.hospital_context),
+                              ServerContext.load(federation.keys.server_context.parent),
+                              CohortQuery.load(query), "same-query")
+    assert list(deployed["insurance_type"]) == list(local["insurance_type"])
+    assert (((deployed["rate"] - local["rate"]).abs() < 0.05 * deployed["se"]) | deployed["suppressed"]).all()
+    assert ((deployed["records"] - local["records"]).abs() < 2).all()
+    for hospital in federation.hospitals:
+        with BudgetLedger(federation.node_dir(hospital) / "ledger.sqlite") as ledger:
+            charges = [c for c in ledger.history(PURPOSE) if c.run_id == "same-query"]
+        assert [c.kind for c in charges] == ["analytics"]
 
 
 def _checkpoint_round(run_dir: Path) -> int:

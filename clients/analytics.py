@@ -1,0 +1,184 @@
+"""A hospital's side of a federated cohort query: check, charge, compute, noise, encrypt.
+
+The hospital re-validates the query itself (it never relies on the server's reading), checks
+that its schema releases every field the query reads for the query's purpose, and that its
+ledger can afford the query, all before a record is read (`check`). On the second message
+(`answer`) it charges the ledger, then reads its consented records, clamps each contribution to
+the query's bounds, computes its cell statistics, adds Gaussian noise calibrated so that this
+hospital's release alone is (epsilon, delta)-DP, and encrypts the noised vector. What leaves the
+node: ciphertexts and the public noise multiplier.
+
+The noise is drawn from a seed derived from the node's secret, the run, the query and a digest
+of the records used: answering the same query run on the same records again repeats the same
+answer (nothing new is released, nothing is charged twice); a new run id or changed records draw
+fresh noise under a new charge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import date
+
+import numpy as np
+import pandas as pd
+
+from clients.deidentify import PSEUDONYM
+from clients.node_state import NodeState
+from federation.errors import DataError, FedriskError, PrivacyBudgetError
+from federation.he_codec import CONTRIBUTOR_UNIT, HospitalKey, PlaintextCodec
+from federation.query import CELL_CAPACITY, FIELDS, CohortQuery
+from privacy.consent import ConsentError
+from privacy.ledger import GaussianMechanism
+
+ANALYTICS_ANSWER = "analytics.answer"
+"""Audit action: this node released one noised, encrypted query answer."""
+
+
+@dataclass(frozen=True)
+class QueryAnswer:
+    """What a hospital sends for one query: ciphertexts and public accounting values."""
+
+    ciphertexts: list[bytes]
+    noise_multiplier: float
+    epsilon: float
+
+
+def local_statistics(table: pd.DataFrame, query: CohortQuery) -> np.ndarray:
+    """The hospital's exact, clamped cell statistics, flattened in `query.layout()` order.
+
+    A record in no cell (a group value missing or outside the query's groups) and, for measures
+    over a field, a record whose field is missing contribute nothing. Values are clamped into
+    the query's bounds (sum, mean, rate) or its outer bins (histogram, quantiles)."""
+    layout = query.layout()
+    keep = np.ones(len(table), dtype=bool)
+    cell = np.zeros(len(table), dtype=np.int64)
+    for group in query.group_by:
+        labels = FIELDS[group.field].labels(table[group.field].to_numpy())
+        index = {g: i for i, g in enumerate(group.groups)}
+        position = np.array([index.get(label, -1) for label in labels], dtype=np.int64)
+        keep &= position >= 0
+        cell = cell * len(group.groups) + np.maximum(position, 0)
+    values = np.zeros(len(table))
+    if query.field is not None:
+        raw = table[query.field]
+        values = pd.to_numeric(raw.astype("object").map(lambda v: float(v) if isinstance(v, bool) else v),
+                               errors="coerce").to_numpy(dtype=float)
+        keep &= ~np.isnan(values)
+    cell, values = cell[keep], values[keep]
+    cells = len(layout.cells)
+    if query.paired:
+        low, high = query.bounds  # type: ignore[misc]
+        counts = np.bincount(cell, minlength=cells).astype(float)
+        sums = np.bincount(cell, weights=np.clip(values, low, high) - query.centre, minlength=cells)
+        return np.column_stack([counts, sums]).ravel()
+    if query.bins is not None:
+        edges = np.asarray(query.bins)
+        bins = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+        flat = cell * (len(edges) - 1) + bins
+        return np.bincount(flat, minlength=cells * (len(edges) - 1)).astype(float)
+    return np.bincount(cell, minlength=cells).astype(float)
+
+
+_USABLE_CACHE: dict[tuple, tuple[pd.DataFrame, dict[str, int]]] = {}
+_CACHE_LIMIT = 16
+
+
+def consented_records(state: NodeState, purpose: str) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The de-identified records `purpose` may use, and exclusion counts by reason. Cached
+    while the export, schema and consent withdrawals are unchanged (a withdrawal takes effect
+    on the next query), so a series of queries validates the export once."""
+    files = (state.data_file, state.schema_file, state.directory / "revocations.sqlite")
+    key = (str(state.directory), purpose, date.today(), *(f.stat().st_mtime_ns if f.exists() else 0 for f in files))
+    if key not in _USABLE_CACHE:
+        if len(_USABLE_CACHE) >= _CACHE_LIMIT:
+            _USABLE_CACHE.pop(next(iter(_USABLE_CACHE)))
+        table, mask, excluded = state.usable(purpose)
+        _USABLE_CACHE[key] = (table.loc[mask].reset_index(drop=True), excluded)
+    return _USABLE_CACHE[key]
+
+
+def _data_digest(table: pd.DataFrame, query: CohortQuery) -> str:
+    columns = [PSEUDONYM, *(g.field for g in query.group_by), *([query.field] if query.field else [])]
+    hashed = pd.util.hash_pandas_object(table[columns].astype(str), index=False).to_numpy()
+    return hashlib.sha256(hashed.tobytes()).hexdigest()[:16]
+
+
+class HospitalAnalytics:
+    """One hospital answering cohort queries from its node state and its copy of the CKKS key."""
+
+    def __init__(self, state: NodeState, key: HospitalKey | PlaintextCodec) -> None:
+        self.state = state
+        self.key = key
+        self.name = state.hospital
+
+    def _refuse(self, error: FedriskError, purpose: str) -> None:
+        self.state.audit().refusal(error, purpose=purpose)
+        raise error
+
+    def _mechanism(self, query: CohortQuery) -> GaussianMechanism:
+        return GaussianMechanism.gaussian_release(noise_multiplier=query.noise_multiplier())
+
+    def check(self, query: CohortQuery, run_id: str) -> float:
+        """Before any record is read: refuse a query that reads a field this hospital's schema
+        withholds from the purpose, or that its ledger cannot afford. Returns the noise
+        multiplier the answer will use. Writes nothing but a refusal to the audit log."""
+        schema = self.state.schema()
+        if query.purpose not in schema.consent_policy().fields:
+            self._refuse(ConsentError(f"{self.name}: no consent recorded in this hospital's export covers purpose "
+                                      f"{query.purpose!r}, so no record may be used for it"), query.purpose)
+        released = {c.target for c in schema.columns
+                    if c.role in ("feature", "quasi-identifier", "label") and c.allowed_for(query.purpose)}
+        for field in [g.field for g in query.group_by] + ([query.field] if query.field else []):
+            if field not in released:
+                self._refuse(DataError(f"{self.name}: field {field!r} is not released for purpose "
+                                       f"{query.purpose!r} by this hospital's schema"), query.purpose)
+        age = next((c for c in schema.columns if c.target == "age"), None)
+        if any(g.field == "age" for g in query.group_by) and age is not None and age.generalisation is not None \
+                and age.generalisation.kind == "age-band" and 10 % (age.generalisation.size or 10):
+            self._refuse(DataError(f"{self.name}: ages are generalised to {age.generalisation.size}-year bands, "
+                                   "coarser than the query's 10-year bands"), query.purpose)
+        mechanism = self._mechanism(query)
+        with self.state.ledger() as ledger:
+            try:
+                already = any(c.run_id == run_id and c.kind == "analytics" for c in ledger.history(query.purpose))
+                after = ledger.would_spend(query.purpose, mechanism)
+                budget = ledger.budget(query.purpose)
+                spent = ledger.spent(query.purpose)
+            except FedriskError as error:
+                self._refuse(error, query.purpose)
+        if after > budget.epsilon_total and not already:
+            self._refuse(PrivacyBudgetError(
+                f"{self.name}: query would bring purpose {query.purpose!r} to epsilon {after:.3f}, over its "
+                f"budget of {budget.epsilon_total:g} (spent {spent:.3f}); refused, nothing charged"), query.purpose)
+        return mechanism.noise_multiplier
+
+    def answer(self, query: CohortQuery, run_id: str, hospitals: int) -> QueryAnswer:
+        """Charge, compute, noise and encrypt this hospital's answer (see the module docstring).
+        `hospitals` is how many answers the server will sum (each must fit the slot range)."""
+        self.check(query, run_id)
+        used, excluded = consented_records(self.state, query.purpose)
+        mechanism = self._mechanism(query)
+        digest = _data_digest(used, query)
+        with self.state.ledger() as ledger:
+            try:
+                charge = ledger.charge(query.purpose, mechanism, run_id=run_id, kind="analytics", actor=self.name,
+                                       idempotency_key=f"query-{query.digest()}:{digest}")
+            except FedriskError as error:
+                self._refuse(error, query.purpose)
+        exact = local_statistics(used, query)
+        layout = query.layout()
+        if np.abs(exact / layout.units).max(initial=0.0) * hospitals > 0.5:
+            self._refuse(DataError(f"{self.name}: a cell holds more records than {hospitals} hospitals can sum "
+                                   f"within the codec's range ({CELL_CAPACITY / 2:,.0f} records per cell in all)"),
+                         query.purpose)
+        seed = self.state.pseudonym_key().derive_seed("analytics", run_id, query.digest(), digest)
+        noise = np.random.default_rng(seed).standard_normal(exact.shape) * layout.noise_scales * mechanism.noise_multiplier
+        vector = np.concatenate([(exact + noise) / layout.units, [CONTRIBUTOR_UNIT]])
+        ciphertexts = self.key.encrypt(vector)
+        epsilon = mechanism.epsilon(query.delta)
+        self.state.audit().append(ANALYTICS_ANSWER, purpose=query.purpose, epsilon=charge.epsilon_after, details={
+            "run": run_id, "query": query.name, "digest": query.digest(), "measure": query.measure,
+            "field": query.field or "", "cells": len(layout.cells), "records-used": len(used),
+            "records-excluded": excluded, "query-epsilon": round(epsilon, 6), "noise-multiplier": mechanism.noise_multiplier})
+        return QueryAnswer(ciphertexts, mechanism.noise_multiplier, epsilon)
