@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean flwr-run
+.PHONY: demo test install bench clean flwr-run browser
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "fedrisk needs $(PYTHON) on PATH"; exit 1; }
@@ -22,8 +22,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fedrisk demo $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The dashboard's browser test drives Debian's Chromium through ChromeDriver.
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 bench: $(STAMP)
 	$(BIN)/python bench/overheads.py $(ARGS)

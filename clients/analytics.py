@@ -24,10 +24,12 @@ import numpy as np
 import pandas as pd
 
 from clients.deidentify import PSEUDONYM
-from clients.node_state import NodeState
-from federation.errors import DataError, FedriskError, PrivacyBudgetError
+from clients.node_state import NodeState, test_split
+from federation import features as fx
+from federation.errors import DataError, FedriskError, PrivacyBudgetError, ProtocolError
 from federation.he_codec import CONTRIBUTOR_UNIT, HospitalKey, PlaintextCodec
-from federation.query import CELL_CAPACITY, FIELDS, CohortQuery
+from federation.model import weights_digest
+from federation.query import CELL_CAPACITY, FIELDS, RISK_SCORE, CohortQuery
 from privacy.consent import ConsentError
 from privacy.ledger import GaussianMechanism
 
@@ -119,6 +121,18 @@ class HospitalAnalytics:
     def _mechanism(self, query: CohortQuery) -> GaussianMechanism:
         return GaussianMechanism.gaussian_release(noise_multiplier=query.noise_multiplier())
 
+    def _scored_test_split(self, query: CohortQuery, used: pd.DataFrame, weights: np.ndarray | None) -> pd.DataFrame:
+        """The held-out test split (records no training round used), with each record's risk score."""
+        from federation.model import load_model, predict_proba
+
+        sha256, kind = query.model  # type: ignore[misc]
+        if weights is None or weights_digest(weights) != sha256:
+            self._refuse(ProtocolError(f"{self.name}: the model sent with query {query.name!r} does not match "
+                                       f"its SHA-256 {sha256[:12]}"), query.purpose)
+        held_out = used.loc[test_split(used[PSEUDONYM])].reset_index(drop=True)
+        model = load_model(kind, np.asarray(weights, dtype=np.float32), len(fx.FEATURE_NAMES))
+        return held_out.assign(**{RISK_SCORE: predict_proba(model, fx.encode_features(held_out)).astype(float)})
+
     def check(self, query: CohortQuery, run_id: str) -> float:
         """Before any record is read: refuse a query that reads a field this hospital's schema
         withholds from the purpose, or that its ledger cannot afford. Returns the noise
@@ -129,7 +143,10 @@ class HospitalAnalytics:
                                       f"{query.purpose!r}, so no record may be used for it"), query.purpose)
         released = {c.target for c in schema.columns
                     if c.role in ("feature", "quasi-identifier", "label") and c.allowed_for(query.purpose)}
-        for field in [g.field for g in query.group_by] + ([query.field] if query.field else []):
+        needed = [g.field for g in query.group_by] + ([query.field] if query.field else [])
+        if query.field == RISK_SCORE:  # the model reads every standard input
+            needed = [f for f in needed if f != RISK_SCORE] + list(fx.RAW_FEATURE_COLUMNS)
+        for field in needed:
             if field not in released:
                 self._refuse(DataError(f"{self.name}: field {field!r} is not released for purpose "
                                        f"{query.purpose!r} by this hospital's schema"), query.purpose)
@@ -153,11 +170,15 @@ class HospitalAnalytics:
                 f"budget of {budget.epsilon_total:g} (spent {spent:.3f}); refused, nothing charged"), query.purpose)
         return mechanism.noise_multiplier
 
-    def answer(self, query: CohortQuery, run_id: str, hospitals: int) -> QueryAnswer:
+    def answer(self, query: CohortQuery, run_id: str, hospitals: int,
+               model_weights: np.ndarray | None = None) -> QueryAnswer:
         """Charge, compute, noise and encrypt this hospital's answer (see the module docstring).
-        `hospitals` is how many answers the server will sum (each must fit the slot range)."""
+        `hospitals` is how many answers the server will sum (each must fit the slot range);
+        `model_weights` are the model a `risk_score` query scores with (checked against its digest)."""
         self.check(query, run_id)
         used, excluded = consented_records(self.state, query.purpose)
+        if query.field == RISK_SCORE:
+            used = self._scored_test_split(query, used, model_weights)
         mechanism = self._mechanism(query)
         digest = _data_digest(used, query)
         with self.state.ledger() as ledger:

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from clients import faults
@@ -147,7 +155,9 @@ def _query_check(node: HospitalNode, message: Message, context: Context) -> Mess
 
 def _query_answer(node: HospitalNode, message: Message, context: Context) -> Message:
     query, run_id = _query(message)
-    answer = HospitalAnalytics(node.state, node.key).answer(query, run_id, int(_config(message)[M.HOSPITALS]))
+    model = message.content.array_records.get(M.QUERY_MODEL)
+    weights = model[M.WEIGHTS].numpy() if model is not None else None
+    answer = HospitalAnalytics(node.state, node.key).answer(query, run_id, int(_config(message)[M.HOSPITALS]), weights)
     return _reply(message, **{
         M.REPLY: _ciphertext_reply(node, message, answer.ciphertexts, query.layout().length),
         M.METRICS: MetricRecord({M.QUERY_EPSILON: answer.epsilon, M.NOISE_MULTIPLIER: answer.noise_multiplier})})

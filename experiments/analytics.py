@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from clients.analytics import HospitalAnalytics
@@ -27,28 +28,29 @@ from server.analytics import QueryResult, estimate
 def run_query(query: CohortQuery | str | Path, *, nodes_dir: str | Path = "", data_dir: str | Path = "",
               keys_dir: str | Path = "keys", run_dir: str | Path = "runs/analytics", num_hospitals: int = 3,
               run_id: str = "", tracking_uri: str = "", min_contributors: int = 2,
-              provision_budget: float = 10.0, verbose: bool = False) -> QueryResult:
+              provision_budget: float = 10.0, model_file: str | Path = "", verbose: bool = False) -> QueryResult:
     """Answer `query` (a CohortQuery, a query file, or inline JSON) across the hospital nodes
     in `nodes_dir` (or nodes provisioned under `run_dir` from the exports in `data_dir`, each
-    with `provision_budget` for the query's purpose). Raises FedriskError, one line, on a
+    with `provision_budget` for the query's purpose). A `risk_score` query scores with the
+    release `model_file` (model.npz). Raises FedriskError, one line, on a
     malformed query, a refusal at any hospital, or a failure; then nothing is released."""
     if not isinstance(query, CohortQuery):
         query = load_query(str(query))
     config = RunConfig(nodes_dir=str(nodes_dir), data_dir=str(data_dir), keys_dir=str(keys_dir), run_dir=str(run_dir),
                        num_hospitals=num_hospitals, purpose=query.purpose, delta=query.delta, run_id=run_id,
                        tracking_uri=tracking_uri, min_contributors=min_contributors, query=query.to_json(),
-                       provision_budget=provision_budget)
+                       provision_budget=provision_budget, model_file=str(model_file))
     return simulate(config, verbose=verbose)  # the ServerApp answers the query its config carries
 
 
 def answer_in_process(nodes: Sequence[NodeState], key: HospitalKey, server: ServerContext, query: CohortQuery,
-                      run_id: str) -> pd.DataFrame:
+                      run_id: str, model_weights: np.ndarray | None = None) -> pd.DataFrame:
     """A query's DP table computed by the protocol's own steps in this process, without Flower's
     transport: every hospital answers (charge, clamp, noise, encrypt), the server context adds
     the ciphertexts, a hospital key decrypts the sum, `estimate` builds the table. For
     experiments that need many answers quickly (accuracy sweeps, the noise calibration tests)."""
     layout = query.layout()
-    answers = [HospitalAnalytics(node, key).answer(query, run_id, len(nodes)) for node in nodes]
+    answers = [HospitalAnalytics(node, key).answer(query, run_id, len(nodes), model_weights) for node in nodes]
     summed = server.sum([answer.ciphertexts for answer in answers], layout.length)
     values = key.decrypt(summed, layout.length)
     return estimate(query, values[:-1] * layout.units, answers[0].noise_multiplier, len(nodes))

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from federation import cli_release, cli_scoring, cli_serve
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
 
@@ -222,7 +223,8 @@ def _cmd_node_revoke(args: argparse.Namespace) -> int:
     pseudonym = state.pseudonym_key().pseudonymise(pd.Series([args.record_key])).iloc[0]
     state.revocations().revoke(pseudonym, args.purpose)
     state.audit().append("consent.revoke", purpose=args.purpose, details={"pseudonym": pseudonym})
-    print(f"consent for {args.purpose} withdrawn for one record; it is excluded from the next run")
+    print(f"consent for {args.purpose} withdrawn for one record: excluded from the next run or query, "
+          "and from applicant scoring at once")
     return 0
 
 
@@ -418,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     certs_node_key.add_argument("--name", required=True, help="the hospital's name (goes in the public key's comment)")
     certs_node_key.add_argument("--force", action="store_true", help="replace a key pair made earlier in --out")
     certs_node_key.set_defaults(handler=_cmd_certs_node_key)
+
+    cli_scoring.register(node)  # fedrisk node grant|serve|release
+    cli_release.register(commands)  # fedrisk release
+    cli_serve.register(commands)  # fedrisk serve
 
     privacy = commands.add_parser("privacy", help="privacy reports").add_subparsers(dest="privacy_command", required=True)
     verify = privacy.add_parser("verify", help="recompute every epsilon of a privacy report")

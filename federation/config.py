@@ -84,6 +84,8 @@ class RunConfig:
             names it (or takes it from the run directory's checkpoint, when resuming).
         query: a cohort query (federation.query) to answer instead of training: a YAML or JSON
             file on the server, or the query as inline JSON. `run_id` then names the query run.
+        model_file: a released model.npz that a `risk_score` query scores with (its SHA-256 must
+            be the one the query names); the weights travel to hospitals with the query.
         dp: train with DP-SGD (only the overhead benchmark turns this off).
         he: aggregate under CKKS (only the overhead benchmark turns this off).
     """
@@ -114,6 +116,7 @@ class RunConfig:
     min_replies: int = 0
     run_id: str = ""
     query: str = ""
+    model_file: str = ""
     dp: bool = True
     he: bool = True
 
@@ -197,7 +200,7 @@ class RunConfig:
         import json
 
         ignored = {"data-dir", "nodes-dir", "keys-dir", "run-dir", "tracking-uri", "experiment",
-                   "round-timeout", "min-replies", "run-id", "schema-file", "provision-budget", "query"}
+                   "round-timeout", "min-replies", "run-id", "schema-file", "provision-budget", "query", "model-file"}
         decisive = {k: v for k, v in self.to_user_config().items() if k not in ignored}
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -35,6 +35,7 @@ VECTOR_LENGTH = "vector-length"  # a REVEAL request: how many values the aggrega
 QUERY = "query"                  # a cohort query, canonical JSON (federation.query)
 QUERY_RUN = "query-run"          # the query run's id: what hospitals' ledgers charge it to
 HOSPITALS = "hospitals"          # how many answers the server will sum
+QUERY_MODEL = "query-model"      # server -> hospital: the weights a risk_score query scores with (ArrayRecord)
 
 # Keys in CENSUS_RECORD / AGGREGATE_RECORD.
 CENSUS_TOTAL = "census-total"

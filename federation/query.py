@@ -14,6 +14,13 @@ come from the federation's public contract, never from the data:
     quantiles: [0.25, 0.5, 0.75]           # quantiles only
     group-by: [age, {insurance_type: [private, medicaid]}]   # optional; a subset of a domain
     suppress-below: 20                     # cells whose noised record count is below it are withheld (0: none)
+    model: {sha256: <64 hex>, kind: mlp}   # only with field risk_score: the model to score with
+
+`risk_score` is the probability a model gives each record. A query over it names the model by
+its SHA-256 (the weights travel with the query and each hospital checks the digest) and reads
+only each hospital's held-out test split, the records the model was not trained on. A histogram
+of `risk_score` grouped by a group field and `delinquent_90d_12m` is a DP evaluation of the
+model: calibration, AUC and fairness by group follow from it by post-processing.
 
 The hospital and the server both parse the same file with `CohortQuery.from_mapping`, so a
 hospital never trusts the server's reading of a query. `layout` fixes the vector a hospital
@@ -57,7 +64,9 @@ and the codec's absolute error (about 2e-7) is about 0.4 records, far below the 
 
 _SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _KEYS = {"name", "purpose", "epsilon", "delta", "measure", "field", "bounds", "bins", "quantiles",
-         "group-by", "suppress-below", "description"}
+         "group-by", "suppress-below", "description", "model"}
+RISK_SCORE = "risk_score"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 AGE_BANDS = tuple(range(0, 100, 10))
 """Lower bounds of the public age bands ("0-9" ... "80-89", "90+")."""
 
@@ -71,7 +80,8 @@ class FieldSpec:
     """What the federation's public contract says about one column a query may name.
 
     `kind` is "categorical" (fixed category list), "boolean", "binary" (0/1 integer), "age"
-    (numeric, grouped into public 10-year bands), "numeric" or "free-text" (no public domain).
+    (numeric, grouped into public 10-year bands), "numeric", "score" (a model's probability, see
+    `RISK_SCORE`) or "free-text" (no public domain).
     """
 
     name: str
@@ -84,7 +94,7 @@ class FieldSpec:
 
     @property
     def measurable(self) -> bool:
-        return self.kind in ("boolean", "binary", "age", "numeric")
+        return self.kind in ("boolean", "binary", "age", "numeric", "score")
 
     def labels(self, values: Any) -> np.ndarray:
         """Each value's group label ('' when it is in no group: missing or unknown)."""
@@ -123,6 +133,7 @@ def _contract() -> dict[str, FieldSpec]:
         "employment_status": FieldSpec("employment_status", "categorical", fx.EMPLOYMENT_STATUSES),
         "age": FieldSpec("age", "age", tuple(_age_label(b) for b in AGE_BANDS)),
         "zip3": FieldSpec("zip3", "free-text"),
+        RISK_SCORE: FieldSpec(RISK_SCORE, "score"),
         fx.LABEL: FieldSpec(fx.LABEL, "binary", ("no", "yes")),
         "on_payment_plan": FieldSpec("on_payment_plan", "boolean", ("no", "yes")),
     }
@@ -176,6 +187,7 @@ class CohortQuery:
     quantiles: tuple[float, ...] | None
     group_by: tuple[GroupBy, ...]
     suppress_below: float
+    model: tuple[str, str] | None = None  # (sha256, kind) of the model a risk_score query scores with
 
     # --- reading ----------------------------------------------------------------------------
     @classmethod
@@ -237,7 +249,8 @@ class CohortQuery:
         if measure == "quantiles":
             quantiles = _quantiles(data, fail)
         group_by = _group_by(data.get("group-by", []), field, fail)
-        query = cls(name, purpose, epsilon, delta, measure, field, bounds, bins, quantiles, group_by, suppress)
+        model = _model(data, field, fail)
+        query = cls(name, purpose, epsilon, delta, measure, field, bounds, bins, quantiles, group_by, suppress, model)
         if query.layout().length > MAX_VECTOR_LENGTH:
             raise fail(f"{len(query.layout().cells)} cells of {query.layout().per_cell} statistics is more than "
                        f"{MAX_VECTOR_LENGTH} values; group by fewer fields or use fewer bins")
@@ -258,6 +271,8 @@ class CohortQuery:
             out["quantiles"] = list(self.quantiles)
         out["group-by"] = [{g.field: list(g.groups)} for g in self.group_by]
         out["suppress-below"] = self.suppress_below
+        if self.model is not None:
+            out["model"] = {"sha256": self.model[0], "kind": self.model[1]}
         return out
 
     def to_json(self) -> str:
@@ -356,6 +371,26 @@ def _measured_field(data: Mapping, measure: str, fail) -> str | None:
     if not spec.measurable:
         raise fail(f"field {spec.name!r} is {spec.kind}, not numeric; it can only be grouped by")
     return spec.name
+
+
+def _model(data: Mapping, field: str | None, fail) -> tuple[str, str] | None:
+    raw = data.get("model")
+    if field != RISK_SCORE:
+        if raw is not None:
+            raise fail(f"'model' applies only to field {RISK_SCORE!r}")
+        return None
+    if not isinstance(raw, Mapping) or set(map(str, raw)) != {"sha256", "kind"}:
+        raise fail(f"field {RISK_SCORE!r} needs 'model: {{sha256: <64 hex>, kind: mlp|logreg|mlp:W1,...}}'")
+    digest, kind = str(raw["sha256"]), str(raw["kind"])
+    if not _SHA256.match(digest):
+        raise fail(f"model sha256 must be 64 lowercase hex characters, got {digest!r}")
+    from federation.config import model_layers
+
+    try:
+        model_layers(kind)
+    except ConfigError as exc:
+        raise fail(f"model kind: {exc}") from None
+    return digest, kind
 
 
 def _bounds(data: Mapping, field: str | None, fail) -> tuple[float, float]:

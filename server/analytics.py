@@ -30,20 +30,22 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from federation import messages as M
 from federation.config import RunConfig
-from federation.errors import PrivacyBudgetError, ProtocolError
+from federation.errors import FedriskError, PrivacyBudgetError, ProtocolError
 from federation.he_codec import (
     CONTRIBUTOR_UNIT,
     PlaintextCodec,
     ServerContext,
     he_parameters,
 )
-from federation.query import CohortQuery, load_query
+from federation.model import weights_digest
+from federation.query import CohortQuery, QueryError, load_query
 from privacy.accounting import ACCOUNTANT
+from server.grid import ask_one, exchange, wait_for_nodes
 from server.strategy import HEFedAvg, reply_record
 
 Z_95 = 1.959963984540054
@@ -160,20 +162,22 @@ def _base(he: ServerContext | PlaintextCodec, query: CohortQuery, run_id: str, h
 
 
 def answer_query(grid: Grid, config: RunConfig, query: CohortQuery, run_id: str,
-                 reveal_timeout: float | None = None) -> QueryResult:
-    """Run `query` across the hospitals connected to `grid` (waiting for `config.num_hospitals`)."""
-    from server.app import _ask_one, _exchange, _wait_for_nodes
-
+                 model_weights: np.ndarray | None = None) -> QueryResult:
+    """Run `query` across the hospitals connected to `grid` (waiting for `config.num_hospitals`).
+    A `risk_score` query sends `model_weights` with its answer requests."""
     began = time.perf_counter()
     he: ServerContext | PlaintextCodec = ServerContext.load(config.keys_dir) if config.he else PlaintextCodec()
-    nodes = _wait_for_nodes(grid, config.num_hospitals, config.num_hospitals, config.round_timeout)
+    nodes = wait_for_nodes(grid, config.num_hospitals, config.num_hospitals, config.round_timeout)
     base = _base(he, query, run_id, len(nodes))
     layout = query.layout()
 
     def send(message_type: str) -> list[Message]:
-        messages = [Message(content=RecordDict({M.CONFIG: ConfigRecord(base)}), dst_node_id=node,
-                            message_type=message_type) for node in nodes]
-        replies, silent = _exchange(grid, messages, config.round_timeout)
+        records: dict[str, Any] = {M.CONFIG: ConfigRecord(base)}
+        if message_type == M.QUERY_ANSWER and model_weights is not None:
+            records[M.QUERY_MODEL] = ArrayRecord({M.WEIGHTS: Array(np.asarray(model_weights, dtype=np.float32))})
+        messages = [Message(content=RecordDict(records), dst_node_id=node, message_type=message_type)
+                    for node in nodes]
+        replies, silent = exchange(grid, messages, config.round_timeout)
         problems = [f"node-{node}: no reply within {config.round_timeout:g}s" for node in silent]
         for reply in replies:
             record, reason = reply_record(reply)
@@ -195,9 +199,9 @@ def answer_query(grid: Grid, config: RunConfig, query: CohortQuery, run_id: str,
     accepted = strategy.accepted(0, answers, "analytics", layout.length)
     summed = he.add(parsed for _, _, parsed in accepted)
     hospitals = sorted(h for h, _, _ in accepted)
-    revealed = _ask_one(grid, strategy.nodes_of(hospitals), M.REVEAL, {
+    revealed = ask_one(grid, strategy.nodes_of(hospitals), M.REVEAL, {
         M.CONFIG: ConfigRecord({**base, M.VECTOR_LENGTH: layout.length}),
-        M.AGGREGATE_RECORD: ConfigRecord({M.AGGREGATE: summed})}, reveal_timeout or config.round_timeout, "reveal")
+        M.AGGREGATE_RECORD: ConfigRecord({M.AGGREGATE: summed})}, config.round_timeout, "reveal")
     values = np.array([float(v) for v in revealed.content.config_records[M.REPLY][M.VALUES]])
     contributors = int(round(values[-1] / CONTRIBUTOR_UNIT))
     if contributors != len(accepted):
@@ -223,6 +227,23 @@ def write_result(result: QueryResult, out: Path) -> list[Path]:
     return [out, meta]
 
 
+def _query_model(config: RunConfig, query: CohortQuery) -> np.ndarray | None:
+    """The weights a risk_score query scores with: `config.model_file` (a release's model.npz),
+    which must match the SHA-256 the query names."""
+    if query.model is None:
+        return None
+    if not config.model_file:
+        raise QueryError(f"query {query.name!r} scores with a model: give its model.npz as model-file")
+    try:
+        with np.load(config.model_file) as archive:
+            weights = archive["weights"]
+    except (OSError, KeyError, ValueError):
+        raise QueryError(f"model-file {config.model_file}: not a fedrisk model.npz") from None
+    if weights_digest(weights) != query.model[0]:
+        raise QueryError(f"model-file {config.model_file} does not match the query's model sha256")
+    return weights
+
+
 def run_analytics(grid: Grid, config: RunConfig) -> QueryResult:
     """The ServerApp's job for a run whose config carries a `query`: answer it, write the
     table under `<run-dir>/queries/`, track it in MLflow and audit the release (or refusal)."""
@@ -235,12 +256,9 @@ def run_analytics(grid: Grid, config: RunConfig) -> QueryResult:
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     audit = AuditLog(Path(config.run_dir) / SERVER_AUDIT_FILE, role=ROLE_SERVER, identity="coordinator")
     try:
-        result = answer_query(grid, config, query, run_id)
-    except Exception as error:
-        from federation.errors import FedriskError
-
-        if isinstance(error, FedriskError):
-            audit.refusal(error, purpose=query.purpose)
+        result = answer_query(grid, config, query, run_id, _query_model(config, query))
+    except FedriskError as error:
+        audit.refusal(error, purpose=query.purpose)
         raise
     out = Path(config.run_dir) / "queries" / f"{run_id}.csv"
     result.files = [str(p) for p in write_result(result, out)]

@@ -21,9 +21,18 @@ from federation.config import RunConfig
 from federation.errors import FedriskError, ProtocolError
 from federation.he_codec import PlaintextCodec, ServerContext
 from federation.model import num_parameters, weights_digest
-from privacy.audit import RELEASE, REPLY_REJECTED, ROLE_SERVER, ROUND_TRAIN, RUN_RESUME, RUN_START, AuditLog
+from privacy.audit import (
+    RELEASE,
+    REPLY_REJECTED,
+    ROLE_SERVER,
+    ROUND_TRAIN,
+    RUN_RESUME,
+    RUN_START,
+    AuditLog,
+)
 from server.checkpoint import Checkpoint, new_run_id
-from server.strategy import HEFedAvg, Rejection, chain_ciphertexts, reply_record
+from server.grid import ask_one, exchange, wait_for_nodes
+from server.strategy import HEFedAvg, Rejection, chain_ciphertexts
 from server.tracking import RunTracker, privacy_report
 
 Progress = Callable[[str, dict], None]
@@ -48,42 +57,6 @@ class FederatedResult:
     def round_seconds(self) -> dict[int, float]:
         """Wall seconds of each round, as the server measured it."""
         return {r: metrics["round-seconds"] for r, metrics in self.rounds.items()}
-
-
-def _ask_one(grid: Grid, candidates: list[int], message_type: str, records: dict, timeout: float,
-             what: str) -> Message:
-    """Send one request to the first candidate hospital that answers it; the next one if a
-    hospital fails or does not reply in time. Raises ProtocolError if none does."""
-    reasons = []
-    for node in candidates:
-        message = Message(content=RecordDict(records), dst_node_id=node, message_type=message_type)
-        replies = list(grid.send_and_receive([message], timeout=timeout))
-        if not replies:
-            reasons.append(f"node-{node}: no reply within {timeout:g}s")
-            continue
-        record, reason = reply_record(replies[0])
-        if reason is None:
-            return replies[0]
-        reasons.append(reason if record is not None else f"node-{node}: {reason}")
-    raise ProtocolError(f"{what}: no hospital could answer ({'; '.join(reasons) or 'no hospital connected'})")
-
-
-def _wait_for_nodes(grid: Grid, want: int, need: int, timeout: float) -> list[int]:
-    """Wait up to `timeout` for `want` hospital nodes; settle for `need` after that."""
-    deadline = time.monotonic() + timeout
-    while len(nodes := sorted(grid.get_node_ids())) < want and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if len(nodes) < need:
-        raise ProtocolError(f"only {len(nodes)} of {want} hospital nodes connected within {timeout:.0f}s; "
-                            f"{need} needed")
-    return nodes
-
-
-def _exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], list[int]]:
-    """Send and wait up to `timeout`; return the replies and the nodes that did not reply."""
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    replied = {reply.metadata.src_node_id for reply in replies}
-    return replies, [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]
 
 
 def run_federated(grid: Grid, config: RunConfig, progress: Progress | None = None,
@@ -135,14 +108,14 @@ class _Run:
         self.logged_rejections = len(self.strategy.rejections)
 
     def _send(self, server_round: int, messages: list[Message], step: str) -> list[Message]:
-        replies, silent = _exchange(self.grid, messages, self.config.round_timeout)
+        replies, silent = exchange(self.grid, messages, self.config.round_timeout)
         for node in silent:
             self.strategy.rejections.append(Rejection(server_round, step, self.strategy.hospital_of(node),
                                                       f"no reply within round-timeout ({self.config.round_timeout:g}s)"))
         return replies
 
     def _reveal(self, aggregate: list[bytes], hospitals: list[str]) -> list[float]:
-        reply = _ask_one(self.grid, self.strategy.nodes_of(hospitals), M.REVEAL, {
+        reply = ask_one(self.grid, self.strategy.nodes_of(hospitals), M.REVEAL, {
             M.CONFIG: ConfigRecord({**self.base, M.ROUND: 0}),
             M.AGGREGATE_RECORD: ConfigRecord({M.AGGREGATE: aggregate})}, self.config.round_timeout, "reveal")
         return [float(v) for v in reply.content.config_records[M.REPLY][M.VALUES]]
@@ -160,7 +133,7 @@ class _Run:
 
     def run(self) -> FederatedResult:
         config, strategy, checkpoint = self.config, self.strategy, self.checkpoint
-        nodes = _wait_for_nodes(self.grid, config.num_hospitals, config.required_replies, config.round_timeout)
+        nodes = wait_for_nodes(self.grid, config.num_hospitals, config.required_replies, config.round_timeout)
         self._census(nodes)
         tracker = RunTracker(config, resume_run_id=checkpoint.mlflow_run_id if checkpoint else "", run_name=self.run_id)
         chain = checkpoint.chain if checkpoint else {}
@@ -176,7 +149,7 @@ class _Run:
         try:
             for server_round in range((checkpoint.completed_round if checkpoint else 0) + 1, config.rounds + 1):
                 arrays = self._round(server_round, arrays, tracker)
-            release = _ask_one(self.grid, strategy.nodes_of(strategy.contributors[config.rounds]), M.RELEASE, {
+            release = ask_one(self.grid, strategy.nodes_of(strategy.contributors[config.rounds]), M.RELEASE, {
                 M.STATE: arrays, M.CONFIG: ConfigRecord({**self.base, M.ROUND: config.rounds})},
                 config.round_timeout, "release")
             weights = release.content.array_records[M.RELEASED_MODEL][M.WEIGHTS].numpy()

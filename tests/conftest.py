@@ -30,3 +30,13 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyBundlePaths:
 def data_dir(federation_data: SynthesisReport) -> Path:
     """Directory of the three hospital files."""
     return federation_data.files[0].parent
+
+
+@pytest.fixture(scope="session")
+def signals_federation(tmp_path_factory: pytest.TempPathFactory):
+    """Two synthetic hospitals and three real federated training runs of them (one round each),
+    made once for the signals-service tests; each test module releases them into its own registry
+    and works on its own copy of the nodes."""
+    from experiments import signals_local
+
+    return signals_local.build_federation(tmp_path_factory.mktemp("signals-federation"), runs=3)

@@ -18,11 +18,14 @@ import pandas as pd
 import pytest
 
 from clients.analytics import consented_records, local_statistics
-from clients.node_state import NodeState
+from clients.deidentify import PSEUDONYM
+from clients.node_state import NodeState, test_split
 from experiments.analytics import answer_in_process, run_query
 from experiments.provision import provision_nodes
 from federation.cli import main
-from federation.errors import PrivacyBudgetError
+from federation.errors import PrivacyBudgetError, ProtocolError
+from federation.features import encode_features
+from federation.model import initial_weights, load_model, predict_proba, weights_digest
 from federation.he_codec import HospitalKey, ServerContext
 from federation.query import FIELDS, CohortQuery, QueryError
 from privacy.audit import AuditLog
@@ -44,9 +47,10 @@ def nodes(federation_data, keys, tmp_path_factory) -> list[NodeState]:
                            purposes={PURPOSE: (1e6, 1e-6), "applicant-scoring": (1e6, 1e-6), "marketing": (100.0, 1e-6)})
 
 
-def _answer(nodes: list[NodeState], keys, query: CohortQuery, run_id: str) -> pd.DataFrame:
+def _answer(nodes: list[NodeState], keys, query: CohortQuery, run_id: str,
+            weights: np.ndarray | None = None) -> pd.DataFrame:
     return answer_in_process(nodes, HospitalKey.load(keys.hospital_context),
-                             ServerContext.load(keys.server_context.parent), query, run_id)
+                             ServerContext.load(keys.server_context.parent), query, run_id, weights)
 
 
 def _truth(nodes: list[NodeState], query: CohortQuery) -> pd.DataFrame:
@@ -202,6 +206,27 @@ def test_histograms_and_quantiles_land_on_the_exact_answer(nodes, keys) -> None:
         width = widths[min(np.searchsorted(quartiles.bins, exact, side="right") - 1, len(widths) - 1)]
         # Read off a histogram: exact to within the bin holding it, plus the DP interval.
         assert row.ci95_low - width <= exact <= row.ci95_high + width
+
+
+def test_a_model_is_evaluated_under_dp_on_held_out_records_only(nodes, keys) -> None:
+    weights = initial_weights("logreg", 5, 40)
+    bins = [round(0.05 * k, 2) for k in range(21)]
+    query = _query(name="evaluation-by-sex", measure="histogram", field="risk_score", bins=bins,
+                   model={"sha256": weights_digest(weights), "kind": "logreg"},
+                   **{"group-by": ["sex", "delinquent_90d_12m"], "suppress-below": 0})
+    table = _answer(nodes, keys, query, "evaluation", weights)
+    held_out = pd.concat([(lambda t: t.loc[test_split(t[PSEUDONYM])])(consented_records(node, PURPOSE)[0])
+                          for node in nodes], ignore_index=True)
+    scores = predict_proba(load_model("logreg", weights, 40), encode_features(held_out))
+    for (sex, label), rows in table.groupby(["sex", "delinquent_90d_12m"]):
+        mask = (held_out["sex"] == sex).to_numpy() & (held_out["delinquent_90d_12m"] == (label == "yes")).to_numpy()
+        exact = np.histogram(scores[mask], bins=bins)[0]
+        assert (np.abs(rows["count"].to_numpy() - exact) <= 5 * rows["se"].to_numpy()).all()
+    assert abs(table["count"].sum() - len(held_out)) < 5 * np.sqrt((table["se"] ** 2).sum())
+
+    other = initial_weights("logreg", 6, 40)
+    with pytest.raises(ProtocolError, match="does not match its SHA-256"):
+        _answer(nodes, keys, query, "evaluation-wrong-model", other)
 
 
 def test_every_shipped_query_file_is_valid() -> None:

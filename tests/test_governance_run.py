@@ -12,9 +12,12 @@ import pandas as pd
 import pytest
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from experiments.analytics import answer_in_process
 from experiments.provision import provision_nodes
 from experiments.simulation import simulate
 from federation.config import RunConfig
+from federation.he_codec import HospitalKey, ServerContext
+from federation.query import CohortQuery
 
 ROOT = Path(__file__).resolve().parents[1]
 PURPOSE = "credit-risk-research"
@@ -126,27 +129,31 @@ def test_a_run_that_would_overspend_is_refused_before_any_record_is_touched(fede
             assert ledger.history(PURPOSE) == [], "no hospital trained: the census failed first"
 
 
-def test_budget_spent_across_runs_matches_an_independent_accountant(federation_data, keys, tmp_path) -> None:
-    from tests.test_accounting import _independent_epsilon  # noqa: F401  (same accountant family)
+def test_training_and_analytics_share_one_ledger_that_matches_an_independent_accountant(
+        federation_data, keys, tmp_path) -> None:
     import dp_accounting
 
     nodes = provision_nodes(federation_data.files[0].parent, keys.hospital_context, tmp_path / "nodes",
                             purposes={PURPOSE: (10.0, 1e-5)})
-    runs = [dict(rounds=1, target_epsilon=1.0), dict(rounds=2, target_epsilon=0.5, sample_rate=0.02)]
-    for index, changes in enumerate(runs):
-        simulate(RunConfig(nodes_dir=str(tmp_path / "nodes"), keys_dir=str(keys.server_context.parent),
-                           run_dir=str(tmp_path / f"run{index}"), num_hospitals=3, **changes))
+    simulate(RunConfig(nodes_dir=str(tmp_path / "nodes"), keys_dir=str(keys.server_context.parent),
+                       run_dir=str(tmp_path / "run"), num_hospitals=3, rounds=2, target_epsilon=0.5,
+                       sample_rate=0.02))
+    query = CohortQuery.from_mapping({"name": "rate-by-sex", "purpose": PURPOSE, "epsilon": 0.5, "delta": 1e-5,
+                                      "measure": "rate", "field": "delinquent_90d_12m", "group-by": ["sex"]})
+    answer_in_process(nodes, HospitalKey.load(keys.hospital_context), ServerContext.load(keys.server_context.parent),
+                      query, "cohort")
     with nodes[0].ledger() as ledger:
         history = ledger.history(PURPOSE)
         spent = ledger.spent(PURPOSE)
-    assert len(history) == 3
+    assert [c.kind for c in history] == ["training", "training", "analytics"]
     accountant = dp_accounting.rdp.RdpAccountant()
     for charge in history:
         m = charge.mechanism
-        accountant.compose(dp_accounting.PoissonSampledDpEvent(
-            m.sample_rate, dp_accounting.GaussianDpEvent(m.noise_multiplier)), m.steps)
+        gaussian = dp_accounting.GaussianDpEvent(m.noise_multiplier)
+        accountant.compose(gaussian if m.sample_rate == 1.0 else dp_accounting.PoissonSampledDpEvent(
+            m.sample_rate, gaussian), m.steps)
     assert spent == pytest.approx(accountant.get_epsilon(1e-5), rel=0.02)
-    assert spent < 1.0 + 0.5
+    assert 0.5 < spent < 0.5 + 0.5  # RDP composition: less than the sum of the two epsilons
 
 
 def test_revoked_consent_is_excluded_from_the_next_load(federation_data, keys, tmp_path) -> None:

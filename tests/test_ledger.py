@@ -127,7 +127,7 @@ def test_processes_racing_for_the_last_of_a_budget_cannot_both_get_it(tmp_path: 
         assert 0.5 < ledger.would_spend(PURPOSE, RACER) - spent < 0.7
         twice = GaussianMechanism(RACER.sample_rate, RACER.noise_multiplier, 2 * RACER.steps)
         assert ledger.would_spend(PURPOSE, twice) > spent + 1.0  # two racers cannot both fit
-    processes = 6
+    processes = 4
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
     workers = [ctx.Process(target=_race_worker, args=(str(path), barrier, results, i)) for i in range(processes)]

@@ -1,0 +1,163 @@
+"""`fedrisk release`: create, withdraw, list and show releases (registered by federation.cli.build_parser).
+
+After `fedrisk run --out runs/x` (MLflow store `sqlite:///runs/x/mlflow.db`, run id printed at the
+end), a data scientist releases the run with
+
+    fedrisk release evaluate --run-dir runs/x --nodes runs/x/nodes --keys keys   # DP calibration/fairness
+    fedrisk release create <MLflow run id> --run-dir runs/x --evaluation ... [--registry releases]
+
+`--run-dir` derives the tracking URI from a run directory; `--tracking-uri` names any other MLflow
+store (e.g. a tracking server). One of the two is required: a release must come from the store that
+holds the run. The registry directory (default `releases/`) holds the MLflow Model Registry, the
+release audit log and local copies of the models; every other sub-command needs only it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+from pathlib import Path
+
+from federation.errors import ConfigError
+
+DEFAULT_REGISTRY_DIR = "releases"
+RUN_STORE_FILE = "mlflow.db"  # what `fedrisk run --out DIR` writes (federation.config.RunConfig.mlflow_uri)
+
+
+def _registry(args: argparse.Namespace, tracking_uri: str = ""):  # -> server.releases.ReleaseRegistry
+    from server.releases import ReleaseRegistry
+
+    return ReleaseRegistry(tracking_uri, Path(args.registry))
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    if args.tracking_uri:
+        return args.tracking_uri
+    store = Path(args.run_dir).resolve() / RUN_STORE_FILE
+    if not store.is_file():
+        raise ConfigError(f"no MLflow store at {store}: give the directory `fedrisk run --out` wrote, "
+                          "or --tracking-uri")
+    return f"sqlite:///{store}"
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    from server.dp_evaluation import load_evaluation
+
+    evaluation = load_evaluation([Path(p) for p in args.evaluation]) if args.evaluation else None
+    release = _registry(args, _tracking_uri(args)).create(args.run_id, args.approved_by, args.cutoff, evaluation)
+    cert, card = release.certificate, release.card
+    print(f"released {release.release_id} ({release.status}): run {release.run_id}, sha256 {release.sha256}")
+    print(f"  epsilon max {cert.epsilon_max:.4f} at delta {cert.delta:g} over {cert.hospitals} hospitals; "
+          f"data cut-off {cert.data_cutoff}")
+    print(f"  federated AUC {_number(card.federated_auc)}, Brier {_number(card.federated_brier)}; "
+          f"calibration and fairness: {'DP-evaluated' if evaluation else card.calibration}")
+    print(f"  model files: {release.model_dir}")
+    print(f"each hospital installs it: fedrisk node release install --dir NODE --release-dir {release.model_dir} "
+          f"--release-id {release.release_id}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from experiments.model_evaluation import evaluate_model
+
+    model_file = Path(args.run_dir) / "release" / "model.npz"
+    if not model_file.is_file():
+        raise ConfigError(f"no released model at {model_file}: give the directory of a finished `fedrisk run`")
+    result, _ = evaluate_model(model_file, nodes_dir=Path(args.nodes), keys_dir=Path(args.keys),
+                               run_dir=Path(args.out or Path(args.run_dir) / "evaluation"),
+                               num_hospitals=args.hospitals, epsilon=args.epsilon)
+    table = Path(result.files[0])
+    tables = sorted(table.parent.glob(f"{table.stem}.by-*.csv"))
+    print(f"DP evaluation of {model_file} on {len(result.hospitals)} hospitals' held-out records: "
+          f"epsilon {result.epsilon:.3f} charged to each hospital's ledger (purpose {result.query.purpose})")
+    print("release it with: " + " ".join(f"--evaluation {p}" for p in tables))
+    return 0
+
+
+def _cmd_withdraw(args: argparse.Namespace) -> int:
+    release = _registry(args).withdraw(args.release_id, args.by, args.reason)
+    print(f"withdrew {release.release_id} (run {release.run_id}): {release.withdrawn_reason}")
+    print(f"each hospital node stops scoring with it: fedrisk node release withdraw --dir NODE "
+          f"--release-id {release.release_id}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    releases = _registry(args).list()
+    if args.json:
+        print(json.dumps([r.to_dict() for r in releases], indent=2))
+        return 0
+    if not releases:
+        print(f"no releases in {args.registry}")
+    for r in releases:
+        print(f"{r.release_id:<5} {r.status:<9} {r.created[:10]}  run {r.run_id}  sha256 {r.sha256[:12]}  "
+              f"{r.card.model_kind}  epsilon {r.certificate.epsilon_max:.3f}  AUC {_number(r.card.federated_auc)}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    print(json.dumps(_registry(args).get(args.release_id).to_dict(), indent=2))
+    return 0
+
+
+def _login_name() -> str:
+    """The login name, the default approver; "" when the system cannot tell (then it must be given)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add `fedrisk release evaluate|create|withdraw|list|show` to the `fedrisk` parser."""
+    release = commands.add_parser("release", help="released models: create, withdraw, list, show").add_subparsers(
+        dest="release_command", required=True)
+    user = _login_name()
+
+    def with_registry(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--registry", default=DEFAULT_REGISTRY_DIR,
+                            help=f"registry directory: MLflow Model Registry, audit log, model copies "
+                                 f"(default {DEFAULT_REGISTRY_DIR}/)")
+        return parser
+
+    create = with_registry(release.add_parser("create", help="release a finished training run"))
+    create.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id `fedrisk run` printed")
+    store = create.add_mutually_exclusive_group(required=True)
+    store.add_argument("--run-dir", help="the run directory (`fedrisk run --out`): its mlflow.db holds the run")
+    store.add_argument("--tracking-uri", help="the MLflow tracking URI holding the run")
+    create.add_argument("--cutoff", help="data cut-off date YYYY-MM-DD (default: the day the run started, UTC)")
+    create.add_argument("--approved-by", default=user, help=f"who approves the release (default: the login name, {user or 'unknown'})")
+    create.add_argument("--evaluation", action="append", default=[], metavar="TABLE",
+                        help="a DP evaluation table of the model (CSV or Parquet from `analytics`, one per group "
+                             "field, its query JSON beside it); repeatable")
+    create.set_defaults(handler=_cmd_create)
+
+    evaluate = release.add_parser("evaluate", help="DP evaluation of a run's model across the hospitals "
+                                  "(simulation engine): calibration and fairness tables for its model card")
+    evaluate.add_argument("--run-dir", required=True, help="the run directory (`fedrisk run --out`)")
+    evaluate.add_argument("--nodes", required=True, help="directory of hospital node directories")
+    evaluate.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
+    evaluate.add_argument("--hospitals", type=int, default=3)
+    evaluate.add_argument("--epsilon", type=float, default=0.5,
+                          help="epsilon each hospital spends on the evaluation (default 0.5)")
+    evaluate.add_argument("--out", help="where the evaluation run writes (default RUN_DIR/evaluation)")
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    withdraw = with_registry(release.add_parser("withdraw", help="withdraw a release: it must not be used any more"))
+    withdraw.add_argument("release_id", metavar="RELEASE_ID", help="e.g. r3")
+    withdraw.add_argument("--reason", required=True, help="why, in one line (recorded and audited)")
+    withdraw.add_argument("--by", default=user, help=f"who withdraws it (default: the login name, {user or 'unknown'})")
+    withdraw.set_defaults(handler=_cmd_withdraw)
+
+    listing = with_registry(release.add_parser("list", help="every release, withdrawn ones included"))
+    listing.add_argument("--json", action="store_true", help="print the releases as JSON")
+    listing.set_defaults(handler=_cmd_list)
+
+    show = with_registry(release.add_parser("show", help="a release's privacy certificate and model card (JSON)"))
+    show.add_argument("release_id", metavar="RELEASE_ID")
+    show.set_defaults(handler=_cmd_show)

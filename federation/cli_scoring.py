@@ -1,0 +1,120 @@
+"""`fedrisk node` sub-commands for consented scoring (registered by federation.cli.build_parser).
+
+    fedrisk node grant issue    --dir NODE --record-key K --bank BANK [--days 30]
+    fedrisk node grant revoke   --dir NODE --grant ID
+    fedrisk node release install  --dir NODE --release-dir DIR --release-id ID
+    fedrisk node release withdraw --dir NODE --release-id ID
+    fedrisk node service-token  --token-file F [--force]
+    fedrisk node serve          --dir NODE [--host 127.0.0.1] [--port 8101] --token-file F
+
+Machinery is imported inside each handler so `fedrisk --help` stays fast. User errors are
+FedriskError subclasses: `federation.cli.main` prints them as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_GRANT_DAYS = 30
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8101
+
+
+def _cmd_grant_issue(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+    from clients.scoring import issue_grant
+    from privacy.grants import peek_payload
+
+    state = NodeState.load(Path(args.dir))
+    token = issue_grant(state, args.record_key, args.bank, args.days)
+    payload = peek_payload(token)
+    print(token)
+    print(f"grant {payload.grant_id} for bank {payload.bank}, applicant-scoring, until "
+          f"{payload.expires:%Y-%m-%d %H:%M} UTC; hand the token (stdout) to the applicant", file=sys.stderr)
+    return 0
+
+
+def _cmd_grant_revoke(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+    from clients.scoring import grant_authority
+
+    grant_authority(NodeState.load(Path(args.dir))).revoke(args.grant)
+    print(f"grant {args.grant} revoked; the next score request with it is refused")
+    return 0
+
+
+def _cmd_release_install(args: argparse.Namespace) -> int:
+    from clients.scoring import install_release
+
+    release = install_release(Path(args.dir), Path(args.release_dir), args.release_id)
+    print(f"release {release.release_id} installed ({release.model_kind}, {release.n_features} inputs, "
+          f"sha256 {release.sha256}): {release.directory}")
+    return 0
+
+
+def _cmd_release_withdraw(args: argparse.Namespace) -> int:
+    from clients.scoring import withdraw_release
+
+    release = withdraw_release(Path(args.dir), args.release_id)
+    print(f"release {release.release_id} withdrawn; every later score with it is refused")
+    return 0
+
+
+def _cmd_service_token(args: argparse.Namespace) -> int:
+    from clients.scoring_service import new_service_token, write_service_token_file
+
+    token = new_service_token()
+    write_service_token_file(Path(args.token_file), token, overwrite=args.force)
+    print(token)
+    print(f"service token hash stored in {args.token_file}; give the token (stdout, shown once) "
+          "to the signals service", file=sys.stderr)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from clients.scoring_service import serve
+
+    serve(Path(args.dir), host=args.host, port=args.port, token_file=Path(args.token_file))
+    return 0
+
+
+def register(node_commands: argparse._SubParsersAction) -> None:
+    """Add this module's sub-commands under `fedrisk node` (grant, release, service-token, serve)."""
+    grant = node_commands.add_parser("grant", help="applicant-scoring consent grants for banks").add_subparsers(
+        dest="grant_command", required=True)
+    issue = grant.add_parser("issue", help="issue a signed grant token for one patient and one bank")
+    issue.add_argument("--dir", required=True, help="the node directory")
+    issue.add_argument("--record-key", required=True, help="the patient's record key in the export")
+    issue.add_argument("--bank", required=True, help="the bank the patient authorises")
+    issue.add_argument("--days", type=int, default=DEFAULT_GRANT_DAYS,
+                       help=f"validity in days (default {DEFAULT_GRANT_DAYS}, at most 365)")
+    issue.set_defaults(handler=_cmd_grant_issue)
+    revoke = grant.add_parser("revoke", help="revoke a grant: the next score request with it is refused")
+    revoke.add_argument("--dir", required=True)
+    revoke.add_argument("--grant", required=True, help="the grant id (printed when it was issued)")
+    revoke.set_defaults(handler=_cmd_grant_revoke)
+
+    release = node_commands.add_parser("release", help="released models installed for scoring").add_subparsers(
+        dest="release_command", required=True)
+    install = release.add_parser("install", help="install a training release (model.npz + model.sha256)")
+    install.add_argument("--dir", required=True)
+    install.add_argument("--release-dir", required=True, help="the release directory, e.g. <run>/release")
+    install.add_argument("--release-id", required=True, help="the release's id in the registry")
+    install.set_defaults(handler=_cmd_release_install)
+    withdraw = release.add_parser("withdraw", help="withdraw an installed release: scoring with it stops at once")
+    withdraw.add_argument("--dir", required=True)
+    withdraw.add_argument("--release-id", required=True)
+    withdraw.set_defaults(handler=_cmd_release_withdraw)
+
+    token = node_commands.add_parser("service-token", help="create the signals service's token for this node")
+    token.add_argument("--token-file", required=True, help="where the node keeps the token's SHA-256")
+    token.add_argument("--force", action="store_true", help="replace an existing token")
+    token.set_defaults(handler=_cmd_service_token)
+
+    serve = node_commands.add_parser("serve", help="run the node's scoring endpoint (uvicorn)")
+    serve.add_argument("--dir", required=True)
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    serve.add_argument("--token-file", required=True, help="the service token's hash (fedrisk node service-token)")
+    serve.set_defaults(handler=_cmd_serve)

@@ -1,0 +1,148 @@
+"""`fedrisk serve`: the bank-facing signals service (registered by federation.cli.build_parser).
+
+    fedrisk serve [--host 127.0.0.1] [--port 8400] [--db D] [--registry R] [--tracking-uri U]
+    fedrisk serve keys add --role ROLE --label LABEL [--bank B | --hospital H] [--db D]
+    fedrisk serve keys list | revoke KEY_ID [--db D]
+    fedrisk serve hospitals add --hospital H --url URL --grant-key PEM_FILE --token-file F [--db D]
+    fedrisk serve hospitals list [--db D]
+
+Machinery is imported inside each handler so `fedrisk --help` stays fast. User errors are
+FedriskError subclasses: `federation.cli.main` prints them as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from federation.cli_release import DEFAULT_REGISTRY_DIR
+from federation.errors import ConfigError
+
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8400
+DEFAULT_DB = Path("runs/signals/signals.sqlite")
+DEFAULT_REGISTRY = Path(DEFAULT_REGISTRY_DIR)  # where `fedrisk release create` registers by default
+
+
+def _db(args: argparse.Namespace) -> Path:
+    return Path(getattr(args, "db", None) or DEFAULT_DB)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.signals.app import ServiceSettings, make_app
+
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ConfigError("give both --ssl-certfile and --ssl-keyfile to serve over TLS")
+
+    limits = {k: v for k, v in (("rate_per_second", args.rate), ("burst", args.burst)) if v is not None}
+    settings = ServiceSettings(db=_db(args), registry_dir=Path(args.registry), tracking_uri=args.tracking_uri,
+                               **limits)
+    app = make_app(settings)
+    print(f"fedrisk signals service on http://{args.host}:{args.port}/ (dashboard), API docs at /docs; "
+          f"state {settings.db}, audit {settings.audit_path}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
+    return 0
+
+
+def _cmd_keys_add(args: argparse.Namespace) -> int:
+    from server.signals.auth import KeyStore
+
+    principal, key = KeyStore(_db(args)).add(args.role, args.label, bank=args.bank, hospital=args.hospital)
+    bound = f" for {principal.bank or principal.hospital}" if principal.bank or principal.hospital else ""
+    print(key)
+    print(f"API key {principal.key_id} for {principal.label} ({principal.role}{bound}); only its SHA-256 is "
+          "stored: copy the key (above) now, it cannot be shown again")
+    return 0
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    from server.signals.auth import KeyStore
+
+    for p in KeyStore(_db(args)).principals():
+        state = f"revoked {p.revoked_at}" if p.revoked_at else "live"
+        print(f"{p.key_id}  {p.role:<17} {p.label:<24} {p.bank or p.hospital or '-':<16} {p.created}  {state}")
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from server.signals.auth import KeyStore
+
+    principal = KeyStore(_db(args)).revoke(args.key_id)
+    print(f"API key {principal.key_id} of {principal.label} revoked; its next request gets 401")
+    return 0
+
+
+def _cmd_hospitals_add(args: argparse.Namespace) -> int:
+    from server.signals.hospitals import HospitalDirectory
+
+    endpoint = HospitalDirectory(_db(args)).add(args.hospital, args.url, Path(args.grant_key), Path(args.token_file))
+    print(f"hospital {endpoint.hospital}: score requests go to {endpoint.url}/v1/score; grants are checked with "
+          f"the key from {args.grant_key}; the service token is read from {endpoint.token_file}")
+    return 0
+
+
+def _cmd_hospitals_list(args: argparse.Namespace) -> int:
+    from server.signals.hospitals import HospitalDirectory
+
+    for endpoint in HospitalDirectory(_db(args)).list():
+        print(f"{endpoint.hospital:<20} {endpoint.url:<32} token file {endpoint.token_file}  added {endpoint.added}")
+    return 0
+
+
+def _db_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    # On the sub-commands the default is SUPPRESS, so `fedrisk serve --db D keys add` keeps D.
+    parser.add_argument("--db", default=None if top else argparse.SUPPRESS,
+                        help=f"the service's SQLite file: keys, hospitals, approved cohorts (default {DEFAULT_DB})")
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    """Add `fedrisk serve` (and its keys / hospitals sub-commands) to the `fedrisk` parser."""
+    serve = commands.add_parser("serve", help="the bank-facing signals service (API + dashboard)",
+                                description="Run the signals service with uvicorn, or manage its keys and hospitals.")
+    serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    _db_option(serve, top=True)
+    serve.add_argument("--registry", default=str(DEFAULT_REGISTRY),
+                       help=f"release registry directory (default {DEFAULT_REGISTRY})")
+    serve.add_argument("--tracking-uri", default="", help="MLflow tracking URI of the registry (default: its SQLite)")
+    serve.add_argument("--rate", type=float, help="requests per second per caller (default 20, "
+                       "server.signals.auth.DEFAULT_RATE_PER_SECOND)")
+    serve.add_argument("--burst", type=int, help="requests a caller may make at once (default 40, "
+                       "server.signals.auth.DEFAULT_BURST)")
+    serve.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve HTTPS directly (or put a TLS proxy in front)")
+    serve.add_argument("--ssl-keyfile", help="TLS private key (PEM) for --ssl-certfile")
+    serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(handler=_cmd_serve)
+    manage = serve.add_subparsers(dest="serve_command", required=False, metavar="{keys,hospitals}")
+
+    keys = manage.add_parser("keys", help="API keys of principals").add_subparsers(dest="keys_command", required=True)
+    add = keys.add_parser("add", help="make an API key (printed once)")
+    add.add_argument("--role", required=True, help="bank-analyst, hospital-operator, data-scientist or auditor")
+    add.add_argument("--label", required=True, help="who holds it, e.g. acme-risk-team (appears in the audit log)")
+    add.add_argument("--bank", help="bank id of a bank-analyst key (must match the bank in grant tokens)")
+    add.add_argument("--hospital", help="hospital of a hospital-operator key")
+    _db_option(add, top=False)
+    add.set_defaults(handler=_cmd_keys_add)
+    listing = keys.add_parser("list", help="every key: id, role, label, state")
+    _db_option(listing, top=False)
+    listing.set_defaults(handler=_cmd_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by its id (from `keys list`)")
+    revoke.add_argument("key_id")
+    _db_option(revoke, top=False)
+    revoke.set_defaults(handler=_cmd_keys_revoke)
+
+    hospitals = manage.add_parser("hospitals", help="hospitals' scoring endpoints").add_subparsers(
+        dest="hospitals_command", required=True)
+    hadd = hospitals.add_parser("add", help="register (or update) a hospital's scoring endpoint")
+    hadd.add_argument("--hospital", required=True, help="the hospital's name (as in its grant tokens)")
+    hadd.add_argument("--url", required=True, help="base URL of its endpoint, e.g. http://127.0.0.1:8101")
+    hadd.add_argument("--grant-key", required=True, help="its grant key PEM (GET /v1/grant-key on the node)")
+    hadd.add_argument("--token-file", required=True,
+                      help="file holding the service token the node accepts (from `fedrisk node service-token`)")
+    _db_option(hadd, top=False)
+    hadd.set_defaults(handler=_cmd_hospitals_add)
+    hlist = hospitals.add_parser("list", help="registered hospitals")
+    _db_option(hlist, top=False)
+    hlist.set_defaults(handler=_cmd_hospitals_list)

@@ -1,0 +1,52 @@
+"""Talking to hospitals over a Flower Grid: wait for them, exchange a step's messages, and ask
+one of them at a time for a request any key holder can answer (reveal, release).
+
+Used by training runs (`server.app`) and cohort queries (`server.analytics`) alike, in the
+simulation engine and the deployment engine.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from federation.errors import ProtocolError
+from server.strategy import reply_record
+
+
+def ask_one(grid: Grid, candidates: list[int], message_type: str, records: dict, timeout: float,
+             what: str) -> Message:
+    """Send one request to the first candidate hospital that answers it; the next one if a
+    hospital fails or does not reply in time. Raises ProtocolError if none does."""
+    reasons = []
+    for node in candidates:
+        message = Message(content=RecordDict(records), dst_node_id=node, message_type=message_type)
+        replies = list(grid.send_and_receive([message], timeout=timeout))
+        if not replies:
+            reasons.append(f"node-{node}: no reply within {timeout:g}s")
+            continue
+        record, reason = reply_record(replies[0])
+        if reason is None:
+            return replies[0]
+        reasons.append(reason if record is not None else f"node-{node}: {reason}")
+    raise ProtocolError(f"{what}: no hospital could answer ({'; '.join(reasons) or 'no hospital connected'})")
+
+
+def wait_for_nodes(grid: Grid, want: int, need: int, timeout: float) -> list[int]:
+    """Wait up to `timeout` for `want` hospital nodes; settle for `need` after that."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(grid.get_node_ids())) < want and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if len(nodes) < need:
+        raise ProtocolError(f"only {len(nodes)} of {want} hospital nodes connected within {timeout:.0f}s; "
+                            f"{need} needed")
+    return nodes
+
+
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], list[int]]:
+    """Send and wait up to `timeout`; return the replies and the nodes that did not reply."""
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    replied = {reply.metadata.src_node_id for reply in replies}
+    return replies, [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]

@@ -1,0 +1,387 @@
+"""The release registry: which trained models a bank may use, with their certificates and cards.
+
+A release is a version of the MLflow registered model `fedrisk-credit-risk` whose source is a
+finished training run's `release/` artifacts (model.npz, model.sha256, privacy_report.json,
+run_summary.json). Its privacy certificate and model card (`server.certificates`) are stored as
+JSON tags on the model version, and its status (`active` or `withdrawn`) as a tag too.
+
+Where things live:
+* the training runs: the tracking store at `tracking_uri` (what `fedrisk run --out runs/x` wrote,
+  `sqlite:///runs/x/mlflow.db` by default), read only when a release is created;
+* the registry: MLflow's Model Registry in `<registry_dir>/registry.db` (SQLite), so one registry
+  gathers releases from runs in any number of tracking stores; `registry_uri` may point it at an
+  MLflow tracking server's database instead;
+* `<registry_dir>/releases/<release_id>/`: the release's model.npz and model.sha256 (what a hospital
+  node installs), certificate.json, model_card.json and release.json, downloaded once;
+* `<registry_dir>/release_audit.sqlite`: the hash-chained audit log of every create, withdrawal
+  and refusal (`privacy.audit`).
+
+Release ids are `r<version>` ("r3" for version 3): URL-safe, unlike "fedrisk-credit-risk/3".
+Creating and withdrawing take an exclusive lock on `<registry_dir>/.lock` (one machine).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import pandas as pd
+
+from federation.errors import FedriskError
+from federation.model import weights_digest
+from privacy.audit import ROLE_SERVER, AuditIdentifierError, AuditLog
+from server.certificates import (
+    ModelCard,
+    PrivacyCertificate,
+    build_certificate,
+    build_model_card,
+)
+from server.dp_evaluation import DPEvaluation, evaluation_from_tables
+from server.run_release import (
+    DIGEST_FILE,
+    MODEL_FILE,
+    ReleaseError,
+    ReleaseRefused,
+    RunRelease,
+    read_run_release,
+)
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+__all__ = ["Release", "ReleaseError", "ReleaseNotFound", "ReleaseRefused", "ReleaseRegistry", "release_id_of"]
+
+REGISTERED_MODEL = "fedrisk-credit-risk"
+REGISTRY_DB, RELEASES_DIR, LOCK_FILE = "registry.db", "releases", ".lock"
+RELEASE_AUDIT_FILE = "release_audit.sqlite"
+CERTIFICATE_FILE, CARD_FILE, RELEASE_FILE = "certificate.json", "model_card.json", "release.json"
+STATUS_ACTIVE, STATUS_WITHDRAWN = "active", "withdrawn"
+ACTION_CREATE, ACTION_WITHDRAW = "release.create", "release.withdraw"
+AUDIT_IDENTITY = "release-registry"
+TAG_STATUS, TAG_SHA256, TAG_APPROVER, TAG_CUTOFF = (
+    "fedrisk.status", "fedrisk.sha256", "fedrisk.approved-by", "fedrisk.cutoff")
+TAG_CERTIFICATE, TAG_CARD, TAG_TRACKING = "fedrisk.certificate", "fedrisk.model-card", "fedrisk.tracking-uri"
+TAG_WITHDRAWN_BY, TAG_WITHDRAWN_REASON, TAG_WITHDRAWN_AT = (
+    "fedrisk.withdrawn-by", "fedrisk.withdrawn-reason", "fedrisk.withdrawn-at")
+RELEASE_ID_PATTERN = re.compile(r"^r([1-9][0-9]{0,8})$")
+MAX_TEXT = 300  # longest approver, withdrawer or reason kept
+WITHHELD = "withheld by the identifier filter"
+
+
+class ReleaseNotFound(ReleaseError):
+    """No release has this id."""
+
+
+@dataclass(frozen=True)
+class Release:
+    """One release as the registry holds it.
+
+    Attributes:
+        release_id: `r<version>`; version: the MLflow model version; run_id: the training run;
+        sha256: of the weights; status: "active" or "withdrawn"; created: UTC ISO timestamp;
+        certificate, card: its privacy certificate and model card; model_dir: local directory
+        holding model.npz and model.sha256 (and the JSON files); approved_by: who approved it;
+        withdrawn_reason: why it was withdrawn ("" while active).
+    """
+
+    release_id: str
+    version: int
+    run_id: str
+    sha256: str
+    status: str
+    created: str
+    certificate: PrivacyCertificate
+    card: ModelCard
+    model_dir: Path
+    approved_by: str = ""
+    withdrawn_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what `fedrisk release show` prints and an API returns)."""
+        return {"release_id": self.release_id, "version": self.version, "run_id": self.run_id,
+                "sha256": self.sha256, "status": self.status, "created": self.created,
+                "approved_by": self.approved_by, "withdrawn_reason": self.withdrawn_reason,
+                "model_dir": str(self.model_dir), "certificate": self.certificate.to_dict(),
+                "model_card": self.card.to_dict()}
+
+
+def release_id_of(version: int | str) -> str:
+    """The release id of an MLflow model version."""
+    return f"r{int(version)}"
+
+
+def _text(value: str, what: str) -> str:
+    text = " ".join(str(value or "").split())
+    if not text:
+        raise ReleaseError(f"{what} must not be empty")
+    if len(text) > MAX_TEXT:
+        raise ReleaseError(f"{what} is longer than {MAX_TEXT} characters")
+    return text
+
+
+class ReleaseRegistry:
+    """Releases of `fedrisk-credit-risk`, created from training runs in the tracking store.
+
+    tracking_uri: the MLflow tracking store holding the training runs (only `create` needs it;
+    "" is fine for listing, reading and withdrawing). registry_dir: the registry's directory (see
+    the module docstring). registry_uri: the MLflow Model Registry; default SQLite in registry_dir.
+    """
+
+    def __init__(self, tracking_uri: str, registry_dir: Path, registry_uri: str = "") -> None:
+        from mlflow.tracking import MlflowClient  # slow to import: only here
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        self.tracking_uri = tracking_uri
+        self.registry_dir = Path(registry_dir).resolve()
+        self.registry_dir.mkdir(parents=True, exist_ok=True)
+        self.registry_uri = registry_uri or f"sqlite:///{self.registry_dir / REGISTRY_DB}"
+        self.client = MlflowClient(tracking_uri=tracking_uri or self.registry_uri, registry_uri=self.registry_uri)
+        self.audit = AuditLog(self.registry_dir / RELEASE_AUDIT_FILE, role=ROLE_SERVER, identity=AUDIT_IDENTITY)
+
+    # --- reading -----------------------------------------------------------------------------
+    def list(self) -> list[Release]:
+        """Every release, oldest first, withdrawn ones included (filter on `status`). A version still
+        being created (no certificate yet) is not a release and is left out."""
+        versions = sorted((v for v in self._versions() if _complete(v)), key=lambda v: int(v.version))
+        return [self._release(v) for v in versions]
+
+    def get(self, release_id: str) -> Release:
+        """The release `release_id`, its model files in `model_dir`; raises ReleaseNotFound."""
+        return self._release(self._version(release_id))
+
+    # --- changing ----------------------------------------------------------------------------
+    def create(self, mlflow_run_id: str, approved_by: str, cutoff: date | str | None = None,
+               evaluation: DPEvaluation | Mapping[str, pd.DataFrame] | None = None) -> Release:
+        """Release a finished training run. Refuses (ReleaseRefused, one line, audited) a run that is
+        unknown, not FINISHED, without release artifacts, whose model.sha256 does not match its
+        weights, whose privacy report does not recompute, or that is released already.
+
+        approved_by: who approved it (recorded, audited as "approver"). cutoff: the data cut-off
+        date (default: the run's start date, the latest data it can have read). evaluation: DP
+        evaluation tables (`server.dp_evaluation`) for calibration, fairness and the certificate's
+        record count; a `DPEvaluation` naming another model's SHA-256 is refused.
+        """
+        with self._lock():
+            try:
+                if not self.tracking_uri:
+                    raise ReleaseRefused("no tracking URI: say where the run's MLflow store is "
+                                         "(--tracking-uri, or --run-dir for a `fedrisk run --out` directory)")
+                return self._create(str(mlflow_run_id), _text(approved_by, "approved-by"), cutoff, evaluation)
+            except FedriskError as error:
+                self.audit.refusal(error)
+                raise
+
+    def withdraw(self, release_id: str, by: str, reason: str) -> Release:
+        """Mark a release withdrawn (every reader sees it at once); audited. Raises ReleaseError if it
+        is unknown or withdrawn already."""
+        by, reason = _text(by, "withdrawn-by"), _text(reason, "reason")
+        with self._lock():
+            version = self._version(release_id)
+            if version.tags.get(TAG_STATUS) == STATUS_WITHDRAWN:
+                raise ReleaseError(f"release {release_id} is already withdrawn")
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            for key, value in ((TAG_WITHDRAWN_BY, by), (TAG_WITHDRAWN_REASON, reason), (TAG_WITHDRAWN_AT, now),
+                               (TAG_STATUS, STATUS_WITHDRAWN)):
+                self.client.set_model_version_tag(REGISTERED_MODEL, version.version, key, value)
+            release = self._release(self._version(release_id), fetch=False)  # stands even if files are lost
+            if release.model_dir.is_dir():
+                self._write_release_json(release)
+            details = {"release": release_id, "run": release.run_id, "sha256": release.sha256, "by": by,
+                       "reason": reason}
+            try:
+                self.audit.append(ACTION_WITHDRAW, purpose=release.certificate.purpose, details=details)
+            except AuditIdentifierError:  # the withdrawal stands; its words are kept in the registry only
+                self.audit.append(ACTION_WITHDRAW, purpose=release.certificate.purpose,
+                                  details={**details, "by": WITHHELD, "reason": WITHHELD})
+            return release
+
+    # --- internals ---------------------------------------------------------------------------
+    def _create(self, run_id: str, approver: str, cutoff: date | str | None,
+                evaluation: DPEvaluation | Mapping[str, pd.DataFrame] | None) -> Release:
+        staging = self.registry_dir / f".staging-{uuid.uuid4().hex}"
+        try:
+            run = read_run_release(self.client, run_id, staging, cutoff)
+            mine = [v for v in self._versions() if v.run_id == run_id]
+            for abandoned in (v for v in mine if not _complete(v)):  # left by a create that was killed
+                self.client.delete_model_version(REGISTERED_MODEL, abandoned.version)
+            released = [v for v in mine if _complete(v)]
+            if released:
+                raise ReleaseRefused(f"run {run_id} is already released as {release_id_of(released[0].version)} "
+                                     f"({released[0].tags.get(TAG_STATUS, '?')})")
+            return self._register(run, approver, self._evaluation(evaluation, run.sha256))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _evaluation(self, evaluation: DPEvaluation | Mapping[str, pd.DataFrame] | None,
+                    digest: str) -> dict[str, Any] | None:
+        if evaluation is None:
+            return None
+        if not isinstance(evaluation, DPEvaluation):
+            evaluation = DPEvaluation(evaluation)
+        if evaluation.model_sha256 and evaluation.model_sha256 != digest:
+            raise ReleaseRefused(f"the DP evaluation scored model {evaluation.model_sha256[:12]}..., not this run's "
+                                 f"model {digest[:12]}...")
+        summary = evaluation_from_tables(evaluation.tables)
+        summary["source"] = evaluation.source
+        return summary
+
+    def _register(self, run: RunRelease, approver: str, evaluation: dict[str, Any] | None) -> Release:
+        """Create the model version, its certificate and card, the local copy and the audit entry;
+        undo the version if any later step fails."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(REGISTERED_MODEL, description=(
+                "Federated DP credit-risk models (fedrisk); each version is one approved release."))
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(
+            REGISTERED_MODEL, run.source, run_id=run.run_id, description=f"fedrisk release of run {run.run_id}",
+            tags={TAG_STATUS: STATUS_ACTIVE, TAG_SHA256: run.sha256, TAG_APPROVER: approver, TAG_CUTOFF: run.cutoff,
+                  TAG_TRACKING: _without_credentials(self.tracking_uri)})
+        release_id = release_id_of(version.version)
+        target = self.registry_dir / RELEASES_DIR / release_id
+        try:
+            certificate = build_certificate(
+                release_id=release_id, model_sha256=run.sha256, mlflow_run_id=run.run_id,
+                privacy_report=run.privacy_report, cutoff=run.cutoff,
+                issued=datetime.now(UTC).isoformat(timespec="seconds"), evaluation=evaluation)
+            card = build_model_card(
+                release_id=release_id, model_sha256=run.sha256, model_kind=run.model_kind, n_features=run.n_features,
+                purpose=certificate.purpose, hospitals=certificate.hospitals, epsilon_max=certificate.epsilon_max,
+                delta=certificate.delta, federated_auc=run.federated.get("auc"),
+                federated_brier=run.federated.get("brier"), evaluation=evaluation)
+            for tag, document in ((TAG_CERTIFICATE, certificate.to_dict()), (TAG_CARD, card.to_dict())):
+                self.client.set_model_version_tag(REGISTERED_MODEL, version.version, tag, json.dumps(document))
+            shutil.rmtree(target, ignore_errors=True)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            run.files.rename(target)
+            release = self.get(release_id)
+            self.audit.append(ACTION_CREATE, purpose=certificate.purpose, details={
+                "release": release_id, "run": run.run_id, "sha256": run.sha256, "approver": approver,
+                "cutoff": run.cutoff, "dp-evaluated": evaluation is not None})
+        except BaseException:
+            self.client.delete_model_version(REGISTERED_MODEL, version.version)
+            shutil.rmtree(target, ignore_errors=True)
+            raise
+        return release
+
+    def _versions(self) -> Iterator[Any]:
+        """Every model version of the registered model (none before the first release)."""
+        token = None
+        while True:
+            page = self.client.search_model_versions(f"name='{REGISTERED_MODEL}'", page_token=token)
+            yield from page
+            token = page.token
+            if not token:
+                return
+
+    def _version(self, release_id: str) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        match = RELEASE_ID_PATTERN.match(str(release_id))
+        if not match:
+            raise ReleaseNotFound(f"no release {release_id!r}: release ids look like r1, r2, ...")
+        try:
+            version = self.client.get_model_version(REGISTERED_MODEL, match.group(1))
+        except MlflowException:
+            raise ReleaseNotFound(f"no release {release_id}") from None
+        if not _complete(version):
+            raise ReleaseNotFound(f"no release {release_id} (it is being created, or its creation failed)")
+        return version
+
+    def _release(self, version: Any, fetch: bool = True) -> Release:
+        """The Release of a complete model version; with `fetch`, its model files made local."""
+        release_id = release_id_of(version.version)
+        tags = version.tags
+        certificate = PrivacyCertificate.from_json(tags[TAG_CERTIFICATE])
+        card = ModelCard.from_json(tags[TAG_CARD])
+        sha256 = tags[TAG_SHA256]
+        release = Release(
+            release_id=release_id, version=int(version.version), run_id=version.run_id, sha256=sha256,
+            status=tags.get(TAG_STATUS, STATUS_WITHDRAWN), created=datetime.fromtimestamp(
+                version.creation_timestamp / 1000.0, UTC).isoformat(timespec="seconds"),
+            certificate=certificate, card=card, model_dir=self.registry_dir / RELEASES_DIR / release_id,
+            approved_by=tags.get(TAG_APPROVER, ""), withdrawn_reason=tags.get(TAG_WITHDRAWN_REASON, ""))
+        if fetch:
+            self._materialise(release, version.source)
+        return release
+
+    def _materialise(self, release: Release, source: str) -> None:
+        """Make `release.model_dir` hold the model files (downloading them from the version's source
+        once, checking the SHA-256) and the release's JSON files."""
+        directory = release.model_dir
+        digest_file = directory / DIGEST_FILE
+        if not (directory / MODEL_FILE).is_file() or not digest_file.is_file():
+            from mlflow.artifacts import download_artifacts
+
+            staging = self.registry_dir / f".staging-{uuid.uuid4().hex}"
+            try:
+                fetched = Path(download_artifacts(artifact_uri=source, dst_path=str(staging),
+                                                  tracking_uri=self.tracking_uri or None))
+                with np.load(fetched / MODEL_FILE, allow_pickle=False) as npz:
+                    if weights_digest(npz["weights"]) != release.sha256:
+                        raise ReleaseError(f"release {release.release_id}: the model at {source} no longer matches "
+                                           "its SHA-256")
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.parent.mkdir(parents=True, exist_ok=True)
+                fetched.rename(directory)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ReleaseError(f"release {release.release_id}: its model is not in {directory} and cannot be "
+                                   f"read from {source} ({type(exc).__name__})") from None
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        elif digest_file.read_text().split()[:1] != [release.sha256]:
+            raise ReleaseError(f"release {release.release_id}: {digest_file} does not match the registry's SHA-256")
+        if not (directory / RELEASE_FILE).is_file():
+            (directory / CERTIFICATE_FILE).write_text(release.certificate.to_json())
+            (directory / CARD_FILE).write_text(release.card.to_json())
+        self._write_release_json(release)
+
+    @staticmethod
+    def _write_release_json(release: Release) -> None:
+        """release.json: what a hospital node needs to know about the release, status included."""
+        record = {"release": release.release_id, "model": release.card.model_kind,
+                  "n_features": release.card.n_features, "sha256": release.sha256, "status": release.status,
+                  "run": release.run_id, "created": release.created}
+        path = release.model_dir / RELEASE_FILE
+        if path.is_file() and json.loads(path.read_text()) == record:
+            return
+        tmp = path.with_name(f"{RELEASE_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(path)
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.registry_dir / LOCK_FILE, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _complete(version: Any) -> bool:
+    """Whether a model version carries everything a release has (a killed create leaves less)."""
+    return all(tag in version.tags for tag in (TAG_CERTIFICATE, TAG_CARD, TAG_SHA256))
+
+
+def _without_credentials(uri: str) -> str:
+    """A tracking URI fit to store: any user:password@ part removed."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if "@" in parts.netloc else uri

@@ -1,0 +1,146 @@
+"""What a finished training run offers for release, read from its MLflow run and checked.
+
+`server.tracking.RunTracker.finish` logs a run's release under the artifact path `release/`:
+model.npz, model.sha256, privacy_report.json and run_summary.json, and tags the run with the
+model's SHA-256. `read_run_release` downloads those files and refuses, with one line, anything a
+release must not rest on: an unknown, deleted or unfinished run, missing files, weights that do
+not hash to the logged SHA-256, or a privacy report whose epsilons do not recompute.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from federation.errors import FedriskError
+from federation.model import weights_digest
+
+RELEASE_ARTIFACT_PATH = "release"
+MODEL_FILE, DIGEST_FILE, PRIVACY_FILE, SUMMARY_FILE = (
+    "model.npz", "model.sha256", "privacy_report.json", "run_summary.json")
+RELEASE_FILES = (MODEL_FILE, DIGEST_FILE, PRIVACY_FILE, SUMMARY_FILE)
+RUN_SHA256_TAG = "release.sha256"  # set on the training run by server.tracking
+FEDERATED_METRICS = ("auc", "brier")  # logged per round by server.app
+CUTOFF_CLOCK_SLACK = timedelta(days=1)
+"""A cut-off may be at most this far past the run's start (UTC), for approvers east of UTC."""
+EPSILON_TOLERANCE = 1e-6  # as `fedrisk privacy verify`: a logged epsilon must recompute to this
+
+
+class ReleaseError(FedriskError):
+    """A release cannot be found or changed (one line, naming the release)."""
+
+
+class ReleaseRefused(ReleaseError):
+    """A run cannot be released: not finished, no release artifacts, digest mismatch, released already."""
+
+
+@dataclass(frozen=True)
+class RunRelease:
+    """A finished run's checked release files and what the run logged about them.
+
+    Attributes:
+        run_id: the MLflow run; source: URI of its `release/` artifacts; files: local directory
+        holding the downloaded files; model_kind, n_features, sha256: the model; privacy_report:
+        privacy_report.json; federated: the last round's federated AUC and Brier (absent ones left
+        out); cutoff: the data cut-off as an ISO date.
+    """
+
+    run_id: str
+    source: str
+    files: Path
+    model_kind: str
+    n_features: int
+    sha256: str
+    privacy_report: dict[str, Any]
+    federated: dict[str, float]
+    cutoff: str
+
+
+def read_run_release(client: Any, run_id: str, staging: Path, cutoff: date | str | None = None) -> RunRelease:
+    """Read run `run_id` through an MlflowClient and download its release into `staging` (created;
+    the caller removes it). cutoff: the data cut-off date, default the run's start date (UTC)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ReleaseRefused(f"run {run_id!r} is not in the tracking store {client.tracking_uri}") from None
+    if run.info.lifecycle_stage != "active":
+        raise ReleaseRefused(f"run {run_id} is deleted")
+    if run.info.status != "FINISHED":
+        raise ReleaseRefused(f"run {run_id} is {run.info.status}, not FINISHED: only a finished run is released")
+    day = _cutoff(cutoff, datetime.fromtimestamp(run.info.start_time / 1000.0, UTC))
+    staging.mkdir(parents=True)
+    try:
+        client.download_artifacts(run_id, RELEASE_ARTIFACT_PATH, str(staging))
+    except (MlflowException, OSError):
+        pass  # reported below as missing files
+    files = staging / RELEASE_ARTIFACT_PATH
+    missing = [name for name in RELEASE_FILES if not (files / name).is_file()]
+    if missing:
+        raise ReleaseRefused(f"run {run_id} has no release artifacts ({RELEASE_ARTIFACT_PATH}/{missing[0]} missing)")
+    try:
+        with np.load(files / MODEL_FILE, allow_pickle=False) as npz:
+            weights, kind, n_features = np.asarray(npz["weights"]), str(npz["model"]), int(npz["n_features"])
+        declared = (files / DIGEST_FILE).read_text().split()[0]
+        report = json.loads((files / PRIVACY_FILE).read_text())
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise ReleaseRefused(f"run {run_id}: its release artifacts are unreadable ({type(exc).__name__})") from None
+    digest = weights_digest(weights)
+    if declared != digest or run.data.tags.get(RUN_SHA256_TAG, digest) != digest:
+        raise ReleaseRefused(f"run {run_id}: {RELEASE_ARTIFACT_PATH}/{DIGEST_FILE} does not match the weights "
+                             f"in {MODEL_FILE}")
+    _check_epsilons(run_id, report)
+    return RunRelease(run_id=run_id, source=f"{run.info.artifact_uri.rstrip('/')}/{RELEASE_ARTIFACT_PATH}",
+                      files=files, model_kind=kind, n_features=n_features, sha256=digest, privacy_report=report,
+                      federated=_last_round(client, run_id), cutoff=day)
+
+
+def _cutoff(value: date | str | None, run_started: datetime) -> str:
+    """The data cut-off as an ISO date: `value`, or the run's start date (UTC) when None; never
+    later than the run could have read data."""
+    if value is None:
+        return run_started.date().isoformat()
+    try:
+        day = value if isinstance(value, date) else date.fromisoformat(str(value))
+    except ValueError:
+        raise ReleaseRefused(f"cutoff must be a date YYYY-MM-DD, got {value!r}") from None
+    if day > (run_started + CUTOFF_CLOCK_SLACK).date():
+        raise ReleaseRefused(f"cutoff {day.isoformat()} is after the run started ({run_started.date().isoformat()} "
+                             "UTC): the run cannot have read later data")
+    return day.isoformat()
+
+
+def _check_epsilons(run_id: str, report: dict[str, Any]) -> None:
+    """Refuse a privacy report whose epsilons do not recompute from their logged parameters."""
+    from privacy.accounting import epsilon_for
+
+    try:
+        hospitals = dict(report["hospitals"])
+        for name, h in hospitals.items():
+            eps = epsilon_for(sample_rate=float(h["sample_rate"]), noise_multiplier=float(h["noise_multiplier"]),
+                              steps=int(h["steps"]), delta=float(h["delta"]))
+            if abs(eps - float(h["epsilon"])) > EPSILON_TOLERANCE:
+                raise ReleaseRefused(f"run {run_id}: {name}'s logged epsilon {float(h['epsilon']):.4f} does not "
+                                     f"recompute from its parameters ({eps:.4f})")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReleaseRefused(f"run {run_id}: its privacy report is malformed ({type(exc).__name__}: {exc})") from None
+    if not hospitals:
+        raise ReleaseRefused(f"run {run_id}: its privacy report names no hospital")
+
+
+def _last_round(client: Any, run_id: str) -> dict[str, float]:
+    """The run's federated metrics at its last logged round."""
+    metrics: dict[str, float] = {}
+    for key in FEDERATED_METRICS:
+        history = client.get_metric_history(run_id, key)
+        if history:
+            value = max(history, key=lambda m: (m.step, m.timestamp)).value
+            if np.isfinite(value):
+                metrics[key] = float(value)
+    return metrics

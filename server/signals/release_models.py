@@ -1,0 +1,37 @@
+"""Response bodies for releases. The certificate and model card are published with the very
+dataclasses `server.certificates` defines (pydantic reads their type hints), so the OpenAPI
+schema cannot drift from what the registry stores."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from server.certificates import ModelCard, PrivacyCertificate
+
+Certificate = PrivacyCertificate
+ModelCardView = ModelCard
+
+
+class ReleaseSummary(BaseModel):
+    """One release in a listing: what it is, its guarantee, and how well it scores."""
+
+    release_id: str
+    status: str = Field(description="active, or withdrawn (never served to banks)")
+    model_sha256: str
+    model_kind: str
+    purpose: str
+    data_cutoff: str
+    issued: str
+    hospitals: int
+    epsilon_max: float = Field(description="per-patient epsilon of the release (max over hospitals)")
+    delta: float
+    federated_auc: float | None
+    federated_brier: float | None
+    withdrawn_reason: str | None = Field(default=None, description="why it was withdrawn (not shown to banks)")
+
+
+class ReleaseDetail(ReleaseSummary):
+    """A release with its full privacy certificate and model card."""
+
+    certificate: Certificate
+    model_card: ModelCardView

@@ -1,0 +1,179 @@
+"""Routing a bank's score request to the hospital that issued the applicant's grant.
+
+The service checks everything it can before any request leaves it:
+1. the token parses (`privacy.grants.peek_payload`) and names a registered hospital;
+2. its signature verifies with that hospital's registered grant key (`verify_signature`);
+3. it was issued to the caller's own bank, for `applicant-scoring`, and has not expired.
+
+Only then is `{grant, bank, release}` forwarded over HTTP to the hospital's scoring endpoint,
+with the bearer token the hospital issued to this service. Revocation and the patient's consent
+are known only at the hospital, which checks them again (with everything above) and audits the
+use of the grant itself. The answer is reduced to exactly `{probability, band, reasons, release}`.
+
+Every refusal is a `ScoreRefused` with an HTTP status and a one-line reason; it never quotes the
+token. The service audits by `grant_ref`, a digest of the grant id: the issuing hospital can
+match it to its own records, while the service's log holds no usable grant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from privacy.grants import (
+    EXPIRED,
+    MALFORMED,
+    SCORING_PURPOSE,
+    WRONG_BANK,
+    WRONG_PURPOSE,
+    GrantError,
+    GrantPayload,
+    GrantRefused,
+    peek_payload,
+    verify_signature,
+)
+from server.signals.hospitals import HospitalDirectory, HospitalUnavailable
+
+SCORE_PATH = "/v1/score"
+DEFAULT_HOSPITAL_TIMEOUT_S = 10.0
+GRANT_REF_HEX = 16
+MAX_DETAIL_CHARS = 200
+RELAYED_STATUSES = frozenset({400, 403, 404, 409, 410})
+"""A hospital's refusals the bank may see as they are (a 422 becomes 400: the request was
+malformed in the hospital's eyes); anything else (401: this service's token; 5xx) is a 502."""
+BANDS = ("low", "medium", "high")
+
+
+class ScoreRefused(Exception):
+    """A score request refused or failed; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """What the bank receives, and nothing else."""
+
+    probability: float
+    band: str
+    reasons: list[dict[str, Any]]
+    release: str
+
+
+@dataclass
+class ScoreContext:
+    """What the audit entry of one score request says (filled in as checks pass)."""
+
+    hospital: str | None = None
+    grant_ref: str | None = None
+    kind: str | None = None
+    reason: str | None = None  # the one-line refusal the bank received
+
+    def details(self) -> dict[str, Any]:
+        return {k: v for k, v in (("hospital", self.hospital), ("grant-ref", self.grant_ref),
+                                  ("refusal", self.kind), ("reason", self.reason)) if v is not None}
+
+
+def grant_ref(grant_id: str) -> str:
+    """The digest the service audits in place of a grant id."""
+    return hashlib.sha256(grant_id.encode()).hexdigest()[:GRANT_REF_HEX]
+
+
+class ScoreRouter:
+    """Checks and forwards score requests; one shared HTTP client for connection reuse."""
+
+    def __init__(self, hospitals: HospitalDirectory, client: httpx.AsyncClient) -> None:
+        self.hospitals, self.client = hospitals, client
+
+    def check(self, token: str, bank: str, context: ScoreContext,
+              now: datetime | None = None) -> tuple[GrantPayload, str, str]:
+        """The verified payload, the hospital's URL and service token; or ScoreRefused."""
+        try:
+            claimed = peek_payload(token)
+        except GrantRefused as refusal:
+            context.kind = refusal.kind
+            raise ScoreRefused(400, str(refusal)) from None
+        endpoint = self.hospitals.get(claimed.hospital)
+        if endpoint is None:  # the unverified name is not audited: anyone can write one
+            context.kind = "unknown-hospital"
+            raise ScoreRefused(403, "grant refused: it names a hospital this service does not route to")
+        context.hospital = endpoint.hospital
+        try:
+            payload = verify_signature(token, endpoint.grant_key_pem)
+        except GrantRefused as refusal:
+            context.kind = refusal.kind
+            raise ScoreRefused(400 if refusal.kind == MALFORMED else 403, str(refusal)) from None
+        except GrantError:
+            context.kind = "hospital-key"
+            raise ScoreRefused(502, f"the grant key registered for {endpoint.hospital} is unusable") from None
+        context.grant_ref = grant_ref(payload.grant_id)
+        if payload.bank != bank:
+            context.kind = WRONG_BANK
+            raise ScoreRefused(403, "grant refused: the grant was issued to another bank")
+        if payload.purpose != SCORING_PURPOSE:
+            context.kind = WRONG_PURPOSE
+            raise ScoreRefused(403, f"grant refused: it covers {payload.purpose!r}, not {SCORING_PURPOSE!r}")
+        if (now or datetime.now(UTC)) >= payload.expires:
+            context.kind = EXPIRED
+            raise ScoreRefused(403, f"grant refused: expired on {payload.expires:%Y-%m-%dT%H:%M:%SZ}")
+        try:
+            return payload, endpoint.url, endpoint.service_token()
+        except HospitalUnavailable as exc:
+            context.kind = "hospital-token"
+            raise ScoreRefused(502, str(exc)) from None
+
+    async def score(self, token: str, bank: str, release: str, context: ScoreContext) -> ScoreResult:
+        """Check the grant, ask the hospital, and return only the fields a bank may see."""
+        payload, url, service_token = self.check(token, bank, context)
+        try:
+            reply = await self.client.post(f"{url}{SCORE_PATH}", json={"grant": token, "bank": bank, "release": release},
+                                           headers={"Authorization": f"Bearer {service_token}"})
+        except httpx.TimeoutException:
+            context.kind = "hospital-timeout"
+            raise ScoreRefused(504, f"{payload.hospital} did not answer in time") from None
+        except httpx.HTTPError:
+            context.kind = "hospital-unreachable"
+            raise ScoreRefused(502, f"{payload.hospital}'s scoring endpoint is unreachable") from None
+        if reply.status_code != 200:
+            context.kind = f"hospital-{reply.status_code}"
+            if reply.status_code in RELAYED_STATUSES or reply.status_code == 422:
+                status = 400 if reply.status_code == 422 else reply.status_code
+                raise ScoreRefused(status, f"{payload.hospital}: {_detail(reply)}")
+            raise ScoreRefused(502, f"{payload.hospital}'s scoring endpoint failed (HTTP {reply.status_code})")
+        try:
+            return _result(reply.json(), release)
+        except (ValueError, KeyError, TypeError):
+            context.kind = "hospital-reply"
+            raise ScoreRefused(502, f"{payload.hospital}'s scoring endpoint sent a malformed answer") from None
+
+
+def _detail(reply: httpx.Response) -> str:
+    """The hospital's one-line reason (its `detail`), shortened; never echoes the request."""
+    try:
+        detail = reply.json().get("detail")
+    except ValueError:
+        detail = None
+    text = detail if isinstance(detail, str) else f"refused (HTTP {reply.status_code})"
+    return " ".join(text.split())[:MAX_DETAIL_CHARS]
+
+
+def _result(body: Any, release: str) -> ScoreResult:
+    """Keep exactly probability, band, reasons (feature, phrase, contribution) and release."""
+    probability = float(body["probability"])
+    if not (0.0 <= probability <= 1.0) or body["band"] not in BANDS or body["release"] != release:
+        raise ValueError("score out of contract")
+    reasons = []
+    for reason in body["reasons"]:
+        contribution = float(reason["contribution"])
+        if not math.isfinite(contribution):
+            raise ValueError("contribution not finite")
+        reasons.append({"feature": str(reason["feature"]), "phrase": str(reason["phrase"]),
+                        "contribution": contribution})
+    return ScoreResult(probability, str(body["band"]), reasons, release)

@@ -1,0 +1,387 @@
+"""The signals service as a bank, a hospital operator, a data scientist and an auditor use it:
+each role sees only its share, grants are checked before anything reaches a hospital and every
+refusal is audited at the service and at the node, withdrawn releases stop at once, rate limits
+answer 429, cohort tables reach banks only once approved, and keys are stored as hashes.
+
+Real components throughout: a provisioned synthetic hospital node running `fedrisk node serve`,
+a release registered from an MLflow run, and `fedrisk serve`, each its own process on loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from experiments import signals_local as local
+from federation.cli import EXIT_USER_ERROR, main
+from federation.query import load_query
+from privacy.grants import TOKEN_PREFIX, GrantAuthority, peek_payload
+from server.analytics import QueryResult, estimate, write_result
+from server.releases import ReleaseRegistry
+from server.signals.app import ServiceSettings, make_app, route_roles
+from server.signals.auth import ROLES, KeyStore
+
+REPO = Path(__file__).resolve().parents[1]
+BANK_A, BANK_B = "bank-a", "bank-b"
+QUERY = REPO / "experiments" / "queries" / "delinquency_by_age_insurance.yaml"
+BANK_ONLY_DENIED = {("POST", "/v1/cohorts"), ("POST", "/v1/releases/{release_id}/withdraw"),
+                    ("GET", "/v1/hospital/requests"), ("GET", "/v1/audit")}
+
+
+@dataclass
+class Deployment:
+    hospital: local.LocalHospital
+    node: local.Service
+    service: local.Service
+    db: Path
+    registry: Path
+    keys: dict[str, str]  # label -> API key
+    withdrawable: tuple[str, str]  # releases the withdrawal test withdraws (through the API; directly)
+
+    def call(self, method: str, path: str, who: str | None, **kwargs: object) -> httpx.Response:
+        headers = {"X-API-Key": self.keys[who]} if who else {}
+        return httpx.request(method, f"{self.service.base_url}{path}", headers=headers, timeout=30, **kwargs)
+
+    def score(self, who: str, grant: str, release: str = "r1") -> httpx.Response:
+        return self.call("POST", "/v1/scores", who, json={"grant": grant, "release": release})
+
+    def last_service_entry(self, who: str) -> dict:
+        return self.call("GET", "/v1/audit/mine?limit=1", who).json()[0]
+
+    def node_direct(self, grant: str, bank: str) -> httpx.Response:
+        """What the node answers when asked directly (as only this service can: it holds the token)."""
+        token = self.hospital.service_token_file.read_text().strip()
+        return httpx.post(f"{self.node.base_url}/v1/score", json={"grant": grant, "bank": bank, "release": "r1"},
+                          headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory: pytest.TempPathFactory, signals_federation) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("signals")
+    hospital = local.build_hospital(root / "hospital", signals_federation)
+    first, *others = signals_federation.runs
+    assert local.create_release(root / "registry", hospital, first) == "r1"
+    withdrawable = tuple(local.create_release(root / "registry", hospital, run, evaluate=False) for run in others)
+    db = root / "service" / "signals.sqlite"
+    store = KeyStore(db)
+    keys = {label: store.add(role, label, bank=bank, hospital=site)[1] for label, role, bank, site in (
+        ("bank-a-analyst", "bank-analyst", BANK_A, None), ("bank-b-analyst", "bank-analyst", BANK_B, None),
+        ("operator-00", "hospital-operator", None, "hospital_00"),
+        ("operator-99", "hospital-operator", None, "hospital_99"),
+        ("dana", "data-scientist", None, None), ("audrey", "auditor", None, None))}
+    node = local.start_node_service(hospital, root / "logs", wait=False)
+    service = local.start_signals_service(db, root / "registry", root / "logs", wait=False)
+    try:
+        node.wait_ready()
+        service.wait_ready()
+        local.register_hospital(db, hospital, node)
+        yield Deployment(hospital, node, service, db, root / "registry", keys, withdrawable)
+    finally:
+        service.stop()
+        node.stop()
+
+
+def _label_of_role(role: str) -> str:
+    return {"bank-analyst": "bank-a-analyst", "hospital-operator": "operator-00", "data-scientist": "dana",
+            "auditor": "audrey"}[role]
+
+
+def _routes(tmp_path: Path) -> list[APIRoute]:
+    app = make_app(ServiceSettings(db=tmp_path / "s.sqlite", registry_dir=tmp_path / "registry"))
+    return [r for r in app.routes if isinstance(r, APIRoute) and route_roles(r)]
+
+
+def test_every_route_refuses_every_role_it_does_not_list(dep: Deployment, tmp_path: Path) -> None:
+    routes = _routes(tmp_path)
+    assert len(routes) >= 14
+    bank_denied = set()
+    for route in routes:
+        allowed = set(route_roles(route))
+        assert allowed <= set(ROLES)
+        path = route.path.replace("{release_id}", "r1").replace("{cohort_id}", "no-such-table")
+        for method in route.methods:
+            assert dep.call(method, path, None).status_code == 401, (method, route.path)
+            for role in ROLES:
+                # an empty body: a listed role gets past the role check (422 or an answer), others get 403
+                response = dep.call(method, path, _label_of_role(role), json={} if method == "POST" else None)
+                if role in allowed:
+                    assert response.status_code not in (401, 403), (role, method, route.path, response.text)
+                else:
+                    assert response.status_code == 403, (role, method, route.path, response.text)
+                    assert response.json() == {"detail": f"a {role} key may not call this endpoint"}
+                    if role == "bank-analyst":
+                        bank_denied.add((method, route.path))
+    assert bank_denied == BANK_ONLY_DENIED  # every hospital-side and data-scientist endpoint, nothing else
+
+
+def test_a_consented_score_comes_back_as_the_hospital_computed_it_and_nothing_more(dep: Deployment) -> None:
+    grant = dep.hospital.issue(dep.hospital.consenting()[0], BANK_A)
+    scored = dep.score("bank-a-analyst", grant)
+    assert scored.status_code == 200, scored.text
+    assert set(scored.json()) == {"probability", "band", "reasons", "release"}
+    direct = dep.node_direct(grant, BANK_A).json()
+    assert scored.json() == direct
+    assert all(set(r) == {"feature", "phrase", "contribution"} for r in scored.json()["reasons"])
+
+    grant_id = peek_payload(grant).grant_id
+    entry = dep.last_service_entry("bank-a-analyst")
+    assert (entry["endpoint"], entry["status"], entry["hospital"], entry["release"]) == ("/v1/scores", 200,
+                                                                                         "hospital_00", "r1")
+    assert entry["grant_ref"] == hashlib.sha256(grant_id.encode()).hexdigest()[:16]
+    audit_bytes = dep.db.with_name("signals_audit.sqlite").read_bytes()
+    assert grant.encode() not in audit_bytes and grant_id.encode() not in audit_bytes
+    node_entries = [e for e in dep.hospital.state.audit().entries() if e.action == "score.grant-use"]
+    assert node_entries and node_entries[-1].details["bank"] == BANK_A
+
+
+def _sign(node_dir: Path, payload: dict[str, str]) -> str:
+    """A token in the documented format, signed with the node's own grant key."""
+    key = load_pem_private_key((node_dir / "grant_signing.key").read_bytes(), password=None)
+    body = base64.urlsafe_b64encode(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
+    signing_input = f"{TOKEN_PREFIX}.{body.rstrip(b'=').decode()}"
+    signature = base64.urlsafe_b64encode(key.sign(signing_input.encode())).rstrip(b"=").decode()
+    return f"{signing_input}.{signature}"
+
+
+def _expired(dep: Deployment) -> str:
+    """A genuine grant whose expiry has passed (its record at the node says so too)."""
+    grant = dep.hospital.issue(dep.hospital.consenting()[1], BANK_A, days=1)
+    p = peek_payload(grant)
+    when = datetime.now(UTC) - timedelta(days=2)
+    stamp = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")
+    payload = {"grant": p.grant_id, "hospital": p.hospital, "bank": p.bank, "purpose": p.purpose,
+               "issued": stamp(when), "expires": stamp(when + timedelta(days=1))}
+    with sqlite3.connect(dep.hospital.state.directory / "grants.sqlite") as db:
+        db.execute("UPDATE grants SET issued = ?, expires = ? WHERE grant_id = ?",
+                   (payload["issued"], payload["expires"], p.grant_id))
+    return _sign(dep.hospital.state.directory, payload)
+
+
+def _revoked(dep: Deployment) -> str:
+    grant = dep.hospital.issue(dep.hospital.consenting()[2], BANK_A)
+    assert main(["node", "grant", "revoke", "--dir", str(dep.hospital.state.directory),
+                 "--grant", peek_payload(grant).grant_id]) == 0
+    return grant
+
+
+def _forged(dep: Deployment, tmp_path: Path, hospital: str = "hospital_00") -> str:
+    """Signed by a key that is not the hospital's, in the hospital's name."""
+    (tmp_path / hospital).mkdir()
+    return GrantAuthority(tmp_path / hospital, hospital).issue("0" * 31 + "1", BANK_A)
+
+
+def _tampered(dep: Deployment) -> str:
+    """A genuine token with its payload changed (bank-b for bank-a) and the signature kept."""
+    head, body, signature = dep.hospital.issue(dep.hospital.consenting()[3], BANK_A).rsplit(".", 2)
+    payload = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
+    payload["bank"] = BANK_B
+    forged = base64.urlsafe_b64encode(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())
+    return f"{head}.{forged.rstrip(b'=').decode()}.{signature}"
+
+
+@pytest.mark.parametrize(("case", "caller", "status", "words", "kind", "node_kind"), [
+    ("forged", "bank-a-analyst", 403, "forged token", "forged", "forged"),
+    ("tampered", "bank-b-analyst", 403, "forged token", "forged", "forged"),
+    ("expired", "bank-a-analyst", 403, "expired on", "expired", "expired"),
+    ("revoked", "bank-a-analyst", 403, "revoked on", "hospital-403", "revoked"),
+    ("wrong-bank", "bank-b-analyst", 403, "issued to another bank", "wrong-bank", "wrong-bank"),
+    ("unknown-hospital", "bank-a-analyst", 403, "does not route to", "unknown-hospital", None),
+    ("malformed", "bank-a-analyst", 400, "malformed token", "malformed", "malformed"),
+])
+def test_bad_grants_are_refused_clearly_and_audited_at_both_ends(
+        dep: Deployment, tmp_path: Path, case: str, caller: str, status: int, words: str, kind: str,
+        node_kind: str | None) -> None:
+    grant = {"forged": lambda: _forged(dep, tmp_path), "tampered": lambda: _tampered(dep),
+             "expired": lambda: _expired(dep), "revoked": lambda: _revoked(dep),
+             "wrong-bank": lambda: dep.hospital.issue(dep.hospital.consenting()[4], BANK_A),
+             "unknown-hospital": lambda: _forged(dep, tmp_path, "hospital_99"),
+             "malformed": lambda: "fedrisk-grant.v1.not-a-payload"}[case]()
+    bank = BANK_B if caller == "bank-b-analyst" else BANK_A
+    node_before = len(dep.hospital.state.audit().entries())
+
+    refused = dep.score(caller, grant)
+    assert refused.status_code == status, refused.text
+    detail = refused.json()["detail"]
+    assert words in detail and "\n" not in detail and grant not in detail
+    assert set(refused.json()) == {"detail"}
+
+    entry = dep.last_service_entry(caller)
+    assert (entry["endpoint"], entry["status"], entry["refusal"]) == ("/v1/scores", status, kind)
+    assert entry["reason"] == detail
+    if case == "revoked":  # only the node knows: the service forwarded, the node refused and audited it
+        node_entry = dep.hospital.state.audit().entries()[-1]
+        assert (node_entry.action, node_entry.details["kind"]) == ("grant.refused", "revoked")
+        return
+    # refused before forwarding: the node saw nothing ...
+    assert len(dep.hospital.state.audit().entries()) == node_before
+    if node_kind is None:
+        return
+    # ... and, asked directly, it refuses the same grant for the same reason and audits it
+    direct = dep.node_direct(grant, bank)
+    assert direct.status_code in (400, 403) and set(direct.json()) == {"detail"}
+    node_entry = dep.hospital.state.audit().entries()[-1]
+    assert (node_entry.action, node_entry.details["kind"]) == ("grant.refused", node_kind)
+
+
+def test_withdrawn_release_is_gone_for_banks_at_once(dep: Deployment) -> None:
+    release, other = dep.withdrawable
+    grant = dep.hospital.issue(dep.hospital.consenting()[5], BANK_A)
+    listed = [r["release_id"] for r in dep.call("GET", "/v1/releases", "bank-a-analyst").json()]
+    assert release in listed and "r1" in listed
+    assert dep.call("GET", f"/v1/releases/{release}/certificate", "bank-a-analyst").status_code == 200
+
+    withdrawn = dep.call("POST", f"/v1/releases/{release}/withdraw", "dana", json={"reason": "superseded by r1"})
+    assert withdrawn.status_code == 200 and withdrawn.json()["status"] == "withdrawn"
+
+    assert release not in [r["release_id"] for r in dep.call("GET", "/v1/releases", "bank-a-analyst").json()]
+    for suffix in ("", "/certificate", "/model-card"):
+        assert dep.call("GET", f"/v1/releases/{release}{suffix}", "bank-a-analyst").status_code == 410
+    refused = dep.score("bank-a-analyst", grant, release)
+    assert refused.status_code == 410 and "withdrawn" in refused.json()["detail"]
+    assert f'data-release="{release}"' not in dep.call("GET", "/dashboard/panels", "bank-a-analyst").text
+    assert f'data-release="{release}"' in dep.call("GET", "/dashboard/panels", "dana").text
+    seen = {r["release_id"]: r for r in dep.call("GET", "/v1/releases", "audrey").json()}
+    assert seen[release]["status"] == "withdrawn" and seen[release]["withdrawn_reason"] == "superseded by r1"
+    assert dep.call("POST", f"/v1/releases/{release}/withdraw", "dana", json={"reason": "again"}).status_code == 409
+    assert dep.score("bank-a-analyst", grant).status_code == 200  # r1 still serves
+
+    # withdrawn by another process (as `fedrisk release withdraw` does): the very next request knows
+    assert dep.call("GET", f"/v1/releases/{other}", "bank-a-analyst").status_code == 200
+    ReleaseRegistry("", dep.registry).withdraw(other, "dana", "found a data error")
+    assert dep.call("GET", f"/v1/releases/{other}", "bank-a-analyst").status_code == 410
+    assert dep.score("bank-a-analyst", grant, other).status_code == 410
+
+
+def _result_files(tmp_path: Path) -> tuple[dict, str]:
+    query = load_query(str(QUERY))
+    cells = (query.layout().length - 1) // 2
+    sums = [v for i in range(cells) for v in ((5.0, -1.0) if i == 0 else (200.0, -60.0))]  # cell 0: too few to publish
+    table = estimate(query, sums, query.noise_multiplier(), 3)
+    csv, meta = write_result(QueryResult(query, "approved-table", table, ["h0", "h1", "h2"],
+                                         query.noise_multiplier(), query.epsilon), tmp_path / "approved-table.csv")
+    return json.loads(meta.read_text()), csv.read_text()
+
+
+def test_cohort_tables_reach_banks_only_once_approved_and_only_as_their_query_made_them(
+        dep: Deployment, tmp_path: Path) -> None:
+    result, csv = _result_files(tmp_path)
+    assert dep.call("GET", "/v1/cohorts/approved-table", "bank-a-analyst").status_code == 404
+    lines = csv.splitlines()
+    tampered = {
+        "extra column": "\n".join([lines[0] + ",zip3"] + [line + ",021" for line in lines[1:]]),
+        "relabelled cell": csv.replace("0-9,private", "0-9,blue-cross", 1),
+        "missing row": "\n".join(lines[:-1]),
+    }
+    for what, text in tampered.items():
+        refused = dep.call("POST", "/v1/cohorts", "dana", json={"result": result, "table_csv": text})
+        assert refused.status_code == 400, (what, refused.text)
+    bad_query = {**result, "query": {**result["query"], "group-by": [{"national_id": ["1"]}]}}
+    assert dep.call("POST", "/v1/cohorts", "dana", json={"result": bad_query, "table_csv": csv}).status_code == 400
+
+    approved = dep.call("POST", "/v1/cohorts", "dana", json={"result": result, "table_csv": csv, "note": "reviewed"})
+    assert approved.status_code == 201, approved.text
+    assert dep.call("POST", "/v1/cohorts", "dana", json={"result": result, "table_csv": csv}).status_code == 409
+    cohort = dep.call("GET", "/v1/cohorts/approved-table", "bank-a-analyst").json()
+    assert cohort["approved_by"] == "dana" and cohort["epsilon"] == result["privacy"]["epsilon"]
+    first = cohort["table"][0]
+    assert first["suppressed"] is True and first["rate"] is None and first["ci95_low"] is None
+    assert all(row["rate"] is not None for row in cohort["table"][1:])
+    assert "approved-table" in [c["cohort_id"] for c in dep.call("GET", "/v1/cohorts", "bank-b-analyst").json()]
+
+
+def test_operators_see_their_hospitals_requests_and_auditors_the_verified_log(dep: Deployment) -> None:
+    dep.score("bank-a-analyst", dep.hospital.issue(dep.hospital.consenting()[6], BANK_A))
+    routed = dep.call("GET", "/v1/hospital/requests", "operator-00").json()
+    assert routed and {"seq", "ts", "bank", "release", "status", "grant_ref", "refusal", "reason"} == set(routed[0])
+    assert routed[0]["status"] == 200 and routed[0]["bank"] == BANK_A
+    assert dep.call("GET", "/v1/hospital/requests", "operator-99").json() == []
+    report = dep.call("GET", "/v1/audit?limit=1000", "audrey").json()
+    assert report["verification"] == {"ok": True, "entries": report["verification"]["entries"], "problems": []}
+    assert {e["principal"] for e in report["entries"]} >= {"bank-a-analyst", "dana", "anonymous"}
+    mine = dep.call("GET", "/v1/audit/mine?limit=1000", "bank-b-analyst").json()
+    assert mine and {e["principal"] for e in mine} == {"bank-b-analyst"}
+
+
+def test_tampering_with_the_service_audit_log_is_reported(dep: Deployment, tmp_path: Path) -> None:
+    settings = ServiceSettings(db=tmp_path / "signals.sqlite", registry_dir=dep.registry)
+    key = KeyStore(settings.db).add("auditor", "audrey")[1]
+    with TestClient(make_app(settings)) as client:
+        for _ in range(3):
+            client.get("/v1/me", headers={"X-API-Key": key})
+        with sqlite3.connect(settings.audit_path) as db:
+            db.execute("UPDATE audit SET details = replace(details, '\"status\":200', '\"status\":404') WHERE seq = 2")
+        report = client.get("/v1/audit", headers={"X-API-Key": key}).json()
+    assert not report["verification"]["ok"]
+    assert any(p.startswith("entry 2: edited") for p in report["verification"]["problems"])
+
+
+def test_rate_limit_answers_429_with_retry_after_per_principal(dep: Deployment, tmp_path: Path) -> None:
+    settings = ServiceSettings(db=tmp_path / "signals.sqlite", registry_dir=dep.registry,
+                               rate_per_second=2.0, burst=3)
+    store = KeyStore(settings.db)
+    first, second = store.add("auditor", "first")[1], store.add("auditor", "second")[1]
+    with TestClient(make_app(settings)) as client:
+        answers = [client.get("/v1/me", headers={"X-API-Key": first}) for _ in range(4)]
+        assert [a.status_code for a in answers] == [200, 200, 200, 429]
+        assert int(answers[-1].headers["Retry-After"]) >= 1
+        assert client.get("/v1/me", headers={"X-API-Key": second}).status_code == 200  # buckets are per principal
+        time.sleep(1.1)  # two tokens back: one for this call, one for reading the log
+        assert client.get("/v1/me", headers={"X-API-Key": first}).status_code == 200
+        log = client.get("/v1/audit/mine", headers={"X-API-Key": first}).json()
+    assert [e["status"] for e in log] == [200, 429, 200, 200, 200]  # newest first
+    assert log[1]["endpoint"] == "/v1/me"
+
+
+def test_keys_are_printed_once_and_stored_as_hashes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "signals.sqlite"
+    assert main(["serve", "keys", "add", "--db", str(db), "--role", "bank-analyst", "--label", "acme",
+                 "--bank", BANK_A]) == 0
+    key, note = capsys.readouterr().out.splitlines()
+    assert key.startswith("fr_") and len(key) == 35 and "cannot be shown again" in note
+    assert key.encode() not in db.read_bytes() and hashlib.sha256(key.encode()).hexdigest().encode() in db.read_bytes()
+    principal = KeyStore(db).authenticate(key)
+    assert principal is not None and (principal.role, principal.bank) == ("bank-analyst", BANK_A)
+    assert KeyStore(db).authenticate(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+
+    assert main(["serve", "keys", "revoke", "--db", str(db), principal.key_id]) == 0
+    assert KeyStore(db).authenticate(key) is None
+    for argv, words in ((["keys", "add", "--role", "banker", "--label", "x"], "role must be one of"),
+                        (["keys", "add", "--role", "bank-analyst", "--label", "x"], "--bank is required"),
+                        (["keys", "add", "--role", "auditor", "--label", "555-123-4567"], "label must be")):
+        capsys.readouterr()
+        assert main(["serve", *argv, "--db", str(db)]) == EXIT_USER_ERROR
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err
+
+
+def test_registering_a_hospital_refuses_the_wrong_files(dep: Deployment, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "signals.sqlite"
+    hospital = dep.hospital
+    base = ["serve", "hospitals", "add", "--db", str(db), "--hospital", "hospital_00", "--url", dep.node.base_url]
+    cases = ((["--grant-key", str(hospital.grant_key_file), "--token-file", str(hospital.node_token_file)],
+              "holds the token's hash"),
+             (["--grant-key", str(hospital.service_token_file), "--token-file", str(hospital.service_token_file)],
+              "is not a PEM public key"),
+             (["--grant-key", str(hospital.grant_key_file), "--token-file", str(tmp_path / "absent")],
+              "unreadable"))
+    for extra, words in cases:
+        capsys.readouterr()
+        assert main([*base, *extra]) == EXIT_USER_ERROR
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err
+    assert main([*base, "--grant-key", str(hospital.grant_key_file), "--token-file",
+                 str(hospital.service_token_file)]) == 0
