@@ -19,14 +19,15 @@ import pytest
 
 from clients.analytics import consented_records, local_statistics
 from clients.deidentify import PSEUDONYM
-from clients.node_state import NodeState, test_split
+from clients.node_state import NodeState
+from clients.node_state import test_split as held_out_mask
 from experiments.analytics import answer_in_process, run_query
 from experiments.provision import provision_nodes
 from federation.cli import main
 from federation.errors import PrivacyBudgetError, ProtocolError
 from federation.features import encode_features
-from federation.model import initial_weights, load_model, predict_proba, weights_digest
 from federation.he_codec import HospitalKey, ServerContext
+from federation.model import initial_weights, load_model, predict_proba, weights_digest
 from federation.query import FIELDS, CohortQuery, QueryError
 from privacy.audit import AuditLog
 from privacy.consent import ConsentError
@@ -215,7 +216,7 @@ def test_a_model_is_evaluated_under_dp_on_held_out_records_only(nodes, keys) -> 
                    model={"sha256": weights_digest(weights), "kind": "logreg"},
                    **{"group-by": ["sex", "delinquent_90d_12m"], "suppress-below": 0})
     table = _answer(nodes, keys, query, "evaluation", weights)
-    held_out = pd.concat([(lambda t: t.loc[test_split(t[PSEUDONYM])])(consented_records(node, PURPOSE)[0])
+    held_out = pd.concat([(lambda t: t.loc[held_out_mask(t[PSEUDONYM])])(consented_records(node, PURPOSE)[0])
                           for node in nodes], ignore_index=True)
     scores = predict_proba(load_model("logreg", weights, 40), encode_features(held_out))
     for (sex, label), rows in table.groupby(["sex", "delinquent_90d_12m"]):
