@@ -36,13 +36,7 @@ class RunTracker:
         self.mlflow = mlflow
         self.config = config
         Path(config.run_dir).mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(config.mlflow_uri)
-        experiment = mlflow.get_experiment_by_name(config.experiment)
-        if experiment is None:
-            artifact_root = (Path(config.run_dir).resolve() / "mlartifacts").as_uri() if not config.tracking_uri else None
-            experiment_id = mlflow.create_experiment(config.experiment, artifact_location=artifact_root)
-        else:
-            experiment_id = experiment.experiment_id
+        experiment_id = _experiment_id(mlflow, config)
         if resume_run_id and _is_active(mlflow, resume_run_id):
             self.run = mlflow.start_run(run_id=resume_run_id)
             self.run_id = self.run.info.run_id
@@ -97,6 +91,17 @@ class RunTracker:
             shutil.rmtree(release, ignore_errors=True)
 
 
+def _experiment_id(mlflow: Any, config: RunConfig) -> str:
+    """Point MLflow at the config's store and return its experiment, created if new (artifacts
+    under the run directory when the store is the run's own SQLite file)."""
+    mlflow.set_tracking_uri(config.mlflow_uri)
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_root = (Path(config.run_dir).resolve() / "mlartifacts").as_uri() if not config.tracking_uri else None
+    return mlflow.create_experiment(config.experiment, artifact_location=artifact_root)
+
+
 def _is_active(mlflow: Any, run_id: str) -> bool:
     try:
         return mlflow.tracking.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
@@ -133,13 +138,7 @@ def track_query(config: RunConfig, result: Any, files: list[Path]) -> str:
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(config.mlflow_uri)
-    experiment = mlflow.get_experiment_by_name(config.experiment)
-    if experiment is None:
-        artifact_root = (Path(config.run_dir).resolve() / "mlartifacts").as_uri() if not config.tracking_uri else None
-        experiment_id = mlflow.create_experiment(config.experiment, artifact_location=artifact_root)
-    else:
-        experiment_id = experiment.experiment_id
+    experiment_id = _experiment_id(mlflow, config)
     query = result.query
     with mlflow.start_run(experiment_id=experiment_id, run_name=result.run_id) as run:
         mlflow.set_tags({"fedrisk.kind": "analytics", "fedrisk.query": query.name, "fedrisk.purpose": query.purpose})
