@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import date
 
 import numpy as np
 import pandas as pd
@@ -90,8 +89,7 @@ def consented_records(state: NodeState, purpose: str) -> tuple[pd.DataFrame, dic
     """The de-identified records `purpose` may use, and exclusion counts by reason. Cached
     while the export, schema and consent withdrawals are unchanged (a withdrawal takes effect
     on the next query), so a series of queries validates the export once."""
-    files = (state.data_file, state.schema_file, state.directory / "revocations.sqlite")
-    key = (str(state.directory), purpose, date.today(), *(f.stat().st_mtime_ns if f.exists() else 0 for f in files))
+    key = (str(state.directory), purpose, *state.inputs_stamp())
     if key not in _USABLE_CACHE:
         if len(_USABLE_CACHE) >= _CACHE_LIMIT:
             _USABLE_CACHE.pop(next(iter(_USABLE_CACHE)))
@@ -133,10 +131,9 @@ class HospitalAnalytics:
         model = load_model(kind, np.asarray(weights, dtype=np.float32), len(fx.FEATURE_NAMES))
         return held_out.assign(**{RISK_SCORE: predict_proba(model, fx.encode_features(held_out)).astype(float)})
 
-    def check(self, query: CohortQuery, run_id: str) -> float:
-        """Before any record is read: refuse a query that reads a field this hospital's schema
-        withholds from the purpose, or that its ledger cannot afford. Returns the noise
-        multiplier the answer will use. Writes nothing but a refusal to the audit log."""
+    def _check_fields(self, query: CohortQuery) -> None:
+        """Refuse a query for a purpose no consent covers, or that reads a field this hospital's
+        schema withholds from the purpose (or groups ages more finely than it keeps them)."""
         schema = self.state.schema()
         if query.purpose not in schema.consent_policy().fields:
             self._refuse(ConsentError(f"{self.name}: no consent recorded in this hospital's export covers purpose "
@@ -155,6 +152,12 @@ class HospitalAnalytics:
                 and age.generalisation.kind == "age-band" and 10 % (age.generalisation.size or 10):
             self._refuse(DataError(f"{self.name}: ages are generalised to {age.generalisation.size}-year bands, "
                                    "coarser than the query's 10-year bands"), query.purpose)
+
+    def check(self, query: CohortQuery, run_id: str) -> float:
+        """Before any record is read: refuse a query that reads a field this hospital's schema
+        withholds from the purpose, or that its ledger cannot afford. Returns the noise
+        multiplier the answer will use. Writes nothing but a refusal to the audit log."""
+        self._check_fields(query)
         mechanism = self._mechanism(query)
         with self.state.ledger() as ledger:
             try:
@@ -174,8 +177,9 @@ class HospitalAnalytics:
                model_weights: np.ndarray | None = None) -> QueryAnswer:
         """Charge, compute, noise and encrypt this hospital's answer (see the module docstring).
         `hospitals` is how many answers the server will sum (each must fit the slot range);
-        `model_weights` are the model a `risk_score` query scores with (checked against its digest)."""
-        self.check(query, run_id)
+        `model_weights` are the model a `risk_score` query scores with (checked against its digest).
+        The budget is enforced by the ledger's atomic charge, not checked again beforehand."""
+        self._check_fields(query)
         used, excluded = consented_records(self.state, query.purpose)
         if query.field == RISK_SCORE:
             used = self._scored_test_split(query, used, model_weights)

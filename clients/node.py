@@ -36,8 +36,7 @@ _KEY_CACHE: dict[tuple[str, float], HospitalKey] = {}
 
 
 def _cached_data(state: NodeState, purpose: str, features: str) -> HospitalData:
-    files = (state.data_file, state.schema_file, state.directory / "revocations.sqlite")
-    key = (str(state.directory), purpose, features, *(f.stat().st_mtime if f.exists() else 0.0 for f in files))
+    key = (str(state.directory), purpose, features, *state.inputs_stamp())
     if key not in _DATA_CACHE:
         if len(_DATA_CACHE) >= _CACHE_LIMIT:
             _DATA_CACHE.pop(next(iter(_DATA_CACHE)))

@@ -65,6 +65,13 @@ class NodeState:
         """The node's hash-chained audit log."""
         return self.directory / "audit.sqlite"
 
+    def inputs_stamp(self) -> tuple[object, ...]:
+        """What a load's result depends on besides the purpose: the day (consents expire) and the
+        modification times of the export, the schema and the consent withdrawals. Caches of loaded
+        records key on it, so an edit or a withdrawal is seen by the next load."""
+        files = (self.data_file, self.schema_file, self.directory / "revocations.sqlite")
+        return (date.today(), *(f.stat().st_mtime_ns if f.exists() else 0 for f in files))
+
     def ledger(self) -> BudgetLedger:
         """Open the budget ledger."""
         return BudgetLedger(self.ledger_path)
