@@ -29,6 +29,7 @@ from federation.errors import DataError, FedriskError, PrivacyBudgetError, Proto
 from federation.he_codec import CONTRIBUTOR_UNIT, HospitalKey, PlaintextCodec
 from federation.model import weights_digest
 from federation.query import CELL_CAPACITY, FIELDS, RISK_SCORE, CohortQuery
+from privacy.audit import Digest
 from privacy.consent import ConsentError
 from privacy.ledger import GaussianMechanism
 
@@ -203,7 +204,7 @@ class HospitalAnalytics:
         ciphertexts = self.key.encrypt(vector)
         epsilon = mechanism.epsilon(query.delta)
         self.state.audit().append(ANALYTICS_ANSWER, purpose=query.purpose, epsilon=charge.epsilon_after, details={
-            "run": run_id, "query": query.name, "digest": query.digest(), "measure": query.measure,
+            "run": run_id, "query": query.name, "digest": Digest(query.digest()), "measure": query.measure,
             "field": query.field or "", "cells": len(layout.cells), "records-used": len(used),
             "records-excluded": excluded, "query-epsilon": round(epsilon, 6), "noise-multiplier": mechanism.noise_multiplier})
         return QueryAnswer(ciphertexts, mechanism.noise_multiplier, epsilon)

@@ -25,14 +25,16 @@ from federation.errors import ConfigError, FedriskError, KeyMaterialError, Priva
 from federation.he_codec import CENSUS_UNIT, CONTRIBUTOR_UNIT, HospitalKey, PlaintextCodec
 from federation.messages import EVAL_LENGTH
 from federation.model import initial_weights, load_model, num_parameters, predict_proba, weights_digest
-from privacy.accounting import DPSpend, calibrate_noise, check_delta
-from privacy.audit import RELEASE, ROUND_TRAIN, RUN_START
+from privacy.accounting import DPSpend, check_delta, remembered_noise
+from privacy.audit import RELEASE, ROUND_TRAIN, RUN_START, Digest
 from privacy.ledger import GaussianMechanism
 
 
 _DATA_CACHE: dict[tuple, HospitalData] = {}
 _CACHE_LIMIT = 16  # hospitals one simulation worker may serve in turn
 _KEY_CACHE: dict[tuple[str, float], HospitalKey] = {}
+NOISE_CACHE = "noise_calibrations.json"
+"""In the node directory: the sigmas this node has calibrated (see `remembered_noise`)."""
 
 
 def _cached_data(state: NodeState, purpose: str, features: str) -> HospitalData:
@@ -178,8 +180,8 @@ class HospitalNode:
     def noise_multiplier(self) -> float:
         """Sigma for the whole planned run, so its epsilon meets the target at delta."""
         cfg = self.config
-        return calibrate_noise(target_epsilon=cfg.target_epsilon, delta=cfg.delta,
-                               sample_rate=cfg.sample_rate, steps=cfg.planned_steps)
+        return remembered_noise(self.state.directory / NOISE_CACHE, target_epsilon=cfg.target_epsilon,
+                                delta=cfg.delta, sample_rate=cfg.sample_rate, steps=cfg.planned_steps)
 
     def _charge_round(self, run_id: str, server_round: int, round_steps: int, start_digest: str) -> int:
         """Charge this round to the ledger before it trains, and return the DP-SGD steps the run
@@ -272,5 +274,5 @@ class HospitalNode:
         weights = self.global_weights(chain).astype(np.float32)
         digest = weights_digest(weights)
         self.state.audit().append(RELEASE, purpose=self.config.purpose,
-                                  details={"run": run_id, "sha256": digest})
+                                  details={"run": run_id, "sha256": Digest(digest)})
         return weights, digest

@@ -48,7 +48,7 @@ from federation.model import (
     predict_proba,
     weights_digest,
 )
-from privacy.audit import AuditIdentifierError
+from privacy.audit import AuditIdentifierError, Digest
 from privacy.grants import SCORING_PURPOSE, GrantAuthority
 
 LOW_BAND_UPPER = 0.10
@@ -238,7 +238,7 @@ def install_release(node_dir: Path, release_dir: Path, release_id: str) -> Insta
                                   "status": STATUS_ACTIVE, "installed": datetime.now(UTC).isoformat()})
     staging.rename(target)
     state.audit().append("release.install", purpose=SCORING_PURPOSE,
-                         details={"release": release_id, "sha256": digest, "model": kind})
+                         details={"release": release_id, "sha256": Digest(digest), "model": kind})
     return read_release(releases, release_id)
 
 
@@ -372,7 +372,7 @@ class ConsentedScorer:
         """Score the applicant `token` authorises `bank` to score, with release `release_id`.
         Raises GrantRefused or ScoringRefused (one line); every outcome is audited."""
         grant = self.authority.verify(token, bank, SCORING_PURPOSE)
-        named = {"grant": grant.grant_id, "bank": bank,
+        named = {"grant": Digest(grant.grant_id), "bank": bank,
                  "release": release_id if RELEASE_ID_PATTERN.match(str(release_id)) else None}
         try:
             model = self._model(release_id)

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pandas as pd
-import pandera.pandas as pa
 import pyarrow
 
 from clients.schema import ColumnSpec, ExportSchema
 from federation.errors import DataError
+
+if TYPE_CHECKING:  # pandera is imported where exports are checked, not by every node process
+    import pandera.pandas as pa
 
 _TRUE_WORDS = {"true": True, "t": True, "yes": True, "y": True, "1": True, "1.0": True,
                "false": False, "f": False, "no": False, "n": False, "0": False, "0.0": False}
@@ -92,6 +94,8 @@ def is_text(series: pd.Series) -> pd.Series:
 
 def _check(test: Callable[[pd.Series], pd.Series], message: str) -> pa.Check:
     """A vectorised pandera check whose failure is reported as `message` (never with values)."""
+    import pandera.pandas as pa
+
     return pa.Check(lambda s: test(s).fillna(False).astype(bool), error=message)
 
 
@@ -135,6 +139,8 @@ def pandera_schema(schema: ExportSchema) -> pa.DataFrameSchema:
     """The pandera schema of an export: every declared column present (an `ignore` column may be
     absent), no undeclared column, values of the declared type and range, unique record keys
     (compared without surrounding spaces, as they are pseudonymised)."""
+    import pandera.pandas as pa
+
     columns = {}
     for spec in schema.columns:
         nullable = spec.role in ("direct-identifier", "ignore") or spec.nullable
@@ -234,6 +240,8 @@ def _typed(frame: pd.DataFrame, schema: ExportSchema) -> pd.DataFrame:
 def validate_export(path: Path, schema: ExportSchema) -> ValidatedExport:
     """Read the export at `path` and check it against `schema`; returns the typed table or
     raises `ValidationFailed` (one line: file, column, first rows; never a value)."""
+    import pandera.pandas as pa
+
     path = Path(path)
     frame = _read(path)
     if frame.empty:

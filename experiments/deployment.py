@@ -28,6 +28,7 @@ from federation.errors import ProtocolError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedrisk-tls"
+STATUS_POLL_SECONDS = 5.0
 PLAIN_CONNECTION = "fedrisk-plain"
 
 
@@ -109,7 +110,7 @@ class LocalDeployment:
         home.mkdir(parents=True, exist_ok=True)
         return {**os.environ, "FLWR_HOME": str(home), "PATH": f"{self.bin_dir}{os.pathsep}{os.environ['PATH']}",
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_DISABLE_UPDATE_CHECK": "1", **(extra or {})}
+                "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", **(extra or {})}
 
     def log(self, name: str) -> Path:
         """Where a process's output goes."""
@@ -223,10 +224,12 @@ class LocalDeployment:
         return RunStatus(run_id, "unknown", (result.stdout + result.stderr).strip()[-300:])
 
     def wait_run(self, run_id: int, timeout: float) -> RunStatus:
-        """Wait for the run to finish (or `timeout`); returns its last status."""
+        """Wait for the run to finish (or `timeout`); returns its last status. Each status check
+        is a `flwr` CLI process costing a second of CPU, which the run itself needs on a small
+        machine: hence one check every STATUS_POLL_SECONDS."""
         deadline = time.monotonic() + timeout
         while not (status := self.status(run_id)).finished and time.monotonic() < deadline:
-            time.sleep(2)
+            time.sleep(min(STATUS_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
         return status
 
     # --- faults ----------------------------------------------------------------------------------

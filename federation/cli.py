@@ -218,11 +218,12 @@ def _cmd_node_revoke(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from clients.node_state import NodeState
+    from privacy.audit import Digest
 
     state = NodeState.load(Path(args.dir))
     pseudonym = state.pseudonym_key().pseudonymise(pd.Series([args.record_key])).iloc[0]
     state.revocations().revoke(pseudonym, args.purpose)
-    state.audit().append("consent.revoke", purpose=args.purpose, details={"pseudonym": pseudonym})
+    state.audit().append("consent.revoke", purpose=args.purpose, details={"pseudonym": Digest(pseudonym)})
     print(f"consent for {args.purpose} withdrawn for one record: excluded from the next run or query, "
           "and from applicant scoring at once")
     return 0

@@ -1,17 +1,23 @@
-"""Model definitions and the flat-vector view of their weights that the HE codec carries."""
+"""Model definitions and the flat-vector view of their weights that the HE codec carries.
+
+torch is imported by the functions that build or run a model, not by this module: in the
+deployment engine every message a hospital answers starts a fresh ClientApp process, and the
+census, reveal and release messages only need the vector length and the digest."""
 
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from federation.config import model_layers
 from federation.features import FEATURE_NAMES
 
 N_FEATURES = len(FEATURE_NAMES)
+if TYPE_CHECKING:
+    from torch import nn
+
 PRIOR_RATE = 0.10
 """Public prior of 90-day medical-debt delinquency used to initialise the output bias, so
 the first rounds are calibrated without looking at any hospital's label rate."""
@@ -20,6 +26,9 @@ the first rounds are calibrated without looking at any hospital's label rate."""
 def build_model(kind: str, n_features: int = N_FEATURES) -> nn.Module:
     """`mlp`: n-64-32-1 with ReLU (`mlp:W1,W2,...` for other hidden widths); `logreg`: n-1
     (n = 40 for the standard contract). All output one logit."""
+    import torch
+    from torch import nn
+
     _, hidden = model_layers(kind)
     layers: list[nn.Module] = []
     width = n_features
@@ -33,12 +42,15 @@ def build_model(kind: str, n_features: int = N_FEATURES) -> nn.Module:
 
 
 def num_parameters(kind: str, n_features: int = N_FEATURES) -> int:
-    """Length of the flat weight vector of a model kind."""
-    return sum(p.numel() for p in build_model(kind, n_features).parameters())
+    """Length of the flat weight vector of a model kind: each linear layer's weights and biases."""
+    widths = (n_features, *model_layers(kind)[1], 1)
+    return sum(inputs * outputs + outputs for inputs, outputs in zip(widths, widths[1:]))
 
 
 def initial_weights(kind: str, seed: int, n_features: int = N_FEATURES) -> np.ndarray:
     """The public starting point of a run: every hospital derives the same one from the seed."""
+    import torch
+
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -50,12 +62,16 @@ def initial_weights(kind: str, seed: int, n_features: int = N_FEATURES) -> np.nd
 
 def get_weights(model: nn.Module) -> np.ndarray:
     """All parameters as one float64 vector, in `model.parameters()` order."""
+    import torch
+
     return torch.nn.utils.parameters_to_vector(
         [p.detach() for p in model.parameters()]).double().numpy().copy()
 
 
 def set_weights(model: nn.Module, weights: np.ndarray) -> None:
     """Load a flat vector produced by `get_weights` into `model`."""
+    import torch
+
     vector = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
     expected = sum(p.numel() for p in model.parameters())
     if vector.numel() != expected:
@@ -75,10 +91,12 @@ def weights_digest(weights: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(weights, dtype="<f4").tobytes()).hexdigest()
 
 
-@torch.no_grad()
 def predict_proba(model: nn.Module, features: np.ndarray, batch: int = 65536) -> np.ndarray:
     """Predicted probability of delinquency for each row."""
+    import torch
+
     model.eval()
-    out = [torch.sigmoid(model(torch.as_tensor(features[i:i + batch]))).squeeze(-1).numpy()
-           for i in range(0, len(features), batch)]
+    with torch.no_grad():
+        out = [torch.sigmoid(model(torch.as_tensor(features[i:i + batch]))).squeeze(-1).numpy()
+               for i in range(0, len(features), batch)]
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

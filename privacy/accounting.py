@@ -8,9 +8,12 @@ analysis and converted to (epsilon, delta). Everything needed to recompute an ep
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 
 RDP_ORDERS: tuple[float, ...] = tuple(
@@ -57,6 +60,33 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
                 return high
         if high - low < 1e-6:
             return high
+
+
+def remembered_noise(cache: Path, *, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """`calibrate_noise`, remembered in the JSON file `cache` for the next process.
+
+    A deployed hospital answers each message in a fresh process, and a calibration costs a
+    couple of seconds of RDP evaluations. A remembered sigma is used only after one evaluation
+    confirms it still meets the target, so an edited or corrupt file can cost accuracy (a
+    larger sigma) but never privacy; anything unusable is recalibrated and rewritten."""
+    key = json.dumps([target_epsilon, delta, sample_rate, steps])
+    try:
+        remembered = json.loads(Path(cache).read_text())
+    except (OSError, ValueError):
+        remembered = {}
+    sigma = remembered.get(key) if isinstance(remembered, dict) else None
+    if isinstance(sigma, float) and 0 < sigma <= 1e4 and epsilon_for(
+            sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, delta=delta) <= target_epsilon:
+        return sigma
+    sigma = calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps)
+    remembered = {**(remembered if isinstance(remembered, dict) else {}), key: sigma}
+    temporary = Path(cache).with_name(f".{Path(cache).name}.{os.getpid()}")
+    try:
+        temporary.write_text(json.dumps(remembered, sort_keys=True))
+        os.replace(temporary, cache)
+    except OSError:  # a read-only node directory: calibrate every time
+        temporary.unlink(missing_ok=True)
+    return sigma
 
 
 @dataclass(frozen=True)

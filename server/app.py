@@ -29,6 +29,7 @@ from privacy.audit import (
     RUN_RESUME,
     RUN_START,
     AuditLog,
+    Digest,
 )
 from server.checkpoint import Checkpoint, new_run_id
 from server.grid import ask_one, exchange, wait_for_nodes
@@ -140,11 +141,11 @@ class _Run:
         arrays = ArrayRecord({key: Array(np.frombuffer(blob, dtype=np.uint8).copy()) for key, blob in chain.items()})
         if checkpoint:
             self.audit.append(RUN_RESUME, purpose=config.purpose, details={
-                "run": self.run_id, "mlflow-run": tracker.run_id, "completed-rounds": checkpoint.completed_round})
+                "run": self.run_id, "mlflow-run": Digest(tracker.run_id), "completed-rounds": checkpoint.completed_round})
             self.notify("resume", {"run": self.run_id, "completed": checkpoint.completed_round, "rounds": config.rounds})
         else:
             self.audit.append(RUN_START, purpose=config.purpose, details={
-                "run": self.run_id, "mlflow-run": tracker.run_id, "hospitals": len(nodes), "rounds": config.rounds,
+                "run": self.run_id, "mlflow-run": Digest(tracker.run_id), "hospitals": len(nodes), "rounds": config.rounds,
                 "target-epsilon": config.target_epsilon})
         try:
             for server_round in range((checkpoint.completed_round if checkpoint else 0) + 1, config.rounds + 1):
@@ -163,7 +164,7 @@ class _Run:
                        "chain_ciphertexts": len(chain_ciphertexts(arrays))}
             release_dir = tracker.finish(weights=weights, digest=digest, privacy_report=report, summary=summary)
             self.audit.append(RELEASE, purpose=config.purpose, epsilon=report["epsilon_max"],
-                              details={"run": self.run_id, "mlflow-run": tracker.run_id, "sha256": digest})
+                              details={"run": self.run_id, "mlflow-run": Digest(tracker.run_id), "sha256": Digest(digest)})
         except BaseException:
             self._log_rejections()
             if self.rounds:

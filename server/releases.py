@@ -42,7 +42,7 @@ import pandas as pd
 
 from federation.errors import FedriskError
 from federation.model import weights_digest
-from privacy.audit import ROLE_SERVER, AuditIdentifierError, AuditLog
+from privacy.audit import ROLE_SERVER, AuditIdentifierError, AuditLog, Digest
 from server.certificates import (
     ModelCard,
     PrivacyCertificate,
@@ -200,7 +200,7 @@ class ReleaseRegistry:
             release = self._release(self._version(release_id), fetch=False)  # stands even if files are lost
             if release.model_dir.is_dir():
                 self._write_release_json(release)
-            details = {"release": release_id, "run": release.run_id, "sha256": release.sha256, "by": by,
+            details = {"release": release_id, "run": release.run_id, "sha256": Digest(release.sha256), "by": by,
                        "reason": reason}
             try:
                 self.audit.append(ACTION_WITHDRAW, purpose=release.certificate.purpose, details=details)
@@ -273,7 +273,7 @@ class ReleaseRegistry:
             run.files.rename(target)
             release = self.get(release_id)
             self.audit.append(ACTION_CREATE, purpose=certificate.purpose, details={
-                "release": release_id, "run": run.run_id, "sha256": run.sha256, "approver": approver,
+                "release": release_id, "run": run.run_id, "sha256": Digest(run.sha256), "approver": approver,
                 "cutoff": run.cutoff, "dp-evaluated": evaluation is not None})
         except BaseException:
             self.client.delete_model_version(REGISTERED_MODEL, version.version)

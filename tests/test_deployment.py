@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +84,16 @@ def federation(tmp_path_factory: pytest.TempPathFactory):
         yield federation
     finally:
         federation.deployment.stop()
+
+
+def test_a_clientapp_process_starts_without_the_heavy_libraries_it_may_not_need() -> None:
+    """The deployment engine starts a fresh ClientApp process for every message a hospital
+    answers. Census, reveal, release and query-check messages need no torch, scikit-learn,
+    SciPy or pandera; importing them would add seconds to every one of those messages."""
+    probe = "import sys, clients.app; print(' '.join(m for m in ('torch', 'sklearn', 'scipy', 'pandera', 'opacus') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert loaded == []
 
 
 def test_an_unenrolled_supernode_cannot_join(federation: Federation) -> None:

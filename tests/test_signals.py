@@ -32,7 +32,9 @@ from privacy.grants import TOKEN_PREFIX, GrantAuthority, peek_payload
 from server.analytics import QueryResult, estimate, write_result
 from server.releases import ReleaseRegistry
 from server.signals.app import ServiceSettings, make_app, route_roles
-from server.signals.auth import ROLES, KeyStore
+from server.signals.auth import ROLES, KeyStore, Principal
+from server.signals.scores import ScoreContext, grant_ref
+from server.signals.trail import RequestTrail, entry_view
 
 REPO = Path(__file__).resolve().parents[1]
 BANK_A, BANK_B = "bank-a", "bank-b"
@@ -385,3 +387,19 @@ def test_registering_a_hospital_refuses_the_wrong_files(dep: Deployment, tmp_pat
         assert words in err and "\n" not in err
     assert main([*base, "--grant-key", str(hospital.grant_key_file), "--token-file",
                  str(hospital.service_token_file)]) == 0
+
+
+def test_a_score_refusal_is_audited_in_full_when_its_references_are_all_digits(tmp_path: Path) -> None:
+    """Key ids and grant references are hash prefixes; about one grant reference in 1,900 is all
+    digits, which the audit's identifier filter reads as a card number. The entry must still say
+    which grant was refused and why (a lucky draw once dropped the refusal kind in CI)."""
+    grant_id = next(g for i in range(10**6) if grant_ref(g := f"{i:032x}").isdigit())
+    trail = RequestTrail(tmp_path / "signals_audit.sqlite")
+    principal = Principal("012345678901", "bank-a-analyst", "bank-analyst", bank=BANK_A)
+    context = ScoreContext(hospital="hospital_00", grant_ref=grant_ref(grant_id), kind="hospital-403",
+                           reason="hospital_00: grant refused: revoked on 2026-11-22T06:43:12Z")
+    trail.record(principal, "POST", "/v1/scores", 403, {"release": "r1", **context.details()})
+    view = entry_view(trail.entries(key_id=principal.key_id, limit=1)[0])
+    assert (view["key_id"], view["grant_ref"], view["refusal"], view["reason"]) == (
+        principal.key_id, context.grant_ref, "hospital-403", context.reason)
+    assert view["grant_ref"].isdigit() and trail.verify().ok

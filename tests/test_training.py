@@ -62,3 +62,30 @@ def test_several_local_epochs_run_one_over_q_steps_each() -> None:
     x, y = _data()
     result = train_local(initial_weights("logreg", 0), x, y, _plan(model_kind="logreg", epochs=3))
     assert result.steps == 150
+
+
+def test_local_metrics_agree_with_scikit_learn_including_ties() -> None:
+    """The node computes AUC, Brier score and log loss with numpy (no scikit-learn import in
+    every deployed ClientApp process); scikit-learn is the independent reference here."""
+    from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+
+    from clients.evaluation import risk_metrics
+
+    rng = np.random.default_rng(7)
+    for size in (2, 9, 300, 5000):
+        labels = rng.integers(0, 2, size)
+        labels[:2] = [0, 1]
+        scores = np.round(rng.random(size), int(rng.integers(1, 4)))  # coarse scores: many ties
+        ours, clipped = risk_metrics(labels, scores), np.clip(scores, 1e-7, 1 - 1e-7)
+        assert ours["auc"] == pytest.approx(roc_auc_score(labels, clipped), abs=1e-12)
+        assert ours["brier"] == pytest.approx(brier_score_loss(labels, clipped), abs=1e-12)
+        assert ours["log-loss"] == pytest.approx(log_loss(labels, clipped, labels=[0, 1]), rel=1e-9)
+    assert np.isnan(risk_metrics(np.ones(5), rng.random(5))["auc"])
+
+
+@pytest.mark.parametrize("kind", ["mlp", "logreg", "mlp:128,64", "mlp:7"])
+def test_the_weight_vector_length_is_computed_without_building_the_model(kind: str) -> None:
+    from federation.model import build_model, num_parameters
+
+    for inputs in (40, 31):
+        assert num_parameters(kind, inputs) == sum(p.numel() for p in build_model(kind, inputs).parameters())

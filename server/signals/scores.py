@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from privacy.audit import Digest
 from privacy.grants import (
     EXPIRED,
     MALFORMED,
@@ -77,7 +78,7 @@ class ScoreContext:
     reason: str | None = None  # the one-line refusal the bank received
 
     def details(self) -> dict[str, Any]:
-        return {k: v for k, v in (("hospital", self.hospital), ("grant-ref", self.grant_ref),
+        return {k: v for k, v in (("hospital", self.hospital), ("grant-ref", Digest(self.grant_ref) if self.grant_ref else None),
                                   ("refusal", self.kind), ("reason", self.reason)) if v is not None}
 
 

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from privacy.audit import AuditEntry, AuditIdentifierError, AuditLog, AuditVerification
+from privacy.audit import AuditEntry, AuditIdentifierError, AuditLog, AuditVerification, Digest
 from server.signals.auth import Principal
 
 SERVICE_ROLE = "signals-service"
@@ -40,7 +40,7 @@ class RequestTrail:
                extra: dict[str, Any] | None = None) -> AuditEntry:
         """Audit one request. If the identifier filter refuses a detail (a label or id that looks
         like a phone number), the entry is kept with that detail withheld rather than lost."""
-        who: dict[str, Any] = ({"principal": principal.label, "key-id": principal.key_id, "role": principal.role}
+        who: dict[str, Any] = ({"principal": principal.label, "key-id": Digest(principal.key_id), "role": principal.role}
                                if principal else {"principal": ANONYMOUS, "role": ANONYMOUS})
         if principal and principal.bank:
             who["bank"] = principal.bank
