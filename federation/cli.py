@@ -229,6 +229,57 @@ def _cmd_node_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- fedrisk node policy show|set: the hospital's own policy (clients/policy.py) ---------------
+def _cmd_node_policy_show(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+    from clients.policy import NodePolicy
+
+    state = NodeState.load(Path(args.dir))
+    print(json.dumps(NodePolicy.load(state.directory).to_dict(), indent=2))
+    return 0
+
+
+def _cmd_node_policy_set(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+    from clients.policy import POLICY_FILE, POLICY_SET, NodePolicy, parse_assignments, write_atomically
+    from privacy.audit import Digest
+
+    state = NodeState.load(Path(args.dir))
+    before = NodePolicy.load(state.directory)
+    after = before.with_changes(**parse_assignments(args.assignments))
+    old = before.to_dict()
+    changed = {k: v for k, v in after.to_dict().items() if old[k] != v}
+    path = state.directory / POLICY_FILE
+    previous = path.read_text(encoding="utf-8") if path.exists() else None
+    after.save(state.directory)
+    try:  # the audit entry and the file change together: an entry the log refuses undoes the write
+        details = {k: Digest(v) if k == "federation" and v else v for k, v in changed.items()}
+        state.audit().append(POLICY_SET, details=details)
+    except BaseException:
+        if previous is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_atomically(path, previous)
+        raise
+    shown = {k: ",".join(v) if isinstance(v, list) else v for k, v in changed.items()}
+    print(f"{path}: " + (", ".join(f"{k} = {v}" for k, v in shown.items()) or "no field changed"))
+    return 0
+
+
+def _add_node_policy(node: argparse._SubParsersAction) -> None:
+    policy = node.add_parser("policy", help="this hospital's policy: the last word on what its node does")
+    commands = policy.add_subparsers(dest="policy_command", required=True)
+    show = commands.add_parser("show", help="print the policy in force (defaults filled in); writes nothing")
+    show.add_argument("--dir", required=True)
+    show.set_defaults(handler=_cmd_node_policy_show)
+    change = commands.add_parser("set", help="change policy fields (validated; audited as policy.set)")
+    change.add_argument("--dir", required=True)
+    change.add_argument("assignments", nargs="+", metavar="KEY=VALUE",
+                        help="e.g. min_contributors=3 max_epsilon_per_run=1.0 "
+                             "purposes=credit-risk-research,cohort-research")
+    change.set_defaults(handler=_cmd_node_policy_set)
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from privacy.audit import AuditLog, format_verification
 
@@ -396,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_revoke.add_argument("--record-key", required=True, help="the patient's record key in the export")
     node_revoke.add_argument("--purpose", required=True)
     node_revoke.set_defaults(handler=_cmd_node_revoke)
+    _add_node_policy(node)  # fedrisk node policy show|set
 
     audit = commands.add_parser("audit", help="audit logs").add_subparsers(dest="audit_command", required=True)
     audit_verify = audit.add_parser("verify", help="check a hash-chained audit log; exit 1 if tampered")
