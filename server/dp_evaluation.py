@@ -13,10 +13,11 @@ Everything here is post-processing of that DP output, so it costs no privacy: no
 and negatives per bin (negative counts taken as zero); calibration rows (bin midpoint against the
 observed delinquency rate); the AUC of the binned ROC (Mann-Whitney, ties within a bin counted
 half) and the calibration offset (observed minus mean predicted rate), both from the noised counts
-as released (see `_binned_auc` for why not clipped); and for each a 95% interval from a parametric
-bootstrap of the known noise (each count redrawn with its se, fixed seed). The intervals cover
-the DP noise only, not the sampling variation of the evaluation cohort. A metric the noise leaves
-undefined (a class total at or below zero in too many draws) is reported as None, never guessed.
+as released (see `federation.round_evaluation.binned_auc` for why not clipped); and for each a
+95% interval from a parametric bootstrap of the known noise (each count redrawn with its se,
+fixed seed). The intervals cover the DP noise only, not the sampling variation of the evaluation
+cohort. A metric the noise leaves undefined (a class total at or below zero in too many draws) is
+reported as None, never guessed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pandas as pd
 
 from federation import features as fx
 from federation.errors import FedriskError
+from federation.round_evaluation import binned_auc
 
 RISK_SCORE_FIELD = "risk_score"
 RISK_SCORE_BINS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(11))
@@ -119,21 +121,6 @@ def _parse_table(group_field: str, frame: pd.DataFrame) -> tuple[np.ndarray, lis
     return edges, evaluable, suppressed
 
 
-def _binned_auc(positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
-    """Mann-Whitney AUC over ordered score bins (last axis): a positive beats every negative in a
-    lower bin and ties half of those in its own bin. NaN when a class total is not positive.
-
-    Fed the noised counts as released, negative ones included: numerator and denominator are then
-    unbiased (the two classes' noise is independent), while clipping counts at zero would add
-    mass to empty bins and pull the AUC toward 0.5, most in small groups."""
-    below = np.cumsum(negatives, axis=-1) - negatives
-    wins = (positives * (below + 0.5 * negatives)).sum(axis=-1)
-    pos_total, neg_total = positives.sum(axis=-1), negatives.sum(axis=-1)
-    defined = (pos_total > 0) & (neg_total > 0)
-    auc = np.divide(wins, pos_total * neg_total, out=np.full(np.shape(wins), np.nan), where=defined)
-    return np.clip(auc, 0.0, 1.0)
-
-
 def _calibration_offset(positives: np.ndarray, negatives: np.ndarray, mids: np.ndarray) -> np.ndarray:
     """Calibration in the large: observed delinquency rate minus the mean predicted rate (bin
     midpoints), from the noised counts as released. Positive: the model under-predicts."""
@@ -161,9 +148,9 @@ def _evaluate_group(hist: _GroupHistogram, edges: np.ndarray, rng: np.random.Gen
     shape = (BOOTSTRAP_DRAWS, len(mids))
     pos_draws = hist.positives + hist.positives_se * rng.standard_normal(shape)
     neg_draws = hist.negatives + hist.negatives_se * rng.standard_normal(shape)
-    draws = {"auc": _binned_auc(pos_draws, neg_draws),
+    draws = {"auc": binned_auc(pos_draws, neg_draws),
              "calibration_offset": _calibration_offset(pos_draws, neg_draws, mids)}
-    auc, auc_ci = _estimate(_binned_auc(hist.positives, hist.negatives), draws["auc"])
+    auc, auc_ci = _estimate(binned_auc(hist.positives, hist.negatives), draws["auc"])
     offset, offset_ci = _estimate(_calibration_offset(hist.positives, hist.negatives, mids),
                                   draws["calibration_offset"])
     pos, neg = np.clip(hist.positives, 0.0, None), np.clip(hist.negatives, 0.0, None)
