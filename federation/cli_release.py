@@ -6,6 +6,8 @@ end), a data scientist releases the run with
     fedrisk release evaluate --run-dir runs/x --nodes runs/x/nodes --keys keys   # DP calibration/fairness
     fedrisk release create <MLflow run id> --run-dir runs/x --evaluation ... [--registry releases]
 
+The `--evaluation` tables are required: a release rests on a DP evaluation of its model.
+
 `--run-dir` derives the tracking URI from a run directory; `--tracking-uri` names any other MLflow
 store (e.g. a tracking server). One of the two is required: a release must come from the store that
 holds the run. The registry directory (default `releases/`) holds the MLflow Model Registry, the
@@ -48,10 +50,15 @@ def _cmd_create(args: argparse.Namespace) -> int:
     release = _registry(args, _tracking_uri(args)).create(args.run_id, args.approved_by, args.cutoff, evaluation)
     cert, card = release.certificate, release.card
     print(f"released {release.release_id} ({release.status}): run {release.run_id}, sha256 {release.sha256}")
-    print(f"  epsilon max {cert.epsilon_max:.4f} at delta {cert.delta:g} over {cert.hospitals} hospitals; "
-          f"data cut-off {cert.data_cutoff}")
-    print(f"  federated AUC {_number(card.federated_auc)}, Brier {_number(card.federated_brier)}; "
-          f"calibration and fairness: {'DP-evaluated' if evaluation else card.calibration}")
+    print(f"  epsilon max {cert.epsilon_max:.4f} at delta {cert.delta:g} per patient ({cert.neighbouring}) over "
+          f"{cert.hospitals} hospitals assumed to hold disjoint patients; data cut-off {cert.data_cutoff}")
+    for name, h in cert.per_hospital.items():  # a new certificate has every per-hospital field
+        assert h.evaluation is not None and h.run_epsilon is not None and h.ledger_epsilon is not None
+        print(f"  {name}: run epsilon {h.run_epsilon:.4f} (DP-SGD {h.epsilon:.4f}, {h.evaluation.count} DP "
+              f"evaluations {h.evaluation.epsilon:.4f}); ledger epsilon for {cert.purpose} after the run "
+              f"{h.ledger_epsilon:.4f}")
+    print(f"  DP federated evaluation, last round: AUC {_number(card.federated_auc)}, "
+          f"Brier {_number(card.federated_brier)}; calibration and fairness: {card.calibration['source']}")
     print(f"  model files: {release.model_dir}")
     print(f"each hospital installs it: fedrisk node release install --dir NODE --release-dir {release.model_dir} "
           f"--release-id {release.release_id}")
@@ -133,8 +140,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--cutoff", help="data cut-off date YYYY-MM-DD (default: the day the run started, UTC)")
     create.add_argument("--approved-by", default=user, help=f"who approves the release (default: the login name, {user or 'unknown'})")
     create.add_argument("--evaluation", action="append", default=[], metavar="TABLE",
-                        help="a DP evaluation table of the model (CSV or Parquet from `analytics`, one per group "
-                             "field, its query JSON beside it); repeatable")
+                        help="a DP evaluation table of the model (CSV or Parquet from `fedrisk release evaluate`, "
+                             "one per group field, its query JSON beside it); required, repeatable")
     create.set_defaults(handler=_cmd_create)
 
     evaluate = release.add_parser("evaluate", help="DP evaluation of a run's model across the hospitals "

@@ -325,3 +325,9 @@ class BudgetLedger:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def compose_epsilon(mechanisms: Iterable[GaussianMechanism], delta: float) -> float:
+    """Epsilon at `delta` of `mechanisms` composed (RDP curves added over `RDP_ORDERS`): the very
+    composition the ledger charges with, public so that anyone can recompute a logged epsilon."""
+    return _epsilon(mechanisms, delta)

@@ -29,7 +29,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -165,15 +165,19 @@ class ReleaseRegistry:
 
     # --- changing ----------------------------------------------------------------------------
     def create(self, mlflow_run_id: str, approved_by: str, cutoff: date | str | None = None,
-               evaluation: DPEvaluation | Mapping[str, pd.DataFrame] | None = None) -> Release:
+               evaluation: DPEvaluation | None = None) -> Release:
         """Release a finished training run. Refuses (ReleaseRefused, one line, audited) a run that is
         unknown, not FINISHED, without release artifacts, whose model.sha256 does not match its
-        weights, whose privacy report does not recompute, or that is released already.
+        weights, whose privacy report shows no DP or no DP federated evaluation or does not
+        recompute (`server.run_release`), that is released already, or that comes without a DP
+        evaluation of its model.
 
         approved_by: who approved it (recorded, audited as "approver"). cutoff: the data cut-off
-        date (default: the run's start date, the latest data it can have read). evaluation: DP
-        evaluation tables (`server.dp_evaluation`) for calibration, fairness and the certificate's
-        record count; a `DPEvaluation` naming another model's SHA-256 is refused.
+        date (default: the run's start date, the latest data it can have read). evaluation: the DP
+        evaluation tables of the run's model (`fedrisk release evaluate`, read by
+        `server.dp_evaluation.load_evaluation`), required: they give the card's calibration and
+        fairness and the certificate's record count. Tables that do not name this run's model by its
+        SHA-256, or that carry no noise, are refused.
         """
         with self._lock():
             try:
@@ -211,7 +215,7 @@ class ReleaseRegistry:
 
     # --- internals ---------------------------------------------------------------------------
     def _create(self, run_id: str, approver: str, cutoff: date | str | None,
-                evaluation: DPEvaluation | Mapping[str, pd.DataFrame] | None) -> Release:
+                evaluation: DPEvaluation | None) -> Release:
         staging = self.registry_dir / f".staging-{uuid.uuid4().hex}"
         try:
             run = read_run_release(self.client, run_id, staging, cutoff)
@@ -226,20 +230,31 @@ class ReleaseRegistry:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-    def _evaluation(self, evaluation: DPEvaluation | Mapping[str, pd.DataFrame] | None,
-                    digest: str) -> dict[str, Any] | None:
+    @staticmethod
+    def _evaluation(evaluation: DPEvaluation | None, digest: str) -> dict[str, Any]:
+        """The release's DP evaluation summary; refuses none, one of another (or no named) model,
+        and tables whose counts carry no noise (an se of 0 is an exact, non-DP count)."""
         if evaluation is None:
-            return None
+            raise ReleaseRefused("a release needs a DP evaluation of its model: run `fedrisk release evaluate` "
+                                 "and pass the tables it names (--evaluation)")
         if not isinstance(evaluation, DPEvaluation):
-            evaluation = DPEvaluation(evaluation)
-        if evaluation.model_sha256 and evaluation.model_sha256 != digest:
-            raise ReleaseRefused(f"the DP evaluation scored model {evaluation.model_sha256[:12]}..., not this run's "
-                                 f"model {digest[:12]}...")
+            raise ReleaseRefused(f"the DP evaluation must be a DPEvaluation naming the model it scored, not "
+                                 f"{type(evaluation).__name__}")
+        if evaluation.model_sha256 != digest:
+            scored = f"model {evaluation.model_sha256[:12]}..." if evaluation.model_sha256 else "no named model"
+            raise ReleaseRefused(f"the DP evaluation scored {scored}, not this run's model {digest[:12]}...")
+        for name, frame in evaluation.tables.items():
+            if isinstance(frame, pd.DataFrame) and {"count", "se", "suppressed"} <= set(frame.columns):
+                counts = pd.to_numeric(frame["count"], errors="coerce")
+                shown = frame[~frame["suppressed"].astype(bool) & np.isfinite(counts)]
+                if not (pd.to_numeric(shown["se"], errors="coerce") > 0.0).all():
+                    raise ReleaseRefused(f"evaluation table {name!r}: a count without a positive se carries no DP "
+                                         "noise")
         summary = evaluation_from_tables(evaluation.tables)
         summary["source"] = evaluation.source
         return summary
 
-    def _register(self, run: RunRelease, approver: str, evaluation: dict[str, Any] | None) -> Release:
+    def _register(self, run: RunRelease, approver: str, evaluation: dict[str, Any]) -> Release:
         """Create the model version, its certificate and card, the local copy and the audit entry;
         undo the version if any later step fails."""
         from mlflow.exceptions import MlflowException
@@ -274,7 +289,7 @@ class ReleaseRegistry:
             release = self.get(release_id)
             self.audit.append(ACTION_CREATE, purpose=certificate.purpose, details={
                 "release": release_id, "run": run.run_id, "sha256": Digest(run.sha256), "approver": approver,
-                "cutoff": run.cutoff, "dp-evaluated": evaluation is not None})
+                "cutoff": run.cutoff, "dp-evaluated": True})
         except BaseException:
             self.client.delete_model_version(REGISTERED_MODEL, version.version)
             shutil.rmtree(target, ignore_errors=True)

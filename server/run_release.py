@@ -4,7 +4,9 @@
 model.npz, model.sha256, privacy_report.json and run_summary.json, and tags the run with the
 model's SHA-256. `read_run_release` downloads those files and refuses, with one line, anything a
 release must not rest on: an unknown, deleted or unfinished run, missing files, weights that do
-not hash to the logged SHA-256, or a privacy report whose epsilons do not recompute.
+not hash to the logged SHA-256, a run without DP (a zero noise multiplier, zero steps) or without a
+DP federated evaluation, or a privacy report whose epsilons do not recompute
+(`server.certificates.hospitals_from_report` reads it, `_check_privacy` recomputes it).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import numpy as np
 
 from federation.errors import FedriskError
 from federation.model import weights_digest
+from server.certificates import NEIGHBOURING, CertificateError, hospitals_from_report
 
 RELEASE_ARTIFACT_PATH = "release"
 MODEL_FILE, DIGEST_FILE, PRIVACY_FILE, SUMMARY_FILE = (
     "model.npz", "model.sha256", "privacy_report.json", "run_summary.json")
 RELEASE_FILES = (MODEL_FILE, DIGEST_FILE, PRIVACY_FILE, SUMMARY_FILE)
 RUN_SHA256_TAG = "release.sha256"  # set on the training run by server.tracking
-FEDERATED_METRICS = ("auc", "brier")  # logged per round by server.app
+FEDERATED_METRICS = ("auc", "brier")  # logged per round by server.app: the DP federated evaluation
 CUTOFF_CLOCK_SLACK = timedelta(days=1)
 """A cut-off may be at most this far past the run's start (UTC), for approvers east of UTC."""
 EPSILON_TOLERANCE = 1e-6  # as `fedrisk privacy verify`: a logged epsilon must recompute to this
@@ -36,7 +39,8 @@ class ReleaseError(FedriskError):
 
 
 class ReleaseRefused(ReleaseError):
-    """A run cannot be released: not finished, no release artifacts, digest mismatch, released already."""
+    """A run cannot be released: not finished, no release artifacts, digest mismatch, no DP or no DP
+    evaluation, epsilons that do not recompute, released already."""
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,8 @@ class RunRelease:
     Attributes:
         run_id: the MLflow run; source: URI of its `release/` artifacts; files: local directory
         holding the downloaded files; model_kind, n_features, sha256: the model; privacy_report:
-        privacy_report.json; federated: the last round's federated AUC and Brier (absent ones left
-        out); cutoff: the data cut-off as an ISO date.
+        privacy_report.json (checked); federated: the last round's DP federated AUC and Brier
+        (absent ones left out); cutoff: the data cut-off as an ISO date.
     """
 
     run_id: str
@@ -95,7 +99,7 @@ def read_run_release(client: Any, run_id: str, staging: Path, cutoff: date | str
     if declared != digest or run.data.tags.get(RUN_SHA256_TAG, digest) != digest:
         raise ReleaseRefused(f"run {run_id}: {RELEASE_ARTIFACT_PATH}/{DIGEST_FILE} does not match the weights "
                              f"in {MODEL_FILE}")
-    _check_epsilons(run_id, report)
+    _check_privacy(run_id, report)
     return RunRelease(run_id=run_id, source=f"{run.info.artifact_uri.rstrip('/')}/{RELEASE_ARTIFACT_PATH}",
                       files=files, model_kind=kind, n_features=n_features, sha256=digest, privacy_report=report,
                       federated=_last_round(client, run_id), cutoff=day)
@@ -116,22 +120,49 @@ def _cutoff(value: date | str | None, run_started: datetime) -> str:
     return day.isoformat()
 
 
-def _check_epsilons(run_id: str, report: dict[str, Any]) -> None:
-    """Refuse a privacy report whose epsilons do not recompute from their logged parameters."""
-    from privacy.accounting import epsilon_for
+def _check_privacy(run_id: str, report: dict[str, Any]) -> None:
+    """Refuse a privacy report that a certificate must not rest on: one `hospitals_from_report`
+    refuses (no DP, no DP evaluation, from before evaluation was DP), a hospital at another delta
+    than the run's, an epsilon (DP-SGD, evaluation or run) that does not recompute from its
+    parameters, a ledger epsilon below the run's own, an epsilon_max that is not the largest
+    run_epsilon, or another neighbouring relation than the accountant's (`NEIGHBOURING`)."""
+    from privacy.ledger import compose_epsilon
+
+    def refuse(message: str) -> ReleaseRefused:
+        return ReleaseRefused(f"run {run_id}: {message}")
 
     try:
-        hospitals = dict(report["hospitals"])
-        for name, h in hospitals.items():
-            eps = epsilon_for(sample_rate=float(h["sample_rate"]), noise_multiplier=float(h["noise_multiplier"]),
-                              steps=int(h["steps"]), delta=float(h["delta"]))
-            if abs(eps - float(h["epsilon"])) > EPSILON_TOLERANCE:
-                raise ReleaseRefused(f"run {run_id}: {name}'s logged epsilon {float(h['epsilon']):.4f} does not "
-                                     f"recompute from its parameters ({eps:.4f})")
+        hospitals = hospitals_from_report(report)
+        delta, epsilon_max = float(report["delta"]), float(report["epsilon_max"])
+        neighbouring, assumption = report["neighbouring"], report["assumption"]
+    except CertificateError as error:
+        raise refuse(str(error)) from None
     except (KeyError, TypeError, ValueError) as exc:
-        raise ReleaseRefused(f"run {run_id}: its privacy report is malformed ({type(exc).__name__}: {exc})") from None
-    if not hospitals:
-        raise ReleaseRefused(f"run {run_id}: its privacy report names no hospital")
+        raise refuse(f"its privacy report is malformed ({type(exc).__name__}: {exc})") from None
+    for name, h in hospitals.items():
+        if h.delta != delta:
+            raise refuse(f"{name}: delta {h.delta:g} is not the run's delta {delta:g}")
+        dp_sgd, evaluation = h.mechanisms()
+        assert h.evaluation is not None and h.run_epsilon is not None and h.ledger_epsilon is not None
+        for key, logged, mechanisms in (("epsilon", h.epsilon, [dp_sgd]),
+                                        ("evaluation.epsilon", h.evaluation.epsilon, [evaluation]),
+                                        ("run_epsilon", h.run_epsilon, [dp_sgd, evaluation])):
+            recomputed = compose_epsilon(mechanisms, delta)
+            if abs(recomputed - logged) > EPSILON_TOLERANCE:
+                raise refuse(f"{name}'s logged {key} {logged:.4f} does not recompute from its parameters "
+                             f"({recomputed:.4f})")
+        if h.ledger_epsilon < h.run_epsilon - EPSILON_TOLERANCE:
+            raise refuse(f"{name}: ledger_epsilon {h.ledger_epsilon:.4f} is below its run_epsilon "
+                         f"{h.run_epsilon:.4f}, yet its ledger holds this run's charges")
+    largest = max(h.run_epsilon for h in hospitals.values() if h.run_epsilon is not None)
+    if abs(epsilon_max - largest) > EPSILON_TOLERANCE:
+        raise refuse(f"epsilon_max {epsilon_max:.4f} in its privacy report is not the largest run_epsilon "
+                     f"({largest:.4f})")
+    if neighbouring != NEIGHBOURING:
+        raise refuse(f"its privacy report's neighbouring relation is {neighbouring!r}, not {NEIGHBOURING!r} "
+                     "as the accountant assumes")
+    if not isinstance(assumption, str) or not assumption.strip():
+        raise refuse("its privacy report states no assumption on how patients are spread over hospitals")
 
 
 def _last_round(client: Any, run_id: str) -> dict[str, float]:

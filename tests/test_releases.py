@@ -24,14 +24,18 @@ from experiments.synthetic import synthesize
 from federation import features as fx
 from federation.cli import EXIT_USER_ERROR, main
 from federation.config import RunConfig
-from federation.he_codec import KeyBundlePaths
+from federation.he_codec import KeyBundlePaths, he_parameters
 from federation.model import weights_digest
 from federation.query import CohortQuery
+from privacy.accounting import ACCOUNTANT, RDP_ORDERS, epsilon_for
 from privacy.audit import AuditLog
+from privacy.ledger import GaussianMechanism, compose_epsilon
 from server.analytics import estimate
 from server.certificates import (
     FEATURE_GROUPS,
+    NEIGHBOURING,
     NOT_EVALUATED,
+    CertificateError,
     ModelCard,
     PrivacyCertificate,
 )
@@ -43,6 +47,7 @@ from server.releases import (
     ReleaseRefused,
     ReleaseRegistry,
 )
+from server.signals.catalogue import ReleaseView
 
 APPROVER = "Dana Risk"
 EDGES = np.asarray(RISK_SCORE_BINS)
@@ -67,10 +72,33 @@ def trained(tmp_path_factory: pytest.TempPathFactory, keys: KeyBundlePaths) -> T
     return TrainedRun(run_dir, result.run_id, result.digest)
 
 
+def _evaluation_of(digest: str, seed: int = 5) -> DPEvaluation:
+    """DP evaluation tables (by sex) naming the model `digest`, as `fedrisk release evaluate` gives."""
+    rng = np.random.default_rng(seed)
+    samples = {"F": _sample(rng, 3000, 1.5, 0.0), "M": _sample(rng, 3000, 1.0, 0.0)}
+    return DPEvaluation({"sex": _dp_table("sex", samples, seed=seed)}, model_sha256=digest,
+                        source="synthetic test table")
+
+
+def _evaluation_files(directory: Path, digest: str, seed: int = 4) -> list[str]:
+    """The evaluation table and its query JSON as experiments.model_evaluation writes them: the
+    `--evaluation` arguments of `fedrisk release create`."""
+    rng = np.random.default_rng(seed)
+    table = _dp_table("sex", {"F": _sample(rng, 3000, 1.5, 0.0), "M": _sample(rng, 3000, 1.0, 0.0)}, seed=seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    table_file = directory / "model-evaluation-1a2b.by-sex.csv"
+    table.to_csv(table_file, index=False)
+    query = _evaluation_query("sex", digest)
+    (directory / "model-evaluation-1a2b.json").write_text(json.dumps({
+        "query": query.to_dict(), "run-id": "model-evaluation-1a2b", "privacy": {"epsilon": query.epsilon}}))
+    return ["--evaluation", str(table_file)]
+
+
 @pytest.fixture(scope="module")
 def released(trained: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> tuple[ReleaseRegistry, object]:
     registry = ReleaseRegistry(trained.tracking_uri, tmp_path_factory.mktemp("registry"))
-    return registry, registry.create(trained.run_id, APPROVER, cutoff="2025-06-30")
+    return registry, registry.create(trained.run_id, APPROVER, cutoff="2025-06-30",
+                                     evaluation=_evaluation_of(trained.digest))
 
 
 def _metric(trained: TrainedRun, key: str) -> float:
@@ -89,9 +117,11 @@ def test_certificate_is_the_runs_privacy_report(trained: TrainedRun, released) -
     assert cert.purpose == report["purpose"] and cert.data_cutoff == "2025-06-30"
     for name, logged in report["hospitals"].items():
         spend = cert.per_hospital[name]
-        for key in ("epsilon", "delta", "mechanism", "noise_multiplier", "sample_rate", "steps", "clip_norm"):
+        for key in ("epsilon", "delta", "mechanism", "noise_multiplier", "sample_rate", "steps", "clip_norm",
+                    "run_epsilon", "ledger_epsilon"):
             assert getattr(spend, key) == logged[key], (name, key)
-    assert cert.records is None  # the coordinator never learns a record count
+        assert spend.evaluation.count == logged["evaluation"]["count"] >= 1
+    assert cert.records == round(evaluation_from_tables(_evaluation_of(trained.digest).tables)["overall"]["records"])
     assert PrivacyCertificate.from_json(cert.to_json()) == cert
 
 
@@ -99,7 +129,8 @@ def test_model_card_carries_the_runs_federated_metrics(trained: TrainedRun, rele
     _, release = released
     card = release.card
     assert card.federated_auc == _metric(trained, "auc") and card.federated_brier == _metric(trained, "brier")
-    assert card.calibration == NOT_EVALUATED and card.fairness == NOT_EVALUATED
+    assert card.federated_basis.startswith("DP federated evaluation, last round")
+    assert card.calibration["source"] == "synthetic test table" and "sex" in card.fairness["groups"]
     assert card.model_kind == "logreg" and card.n_features == len(fx.FEATURE_NAMES)
     assert sum((tuple(group["inputs"]) for group in card.features), ()) == fx.FEATURE_NAMES
     assert [group["group"] for group in card.features] == list(FEATURE_GROUPS)
@@ -119,7 +150,7 @@ def test_registry_lists_it_with_verified_model_files(trained: TrainedRun, releas
     create = [e for e in entries if e.action == "release.create"]
     assert len(create) == 1 and create[0].details == {
         "release": "r1", "run": trained.run_id, "sha256": trained.digest, "approver": APPROVER,
-        "cutoff": "2025-06-30", "dp-evaluated": False}
+        "cutoff": "2025-06-30", "dp-evaluated": True}
 
 
 def test_a_run_is_released_once(trained: TrainedRun, released) -> None:
@@ -173,7 +204,7 @@ def test_an_unknown_run_is_refused_in_one_line(released) -> None:
 
 def test_withdraw_is_immediate_and_audited(trained: TrainedRun, tmp_path: Path) -> None:
     registry = ReleaseRegistry(trained.tracking_uri, tmp_path / "registry")
-    release = registry.create(trained.run_id, APPROVER)
+    release = registry.create(trained.run_id, APPROVER, evaluation=_evaluation_of(trained.digest))
     withdrawn = registry.withdraw(release.release_id, "Sam Audit", "calibration drift in the 80-89 band")
     assert withdrawn.status == STATUS_WITHDRAWN == registry.get(release.release_id).status
     assert ReleaseRegistry("", tmp_path / "registry").get(release.release_id).status == STATUS_WITHDRAWN
@@ -192,7 +223,7 @@ def test_withdraw_is_immediate_and_audited(trained: TrainedRun, tmp_path: Path) 
 def test_cli(trained: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     registry = str(tmp_path / "registry")
     create = ["release", "create", trained.run_id, "--run-dir", str(trained.run_dir), "--registry", registry,
-              "--approved-by", APPROVER, "--cutoff", "2025-06-30"]
+              "--approved-by", APPROVER, "--cutoff", "2025-06-30", *_evaluation_files(tmp_path, trained.digest)]
     assert main(create) == 0
     assert "released r1 (active)" in capsys.readouterr().out
     assert main(create) == EXIT_USER_ERROR
@@ -203,7 +234,7 @@ def test_cli(trained: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["release", "show", "r1", "--registry", registry]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["certificate"]["epsilon_max"] == trained.report["epsilon_max"]
-    assert shown["model_card"]["calibration"] == NOT_EVALUATED
+    assert shown["model_card"]["calibration"]["source"].startswith("cohort query model-evaluation-1a2b")
     assert main(["release", "show", "r7", "--registry", registry]) == EXIT_USER_ERROR
     assert "no release r7" in capsys.readouterr().err
     assert main(["release", "withdraw", "r1", "--reason", "superseded", "--by", "Sam", "--registry", registry]) == 0
@@ -329,3 +360,251 @@ def test_cli_release_with_evaluation_files(trained: TrainedRun, tmp_path: Path,
     assert shown["certificate"]["records"] == round(table["count"].sum())
     assert shown["model_card"]["fairness"]["source"] == "cohort query model-evaluation-1a2b (epsilon 1 per hospital)"
 
+
+
+# --- releases of hand-built runs: what a certificate may rest on ------------------------------------
+# Runs logged into a real MLflow store exactly as server.tracking.RunTracker.finish logs them, with a
+# privacy report written by hand: no federation is trained, so these tests pin the release rules.
+
+DELTA = 1e-5
+PURPOSE = "credit-risk-research"
+ASSUMPTION = "hospitals hold disjoint patients: each patient's records are at one hospital only"
+
+
+def _mechanisms(q: float, sigma: float, steps: int, z: float, count: int) -> list[GaussianMechanism]:
+    return [GaussianMechanism(q, sigma, steps), GaussianMechanism.gaussian_release(noise_multiplier=z, count=count)]
+
+
+def _honest_report(ledger_before: float = 0.4) -> dict:
+    """A privacy report of the new format for two hospitals; each ledger had `ledger_before` spent."""
+    hospitals = {}
+    for name, q, sigma, steps, z, count in (("hospital_00", 0.05, 1.1, 40, 6.0, 4),
+                                            ("hospital_01", 0.08, 0.9, 25, 6.0, 4)):
+        dp_sgd, evaluation = _mechanisms(q, sigma, steps, z, count)
+        run_epsilon = compose_epsilon([dp_sgd, evaluation], DELTA)
+        hospitals[name] = {
+            "mechanism": "DP-SGD, Poisson-subsampled Gaussian", "sample_rate": q, "noise_multiplier": sigma,
+            "steps": steps, "clip_norm": 1.0, "delta": DELTA, "target_epsilon": 3.0,
+            "epsilon": epsilon_for(sample_rate=q, noise_multiplier=sigma, steps=steps, delta=DELTA),
+            "evaluation": {"mechanism": "gaussian", "noise_multiplier": z, "count": count,
+                           "epsilon": compose_epsilon([evaluation], DELTA)},
+            "run_epsilon": run_epsilon, "ledger_epsilon": run_epsilon + ledger_before}
+    return {"guarantee": "per-patient (epsilon, delta)-DP; hospitals hold disjoint patients, so the released "
+                         "model is (max_k run_epsilon_k, delta)-DP",
+            "epsilon_max": max(h["run_epsilon"] for h in hospitals.values()), "delta": DELTA,
+            "accountant": ACCOUNTANT, "rdp_orders": list(RDP_ORDERS), "recompute": "privacy.ledger.compose_epsilon",
+            "he_parameters": he_parameters(), "purpose": PURPOSE, "hospitals": hospitals,
+            "neighbouring": NEIGHBOURING, "assumption": ASSUMPTION}
+
+
+class HandBuiltStore:
+    """A tracking store laid out as `fedrisk run --out DIR` leaves it (DIR/mlflow.db), and runs in it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True)
+        self.tracking_uri = f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+        self.client = mlflow.tracking.MlflowClient(self.tracking_uri)
+        self.experiment_id = self.client.create_experiment(
+            "fedrisk", artifact_location=(run_dir.resolve() / "mlartifacts").as_uri())
+        self.weights = np.random.default_rng(0).normal(0.0, 0.1, len(fx.FEATURE_NAMES) + 1).astype(np.float32)
+        self.digest = weights_digest(self.weights)
+
+    def run(self, report: dict, aucs: tuple[float, ...] = (0.61, 0.68, 0.71)) -> str:
+        """A FINISHED run with its release artifacts and per-round federated metrics; its run id."""
+        run_id = self.client.create_run(self.experiment_id).info.run_id
+        for step, auc in enumerate(aucs, start=1):
+            self.client.log_metric(run_id, "auc", auc, step=step)
+            self.client.log_metric(run_id, "brier", 0.2 - 0.01 * step, step=step)
+        release = self.run_dir / f"release-{run_id}"
+        release.mkdir()
+        np.savez(release / "model.npz", weights=self.weights, model="logreg", n_features=len(fx.FEATURE_NAMES))
+        (release / "model.sha256").write_text(self.digest + "\n")
+        (release / "privacy_report.json").write_text(json.dumps(report, indent=2))
+        (release / "run_summary.json").write_text(json.dumps({"rounds": len(aucs)}))
+        self.client.log_artifacts(run_id, str(release), artifact_path="release")
+        self.client.set_tag(run_id, "release.sha256", self.digest)
+        self.client.set_terminated(run_id, status="FINISHED")
+        return run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> HandBuiltStore:
+    return HandBuiltStore(tmp_path_factory.mktemp("hand-built") / "run")
+
+
+@pytest.fixture(scope="module")
+def hand_registry(store: HandBuiltStore, tmp_path_factory: pytest.TempPathFactory) -> ReleaseRegistry:
+    return ReleaseRegistry(store.tracking_uri, tmp_path_factory.mktemp("hand-registry"))
+
+
+def _refused(registry: ReleaseRegistry, run_id: str, evaluation: DPEvaluation | None, reason: str) -> str:
+    """Assert that releasing `run_id` is refused in one audited line matching `reason`, leaving no release."""
+    with pytest.raises(ReleaseRefused, match=reason) as refused:
+        registry.create(run_id, APPROVER, evaluation=evaluation)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert run_id not in [r.run_id for r in registry.list()]
+    assert registry.audit.entries()[-1].details["reason"] == message
+    return message
+
+
+def test_a_run_without_dp_is_refused_though_its_report_says_ckks(store: HandBuiltStore,
+                                                                 hand_registry: ReleaseRegistry) -> None:
+    report = _honest_report()
+    for spend in report["hospitals"].values():  # what a dp=false run logs: no noise, no steps, epsilon 0
+        spend.update(noise_multiplier=0.0, steps=0, epsilon=0.0)
+        spend["evaluation"].update(noise_multiplier=0.0, count=0, epsilon=0.0)
+        spend["run_epsilon"] = spend["ledger_epsilon"] = 0.0
+    report["epsilon_max"] = 0.0
+    assert report["he_parameters"]["scheme"] == "CKKS"
+    run_id = store.run(report)
+    _refused(hand_registry, run_id, _evaluation_of(store.digest),
+             rf"^run {run_id}: hospital_00: noise_multiplier is 0, not > 0 \(DP-SGD added no noise")
+
+
+def _without(entry: dict, key: str) -> None:
+    del entry[key]
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda h: h.update(steps=0), r"hospital_01: steps is 0, not >= 1"),
+    (lambda h: h.update(sample_rate=0.0), r"hospital_01: sample_rate is 0, not in \(0, 1\]"),
+    (lambda h: h.update(sample_rate=1.5), r"hospital_01: sample_rate is 1.5, not in \(0, 1\]"),
+    (lambda h: h.update(noise_multiplier=float("inf")), r"hospital_01: noise_multiplier must be a finite number"),
+    (lambda h: _without(h, "noise_multiplier"), r"hospital_01: noise_multiplier is missing"),
+    (lambda h: _without(h, "evaluation"), r"hospital_01: evaluation is missing .*no DP evaluation during the run"),
+    (lambda h: h["evaluation"].update(count=0), r"hospital_01: evaluation: count is 0, not >= 1"),
+    (lambda h: h["evaluation"].update(noise_multiplier=0.0), r"hospital_01: evaluation: noise_multiplier is 0"),
+    (lambda h: h["evaluation"].update(mechanism="laplace"), r"hospital_01: evaluation.mechanism is 'laplace'"),
+    (lambda h: _without(h, "ledger_epsilon"), r"hospital_01: ledger_epsilon is missing"),
+])
+def test_a_spend_without_dp_or_without_dp_evaluation_is_refused(store: HandBuiltStore, hand_registry: ReleaseRegistry,
+                                                                change, reason) -> None:
+    report = _honest_report()
+    change(report["hospitals"]["hospital_01"])
+    _refused(hand_registry, store.run(report), _evaluation_of(store.digest), reason)
+
+
+def test_a_report_from_before_dp_evaluation_is_refused(store: HandBuiltStore, hand_registry: ReleaseRegistry) -> None:
+    report = _honest_report()
+    for spend in report["hospitals"].values():
+        for key in ("evaluation", "run_epsilon", "ledger_epsilon"):
+            del spend[key]
+    del report["neighbouring"], report["assumption"]
+    report["epsilon_max"] = max(h["epsilon"] for h in report["hospitals"].values())
+    _refused(hand_registry, store.run(report), _evaluation_of(store.digest), "the run predates DP evaluation")
+
+
+def _halve_run_epsilon(report: dict) -> None:
+    report["hospitals"]["hospital_00"]["run_epsilon"] /= 2
+
+
+def _halve_evaluation_epsilon(report: dict) -> None:
+    report["hospitals"]["hospital_00"]["evaluation"]["epsilon"] /= 2
+
+
+def _understate_epsilon_max(report: dict) -> None:
+    report["epsilon_max"] = min(h["run_epsilon"] for h in report["hospitals"].values())
+
+
+def _shrink_ledger(report: dict) -> None:
+    spend = report["hospitals"]["hospital_00"]
+    spend["ledger_epsilon"] = spend["run_epsilon"] / 2
+
+
+def _other_relation(report: dict) -> None:
+    report["neighbouring"] = "replace one patient's records"
+
+
+@pytest.mark.parametrize(("tamper", "reason"), [
+    (_halve_run_epsilon, r"hospital_00's logged run_epsilon \S+ does not recompute from its parameters"),
+    (_halve_evaluation_epsilon, r"hospital_00's logged evaluation.epsilon \S+ does not recompute"),
+    (_understate_epsilon_max, r"epsilon_max \S+ in its privacy report is not the largest run_epsilon"),
+    (_shrink_ledger, r"hospital_00: ledger_epsilon \S+ is below its run_epsilon"),
+    (_other_relation, r"neighbouring relation is .replace one patient's records., not .add/remove"),
+])
+def test_a_tampered_report_is_refused(store: HandBuiltStore, hand_registry: ReleaseRegistry, tamper, reason) -> None:
+    report = _honest_report()
+    tamper(report)
+    _refused(hand_registry, store.run(report), _evaluation_of(store.digest), reason)
+
+
+def test_a_release_without_a_dp_evaluation_of_its_model_is_refused(store: HandBuiltStore,
+                                                                    hand_registry: ReleaseRegistry) -> None:
+    run_id = store.run(_honest_report())
+    _refused(hand_registry, run_id, None, r"a release needs a DP evaluation of its model: run `fedrisk release "
+                                          r"evaluate` and pass the tables it names \(--evaluation\)")
+    tables = _evaluation_of(store.digest).tables
+    _refused(hand_registry, run_id, DPEvaluation(tables), "the DP evaluation scored no named model")
+    exact = {"sex": tables["sex"].assign(se=0.0)}  # exact counts dressed as a DP table
+    _refused(hand_registry, run_id, DPEvaluation(exact, model_sha256=store.digest),
+             "evaluation table 'sex': a count without a positive se carries no DP noise")
+
+
+def test_an_honest_run_is_released_with_run_and_ledger_epsilon_per_hospital(
+        store: HandBuiltStore, tmp_path: Path) -> None:
+    report = _honest_report(ledger_before=0.4)
+    run_id = store.run(report, aucs=(0.61, 0.68, 0.71))
+    registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
+    release = registry.create(run_id, APPROVER, evaluation=_evaluation_of(store.digest))
+    cert = release.certificate
+    for name, logged in report["hospitals"].items():
+        spend = cert.per_hospital[name]
+        recomputed = compose_epsilon(_mechanisms(logged["sample_rate"], logged["noise_multiplier"], logged["steps"],
+                                                 logged["evaluation"]["noise_multiplier"],
+                                                 logged["evaluation"]["count"]), DELTA)
+        assert spend.run_epsilon == pytest.approx(recomputed, abs=1e-9)
+        assert spend.run_epsilon > max(spend.epsilon, spend.evaluation.epsilon)  # both spends count
+        assert spend.ledger_epsilon == pytest.approx(spend.run_epsilon + 0.4)
+        assert (spend.noise_multiplier, spend.sample_rate, spend.steps, spend.clip_norm, spend.delta) == (
+            logged["noise_multiplier"], logged["sample_rate"], logged["steps"], 1.0, DELTA)
+        assert (spend.evaluation.mechanism, spend.evaluation.noise_multiplier, spend.evaluation.count) == (
+            "gaussian", 6.0, 4)
+    assert cert.epsilon_max == max(h.run_epsilon for h in cert.per_hospital.values())
+    assert cert.neighbouring == "add/remove one patient's records" and cert.assumption == ASSUMPTION
+    assert cert.epsilon_all_hospitals > cert.epsilon_max  # a patient at both hospitals is covered by less
+    assert f"{cert.epsilon_all_hospitals:.4g}" in cert.overlap and "several hospitals" in cert.overlap
+    assert "ledger" in cert.ledger_basis
+    assert PrivacyCertificate.from_json(cert.to_json()) == cert == registry.get(release.release_id).certificate
+    shown = ReleaseView(release.release_id, release.status, cert, release.card).detail().model_dump(mode="json")
+    assert shown["certificate"]["per_hospital"]["hospital_00"]["ledger_epsilon"] == cert.per_hospital[
+        "hospital_00"].ledger_epsilon  # as the signals service publishes it
+    card = release.card
+    assert card.federated_auc == 0.71 and card.federated_basis.startswith("DP federated evaluation, last round")
+    assert not any("not differentially private" in line for line in [card.federated_basis, *card.limitations])
+    assert isinstance(card.calibration, dict) and card.calibration["source"] == "synthetic test table"
+
+
+def test_a_certificate_stored_before_dp_evaluation_still_reads(store: HandBuiltStore, tmp_path: Path) -> None:
+    registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
+    cert = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest)).certificate
+    old = cert.to_dict()
+    for key in ("neighbouring", "assumption", "epsilon_all_hospitals", "overlap", "ledger_basis"):
+        del old[key]
+    for spend in old["per_hospital"].values():
+        for key in ("run_epsilon", "ledger_epsilon", "evaluation"):
+            del spend[key]
+    read = PrivacyCertificate.from_dict(old)
+    assert read.epsilon_max == cert.epsilon_max and read.per_hospital["hospital_00"].run_epsilon is None
+    assert read.per_hospital["hospital_00"].evaluation is None and read.neighbouring == ""
+    del old["per_hospital"]["hospital_00"]["steps"]
+    with pytest.raises(CertificateError, match="not a fedrisk privacy certificate"):
+        PrivacyCertificate.from_dict(old)
+
+
+def test_cli_requires_the_dp_evaluation_and_prints_each_hospitals_epsilons(
+        store: HandBuiltStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_id = store.run(_honest_report())
+    create = ["release", "create", run_id, "--run-dir", str(store.run_dir), "--registry", str(tmp_path / "registry")]
+    assert main(create) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("fedrisk: error: a release needs a DP evaluation of its model") and err.count("\n") == 1
+    assert main([*create, *_evaluation_files(tmp_path / "evaluation", store.digest)]) == 0
+    out = capsys.readouterr().out
+    cert = ReleaseRegistry("", tmp_path / "registry").get("r1").certificate
+    for name, spend in cert.per_hospital.items():
+        assert (f"{name}: run epsilon {spend.run_epsilon:.4f} (DP-SGD {spend.epsilon:.4f}, 4 DP evaluations "
+                f"{spend.evaluation.epsilon:.4f}); ledger epsilon for {PURPOSE} after the run "
+                f"{spend.ledger_epsilon:.4f}") in out
+    assert "DP federated evaluation, last round: AUC 0.7100" in out and "add/remove one patient" in out
