@@ -2,7 +2,7 @@
 
 Every comparison runs both sides in this one process, alternating A, B, A, B, and quotes
 medians, so machine drift hits both sides alike. Run: `make bench` or
-`.venv/bin/python bench/overheads.py [--repeats 15] [--he-repeats 5] [--simulation] [--json FILE]`.
+`.venv/bin/python bench/overheads.py [--repeats 15] [--he-repeats 5] [--json FILE]`.
 
 Figures:
 * dp_overhead_ratio: one epoch of DP-SGD (Opacus, Poisson sampling, fast clipping) over one
@@ -11,7 +11,6 @@ Figures:
   patients): every hospital trains and packs its update, the server sums, every hospital
   decodes; CKKS against plaintext FedAvg.
 * ciphertext_expansion: bytes of one encrypted MLP update over the float32 bytes of the model.
-* with --simulation: whole rounds in Flower's simulation engine, HE on against HE off.
 """
 
 from __future__ import annotations
@@ -53,33 +52,16 @@ def he_figure(workdir: Path, repeats: int) -> overheads.HEOverhead:
     report = synthesize(8, 200_000, workdir / "he-data", seed=0)
     keys = init_keys(workdir / "keys")
     config = RunConfig(data_dir=str(report.files[0].parent), keys_dir=str(workdir / "keys"),
-                       num_hospitals=8, rounds=1)
+                       num_hospitals=8, rounds=1, delta=1e-6)
     nodes = provision_nodes(report.files[0].parent, keys.hospital_context, workdir / "nodes",
-                            purposes={config.purpose: (10.0, config.delta)})
+                            purposes={config.purpose: (100.0, config.delta)})
     return overheads.he_overhead(nodes, config, repeats=repeats)
-
-
-def simulation_figure(workdir: Path, pairs: int) -> overheads.Ratio:
-    """Median round seconds of whole simulated runs, HE on vs HE off, alternating."""
-    from experiments.simulation import simulate
-
-    data = workdir / "he-data"
-    on, off = [], []
-    for index in range(pairs):
-        for he, sink in ((True, on), (False, off)):
-            config = RunConfig(data_dir=str(data), keys_dir=str(workdir / "keys"), num_hospitals=8,
-                               rounds=3, run_dir=str(workdir / f"sim-{index}-{he}"), he=he,
-                               nodes_dir=str(workdir / "nodes"), provision_budget=100.0)
-            result = simulate(config)
-            sink.extend(list(result.round_seconds.values())[1:])  # round 1 includes actor start-up
-    return overheads.Ratio(statistics.median(on), statistics.median(off))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15, help="DP epoch pairs (default 15)")
     parser.add_argument("--he-repeats", type=int, default=5, help="federated round pairs (default 5)")
-    parser.add_argument("--simulation", action="store_true", help="also time whole simulated rounds")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -101,12 +83,6 @@ def main() -> int:
               f"plaintext {he.round.denominator_seconds:.3f}s -> he_overhead_ratio {he.round.ratio:.3f}", flush=True)
         print(f"encrypted update {he.update_bytes:,} B for a {he.model_float32_bytes:,} B float32 model "
               f"-> ciphertext_expansion {he.ciphertext_expansion:.2f}", flush=True)
-        if args.simulation:
-            sim = simulation_figure(workdir, pairs=2)
-            figures["simulation_round"] = {"he_round_s": sim.numerator_seconds, "plain_round_s": sim.denominator_seconds,
-                                           "he_overhead_ratio": sim.ratio}
-            print(f"Flower simulation round: HE {sim.numerator_seconds:.2f}s vs plaintext "
-                  f"{sim.denominator_seconds:.2f}s -> {sim.ratio:.3f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0

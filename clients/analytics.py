@@ -5,8 +5,8 @@ that its schema releases every field the query reads for the query's purpose, an
 ledger can afford the query, all before a record is read (`check`). On the second message
 (`answer`) it charges the ledger, then reads its consented records, clamps each contribution to
 the query's bounds, computes its cell statistics, adds Gaussian noise calibrated so that this
-hospital's release alone is (epsilon, delta)-DP, and encrypts the noised vector. What leaves the
-node: ciphertexts and the public noise multiplier.
+hospital's release alone is (epsilon, delta)-DP; the node encrypts and signs the noised vector.
+What leaves the node: a signed contribution and the public noise multiplier.
 
 The noise is drawn from a seed derived from the node's secret, the run, the query and a digest
 of the records used: answering the same query run on the same records again repeats the same
@@ -26,7 +26,7 @@ from clients.deidentify import PSEUDONYM
 from clients.node_state import NodeState, test_split
 from federation import features as fx
 from federation.errors import DataError, FedriskError, PrivacyBudgetError, ProtocolError
-from federation.he_codec import CONTRIBUTOR_UNIT, HospitalKey, PlaintextCodec
+from federation.he_codec import CONTRIBUTOR_UNIT, HospitalKey
 from federation.model import weights_digest
 from federation.query import CELL_CAPACITY, FIELDS, RISK_SCORE, CohortQuery
 from privacy.audit import Digest
@@ -39,9 +39,10 @@ ANALYTICS_ANSWER = "analytics.answer"
 
 @dataclass(frozen=True)
 class QueryAnswer:
-    """What a hospital sends for one query: ciphertexts and public accounting values."""
+    """What a hospital sends for one query: the noised, scaled vector (to be encrypted and signed)
+    and public accounting values."""
 
-    ciphertexts: list[bytes]
+    vector: np.ndarray
     noise_multiplier: float
     epsilon: float
 
@@ -108,13 +109,14 @@ def _data_digest(table: pd.DataFrame, query: CohortQuery) -> str:
 class HospitalAnalytics:
     """One hospital answering cohort queries from its node state and its copy of the CKKS key."""
 
-    def __init__(self, state: NodeState, key: HospitalKey | PlaintextCodec) -> None:
+    def __init__(self, state: NodeState, key: HospitalKey) -> None:
         self.state = state
         self.key = key
         self.name = state.hospital
 
     def _refuse(self, error: FedriskError, purpose: str) -> None:
         self.state.audit().refusal(error, purpose=purpose)
+        error.audited = True  # type: ignore[attr-defined]
         raise error
 
     def _mechanism(self, query: CohortQuery) -> GaussianMechanism:
@@ -189,7 +191,8 @@ class HospitalAnalytics:
         with self.state.ledger() as ledger:
             try:
                 charge = ledger.charge(query.purpose, mechanism, run_id=run_id, kind="analytics", actor=self.name,
-                                       idempotency_key=f"query-{query.digest()}:{digest}")
+                                       slot=f"query-{query.digest()}:{digest}",
+                                       identity=f"query-{query.digest()}:{digest}")
             except FedriskError as error:
                 self._refuse(error, query.purpose)
         exact = local_statistics(used, query)
@@ -201,10 +204,9 @@ class HospitalAnalytics:
         seed = self.state.pseudonym_key().derive_seed("analytics", run_id, query.digest(), digest)
         noise = np.random.default_rng(seed).standard_normal(exact.shape) * layout.noise_scales * mechanism.noise_multiplier
         vector = np.concatenate([(exact + noise) / layout.units, [CONTRIBUTOR_UNIT]])
-        ciphertexts = self.key.encrypt(vector)
         epsilon = mechanism.epsilon(query.delta)
         self.state.audit().append(ANALYTICS_ANSWER, purpose=query.purpose, epsilon=charge.epsilon_after, details={
             "run": run_id, "query": query.name, "digest": Digest(query.digest()), "measure": query.measure,
             "field": query.field or "", "cells": len(layout.cells), "records-used": len(used),
             "records-excluded": excluded, "query-epsilon": round(epsilon, 6), "noise-multiplier": mechanism.noise_multiplier})
-        return QueryAnswer(ciphertexts, mechanism.noise_multiplier, epsilon)
+        return QueryAnswer(vector, mechanism.noise_multiplier, epsilon)

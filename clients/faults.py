@@ -8,7 +8,7 @@ The value is a comma-separated list of `hospital:message@round:kind`, for exampl
 * `truncated`: every ciphertext cut to half its length (bytes corrupted in transit);
 * `foreign-key`: the update encrypted under a freshly made key, and the reply naming it
   (a hospital still configured with an old federation key);
-* `foreign-params`: the update encrypted under other CKKS parameters (N = 4096);
+* `foreign-params`: the update encrypted under other CKKS parameters (N = 8192);
 * `oversized`: every ciphertext padded with 1 MiB of junk.
 """
 
@@ -62,22 +62,31 @@ def fault_for(hospital: str, message: str, server_round: int) -> str | None:
 
 def corrupt(kind: str, ciphertexts: list[bytes], plaintext: np.ndarray) -> tuple[list[bytes], str | None]:
     """The ciphertexts a faulty node sends instead, and the key id it names (None: unchanged)."""
-    import tenseal as ts
+    import tempfile
+    from pathlib import Path
+
+    import tenseal.sealapi as seal
 
     from federation import he_codec
-
     if kind == "truncated":
         return [blob[: len(blob) // 2] for blob in ciphertexts], None
     if kind == "oversized":
         return [blob + bytes(1 << 20) for blob in ciphertexts], None
     if kind == "foreign-key":
-        context = he_codec._new_secret_context()
-        other = he_codec.HospitalKey(context=context, key_id=he_codec._key_id(context))
+        with tempfile.TemporaryDirectory() as scratch:
+            other = he_codec.HospitalKey.load(he_codec.init_keys(Path(scratch)).hospital_context)
         return other.encrypt(plaintext), other.key_id
     if kind == "foreign-params":
-        context = ts.context(ts.SCHEME_TYPE.CKKS, 4096, coeff_mod_bit_sizes=[40, 20, 40],
-                             encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC)
-        context.global_scale = 2.0 ** he_codec.GLOBAL_SCALE_BITS
-        return [ts.ckks_vector(context, plaintext[i:i + he_codec.SLOTS].tolist()).serialize()
-                for i in range(0, plaintext.size, he_codec.SLOTS)], None
+        params = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+        params.set_poly_modulus_degree(8192)
+        params.set_coeff_modulus(seal.CoeffModulus.Create(8192, [60, 40, 60]))
+        context = seal.SEALContext(params, True, seal.SEC_LEVEL_TYPE.TC128)
+        encoder = seal.CKKSEncoder(context)
+        encryptor = seal.Encryptor(context, seal.KeyGenerator(context).secret_key())
+        blobs = []
+        for start in range(0, plaintext.size, encoder.slot_count()):
+            plain = seal.Plaintext()
+            encoder.encode(plaintext[start:start + encoder.slot_count()].tolist(), 2.0 ** 40, plain)
+            blobs.append(he_codec._save(encryptor.encrypt_symmetric(plain)))
+        return blobs, None
     raise ValueError(kind)

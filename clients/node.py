@@ -1,40 +1,57 @@
 """A hospital node's side of the protocol, independent of how messages travel.
 
-The node keeps no model between rounds: the server sends the chain of encrypted aggregates,
-and the node replays it from the public initial model (decrypting is cheap). So a node that
-restarts, or joins late, computes exactly the global model every other node computes.
+Every message is hostile input: the node answers only what its own policy (`clients.policy`, in
+its node directory) allows, and DP-SGD and CKKS are always on. The node keeps no model between
+rounds: the server sends every hospital's signed contributions so far (census, then each
+round's updates), and the node rebuilds the global model by verified decryption
+(`clients.decryption`): it adds the contributions it verified itself and decrypts each step
+once, flooded; a repeated step returns the recorded values. A node that restarts, or joins
+late, computes exactly the global model every other node computes.
 
-What leaves the node: ciphertexts, and public privacy accounting values. Nothing else.
+Every noisy output is charged to the ledger before it is computed, once, under one identity:
+(purpose, run, round, start-model digest, run-config fingerprint, digest of the records used).
+Its DP seed derives from exactly that identity, and the ledger's slot for the round refuses any
+other identity, so the same round can never be trained (or evaluated) twice with fresh noise.
+
+What leaves the node: signed ciphertexts, public privacy accounting values, and the flooded
+values of evaluation and query aggregates (DP) and of the final model (DP by post-processing).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
+from clients import faults
+from clients.anchoring import check_not_rolled_back
 from clients.data import HospitalData
-from clients.evaluation import risk_metrics
+from clients.decryption import Expected, VerifiedDecryptor
 from clients.node_state import NodeState
-from federation import he_codec
+from clients.policy import NodePolicy, PolicyRefusal
+from federation import round_evaluation
 from federation.config import RunConfig
+from federation.contributions import ContributionHeader, FederationManifest, SignedContribution
 from federation.errors import ConfigError, FedriskError, KeyMaterialError, PrivacyBudgetError, ProtocolError
-from federation.he_codec import CENSUS_UNIT, CONTRIBUTOR_UNIT, HospitalKey, PlaintextCodec
-from federation.messages import EVAL_LENGTH
+from federation.he_codec import CENSUS_UNIT, CONTRIBUTOR_UNIT, HospitalKey, ciphertext_digest
+from federation.messages import CENSUS_LENGTH, EVAL_UNIT
 from federation.model import initial_weights, load_model, num_parameters, predict_proba, weights_digest
-from privacy.accounting import DPSpend, check_delta, remembered_noise
+from privacy.accounting import DPSpend, remembered_noise
 from privacy.audit import RELEASE, ROUND_TRAIN, RUN_START, Digest
 from privacy.ledger import GaussianMechanism
 
-
+ROUND_EVALUATE = "round.evaluate"
 _DATA_CACHE: dict[tuple, HospitalData] = {}
 _CACHE_LIMIT = 16  # hospitals one simulation worker may serve in turn
 _KEY_CACHE: dict[tuple[str, float], HospitalKey] = {}
 NOISE_CACHE = "noise_calibrations.json"
 """In the node directory: the sigmas this node has calibrated (see `remembered_noise`)."""
+EVALUATION_LENGTH = round_evaluation.LENGTH + 1  # the DP histogram and the contributor slot
 
 
 def _cached_data(state: NodeState, purpose: str, features: str) -> HospitalData:
@@ -53,28 +70,115 @@ def _cached_key(path: Path) -> HospitalKey:
     return _KEY_CACHE[key]
 
 
+def records_digest(x: np.ndarray, y: np.ndarray) -> str:
+    """SHA-256 (16 hex) of the encoded records a computation used."""
+    digest = hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(y, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def charge_identity(*parts: object) -> str:
+    """The identity a ledger charge and its DP seed are bound to (hex)."""
+    return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class TrainOutcome:
-    """What a train step sends back: ciphertexts and public accounting values."""
+    """What a train step sends back: a signed contribution and public accounting values."""
 
-    ciphertexts: list[bytes]
+    contribution: SignedContribution
     spend: DPSpend
+    run_epsilon: float
+    ledger_epsilon: float
     train_seconds: float
     he_seconds: float
 
 
-class HospitalNode:
-    """One hospital: its node state (data, schema, ledger, audit log), its copy of the
-    federation's CKKS secret key, and a run config."""
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    """What an evaluate step sends back: a signed DP evaluation and its accounting values."""
 
-    def __init__(self, config: RunConfig, state: NodeState, key_file: Path | None = None) -> None:
+    contribution: SignedContribution
+    noise_multiplier: float
+    evaluations: int
+    run_epsilon: float
+    ledger_epsilon: float
+
+
+class HospitalNode:
+    """One hospital: its node state (data, schema, ledger, audit log, policy, manifest), its copy
+    of the federation's CKKS secret key, its signing key, and the run config it was sent."""
+
+    def __init__(self, config: RunConfig, state: NodeState, key_file: Path | None = None,
+                 policy: NodePolicy | None = None) -> None:
         self.config = config
         self.state = state
         self.name = state.hospital
-        self.key: HospitalKey | PlaintextCodec = (
-            _cached_key(Path(key_file or state.key_file)) if config.he else PlaintextCodec())
+        self.key = _cached_key(Path(key_file or state.key_file))
+        self.policy = policy if policy is not None else NodePolicy.load(state.directory)
         self.length = num_parameters(config.model, config.input_size)
         self._data: HospitalData | None = None
+        self._manifest: FederationManifest | None = None
+        self._decryptor: VerifiedDecryptor | None = None
+
+    # --- admission: the node's policy decides ----------------------------------------------
+    def _refuse(self, error: FedriskError) -> None:
+        self.state.audit().refusal(error, purpose=self.config.purpose)
+        error.audited = True  # type: ignore[attr-defined]
+        raise error
+
+    def check_federation(self, key_id: str, params_id: str) -> None:
+        """Refuse to work under another key or other CKKS parameters than the server's."""
+        if params_id != self.key.params_id:
+            self._refuse(KeyMaterialError(f"{self.name}: the server's CKKS parameters differ from this hospital's"))
+        if key_id != self.key.key_id:
+            self._refuse(KeyMaterialError(f"{self.name}: this hospital's CKKS key is not the federation's key"))
+
+    def _ledger_terms(self, purpose: str) -> tuple[list[str], float | None]:
+        with self.state.ledger() as ledger:
+            purposes = ledger.purposes()
+            delta = ledger.budget(purpose).delta if purpose in purposes else None
+        return purposes, delta
+
+    def admit(self, federation: str) -> None:
+        """Before any record is read: refuse a run config the hospital's policy does not allow
+        (purpose, epsilon, rounds, delta, min-contributors, model size, federation)."""
+        cfg = self.config
+        purposes, delta = self._ledger_terms(cfg.purpose)
+        try:
+            self.policy.check_run(purpose=cfg.purpose, target_epsilon=cfg.target_epsilon,
+                                  evaluation_epsilon=cfg.evaluation_budget, rounds=cfg.rounds, delta=cfg.delta,
+                                  min_contributors=cfg.min_contributors, model_parameters=self.length,
+                                  federation=federation, key_id=self.key.key_id, ledger_purposes=purposes,
+                                  ledger_delta=delta)
+        except PolicyRefusal as error:
+            self._refuse(error)
+
+    def check_rollback(self, relayed: Sequence[tuple[str, bytes]]) -> str:
+        """Refuse to work while this node is behind a head anchored outside it; return its head."""
+        try:
+            return check_not_rolled_back(self.state, self.name, relayed, self.manifest).encode()
+        except FedriskError as error:
+            self._refuse(error)
+            raise
+
+    @property
+    def manifest(self) -> FederationManifest:
+        """The federation manifest this hospital holds."""
+        if self._manifest is None:
+            try:
+                self._manifest = self.state.manifest()
+            except FedriskError as error:
+                self._refuse(error)
+        return self._manifest  # type: ignore[return-value]
+
+    @property
+    def decryptor(self) -> VerifiedDecryptor:
+        """Verified, flooded, once-per-step decryption under this node's policy floor."""
+        if self._decryptor is None:
+            floor = self.policy.effective_min_contributors(self.config.min_contributors)
+            self._decryptor = VerifiedDecryptor(self.state, self.key, self.manifest, floor)
+        return self._decryptor
 
     @property
     def data(self) -> HospitalData:
@@ -85,22 +189,32 @@ class HospitalNode:
                 self._refuse(ConfigError(
                     f"{self.name}: the export encodes to {self._data.train_x.shape[1]} model inputs, "
                     f"the run expects {self.config.input_size}"))
-            if self.config.dp and not check_delta(self.config.delta, self._data.n_train):
-                self._refuse(PrivacyBudgetError(
-                    f"{self.name}: delta {self.config.delta:g} is not below 1/n for this hospital's records"))
+            try:
+                self.policy.check_records(delta=self.config.delta, records=self._data.n_train)
+            except PolicyRefusal as error:
+                self._refuse(error)
             if self.config.sample_rate * self._data.n_train < 1.0:
                 self._refuse(PrivacyBudgetError(
                     f"{self.name}: too few consented records for sample-rate {self.config.sample_rate:g}"))
         return self._data
 
-    def _refuse(self, error: FedriskError) -> None:
-        self.state.audit().refusal(error, purpose=self.config.purpose)
-        raise error
+    # --- signed contributions ---------------------------------------------------------------
+    def seal(self, values: np.ndarray, *, run: str, server_round: int, step: str, kind: str, head: str,
+             message_type: str = "") -> SignedContribution:
+        """Encrypt `values` and sign them with what they are. A fault the node's own operator
+        injected (`clients.faults`) replaces the ciphertexts before signing."""
+        ciphertexts = self.key.encrypt(values)
+        key_id = self.key.key_id
+        fault = faults.fault_for(self.name, message_type, server_round) if message_type else None
+        if fault is not None:
+            ciphertexts, named_key = faults.corrupt(fault, ciphertexts, np.asarray(values, dtype=np.float64))
+            key_id = named_key or key_id
+        header = ContributionHeader(hospital=self.name, run=run, round=server_round, step=step, kind=kind,
+                                    length=int(np.asarray(values).size), key_id=key_id,
+                                    digest=ciphertext_digest(ciphertexts), head=head)
+        return self.state.signing_key().sign(header, ciphertexts)
 
-    def _mechanism(self, steps: int) -> GaussianMechanism:
-        return GaussianMechanism(sample_rate=self.config.sample_rate,
-                                 noise_multiplier=self.noise_multiplier(), steps=steps)
-
+    # --- census -------------------------------------------------------------------------------
     def begin_run(self, run_id: str) -> None:
         """Before any record is touched: refuse a run whose planned spend would exceed what is
         left of this hospital's budget for the purpose; then load (and audit) the data.
@@ -110,169 +224,193 @@ class HospitalNode:
         for key in [k for k in _DATA_CACHE if k[0] == str(self.state.directory)]:
             del _DATA_CACHE[key]  # every run reads (and audits) its data afresh
         self._data = None
-        charged = 0
-        if cfg.dp:
-            with self.state.ledger() as ledger:
-                try:
-                    budget = ledger.budget(cfg.purpose)
-                    charged = sum(c.mechanism.steps for c in ledger.history(cfg.purpose) if c.run_id == run_id)
-                    remaining = max(cfg.planned_steps - charged, 0)
-                    planned = ledger.would_spend(cfg.purpose, self._mechanism(remaining)) if remaining \
-                        else ledger.spent(cfg.purpose)
-                except FedriskError as error:
-                    self._refuse(error)
-                spent = ledger.spent(cfg.purpose)
-            if planned > budget.epsilon_total:
-                self._refuse(PrivacyBudgetError(
-                    f"{self.name}: run would bring purpose {cfg.purpose!r} to epsilon {planned:.3f}, "
-                    f"over its budget of {budget.epsilon_total:g} (spent {spent:.3f})"))
+        with self.state.ledger() as ledger:
+            try:
+                budget = ledger.budget(cfg.purpose)
+                charged = sum(c.mechanism.steps for c in ledger.history(cfg.purpose)
+                              if c.run_id == run_id and c.kind == "training")
+                remaining = max(cfg.planned_steps - charged, 0)
+                planned = ledger.would_spend(cfg.purpose, self._mechanism(remaining)) if remaining \
+                    else ledger.spent(cfg.purpose)
+            except FedriskError as error:
+                self._refuse(error)
+            spent = ledger.spent(cfg.purpose)
+        if planned > budget.epsilon_total:
+            self._refuse(PrivacyBudgetError(
+                f"{self.name}: run would bring purpose {cfg.purpose!r} to epsilon {planned:.3f}, "
+                f"over its budget of {budget.epsilon_total:g} (spent {spent:.3f})"))
         self.state.audit().append(RUN_START, purpose=cfg.purpose, details={
             "run": run_id, "rounds": cfg.rounds, "target-epsilon": cfg.target_epsilon,
             "steps-already-charged": charged})
         _ = self.data
 
-    def check_federation(self, key_id: str, params_id: str) -> None:
-        """Refuse to work under another key or other CKKS parameters than the server's."""
-        if params_id != self.key.params_id:
-            raise KeyMaterialError(f"{self.name}: the server's CKKS parameters differ from this hospital's")
-        if key_id != self.key.key_id:
-            raise KeyMaterialError(f"{self.name}: this hospital's CKKS key is not the federation's key")
+    def census(self, run_id: str, head: str, message_type: str = "") -> SignedContribution:
+        """Signed Enc([n_k * 2^-24, contributor]): lets hospitals learn the federation's size (to
+        normalise updates) without the server learning any hospital's."""
+        self.begin_run(run_id)
+        return self.seal(np.array([self.data.n_train * CENSUS_UNIT, CONTRIBUTOR_UNIT]), run=run_id,
+                         server_round=0, step="census", kind="census", head=head, message_type=message_type)
 
-    # --- census -------------------------------------------------------------------------
-    def census(self) -> list[bytes]:
-        """Encrypted [n_k * 2^-24, contributor]: lets hospitals learn the federation's size
-        (to normalise updates) without the server learning any hospital's."""
-        return self.key.encrypt(np.array([self.data.n_train * CENSUS_UNIT, CONTRIBUTOR_UNIT]))
+    def census_total(self, census: Sequence[SignedContribution], run_id: str) -> float:
+        """N_hat, the federation's training record count, from the verified census."""
+        values = self.decryptor.decrypt(census, Expected(run_id, 0, "census", "census", CENSUS_LENGTH))
+        total = float(values[0] / CENSUS_UNIT)
+        if total < 1.0:
+            self._refuse(ProtocolError(f"{self.name}: the census holds no records"))
+        return total
 
-    def census_total(self, census: Sequence[bytes]) -> float:
-        """Decrypt the summed census: N_hat, the federation's training record count."""
-        values = self.key.decrypt(census, 2)
-        self._check_contributors(values[1], "census")
-        return float(values[0] / CENSUS_UNIT)
-
-    def _check_contributors(self, value: float, what: str) -> int:
-        contributors = int(round(value / CONTRIBUTOR_UNIT))
-        if contributors < self.config.min_contributors:
-            raise ProtocolError(
-                f"{self.name}: refusing to decrypt a {what} holding {contributors} hospital(s); "
-                f"at least {self.config.min_contributors} are required")
-        return contributors
-
-    # --- global model ---------------------------------------------------------------------
-    def global_weights(self, chain: Sequence[bytes]) -> np.ndarray:
-        """Replay the chain of encrypted aggregates on the public initial model."""
+    # --- global model -------------------------------------------------------------------------
+    def global_weights(self, chain: Mapping[int, Sequence[SignedContribution]], run_id: str,
+                       through: int) -> np.ndarray:
+        """The global model after round `through`: the public initial model plus each round's
+        verified, decrypted aggregate divided by its summed record share."""
         weights = initial_weights(self.config.model, self.config.seed, self.config.input_size)
-        per_round = he_codec.ciphertexts_for(self.length + 2) if self.config.he else 1
-        if len(chain) % per_round:
-            raise ProtocolError(f"{self.name}: aggregate chain of {len(chain)} ciphertexts is not "
-                                f"whole rounds of {per_round}")
-        rounds = len(chain) // per_round
-        for r in range(rounds):
-            values = self.key.decrypt(chain[r * per_round:(r + 1) * per_round], self.length + 2)
-            self._check_contributors(values[-1], f"round {r + 1} aggregate")
+        for server_round in range(1, through + 1):
+            if server_round not in chain:
+                self._refuse(ProtocolError(f"{self.name}: the server sent no contributions for round {server_round}"))
+            values = self.decryptor.decrypt(chain[server_round],
+                                            Expected(run_id, server_round, "train", "update", self.length + 2))
             share = values[-2]
             if share <= 0:
-                raise ProtocolError(f"{self.name}: round {r + 1} aggregate carries no records")
+                self._refuse(ProtocolError(f"{self.name}: round {server_round} aggregate carries no records"))
             weights = weights + values[:self.length] / share
         return weights
 
-    # --- train ----------------------------------------------------------------------------
+    # --- train --------------------------------------------------------------------------------
+    def _evaluation_mechanism(self) -> GaussianMechanism:
+        z = round_evaluation.evaluation_noise_multiplier(self.config.evaluation_budget, self.config.delta,
+                                                         self.config.rounds)
+        return GaussianMechanism.gaussian_release(noise_multiplier=z)
+
     def noise_multiplier(self) -> float:
-        """Sigma for the whole planned run, so its epsilon meets the target at delta."""
+        """Sigma for the whole planned run, so that DP-SGD composed with the run's DP
+        evaluations meets the target epsilon at delta."""
         cfg = self.config
+        z = self._evaluation_mechanism().noise_multiplier
         return remembered_noise(self.state.directory / NOISE_CACHE, target_epsilon=cfg.target_epsilon,
-                                delta=cfg.delta, sample_rate=cfg.sample_rate, steps=cfg.planned_steps)
+                                delta=cfg.delta, sample_rate=cfg.sample_rate, steps=cfg.planned_steps,
+                                extra=((1.0, z, cfg.rounds),))
 
-    def _charge_round(self, run_id: str, server_round: int, round_steps: int, start_digest: str) -> int:
-        """Charge this round to the ledger before it trains, and return the DP-SGD steps the run
-        had already charged for earlier rounds (the ledger is the record of what ran).
+    def _mechanism(self, steps: int) -> GaussianMechanism:
+        return GaussianMechanism(sample_rate=self.config.sample_rate,
+                                 noise_multiplier=self.noise_multiplier(), steps=steps)
 
-        The charge is named by the round and the model it starts from. The round's sampling and
-        noise come from a seed derived from the node's secret, the run and the round, so
-        training the same round again from the same model (the coordinator restarted, a reply
-        was lost) repeats the same computation: it releases nothing new and is not charged
-        again. The same round from a different model would reuse that noise on other inputs,
-        and is refused."""
+    def _charge(self, run_id: str, slot: str, identity: str, mechanism: GaussianMechanism, kind: str) -> None:
+        """Charge one noisy output before it is computed, under the run's cap in this node's
+        policy; refuse (audited, nothing charged) a slot already charged for another output."""
         cfg = self.config
-        key = f"round-{server_round}:{start_digest[:16]}"
         with self.state.ledger() as ledger:
-            earlier = [c for c in ledger.history(cfg.purpose) if c.run_id == run_id and c.idempotency_key != key]
-            if any(c.idempotency_key.split(":")[0] == f"round-{server_round}" for c in earlier):
-                self._refuse(PrivacyBudgetError(
-                    f"{self.name}: round {server_round} of run {run_id} was already trained from a different "
-                    "global model; training it again would spend the budget twice"))
-            steps_so_far = sum(charge.mechanism.steps for charge in earlier)
-            if steps_so_far + round_steps > cfg.planned_steps:
-                self._refuse(PrivacyBudgetError(
-                    f"{self.name}: round {server_round} would exceed the {cfg.planned_steps} DP-SGD steps "
-                    "the noise was calibrated for"))
             try:
-                charge = ledger.charge(cfg.purpose, self._mechanism(round_steps), run_id=run_id,
-                                       kind="training", actor=self.name, idempotency_key=key)
+                run_charges = [c.mechanism for c in ledger.history(cfg.purpose)
+                               if c.run_id == run_id and c.slot != slot]
+                run_after = ledger_compose(run_charges + [mechanism], ledger.budget(cfg.purpose).delta)
+                if run_after > self.policy.max_epsilon_per_run + 1e-9:
+                    raise PolicyRefusal(f"{self.name}: run {run_id} would spend epsilon {run_after:.3f} at this "
+                                        f"hospital, over its policy's max_epsilon_per_run "
+                                        f"{self.policy.max_epsilon_per_run:g}")
+                ledger.charge(cfg.purpose, mechanism, run_id=run_id, kind=kind, actor=self.name, slot=slot,
+                              identity=identity)
             except FedriskError as error:
                 self._refuse(error)
-        self.state.audit().append(ROUND_TRAIN, purpose=cfg.purpose, epsilon=charge.epsilon_after,
-                                  details={"run": run_id, "round": server_round, "steps": round_steps})
-        return steps_so_far
 
-    def train(self, server_round: int, census: Sequence[bytes], chain: Sequence[bytes],
-              run_id: str = "local") -> TrainOutcome:
-        """One round: replay the global model, charge the round to the ledger, run DP-SGD,
-        encrypt the weighted delta."""
+    def _accounting(self, run_id: str) -> tuple[float, float, int]:
+        """The run's composed epsilon at this hospital, the purpose's, and its evaluations so far."""
+        with self.state.ledger() as ledger:
+            evaluations = sum(1 for c in ledger.history(self.config.purpose)
+                              if c.run_id == run_id and c.kind == "evaluation")
+            return ledger.run_spent(self.config.purpose, run_id), ledger.spent(self.config.purpose), evaluations
+
+    def train(self, server_round: int, census: Sequence[SignedContribution],
+              chain: Mapping[int, Sequence[SignedContribution]], run_id: str, head: str,
+              message_type: str = "") -> TrainOutcome:
+        """One round: rebuild the global model, charge the round, run DP-SGD, seal the update."""
         cfg = self.config
+        if not 1 <= server_round <= cfg.rounds:
+            self._refuse(ProtocolError(f"{self.name}: round {server_round} is outside the run's {cfg.rounds} rounds"))
         began = time.perf_counter()
         from clients.training import LocalTraining, train_local  # torch + opacus: train messages only
 
-        n_hat = self.census_total(census)
-        start = self.global_weights(chain)
+        n_hat = self.census_total(census, run_id)
+        start = self.global_weights(chain, run_id, server_round - 1)
         he_seconds = time.perf_counter() - began
+        data = self.data
         round_steps = cfg.local_epochs * cfg.steps_per_epoch
-        start_digest = weights_digest(start)
-        steps_so_far = self._charge_round(run_id, server_round, round_steps, start_digest) if cfg.dp else 0
-        sigma = self.noise_multiplier() if cfg.dp else 0.0
-        result = train_local(start, self.data.train_x, self.data.train_y, LocalTraining(
+        with self.state.ledger() as ledger:
+            earlier = sum(c.mechanism.steps for c in ledger.history(cfg.purpose)
+                          if c.run_id == run_id and c.kind == "training" and c.slot != f"round-{server_round}")
+        if earlier + round_steps > cfg.planned_steps:
+            self._refuse(PrivacyBudgetError(f"{self.name}: round {server_round} would exceed the "
+                                            f"{cfg.planned_steps} DP-SGD steps the noise was calibrated for"))
+        identity = charge_identity(cfg.purpose, run_id, server_round, weights_digest(start), cfg.fingerprint(),
+                                   records_digest(data.train_x, data.train_y))
+        self._charge(run_id, f"round-{server_round}", identity, self._mechanism(round_steps), "training")
+        self.state.audit().append(ROUND_TRAIN, purpose=cfg.purpose, details={
+            "run": run_id, "round": server_round, "steps": round_steps, "identity": Digest(identity)})
+        sigma = self.noise_multiplier()
+        result = train_local(start, data.train_x, data.train_y, LocalTraining(
             model_kind=cfg.model, epochs=cfg.local_epochs, sample_rate=cfg.sample_rate,
             learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm, noise_multiplier=sigma,
-            seed=cfg.seed * 1_000_003 + server_round * 101 + sum(map(ord, self.name)), dp=cfg.dp,
-            n_features=cfg.input_size,
-            secret_seed=self.state.pseudonym_key().derive_seed("dp-sgd", run_id, server_round, cfg.fingerprint())))
+            seed=cfg.seed, n_features=cfg.input_size,
+            secret_seed=self.state.pseudonym_key().derive_seed("dp-sgd", identity)))
         began = time.perf_counter()
-        share = self.data.n_train / n_hat
+        share = data.n_train / n_hat
         update = np.concatenate([share * (result.weights - start), [share, CONTRIBUTOR_UNIT]])
-        ciphertexts = self.key.encrypt(update)
+        head = self.check_rollback([])  # the head now includes this round's charge
+        contribution = self.seal(update, run=run_id, server_round=server_round, step="train", kind="update",
+                                 head=head, message_type=message_type)
         he_seconds += time.perf_counter() - began
-        total_steps = steps_so_far + result.steps
-        spend = DPSpend.of(sample_rate=cfg.sample_rate, noise_multiplier=sigma, steps=total_steps if cfg.dp else 0,
+        spend = DPSpend.of(sample_rate=cfg.sample_rate, noise_multiplier=sigma, steps=earlier + result.steps,
                            clip_norm=cfg.clip_norm, delta=cfg.delta)
-        return TrainOutcome(ciphertexts, spend, result.seconds, he_seconds)
+        run_epsilon, ledger_epsilon, _ = self._accounting(run_id)
+        return TrainOutcome(contribution, spend, run_epsilon, ledger_epsilon, result.seconds, he_seconds)
 
-    # --- evaluate -------------------------------------------------------------------------
-    def evaluate(self, census: Sequence[bytes], chain: Sequence[bytes]) -> list[bytes]:
-        """Evaluate the global model on the local test split; encrypt the weighted metrics."""
-        n_hat = self.census_total(census)
-        weights = self.global_weights(chain)
-        probabilities = predict_proba(load_model(self.config.model, weights, self.config.input_size),
-                                      self.data.test_x)
-        metrics = risk_metrics(self.data.test_y, probabilities)
-        weight = len(self.data.test_y) / n_hat
-        auc_weight = 0.0 if np.isnan(metrics["auc"]) else weight
-        vector = np.array([auc_weight * np.nan_to_num(metrics["auc"]), auc_weight,
-                           weight * metrics["brier"], weight * min(metrics["log-loss"], 1.0 / max(weight, 1e-12)),
-                           weight, CONTRIBUTOR_UNIT])
-        return self.key.encrypt(vector)
+    # --- evaluate -----------------------------------------------------------------------------
+    def evaluate(self, server_round: int, chain: Mapping[int, Sequence[SignedContribution]], run_id: str,
+                 head: str, message_type: str = "") -> EvaluationOutcome:
+        """DP evaluation of the global model after `server_round` on the local test split: a
+        noised score histogram by label, charged before it is computed, once per (run, round)."""
+        cfg = self.config
+        if not 1 <= server_round <= cfg.rounds:
+            self._refuse(ProtocolError(f"{self.name}: round {server_round} is outside the run's {cfg.rounds} rounds"))
+        weights = self.global_weights(chain, run_id, server_round)
+        data = self.data
+        mechanism = self._evaluation_mechanism()
+        identity = charge_identity(cfg.purpose, run_id, server_round, "evaluate", weights_digest(weights),
+                                   cfg.fingerprint(), records_digest(data.test_x, data.test_y))
+        self._charge(run_id, f"eval-round-{server_round}", identity, mechanism, "evaluation")
+        probabilities = predict_proba(load_model(cfg.model, weights, cfg.input_size), data.test_x)
+        noised = round_evaluation.noised_evaluation(
+            data.test_y, probabilities, noise_multiplier=mechanism.noise_multiplier,
+            seed=self.state.pseudonym_key().derive_seed("evaluation", identity))
+        self.state.audit().append(ROUND_EVALUATE, purpose=cfg.purpose, details={
+            "run": run_id, "round": server_round, "identity": Digest(identity),
+            "noise-multiplier": mechanism.noise_multiplier})
+        head = self.check_rollback([])
+        contribution = self.seal(np.concatenate([noised * EVAL_UNIT, [CONTRIBUTOR_UNIT]]), run=run_id,
+                                 server_round=server_round, step="evaluate", kind="evaluation", head=head,
+                                 message_type=message_type)
+        run_epsilon, ledger_epsilon, evaluations = self._accounting(run_id)
+        return EvaluationOutcome(contribution, mechanism.noise_multiplier, evaluations, run_epsilon, ledger_epsilon)
 
-    def reveal(self, aggregate: Sequence[bytes], length: int = EVAL_LENGTH) -> list[float]:
-        """Decrypt a summed metric or query vector of `length` values (its last slot counts the
-        hospitals in it), only if enough hospitals are in it."""
-        values = self.key.decrypt(aggregate, length)
-        self._check_contributors(values[-1], "metric aggregate")
-        return [float(v) for v in values]
+    def reveal(self, contributions: Sequence[SignedContribution], expected: Expected) -> list[float]:
+        """Decrypt a sum of DP evaluations or cohort answers, verified and flooded."""
+        return [float(v) for v in self.decryptor.decrypt(contributions, expected)]
 
-    # --- release --------------------------------------------------------------------------
-    def release(self, chain: Sequence[bytes], run_id: str = "local") -> tuple[np.ndarray, str]:
-        """Decrypt the final model (DP by post-processing) and its SHA-256. Audited."""
-        weights = self.global_weights(chain).astype(np.float32)
+    # --- release ------------------------------------------------------------------------------
+    def release(self, chain: Mapping[int, Sequence[SignedContribution]], run_id: str) -> tuple[np.ndarray, str]:
+        """The final model (DP by post-processing) and its SHA-256. Audited."""
+        through = max(chain, default=0)
+        if through < 1:
+            self._refuse(ProtocolError(f"{self.name}: nothing to release: the server sent no completed round"))
+        weights = self.global_weights(chain, run_id, through).astype(np.float32)
         digest = weights_digest(weights)
         self.state.audit().append(RELEASE, purpose=self.config.purpose,
-                                  details={"run": run_id, "sha256": Digest(digest)})
+                                  details={"run": run_id, "round": through, "sha256": Digest(digest)})
         return weights, digest
+
+
+def ledger_compose(mechanisms: list[GaussianMechanism], delta: float) -> float:
+    """Epsilon at `delta` of the composition of `mechanisms` (the ledger's accountant)."""
+    from privacy.ledger import compose_epsilon
+
+    return compose_epsilon(mechanisms, delta)

@@ -6,6 +6,11 @@
     ledger.sqlite       privacy budget per purpose and every charge against it
     audit.sqlite(.head) hash-chained log of every load, run, round, release and refusal
     revocations.sqlite  consent withdrawals, by pseudonym
+    signing.key         Ed25519 key signing every contribution this node sends (0600)
+    federation_manifest.json  the federation's hospitals and their public signing keys
+    policy.json         the hospital's own policy (clients.policy): the last word on what it does
+    decryptions.sqlite  every aggregate this node decrypted, once per step (clients.decryption)
+    anchors.sqlite      the newest signed state head seen from each hospital (clients.anchoring)
 
 `NodeState.load_records` is the only way a run reads the hospital's data: validate against the
 schema, drop identifiers, pseudonymise, generalise, keep consented records, encode.
@@ -28,9 +33,10 @@ from clients.deidentify import PSEUDONYM, deidentify
 from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
 from clients.validation import validate_export
 from federation import features as fx
+from federation.contributions import MANIFEST_FILE, SIGNING_KEY_FILE, FederationManifest, SigningKey
 from federation.errors import ConfigError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
-from privacy.audit import DATA_LOAD, ROLE_HOSPITAL, AuditLog
+from privacy.audit import DATA_LOAD, ROLE_HOSPITAL, AuditLog, Digest
 from privacy.consent import RevocationRegistry
 from privacy.ledger import BudgetLedger
 from privacy.pseudonym import PseudonymKey
@@ -84,6 +90,14 @@ class NodeState:
         """Consent withdrawals recorded at this node."""
         return RevocationRegistry(self.directory / "revocations.sqlite")
 
+    def signing_key(self) -> SigningKey:
+        """The node's contribution signing key."""
+        return SigningKey.load(self.directory / SIGNING_KEY_FILE)
+
+    def manifest(self) -> FederationManifest:
+        """The federation manifest this hospital holds (ConfigError until enrolled)."""
+        return FederationManifest.load(self.directory)
+
     def pseudonym_key(self) -> PseudonymKey:
         """The node's pseudonymisation key."""
         return PseudonymKey.load(self.directory / "pseudonym.key")
@@ -119,15 +133,24 @@ class NodeState:
         with os.fdopen(fd, "wb") as handle:
             handle.write(Path(key_file).read_bytes())
         PseudonymKey.create(directory / "pseudonym.key")
+        SigningKey.create(directory / SIGNING_KEY_FILE)
         with state.ledger() as ledger:
             for purpose, (epsilon, delta) in budgets.items():
                 ledger.set_budget(purpose, epsilon, delta)
         state.revocations()
+        from clients.policy import NodePolicy
+
+        NodePolicy.for_budgets(budgets).save(directory)
         state.audit().append("node.init", details={"purposes": sorted(budgets)})
         (directory / NODE_FILE).write_text(json.dumps({
             "hospital": hospital, "data_file": str(state.data_file), "schema_file": str(schema_file),
             "key_file": str(state.key_file)}, indent=2))
         return state
+
+    @staticmethod
+    def discover(nodes_dir: Path) -> list["NodeState"]:
+        """Every node directory directly under `nodes_dir`, in name order."""
+        return [NodeState.load(d) for d in sorted(p for p in Path(nodes_dir).glob("*") if (p / NODE_FILE).is_file())]
 
     @classmethod
     def load(cls, directory: Path) -> "NodeState":
@@ -173,3 +196,26 @@ class NodeState:
             "records": int(len(clean)), "used": int(len(table)), "excluded": excluded})
         return HospitalData(name=self.hospital, train_x=x[~is_test], train_y=y[~is_test],
                             test_x=x[is_test], test_y=y[is_test], excluded=excluded)
+
+
+def enrol(states: list[NodeState]) -> FederationManifest:
+    """Write one federation manifest, listing every node's public signing key, into each node
+    directory (enrolment of hospitals whose directories are all at hand, as in a simulation; on
+    real machines each hospital installs the manifest it receives with `fedrisk node enrol`).
+    A node directory made before nodes had signing keys gets its key here."""
+    if len({s.hospital for s in states}) != len(states):
+        raise ConfigError("two node directories name the same hospital; a federation needs distinct hospitals")
+    keys = {}
+    key_ids = set()
+    for state in states:
+        path = state.directory / SIGNING_KEY_FILE
+        keys[state.hospital] = (SigningKey.load(path) if path.exists() else SigningKey.create(path)).public_hex
+        key_ids.add(HospitalKey.load(state.key_file).key_id)
+    if len(key_ids) != 1:
+        raise ConfigError("the node directories hold different CKKS keys; they cannot form one federation")
+    manifest = FederationManifest(key_ids.pop(), keys)
+    for state in states:
+        manifest.save(state.directory)
+        state.audit().append("node.enrol", details={"federation": Digest(manifest.federation),
+                                                    "hospitals": sorted(keys)})
+    return manifest

@@ -144,6 +144,15 @@ class NodePolicy:
 
     # --- the file ------------------------------------------------------------------------------
     @classmethod
+    def for_budgets(cls, budgets: dict[str, tuple[float, float]]) -> "NodePolicy":
+        """The policy a new node starts with: runs of up to its largest purpose budget, at up to
+        that budget's delta (still capped at 1/(10 n) once records are read); every other field
+        at its default. The operator tightens it with `fedrisk node policy set`."""
+        epsilon = max(e for e, _ in budgets.values())
+        return cls(max_epsilon_per_run=float(epsilon), max_evaluation_epsilon=float(min(epsilon / 2, 1.0)),
+                   max_delta=float(max(d for _, d in budgets.values())))
+
+    @classmethod
     def load(cls, node_dir: Path) -> "NodePolicy":
         """The policy in `node_dir`: the defaults if it has no policy file, else the file's
         fields over the defaults. A bad file is a ConfigError naming the file and the field."""

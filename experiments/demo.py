@@ -29,7 +29,7 @@ class DemoSettings:
     patients: int = 200_000
     rounds: int = 5
     epsilon: float = 1.0
-    delta: float = 1e-5
+    delta: float = 1e-6
     model: str = "mlp"
     seed: int = 0
     tracking_uri: str = ""

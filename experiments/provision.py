@@ -1,8 +1,10 @@
 """Provision hospital node directories for a simulation (one machine holds every hospital).
 
-In production each hospital runs `fedrisk node init` on its own machine. A simulation does the
-same for every export file in a data directory, all or nothing: `NodeState.init` validates each
-export against its schema, and any failure removes every node directory made so far.
+In production each hospital runs `fedrisk node init` on its own machine and installs the
+federation manifest it is given. A simulation does the same for every export file in a data
+directory, all or nothing: `NodeState.init` validates each export against its schema, and any
+failure removes every node directory made so far. The data scientist plays every hospital here,
+so the nodes are enrolled together (one manifest of their signing keys in each).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from clients.data import hospital_files
-from clients.node_state import NodeState
+from clients.node_state import NodeState, enrol
 from federation.errors import ConfigError
 
 
@@ -27,8 +29,10 @@ def provision_nodes(data_dir: Path, key_file: Path, nodes_dir: Path, *, purposes
     if nodes_dir.exists() and any(nodes_dir.iterdir()):
         raise ConfigError(f"{nodes_dir} already holds node directories")
     try:
-        return [NodeState.init(nodes_dir / path.stem, hospital=path.stem, data_file=path, key_file=key_file,
-                               budgets=purposes, schema_file=schema_file) for path in files]
+        states = [NodeState.init(nodes_dir / path.stem, hospital=path.stem, data_file=path, key_file=key_file,
+                                 budgets=purposes, schema_file=schema_file) for path in files]
+        enrol(states)
+        return states
     except BaseException:
         shutil.rmtree(nodes_dir, ignore_errors=True)
         raise
@@ -36,7 +40,7 @@ def provision_nodes(data_dir: Path, key_file: Path, nodes_dir: Path, *, purposes
 
 def load_nodes(nodes_dir: Path, count: int) -> list[NodeState]:
     """The first `count` node directories under `nodes_dir`, in name order."""
-    directories = sorted(p for p in Path(nodes_dir).glob("*") if (p / "node.json").is_file())
-    if len(directories) < count:
-        raise ConfigError(f"num-hospitals is {count} but {nodes_dir} holds {len(directories)} fedrisk nodes")
-    return [NodeState.load(d) for d in directories[:count]]
+    states = NodeState.discover(Path(nodes_dir))
+    if len(states) < count:
+        raise ConfigError(f"num-hospitals is {count} but {nodes_dir} holds {len(states)} fedrisk nodes")
+    return states[:count]

@@ -40,14 +40,32 @@ def preflight(config: RunConfig) -> RunConfig:
     if hospital.key_id != server.key_id:
         raise KeyMaterialError(f"{key_path} is not the key named in {Path(config.keys_dir) / 'federation.json'}")
     if config.nodes_dir:
-        for state in load_nodes(Path(config.nodes_dir), config.num_hospitals):
+        states = load_nodes(Path(config.nodes_dir), config.num_hospitals)
+        for state in states:
             validate_export(state.data_file, state.schema())
+        _enrolled(states)
         return config
     nodes_dir = Path(config.run_dir) / "nodes"
     provision_nodes(Path(config.data_dir), key_path, nodes_dir, count=config.num_hospitals,
                     purposes={config.purpose: (config.provision_budget, config.delta)},
                     schema_file=Path(config.schema_file) if config.schema_file else None)
     return config.replace(nodes_dir=str(nodes_dir))
+
+
+def _enrolled(states: list) -> None:
+    """Nodes made one by one (`fedrisk node init`) are enrolled together before a simulation
+    (the data scientist plays every hospital): unless each already holds a manifest listing
+    exactly these hospitals, they get one."""
+    from clients.node_state import enrol
+    from federation.errors import FedriskError
+
+    names = sorted(s.hospital for s in states)
+    try:
+        if all(sorted(s.manifest().hospitals) == names for s in states):
+            return
+    except FedriskError:
+        pass
+    enrol(states)
 
 
 def simulate(config: RunConfig, progress: Progress | None = None, verbose: bool = False) -> FederatedResult:

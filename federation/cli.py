@@ -130,13 +130,24 @@ def _cmd_privacy_verify(args: argparse.Namespace) -> int:
         raise ConfigError(f"privacy report not found: {path}") from None
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{path} is not a fedrisk privacy report") from None
+    from privacy.ledger import GaussianMechanism, compose_epsilon
+
     worst = 0.0
     for name, h in sorted(hospitals.items()):
         eps = epsilon_for(sample_rate=h["sample_rate"], noise_multiplier=h["noise_multiplier"],
                           steps=int(h["steps"]), delta=h["delta"])
         worst = max(worst, abs(eps - h["epsilon"]))
         print(f"{name}: q={h['sample_rate']:g} sigma={h['noise_multiplier']:.4f} steps={h['steps']} "
-              f"delta={h['delta']:g} -> epsilon {eps:.4f} (reported {h['epsilon']:.4f})")
+              f"delta={h['delta']:g} -> DP-SGD epsilon {eps:.4f} (reported {h['epsilon']:.4f})")
+        evaluation = h.get("evaluation")
+        if evaluation and "run_epsilon" in h and int(evaluation["count"]) > 0 and int(h["steps"]) > 0:
+            run = compose_epsilon([
+                GaussianMechanism(h["sample_rate"], h["noise_multiplier"], int(h["steps"])),
+                GaussianMechanism.gaussian_release(noise_multiplier=evaluation["noise_multiplier"],
+                                                   count=int(evaluation["count"]))], h["delta"])
+            worst = max(worst, abs(run - h["run_epsilon"]))
+            print(f"  with {evaluation['count']} DP evaluation(s), z={evaluation['noise_multiplier']:.4f} "
+                  f"-> run epsilon {run:.4f} (reported {h['run_epsilon']:.4f})")
     if worst > 1e-6:
         raise ConfigError(f"{path}: a reported epsilon differs from its recomputation by {worst:.3g}")
     print("every epsilon recomputes from its logged parameters")
@@ -209,7 +220,7 @@ def _cmd_node_budget(args: argparse.Namespace) -> int:
             print(f"{state.hospital} / {purpose}: spent epsilon {spent:.4f} of {budget.epsilon_total:g} "
                   f"(left {ledger.remaining(purpose):.4f}) at delta {budget.delta:g}")
             for charge in ledger.history(purpose):
-                print(f"  {charge.charged_at}  {charge.kind:<9} run {charge.run_id} {charge.idempotency_key}  "
+                print(f"  {charge.charged_at}  {charge.kind:<10} run {charge.run_id} {charge.slot}  "
                       f"{charge.mechanism.describe()}  -> epsilon {charge.epsilon_after:.4f}")
     return 0
 
@@ -280,6 +291,64 @@ def _add_node_policy(node: argparse._SubParsersAction) -> None:
     change.set_defaults(handler=_cmd_node_policy_set)
 
 
+# --- fedrisk node enrol / anchor: the federation manifest and the rollback recovery ------------
+def _cmd_node_enrol(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState, enrol
+    from federation.contributions import FederationManifest
+
+    states = [NodeState.load(Path(d)) for d in args.dirs]
+    if args.install:
+        source = Path(args.install)
+        manifest = FederationManifest.load(source.parent) if source.name == "federation_manifest.json" else None
+        if manifest is None:
+            raise ConfigError(f"--install takes a federation_manifest.json file, got {source}")
+        for state in states:
+            if manifest.hospitals.get(state.hospital) != state.signing_key().public_hex:
+                raise ConfigError(f"{source} does not list {state.hospital} with this node's signing key")
+            manifest.save(state.directory)
+            state.audit().append("node.enrol", details={"hospitals": sorted(manifest.hospitals)})
+        print(f"installed the manifest of {len(manifest.hospitals)} hospital(s) in {len(states)} node(s)")
+        return 0
+    manifest = enrol(states)
+    print(f"enrolled {', '.join(sorted(manifest.hospitals))} in one federation (manifest in each node directory)")
+    return 0
+
+
+def _cmd_node_signing_key(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    print(json.dumps({"hospital": state.hospital, "signing_key": state.signing_key().public_hex}))
+    return 0
+
+
+def _cmd_node_anchor_accept(args: argparse.Namespace) -> int:
+    from clients.anchoring import accept_rollback
+    from clients.node_state import NodeState
+
+    head = accept_rollback(NodeState.load(Path(args.dir)))
+    print(f"recovery recorded (epoch {head.epoch}); every purpose's remaining budget is closed at what the node "
+          "has recorded as spent: re-apply lost consent withdrawals, then raise budgets deliberately if you must")
+    return 0
+
+
+def _add_node_federation(node: argparse._SubParsersAction) -> None:
+    enrol = node.add_parser("enrol", help="write the federation manifest (hospitals' signing keys) into node dirs")
+    enrol.add_argument("dirs", nargs="+", metavar="NODE_DIR",
+                       help="node directories to enrol together (all at hand, as in a simulation)")
+    enrol.add_argument("--install", metavar="MANIFEST",
+                       help="instead, install this federation_manifest.json received from the federation")
+    enrol.set_defaults(handler=_cmd_node_enrol)
+    key = node.add_parser("signing-key", help="print this node's public signing key, for enrolment")
+    key.add_argument("--dir", required=True)
+    key.set_defaults(handler=_cmd_node_signing_key)
+    anchor = node.add_parser("anchor", help="recover a node found behind its anchored ledger head")
+    anchor_commands = anchor.add_subparsers(dest="anchor_command", required=True)
+    accept = anchor_commands.add_parser("accept", help="accept the rollback: new epoch, budgets closed, audited")
+    accept.add_argument("--dir", required=True)
+    accept.set_defaults(handler=_cmd_node_anchor_accept)
+
+
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from privacy.audit import AuditLog, format_verification
 
@@ -329,7 +398,9 @@ def _add_training_options(parser: argparse.ArgumentParser, *, demo: bool) -> Non
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
     parser.add_argument("--epsilon", type=float, default=defaults.target_epsilon,
                         help="target epsilon per hospital for the whole run (default 1.0)")
-    parser.add_argument("--delta", type=float, default=defaults.delta, help="delta (default 1e-5)")
+    delta = 1e-6 if demo else defaults.delta  # the demo's hospitals hold up to ~50,000 training records
+    parser.add_argument("--delta", type=float, default=delta,
+                        help=f"delta (default {delta:g}); each hospital's policy caps it at 1/(10 n) for its n records")
     parser.add_argument("--model", default="mlp", help="mlp (40-64-32-1), mlp:W1,W2,... or logreg (default mlp)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, init and sampling (default 0)")
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: SQLite under --out)")
@@ -448,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     node_revoke.add_argument("--purpose", required=True)
     node_revoke.set_defaults(handler=_cmd_node_revoke)
     _add_node_policy(node)  # fedrisk node policy show|set
+    _add_node_federation(node)  # fedrisk node enrol | signing-key | anchor accept
 
     audit = commands.add_parser("audit", help="audit logs").add_subparsers(dest="audit_command", required=True)
     audit_verify = audit.add_parser("verify", help="check a hash-chained audit log; exit 1 if tampered")

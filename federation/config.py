@@ -86,8 +86,13 @@ class RunConfig:
             file on the server, or the query as inline JSON. `run_id` then names the query run.
         model_file: a released model.npz that a `risk_score` query scores with (its SHA-256 must
             be the one the query names); the weights travel to hospitals with the query.
-        dp: train with DP-SGD (only the overhead benchmark turns this off).
-        he: aggregate under CKKS (only the overhead benchmark turns this off).
+        evaluation_epsilon: epsilon of the run's DP evaluations, all rounds together; 0 (the
+            default) means a quarter of `target_epsilon`, at most 0.5. Each round's federated evaluation is a Gaussian release charged to every
+            hospital's ledger, and DP-SGD's noise is calibrated so that training and evaluation
+            together meet `target_epsilon`.
+
+    DP-SGD and CKKS are not settings: a hospital node always trains under DP and aggregates under
+    encryption, whatever a run config says (a config naming `dp` or `he` is refused as unknown).
     """
 
     data_dir: str = "data"
@@ -117,8 +122,7 @@ class RunConfig:
     run_id: str = ""
     query: str = ""
     model_file: str = ""
-    dp: bool = True
-    he: bool = True
+    evaluation_epsilon: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -135,6 +139,10 @@ class RunConfig:
         steps = 1.0 / self.sample_rate
         if abs(steps - round(steps)) > 1e-9:
             raise ConfigError(f"sample-rate must be 1/k for a whole k, got {self.sample_rate!r}")
+        if not (isinstance(self.evaluation_epsilon, (int, float)) and math.isfinite(self.evaluation_epsilon)
+                and 0 <= self.evaluation_epsilon < self.target_epsilon / 2):
+            raise ConfigError(f"evaluation-epsilon must be 0 (a quarter of target-epsilon) or below half of target-epsilon "
+                              f"({self.target_epsilon:g}), got {self.evaluation_epsilon!r}")
         if self.provision_budget <= 0:
             raise ConfigError(f"provision-budget must be positive, got {self.provision_budget!r}")
         if self.clip_norm <= 0:
@@ -170,6 +178,11 @@ class RunConfig:
     def input_size(self) -> int:
         """Number of model inputs: 40 for the standard contract, else `n_features`."""
         return STANDARD_INPUTS if self.features == "standard" else self.n_features
+
+    @property
+    def evaluation_budget(self) -> float:
+        """Epsilon of the run's DP evaluations, all rounds together."""
+        return self.evaluation_epsilon or min(self.target_epsilon / 4, 0.5)
 
     @property
     def required_replies(self) -> int:

@@ -1,17 +1,48 @@
-"""The CKKS codec: parameters, key material, and how updates are packed, encrypted and serialised.
+"""The CKKS codec: parameters, key material, packing, and the only decryption that leaves a node.
 
-Parameters are chosen once, here, and checked whenever a context is loaded:
+Parameters are chosen once, here, and checked whenever key material is loaded:
 
-* ring dimension N = 2048 (1024 real slots per ciphertext);
-* coefficient modulus of 34 + 20 = 54 bits. The HomomorphicEncryption.org standard table
-  allows at most 54 bits at N = 2048 for 128-bit classical security with a ternary secret,
-  so these parameters give >= 128-bit security. Fresh ciphertexts live at the 34-bit data
-  level, which is what keeps them small on the wire;
-* scale 2^32: each slot carries values below 2 in magnitude, and the decryption error of a
-  sum of up to 128 fresh ciphertexts stays below about 1e-6 (measured in the tests and the
-  benchmark);
-* symmetric encryption: only hospitals (who share the secret key) can encrypt; the server's
-  context holds the parameters alone, so it can add ciphertexts and do nothing else.
+* ring dimension N = 4096, coefficient modulus 60 + 49 = 109 bits. The HomomorphicEncryption.org
+  standard allows at most 109 bits at N = 4096 for 128-bit classical security with a ternary
+  secret, so these parameters give >= 128-bit security (SEAL checks it: the context is built
+  with `SEC_LEVEL_TYPE.TC128`). Fresh ciphertexts live at the 60-bit data level; the 49-bit prime
+  is SEAL's special prime and never travels.
+* scale 2^55 and two reals per slot: CKKS slots are complex, so one ciphertext carries
+  N/2 = 2048 slots = 4096 real values (real and imaginary parts). A sum decodes correctly while
+  every value stays below 2^(60-55-1) = 16 in magnitude; one hospital puts at most 1 in a slot
+  and every vector fedrisk sums is a weighted average or a bounded count, so sums stay below 4.
+* symmetric, seeded encryption: only hospitals (who share the secret key) can encrypt, and a
+  fresh ciphertext is serialised with the seed of its uniformly random half instead of the half
+  itself (SEAL's `encrypt_symmetric` -> `Serializable`), which halves the bytes: 32,972 bytes for
+  4,096 reals, 2.0x their float32 size.
+
+Why N = 4096 and not 2048: what leaves a decryption must be *flooded*. CKKS decryption returns
+m + e, and (Li and Micciancio, EUROCRYPT 2021) anyone holding a ciphertext and m + e at full
+precision solves c0 + c1 s = m + e for the secret s. fedrisk therefore never releases m + e: a
+hospital adds Gaussian noise far above e before any decrypted value is used or sent
+(`HospitalKey.decrypt_flooded`). The flooding standard deviation follows the bound of Li,
+Micciancio, Schultz and Sorrell (CRYPTO 2022) for s bits of statistical security against an
+adversary who sees t decryptions:
+
+    sigma_flood = E * 2^(s/2) * sqrt(64 t),
+
+with s = 30 (OpenFHE's default for its NOISE_FLOODING_DECRYPT mode), t = 4096 decryptions per
+key (every node refuses more: `MAX_DECRYPTIONS_PER_KEY`, after which the key must be rotated), and
+E a high-probability bound on the decoded error of a sum of k fresh ciphertexts: each
+coefficient of a fresh ciphertext's error is a discrete Gaussian of std 3.2 plus the encoding's
+rounding (variance 1/12), so each decoded real has std sqrt(k (3.2^2 + 1/12) N/2) / Delta; E is
+6 of those standard deviations. For k = 8 hospitals that gives E = 6.8e-14 and
+sigma_flood = 1.15e-6, which the aggregates carry comfortably (model deltas are ~1e-3, DP-SGD's
+own noise is larger still; a cohort count unit is 4.8e-7 per record, so the flooding adds
+about 2.4 records of noise per cell, folded into the standard errors the analytics report).
+At N = 2048 the largest secure modulus is 54 bits; with a 34-bit data level the same flooding
+would be about 0.1 in every value, far too much for any aggregate: hence N = 4096.
+
+The flooded vector is then rounded to multiples of 2^-40. The flooding noise is drawn from a
+ChaCha20 stream keyed by a key derived from the CKKS secret (which only hospitals hold) and the
+identity of what is decrypted, so every hospital that decrypts the same aggregate gets the same
+values (all hospitals replay the same global model) and a repeated request yields the same
+values rather than a fresh sample to average away.
 
 Everything a hospital sends is normalised into [-1, 1] before encryption: model deltas are
 weighted by n_k / N_hat, where N_hat is the federation-wide record count that hospitals learn
@@ -23,33 +54,44 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import stat
+import struct
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
-import tenseal as ts
+import tenseal.sealapi as seal
 
 from federation.errors import CodecRangeError, KeyMaterialError, ProtocolError
 
-POLY_MODULUS_DEGREE = 2048
-COEFF_MOD_BIT_SIZES = (34, 20)
-GLOBAL_SCALE_BITS = 32
+POLY_MODULUS_DEGREE = 4096
+COEFF_MOD_BIT_SIZES = (60, 49)
+SCALE_BITS = 55
 SLOTS = POLY_MODULUS_DEGREE // 2
+VALUES_PER_CIPHERTEXT = 2 * SLOTS  # two reals per complex slot
 SECURITY_BITS = 128
-MAX_ABS_VALUE = 1.0  # what one hospital may put in a slot; sums of many stay below 2
-CONTRIBUTOR_UNIT = 2.0 ** -7  # each hospital adds this to the contributor slot (<=255 fit)
+MAX_ABS_VALUE = 1.0  # what one hospital may put in a slot
+MAX_SUM_ABS = 2.0 ** (COEFF_MOD_BIT_SIZES[0] - SCALE_BITS - 1)  # where a sum stops decoding
+CONTRIBUTOR_UNIT = 2.0 ** -7  # each hospital adds this to the contributor slot
 CENSUS_UNIT = 2.0 ** -24  # census slot carries n_k * 2^-24 (up to ~33M records in all)
+ENCRYPTION_ERROR_STD = 3.2  # SEAL's error distribution
+STATISTICAL_SECURITY_BITS = 30
+MAX_DECRYPTIONS_PER_KEY = 4096
+ROUNDING_STEP = 2.0 ** -40
 
-MAX_CIPHERTEXT_BYTES = 2 * len(COEFF_MOD_BIT_SIZES) * POLY_MODULUS_DEGREE * 8 + 4096
-"""Largest serialised ciphertext a server accepts: two polynomials over every modulus,
-uncompressed, plus headers (a fresh ciphertext is about 21.6 kB compressed)."""
+MAX_CIPHERTEXT_BYTES = 2 * POLY_MODULUS_DEGREE * 8 + 4096
+"""Largest serialised ciphertext accepted: two uncompressed polynomials at the data level plus
+headers (a fresh seeded ciphertext is 32,972 bytes)."""
 
 HOSPITAL_CONTEXT_FILE = "hospital.ckks"
 SERVER_CONTEXT_FILE = "server.ckks"
 FEDERATION_FILE = "federation.json"
+_KEY_MAGIC = b"FEDRISK-CKKS-2\n"
 
 
 def he_parameters() -> dict[str, object]:
@@ -58,46 +100,122 @@ def he_parameters() -> dict[str, object]:
         "scheme": "CKKS",
         "poly_modulus_degree": POLY_MODULUS_DEGREE,
         "coeff_mod_bit_sizes": list(COEFF_MOD_BIT_SIZES),
-        "global_scale_bits": GLOBAL_SCALE_BITS,
-        "encryption": "symmetric",
+        "global_scale_bits": SCALE_BITS,
+        "packing": "complex (two reals per slot)",
+        "encryption": "symmetric, seeded",
         "security_bits": SECURITY_BITS,
-        "library": f"tenseal {ts.__version__}",
+        "decryption": (f"flooded (s = {STATISTICAL_SECURITY_BITS} bits, at most {MAX_DECRYPTIONS_PER_KEY} "
+                       "decryptions per key), rounded to 2^-40"),
+        "library": "Microsoft SEAL via tenseal.sealapi",
     }
 
 
-def _params_bytes(context: ts.Context) -> bytes:
-    return context.serialize(save_public_key=False, save_secret_key=False,
-                             save_galois_keys=False, save_relin_keys=False)
+def flooding_std(contributors: int) -> float:
+    """Standard deviation of the flooding noise added to each decrypted value of a sum of
+    `contributors` fresh ciphertexts (see the module docstring)."""
+    per_value = math.sqrt(max(contributors, 1) * (ENCRYPTION_ERROR_STD ** 2 + 1.0 / 12.0)
+                          * POLY_MODULUS_DEGREE / 2) / 2.0 ** SCALE_BITS
+    return 6.0 * per_value * 2.0 ** (STATISTICAL_SECURITY_BITS / 2) * math.sqrt(64 * MAX_DECRYPTIONS_PER_KEY)
 
 
-def _new_secret_context() -> ts.Context:
-    context = ts.context(ts.SCHEME_TYPE.CKKS, POLY_MODULUS_DEGREE,
-                         coeff_mod_bit_sizes=list(COEFF_MOD_BIT_SIZES),
-                         encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC)
-    context.global_scale = 2.0 ** GLOBAL_SCALE_BITS
-    return context
+# --- SEAL plumbing: its Python binding saves and loads through file paths ----------------------
+
+_SCRATCH = threading.local()
 
 
-_REFERENCE_PARAMS_ID: str | None = None
+def _scratch_path() -> str:
+    path = getattr(_SCRATCH, "path", None)
+    if path is None or not os.path.isdir(os.path.dirname(path)):
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        directory = tempfile.mkdtemp(prefix="fedrisk-ckks-", dir=base)
+        os.chmod(directory, 0o700)
+        path = _SCRATCH.path = os.path.join(directory, f"blob-{threading.get_ident()}")
+    return path
+
+
+def _save(obj: object) -> bytes:
+    path = _scratch_path()
+    obj.save(path)  # type: ignore[attr-defined]
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    finally:
+        os.unlink(path)
+
+
+def _load(obj: object, context: seal.SEALContext | None, blob: bytes) -> None:
+    path = _scratch_path()
+    with open(path, "wb") as handle:
+        handle.write(blob)
+    try:
+        if context is None:
+            obj.load(path)  # type: ignore[attr-defined]
+        else:
+            obj.load(context, path)  # type: ignore[attr-defined]
+    finally:
+        os.unlink(path)
+
+
+def _parameters() -> seal.EncryptionParameters:
+    params = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    params.set_poly_modulus_degree(POLY_MODULUS_DEGREE)
+    params.set_coeff_modulus(seal.CoeffModulus.Create(POLY_MODULUS_DEGREE, list(COEFF_MOD_BIT_SIZES)))
+    return params
+
+
+def _context(params: seal.EncryptionParameters) -> seal.SEALContext:
+    return seal.SEALContext(params, True, seal.SEC_LEVEL_TYPE.TC128)
+
+
+_REFERENCE_PARAMS: bytes | None = None
+
+
+def _reference_params_bytes() -> bytes:
+    global _REFERENCE_PARAMS
+    if _REFERENCE_PARAMS is None:
+        _REFERENCE_PARAMS = _save(_parameters())
+    return _REFERENCE_PARAMS
 
 
 def reference_params_id() -> str:
-    """Fingerprint of the parameters this module defines (what every loaded context must match)."""
-    global _REFERENCE_PARAMS_ID
-    if _REFERENCE_PARAMS_ID is None:
-        _REFERENCE_PARAMS_ID = params_id(_new_secret_context())
-    return _REFERENCE_PARAMS_ID
+    """Fingerprint of the parameters this module defines (what all key material must match)."""
+    return params_id_of(_reference_params_bytes())
 
 
-def params_id(context: ts.Context) -> str:
-    """SHA-256 of a context's encryption parameters and scale (no key material)."""
-    return hashlib.sha256(_params_bytes(context)).hexdigest()[:16]
+def params_id_of(params_bytes: bytes) -> str:
+    """SHA-256 (16 hex) of serialised encryption parameters (no key material)."""
+    return hashlib.sha256(params_bytes).hexdigest()[:16]
 
 
-def _key_id(context: ts.Context) -> str:
-    secret_bytes = context.serialize(save_public_key=False, save_secret_key=True,
-                                     save_galois_keys=False, save_relin_keys=False)
+def _key_id(secret_bytes: bytes) -> str:
     return hmac.new(b"fedrisk-ckks-key-id", secret_bytes, hashlib.sha256).hexdigest()[:16]
+
+
+def _params_from(blob: bytes, where: Path) -> tuple[seal.EncryptionParameters, seal.SEALContext]:
+    if params_id_of(blob) != reference_params_id():
+        raise KeyMaterialError(
+            f"{where} uses CKKS parameters other than fedrisk's "
+            f"(N={POLY_MODULUS_DEGREE}, moduli {list(COEFF_MOD_BIT_SIZES)}, scale 2^{SCALE_BITS})")
+    params = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    _load(params, None, blob)
+    return params, _context(params)
+
+
+def _pack_key_file(params_bytes: bytes, secret_bytes: bytes) -> bytes:
+    return _KEY_MAGIC + struct.pack(">I", len(params_bytes)) + params_bytes + secret_bytes
+
+
+def _unpack_key_file(raw: bytes, where: Path) -> tuple[bytes, bytes]:
+    if raw.startswith(_KEY_MAGIC):
+        body = raw[len(_KEY_MAGIC):]
+        (size,) = struct.unpack(">I", body[:4])
+        return body[4:4 + size], body[4 + size:]
+    if params_id_of(raw) == reference_params_id():
+        raise KeyMaterialError(f"{where} holds no secret key: hospitals need {HOSPITAL_CONTEXT_FILE}, "
+                               "not the server's context")
+    raise KeyMaterialError(f"{where} uses CKKS parameters other than fedrisk's, or is not fedrisk key material "
+                           f"(N={POLY_MODULUS_DEGREE}, moduli {list(COEFF_MOD_BIT_SIZES)}, scale 2^{SCALE_BITS}); "
+                           "run `fedrisk keys init`")
 
 
 @dataclass(frozen=True)
@@ -112,8 +230,8 @@ class KeyBundlePaths:
 
 
 def init_keys(keys_dir: Path, *, overwrite: bool = False) -> KeyBundlePaths:
-    """Create a fresh CKKS key: the secret context for hospitals (mode 0600) and a
-    parameters-only context for the server, plus `federation.json` naming the key.
+    """Create a fresh CKKS key: the secret key for hospitals (mode 0600) and the parameters alone
+    for the server, plus `federation.json` naming the key.
 
     Refuses to overwrite existing key material unless asked: replacing a key makes every
     ciphertext made under the old one undecryptable.
@@ -123,67 +241,108 @@ def init_keys(keys_dir: Path, *, overwrite: bool = False) -> KeyBundlePaths:
     if hospital_path.exists() and not overwrite:
         raise KeyMaterialError(f"{hospital_path} already exists; pass --force to replace the key")
     keys_dir.mkdir(parents=True, exist_ok=True)
-    context = _new_secret_context()
-    key_id, pid = _key_id(context), params_id(context)
-    secret_bytes = context.serialize(save_public_key=False, save_secret_key=True,
-                                     save_galois_keys=False, save_relin_keys=False)
+    params_bytes = _reference_params_bytes()
+    params, context = _params_from(params_bytes, Path("fedrisk"))
+    secret_bytes = _save(seal.KeyGenerator(context).secret_key())
+    key_id, pid = _key_id(secret_bytes), params_id_of(params_bytes)
     tmp = hospital_path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(secret_bytes)
+        handle.write(_pack_key_file(params_bytes, secret_bytes))
     os.chmod(tmp, 0o600)
     os.replace(tmp, hospital_path)
     server_path = keys_dir / SERVER_CONTEXT_FILE
-    server_path.write_bytes(_params_bytes(context))
+    server_path.write_bytes(params_bytes)
     federation_path = keys_dir / FEDERATION_FILE
     federation_path.write_text(json.dumps(
         {"key_id": key_id, "params_id": pid, "he_parameters": he_parameters()}, indent=2))
     return KeyBundlePaths(hospital_path, server_path, federation_path, key_id, pid)
 
 
-def _read_context(path: Path, role: str) -> ts.Context:
-    path = Path(path)
+def _read(path: Path, role: str) -> bytes:
     try:
-        raw = path.read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise KeyMaterialError(f"{role} CKKS context not found: {path}") from None
     except OSError as exc:
         raise KeyMaterialError(f"cannot read {role} CKKS context {path}: {exc.strerror}") from None
-    try:
-        context = ts.context_from(raw)
-    except Exception:
-        raise KeyMaterialError(f"{path} is not a TenSEAL context") from None
-    if params_id(context) != reference_params_id():
-        raise KeyMaterialError(
-            f"{path} uses CKKS parameters other than fedrisk's "
-            f"(N={POLY_MODULUS_DEGREE}, moduli {list(COEFF_MOD_BIT_SIZES)}, scale 2^{GLOBAL_SCALE_BITS})")
-    return context
+
+
+def ciphertexts_for(length: int) -> int:
+    """How many ciphertexts carry `length` values."""
+    return max(1, -(-length // VALUES_PER_CIPHERTEXT))
+
+
+def ciphertext_digest(ciphertexts: Sequence[bytes]) -> str:
+    """SHA-256 of a list of serialised ciphertexts (each length-prefixed), hex."""
+    digest = hashlib.sha256()
+    for blob in ciphertexts:
+        digest.update(struct.pack(">Q", len(blob)))
+        digest.update(bytes(blob))
+    return digest.hexdigest()
+
+
+class _Parser:
+    """Loads serialised ciphertexts under the federation's parameters and checks their shape."""
+
+    context: seal.SEALContext
+
+    def _load_one(self, blob: bytes, index: int) -> seal.Ciphertext:
+        if len(blob) > MAX_CIPHERTEXT_BYTES:
+            raise ReplyRejected(f"ciphertext {index} is {len(blob):,} bytes, over the "
+                                f"{MAX_CIPHERTEXT_BYTES:,}-byte limit")
+        ciphertext = seal.Ciphertext()
+        try:
+            _load(ciphertext, self.context, bytes(blob))
+            valid = seal.is_valid_for(ciphertext, self.context)
+        except Exception:
+            valid = False
+        if not valid:
+            raise ReplyRejected(f"ciphertext {index} is not a CKKS ciphertext under the federation's parameters")
+        if (ciphertext.size() != 2 or ciphertext.coeff_modulus_size() != 1 or not ciphertext.is_ntt_form()
+                or ciphertext.scale != 2.0 ** SCALE_BITS):
+            raise ReplyRejected(f"ciphertext {index} is not a fresh ciphertext at the federation's level and scale")
+        return ciphertext
+
+    def parse(self, update: Sequence[bytes], length: int) -> list[seal.Ciphertext]:
+        """Check one contribution's ciphertexts and load them, or raise `ReplyRejected` saying
+        why: the wrong number of ciphertexts, one over the size limit, or bytes that are not a
+        fresh CKKS ciphertext under the federation's parameters. (A ciphertext made under
+        another secret key with these parameters cannot be told apart without a key; replies
+        name their key and are signed, which is checked upstream.)"""
+        expected = ciphertexts_for(length)
+        if len(update) != expected:
+            raise ReplyRejected(f"{len(update)} ciphertexts where {expected} were expected")
+        return [self._load_one(blob, index) for index, blob in enumerate(update)]
 
 
 @dataclass
-class HospitalKey:
-    """A hospital's CKKS secret context: it can encrypt and decrypt."""
+class HospitalKey(_Parser):
+    """A hospital's copy of the federation's CKKS secret key: it can encrypt, add and decrypt."""
 
-    context: ts.Context
+    context: seal.SEALContext
     key_id: str
+    params_id: str
+    _secret: seal.SecretKey
+    _flood_key: bytes
 
     @classmethod
     def load(cls, path: Path) -> "HospitalKey":
-        """Load and check a hospital context; refuses a server (parameters-only) context."""
-        context = _read_context(path, "hospital")
-        if not context.has_secret_key():
-            raise KeyMaterialError(
-                f"{path} holds no secret key: hospitals need {HOSPITAL_CONTEXT_FILE}, not the server's context")
-        context.global_scale = 2.0 ** GLOBAL_SCALE_BITS
-        return cls(context=context, key_id=_key_id(context))
-
-    @property
-    def params_id(self) -> str:
-        """Fingerprint of the parameters (shared with the server)."""
-        return params_id(self.context)
+        """Load and check a hospital key file; refuses the server's (parameters-only) file."""
+        path = Path(path)
+        params_bytes, secret_bytes = _unpack_key_file(_read(path, "hospital"), path)
+        _, context = _params_from(params_bytes, path)
+        secret = seal.SecretKey()
+        try:
+            _load(secret, context, secret_bytes)
+        except Exception:
+            raise KeyMaterialError(f"{path} holds no readable CKKS secret key") from None
+        flood_key = hmac.new(b"fedrisk-ckks-flooding", secret_bytes, hashlib.sha256).digest()
+        return cls(context, _key_id(secret_bytes), params_id_of(params_bytes), secret, flood_key)
 
     def encrypt(self, values: np.ndarray) -> list[bytes]:
-        """Encrypt a vector of values in [-1, 1], 1024 slots per ciphertext, serialised."""
+        """Encrypt a vector of values in [-1, 1], 4096 per ciphertext (two per complex slot),
+        each serialised in SEAL's seeded form."""
         values = np.asarray(values, dtype=np.float64).ravel()
         if not np.all(np.isfinite(values)):
             raise CodecRangeError("update holds NaN or infinite values; refusing to encrypt")
@@ -192,150 +351,101 @@ class HospitalKey:
             raise CodecRangeError(
                 f"a value of magnitude {peak:.3g} exceeds the codec's range of {MAX_ABS_VALUE}; "
                 "lower the learning rate or local epochs")
-        return [ts.ckks_vector(self.context, values[i:i + SLOTS].tolist()).serialize()
-                for i in range(0, values.size, SLOTS)]
+        encoder, encryptor = seal.CKKSEncoder(self.context), seal.Encryptor(self.context, self._secret)
+        blobs = []
+        for start in range(0, max(values.size, 1), VALUES_PER_CIPHERTEXT):
+            chunk = values[start:start + VALUES_PER_CIPHERTEXT]
+            if chunk.size % 2:
+                chunk = np.append(chunk, 0.0)
+            plain = seal.Plaintext()
+            encoder.encode((chunk[0::2] + 1j * chunk[1::2]).tolist(), 2.0 ** SCALE_BITS, plain)
+            blobs.append(_save(encryptor.encrypt_symmetric(plain)))
+        return blobs
 
-    def decrypt(self, ciphertexts: Sequence[bytes], length: int) -> np.ndarray:
-        """Decrypt serialised ciphertexts back into a float64 vector of `length` values."""
-        if not ciphertexts:
-            raise KeyMaterialError("no ciphertexts to decrypt")
-        if len(ciphertexts) != ciphertexts_for(length):
-            raise KeyMaterialError(
-                f"expected {ciphertexts_for(length)} ciphertexts for {length} values, got {len(ciphertexts)}")
+    def _decrypt_exact(self, ciphertexts: Sequence[seal.Ciphertext], length: int) -> np.ndarray:
+        """m + e at full precision. Never released: only `decrypt_flooded` calls it."""
+        encoder, decryptor = seal.CKKSEncoder(self.context), seal.Decryptor(self.context, self._secret)
         parts = []
-        for blob in ciphertexts:
-            try:
-                vector = ts.ckks_vector_from(self.context, bytes(blob))
-            except Exception:
-                raise KeyMaterialError("a ciphertext could not be read under this hospital's key") from None
-            parts.append(np.asarray(vector.decrypt(), dtype=np.float64))
+        for ciphertext in ciphertexts:
+            plain = seal.Plaintext()
+            decryptor.decrypt(ciphertext, plain)
+            slots = np.asarray(encoder.decode_complex(plain))
+            reals = np.empty(2 * slots.size)
+            reals[0::2], reals[1::2] = slots.real, slots.imag
+            parts.append(reals)
         return np.concatenate(parts)[:length]
+
+    def sum(self, contributions: Sequence[Sequence[bytes]], length: int) -> list[seal.Ciphertext]:
+        """Slot-wise sum of several contributions' ciphertexts (each checked by `parse`)."""
+        if not contributions:
+            raise KeyMaterialError("no ciphertexts to sum")
+        evaluator = seal.Evaluator(self.context)
+        total = self.parse(contributions[0], length)
+        for update in contributions[1:]:
+            for accumulator, ciphertext in zip(total, self.parse(update, length)):
+                evaluator.add_inplace(accumulator, ciphertext)
+        return total
+
+    def decrypt_flooded(self, contributions: Sequence[Sequence[bytes]], length: int, identity: str) -> np.ndarray:
+        """Add up `contributions` (each a list of ciphertexts of `length` values), decrypt the
+        sum and return it flooded and rounded (module docstring): the only decryption whose
+        result is ever used or sent. `identity` names what is decrypted (run, round, step,
+        kind); with the ciphertexts' digests it keys the flooding stream."""
+        exact = self._decrypt_exact(self.sum(contributions, length), length)
+        digest = hashlib.sha256(identity.encode())
+        for update in contributions:
+            digest.update(bytes.fromhex(ciphertext_digest(update)))
+        noise = _gaussian_stream(hmac.new(self._flood_key, digest.digest(), hashlib.sha256).digest(), length)
+        flooded = exact + noise * flooding_std(len(contributions))
+        return np.round(flooded / ROUNDING_STEP) * ROUNDING_STEP
+
+
+def _gaussian_stream(key: bytes, count: int) -> np.ndarray:
+    """`count` standard normal draws from the ChaCha20 keystream under `key` (Box-Muller)."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    pairs = (count + 1) // 2
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(16 * pairs))
+    words = np.frombuffer(stream, dtype="<u8").reshape(pairs, 2)
+    u1 = ((words[:, 0] >> np.uint64(11)).astype(np.float64) + 1.0) / 2.0 ** 53  # (0, 1]
+    u2 = (words[:, 1] >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
+    radius = np.sqrt(-2.0 * np.log(u1))
+    return np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])[:count]
 
 
 @dataclass
-class ServerContext:
-    """The server's CKKS context: parameters only. It can add ciphertexts; it cannot
-    encrypt or decrypt."""
+class ServerContext(_Parser):
+    """The coordinator's CKKS parameters: it can check ciphertexts' shape; it cannot encrypt,
+    decrypt, or even add (hospitals add the contributions they verify themselves)."""
 
-    context: ts.Context
+    context: seal.SEALContext
     key_id: str
+    params_id: str
 
     @classmethod
     def load(cls, keys_dir: Path) -> "ServerContext":
-        """Load `server.ckks` and `federation.json`; refuses any context holding a secret key."""
+        """Load `server.ckks` and `federation.json`; refuses any file holding a secret key."""
         keys_dir = Path(keys_dir)
         path = keys_dir / SERVER_CONTEXT_FILE
-        context = _read_context(path, "server")
-        if context.has_secret_key():
+        raw = _read(path, "server")
+        if raw.startswith(_KEY_MAGIC):
             raise KeyMaterialError(
                 f"{path} holds a CKKS secret key; the server must only ever get the parameters-only context")
+        _, context = _params_from(raw, path)
         federation = keys_dir / FEDERATION_FILE
         try:
             key_id = json.loads(federation.read_text())["key_id"]
         except (OSError, ValueError, KeyError):
             raise KeyMaterialError(f"{federation} is missing or has no key_id; run `fedrisk keys init`") from None
-        return cls(context=context, key_id=str(key_id))
-
-    @property
-    def params_id(self) -> str:
-        """Fingerprint of the parameters (shared with the hospitals)."""
-        return params_id(self.context)
-
-    def parse(self, update: Sequence[bytes], length: int) -> list[ts.CKKSVector]:
-        """Check one hospital's reply and load its ciphertexts, or raise `ReplyRejected` saying
-        why: the wrong number of ciphertexts, one over the size limit, bytes that are not a
-        fresh CKKS ciphertext under the federation's parameters, or the wrong number of values.
-        (A ciphertext made under another secret key with these parameters cannot be told apart
-        by anyone without a key; replies name their key and are checked for that upstream.)"""
-        expected = ciphertexts_for(length)
-        if len(update) != expected:
-            raise ReplyRejected(f"{len(update)} ciphertexts where {expected} were expected")
-        vectors = []
-        for index, blob in enumerate(update):
-            if len(blob) > MAX_CIPHERTEXT_BYTES:
-                raise ReplyRejected(f"ciphertext {index} is {len(blob):,} bytes, over the "
-                                    f"{MAX_CIPHERTEXT_BYTES:,}-byte limit")
-            try:
-                vector = ts.ckks_vector_from(self.context, bytes(blob))
-                scales = [c.scale for c in vector.ciphertext()]
-            except Exception:
-                raise ReplyRejected(f"ciphertext {index} is not a CKKS ciphertext under the federation's "
-                                    "parameters") from None
-            want = min(SLOTS, length - index * SLOTS)
-            if vector.size() != want or scales != [2.0 ** GLOBAL_SCALE_BITS]:
-                raise ReplyRejected(f"ciphertext {index} carries {vector.size()} values at another scale or "
-                                    f"count than the {want} expected")
-            vectors.append(vector)
-        return vectors
-
-    def add(self, updates: Iterable[list[ts.CKKSVector]]) -> list[bytes]:
-        """Slot-wise sum of parsed updates (see `parse`), serialised."""
-        total: list | None = None
-        for vectors in updates:
-            total = list(vectors) if total is None else [acc + vec for acc, vec in zip(total, vectors)]
-        if total is None:
-            raise KeyMaterialError("no ciphertexts to sum")
-        return [vector.serialize() for vector in total]
-
-    def sum(self, updates: Iterable[Sequence[bytes]], length: int) -> list[bytes]:
-        """Check, parse and add serialised updates of `length` values each."""
-        return self.add(self.parse(update, length) for update in updates)
+        return cls(context, str(key_id), params_id_of(raw))
 
 
 class ReplyRejected(ProtocolError):
     """One hospital's reply cannot enter an aggregate; the round goes on without it."""
 
 
-def ciphertexts_for(length: int) -> int:
-    """How many ciphertexts carry `length` values."""
-    return max(1, -(-length // SLOTS))
-
-
 def check_file_mode(path: Path) -> None:
-    """Refuse a hospital secret context readable by group or others."""
+    """Refuse a hospital secret key file readable by group or others."""
     mode = stat.S_IMODE(Path(path).stat().st_mode)
     if mode & 0o077:
         raise KeyMaterialError(f"{path} is readable by others (mode {oct(mode)}); chmod 600 it")
-
-
-class PlaintextCodec:
-    """The same packing without encryption: the benchmark's plaintext-FedAvg reference.
-
-    Only runs with `he = false` use it, to measure what CKKS costs; it offers no protection.
-    """
-
-    key_id = "plaintext"
-    params_id = "plaintext"
-
-    def encrypt(self, values: np.ndarray) -> list[bytes]:
-        """The float64 bytes of the vector, in one block."""
-        return [np.asarray(values, dtype="<f8").tobytes()]
-
-    def decrypt(self, blocks: Sequence[bytes], length: int) -> np.ndarray:
-        """Inverse of `encrypt`."""
-        return np.concatenate([np.frombuffer(bytes(b), dtype="<f8") for b in blocks])[:length]
-
-    def parse(self, update: Sequence[bytes], length: int) -> list[np.ndarray]:
-        """Check a reply's block against `length` and load it (mirrors `ServerContext.parse`)."""
-        if len(update) != 1 or len(update[0]) != 8 * length:
-            raise ReplyRejected(f"a plaintext reply of {sum(len(b) for b in update):,} bytes where "
-                                f"{8 * length:,} were expected")
-        return [np.frombuffer(bytes(update[0]), dtype="<f8")]
-
-    def add(self, updates: Iterable[list[np.ndarray]]) -> list[bytes]:
-        """Element-wise sum of parsed plaintext vectors."""
-        total = None
-        for (vector,) in updates:
-            total = vector if total is None else total + vector
-        if total is None:
-            raise KeyMaterialError("no updates to sum")
-        return self.encrypt(total)
-
-    def sum(self, updates: Iterable[Sequence[bytes]], length: int) -> list[bytes]:
-        """Element-wise sum of plaintext vectors of `length` values each."""
-        return self.add(self.parse(update, length) for update in updates)
-
-    @staticmethod
-    def blocks_for(length: int) -> int:
-        """One block carries any length."""
-        return 1

@@ -1,8 +1,9 @@
 """The wire contract between the server and hospitals: message actions and record keys.
 
-Every key lives here so neither side scatters strings. Ciphertexts travel as lists of bytes in
-ConfigRecords; the only plaintext numbers a hospital sends are privacy accounting values
-(epsilon, steps, noise multiplier), which are public by design.
+Every key lives here so neither side scatters strings. Ciphertexts travel as signed
+contributions (`federation.contributions`) in ConfigRecords; the only plaintext numbers a
+hospital sends are privacy accounting values (epsilon, steps, noise multipliers), which are
+public by design, and the flooded values of an aggregate it agreed to reveal.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ QUERY_ANSWER = "query.answer"    # analytics, phase 2: charge, compute, noise, e
 
 # Record names inside a message's RecordDict.
 CONFIG = "config"
-STATE = "state"          # server -> hospital: the chain of encrypted aggregates (ArrayRecord)
-CENSUS_RECORD = "census"  # server -> hospital: the encrypted census total
-AGGREGATE_RECORD = "aggregate"  # server -> key holder: an encrypted metric sum to reveal
-REPLY = "reply"          # hospital -> server: ciphertexts, release
+CENSUS_RECORD = "census"  # server -> hospital: every hospital's signed census contribution
+ROUND_RECORD = "round-{:03d}"  # server -> hospital: the signed updates of one completed round
+REVEAL_RECORD = "reveal"  # server -> key holder: the signed contributions whose sum it may reveal
+ANCHORS = "anchors"      # server -> hospital: the newest signed state heads it relays (clients.anchoring)
+REPLY = "reply"          # hospital -> server: a signed contribution, a release or revealed values
+CONTRIBUTION = "contribution"  # hospital -> server: its signed contribution (one-element list)
 METRICS = "metrics"      # hospital -> server: public accounting values
 RELEASED_MODEL = "released-model"
 
@@ -31,19 +34,16 @@ KEY_ID = "key-id"
 PARAMS_ID = "params-id"
 RUN_CONFIG = "run-config"  # JSON of the RunConfig for nodes started without one
 RUN_ID = "run-id"          # the run's name: what hospitals' ledgers charge rounds to
-VECTOR_LENGTH = "vector-length"  # a REVEAL request: how many values the aggregate holds
+STEP = "step"                    # a REVEAL request: "evaluate" or "answer"
+KIND = "kind"                    # a REVEAL request: "evaluation" or "answer:<query digest>"
+FEDERATION = "federation"        # the federation the coordinator runs (its CKKS key id)
 QUERY = "query"                  # a cohort query, canonical JSON (federation.query)
 QUERY_RUN = "query-run"          # the query run's id: what hospitals' ledgers charge it to
 HOSPITALS = "hospitals"          # how many answers the server will sum
 QUERY_MODEL = "query-model"      # server -> hospital: the weights a risk_score query scores with (ArrayRecord)
 
-# Keys in CENSUS_RECORD / AGGREGATE_RECORD.
-CENSUS_TOTAL = "census-total"
-AGGREGATE = "aggregate"    # a REVEAL request: the encrypted sum to decrypt
-
-# Keys in REPLY.
+# Keys in REPLY (beside the contribution's own keys, federation.contributions.to_record).
 ERROR = "error"          # a hospital's one-line refusal, in place of a result
-CIPHERTEXTS = "ciphertexts"
 HOSPITAL = "hospital"
 WEIGHTS = "weights"
 SHA256 = "sha256"
@@ -55,10 +55,12 @@ STEPS = "steps"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 QUERY_EPSILON = "query-epsilon"
+RUN_EPSILON = "run-epsilon"          # the run's charges at this hospital, composed
+LEDGER_EPSILON = "ledger-epsilon"    # everything this hospital's ledger holds for the purpose, composed
+EVAL_NOISE_MULTIPLIER = "evaluation-noise-multiplier"
+EVAL_COUNT = "evaluations"           # DP evaluations of the run charged at this hospital so far
 TRAIN_SECONDS = "train-seconds"
 HE_SECONDS = "he-seconds"
 
-# Layout of the evaluation vector (each entry weighted by n_eval / N_hat before encryption).
-EVAL_FIELDS = ("auc", "brier", "log-loss")
-EVAL_LENGTH = 6  # [w_auc*auc, w_auc, w*brier, w*log-loss, w, contributor]
 CENSUS_LENGTH = 2  # [n_k * 2^-24, contributor]
+EVAL_UNIT = 2.0 ** -21  # one record in a DP evaluation histogram, as encrypted

@@ -29,29 +29,45 @@ def rdp_analysis():
     return rdp
 
 
-def epsilon_for(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
-    """Epsilon at `delta` after `steps` Poisson-subsampled Gaussian steps (RDP accountant)."""
-    if steps <= 0:
+Extra = tuple[tuple[float, float, int], ...]
+"""Other mechanisms a run composes with its DP-SGD, as (sample_rate, noise_multiplier, steps);
+a plain Gaussian release repeated k times is (1.0, z, k)."""
+
+
+def _rdp(sample_rate: float, noise_multiplier: float, steps: int):
+    return rdp_analysis().compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=steps,
+                                      orders=list(RDP_ORDERS))
+
+
+def epsilon_for(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float, extra: Extra = ()) -> float:
+    """Epsilon at `delta` after `steps` Poisson-subsampled Gaussian steps composed with the
+    `extra` mechanisms (RDP accountant)."""
+    curves = [_rdp(*m) for m in extra if m[2] > 0]
+    if steps > 0:
+        curves.append(_rdp(sample_rate, noise_multiplier, steps))
+    if not curves:
         return 0.0
-    curve = rdp_analysis().compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier,
-                                    steps=steps, orders=list(RDP_ORDERS))
-    epsilon, _ = rdp_analysis().get_privacy_spent(orders=list(RDP_ORDERS), rdp=curve, delta=delta)
+    epsilon, _ = rdp_analysis().get_privacy_spent(orders=list(RDP_ORDERS), rdp=sum(curves), delta=delta)
     return float(epsilon)
 
 
 @lru_cache(maxsize=64)
 def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    tolerance: float = 0.005) -> float:
+                    tolerance: float = 0.005, extra: Extra = ()) -> float:
     """Smallest noise multiplier (to within `tolerance` in epsilon) whose epsilon over
-    `steps` steps is at most `target_epsilon`. Calibrated once per run, before training."""
+    `steps` steps, composed with the `extra` mechanisms, is at most `target_epsilon`.
+    Calibrated once per run, before training."""
+    if extra and epsilon_for(sample_rate=sample_rate, noise_multiplier=1.0, steps=0, delta=delta,
+                             extra=extra) >= target_epsilon:
+        raise ValueError("the other mechanisms alone already spend the target epsilon")
     low, high = 0.0, 1.0
-    while epsilon_for(sample_rate=sample_rate, noise_multiplier=high, steps=steps, delta=delta) > target_epsilon:
+    while epsilon_for(sample_rate=sample_rate, noise_multiplier=high, steps=steps, delta=delta, extra=extra) > target_epsilon:
         low, high = high, high * 2.0
         if high > 1e4:
             raise ValueError("no noise multiplier below 1e4 meets the target epsilon")
     while True:
         mid = (low + high) / 2.0
-        eps = epsilon_for(sample_rate=sample_rate, noise_multiplier=mid, steps=steps, delta=delta)
+        eps = epsilon_for(sample_rate=sample_rate, noise_multiplier=mid, steps=steps, delta=delta, extra=extra)
         if eps > target_epsilon:
             low = mid
         else:
@@ -62,23 +78,25 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
             return high
 
 
-def remembered_noise(cache: Path, *, target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+def remembered_noise(cache: Path, *, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                     extra: Extra = ()) -> float:
     """`calibrate_noise`, remembered in the JSON file `cache` for the next process.
 
     A deployed hospital answers each message in a fresh process, and a calibration costs a
     couple of seconds of RDP evaluations. A remembered sigma is used only after one evaluation
     confirms it still meets the target, so an edited or corrupt file can cost accuracy (a
     larger sigma) but never privacy; anything unusable is recalibrated and rewritten."""
-    key = json.dumps([target_epsilon, delta, sample_rate, steps])
+    key = json.dumps([target_epsilon, delta, sample_rate, steps] + ([list(m) for m in extra] if extra else []))
     try:
         remembered = json.loads(Path(cache).read_text())
     except (OSError, ValueError):
         remembered = {}
     sigma = remembered.get(key) if isinstance(remembered, dict) else None
     if isinstance(sigma, float) and 0 < sigma <= 1e4 and epsilon_for(
-            sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, delta=delta) <= target_epsilon:
+            sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, delta=delta, extra=extra) <= target_epsilon:
         return sigma
-    sigma = calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps)
+    sigma = calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+                            extra=extra)
     remembered = {**(remembered if isinstance(remembered, dict) else {}), key: sigma}
     temporary = Path(cache).with_name(f".{Path(cache).name}.{os.getpid()}")
     try:

@@ -171,6 +171,13 @@ class RevocationRegistry:
         with closing(sqlite3.connect(self.path)) as db, db:
             db.execute("INSERT OR IGNORE INTO revocations VALUES (?, ?, ?)", (pseudonym, purpose, _timestamp(when)))
 
+    def entries(self) -> list[tuple[str, str, str]]:
+        """Every withdrawal as (pseudonym, purpose, revoked_at), in the order recorded: what the
+        node's anchored state head hashes (`clients.anchoring`)."""
+        with closing(sqlite3.connect(self.path)) as db:
+            return [tuple(row) for row in db.execute(
+                "SELECT pseudonym, purpose, revoked_at FROM revocations ORDER BY rowid")]
+
     def revoked(self, purpose: str, as_of: datetime | date | None = None) -> set[str]:
         """Pseudonyms whose consent for `purpose` was withdrawn at or before `as_of` (default: all)."""
         query = "SELECT pseudonym FROM revocations WHERE purpose = ?"

@@ -7,8 +7,10 @@
    all, and nothing has been charged anywhere.
 2. QUERY_ANSWER to every hospital: each charges its ledger, then computes, noises and encrypts
    its cell statistics. The server adds the ciphertexts.
-3. REVEAL: a key holder decrypts the sum (only if every hospital is in it). The sum is a sum of
-   DP releases, so what the server learns is DP; no hospital's own answer is ever decrypted.
+3. REVEAL: the server relays every hospital's signed answer to one hospital, which verifies the
+   signatures, adds them itself and decrypts the sum once, flooded (`clients.decryption`). The
+   sum is a sum of DP releases, so what the server learns is DP; no hospital's own answer is ever
+   decrypted.
 
 If a hospital fails after phase 1, the query fails and nothing is revealed (hospitals that
 already answered keep their charge: a charge without a release is safe, the reverse is not).
@@ -36,17 +38,13 @@ from flwr.serverapp import Grid
 from federation import messages as M
 from federation.config import RunConfig
 from federation.errors import FedriskError, PrivacyBudgetError, ProtocolError
-from federation.he_codec import (
-    CONTRIBUTOR_UNIT,
-    PlaintextCodec,
-    ServerContext,
-    he_parameters,
-)
+from federation.contributions import to_record
+from federation.he_codec import CONTRIBUTOR_UNIT, ServerContext, flooding_std, he_parameters
 from federation.model import weights_digest
 from federation.query import CohortQuery, QueryError, load_query
 from privacy.accounting import ACCOUNTANT
 from server.grid import ask_one, exchange, wait_for_nodes
-from server.strategy import HEFedAvg, reply_record
+from server.strategy import ReplyChecker, reply_record
 
 Z_95 = 1.959963984540054
 QUANTILE_DRAWS = 400
@@ -89,7 +87,9 @@ def estimate(query: CohortQuery, sums: np.ndarray, noise_multiplier: float, hosp
     noise of `noise_multiplier` times each position's scale."""
     layout = query.layout()
     cells = list(layout.cells) or [()]
-    sd = np.sqrt(hospitals) * noise_multiplier * layout.noise_scales  # per position, summed noise
+    # per position: the hospitals' summed DP noise and the decryption's flooding, in value units
+    sd = np.sqrt(hospitals * (noise_multiplier * layout.noise_scales) ** 2
+                 + (flooding_std(hospitals) * np.asarray(layout.units)) ** 2)
     values = np.asarray(sums, dtype=float).reshape(len(cells), layout.per_cell)
     sd = sd.reshape(len(cells), layout.per_cell)
     rows: list[dict[str, Any]] = []
@@ -156,8 +156,8 @@ def _quantiles(counts: np.ndarray, edges: np.ndarray, levels: tuple[float, ...])
     return np.interp(levels, cumulative, edges)
 
 
-def _base(he: ServerContext | PlaintextCodec, query: CohortQuery, run_id: str, hospitals: int) -> dict[str, Any]:
-    return {M.KEY_ID: he.key_id, M.PARAMS_ID: he.params_id, M.RUN_ID: run_id, M.ROUND: 0,
+def _base(he: ServerContext, query: CohortQuery, run_id: str, hospitals: int) -> dict[str, Any]:
+    return {M.KEY_ID: he.key_id, M.PARAMS_ID: he.params_id, M.RUN_ID: run_id, M.ROUND: 0, M.FEDERATION: he.key_id,
             M.QUERY: query.to_json(), M.QUERY_RUN: run_id, M.HOSPITALS: hospitals}
 
 
@@ -166,7 +166,7 @@ def answer_query(grid: Grid, config: RunConfig, query: CohortQuery, run_id: str,
     """Run `query` across the hospitals connected to `grid` (waiting for `config.num_hospitals`).
     A `risk_score` query sends `model_weights` with its answer requests."""
     began = time.perf_counter()
-    he: ServerContext | PlaintextCodec = ServerContext.load(config.keys_dir) if config.he else PlaintextCodec()
+    he = ServerContext.load(config.keys_dir)
     nodes = wait_for_nodes(grid, config.num_hospitals, config.num_hospitals, config.round_timeout)
     base = _base(he, query, run_id, len(nodes))
     layout = query.layout()
@@ -195,13 +195,13 @@ def answer_query(grid: Grid, config: RunConfig, query: CohortQuery, run_id: str,
     if len(multipliers) != 1:
         raise ProtocolError(f"query {query.name!r}: hospitals calibrated different noise ({sorted(multipliers)})")
     answers = send(M.QUERY_ANSWER)
-    strategy = HEFedAvg(he, [], lambda a, h: [], min_replies=len(nodes), config=base, update_length=layout.length)
-    accepted = strategy.accepted(0, answers, "analytics", layout.length)
-    summed = he.add(parsed for _, _, parsed in accepted)
-    hospitals = sorted(h for h, _, _ in accepted)
-    revealed = ask_one(grid, strategy.nodes_of(hospitals), M.REVEAL, {
-        M.CONFIG: ConfigRecord({**base, M.VECTOR_LENGTH: layout.length}),
-        M.AGGREGATE_RECORD: ConfigRecord({M.AGGREGATE: summed})}, config.round_timeout, "reveal")
+    checker = ReplyChecker(he, run_id, len(nodes))
+    kind = f"answer:{query.digest()}"
+    accepted = checker.accept(0, answers, "answer", kind, layout.length + 1, "analytics")
+    hospitals = sorted(c.header.hospital for c in accepted)
+    revealed = ask_one(grid, checker.nodes_of(hospitals), M.REVEAL, {
+        M.CONFIG: ConfigRecord({**base, M.STEP: "answer", M.KIND: kind}),
+        M.REVEAL_RECORD: ConfigRecord(to_record(accepted))}, config.round_timeout, "reveal")
     values = np.array([float(v) for v in revealed.content.config_records[M.REPLY][M.VALUES]])
     contributors = int(round(values[-1] / CONTRIBUTOR_UNIT))
     if contributors != len(accepted):

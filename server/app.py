@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from federation import messages as M
 from federation.config import RunConfig
 from federation.errors import FedriskError, ProtocolError
-from federation.he_codec import PlaintextCodec, ServerContext
+from federation.contributions import SignedContribution, to_record
+from federation.he_codec import ServerContext
 from federation.model import num_parameters, weights_digest
 from privacy.audit import (
     RELEASE,
@@ -33,7 +34,7 @@ from privacy.audit import (
 )
 from server.checkpoint import Checkpoint, new_run_id
 from server.grid import ask_one, exchange, wait_for_nodes
-from server.strategy import HEFedAvg, Rejection, chain_ciphertexts
+from server.strategy import HEFedAvg, Rejection, contribution_bytes
 from server.tracking import RunTracker, privacy_report
 
 Progress = Callable[[str, dict], None]
@@ -81,10 +82,11 @@ class _Run:
 
     def __init__(self, grid: Grid, config: RunConfig, notify: Progress, share_config: bool, audit: AuditLog) -> None:
         self.grid, self.config, self.notify, self.audit = grid, config, notify, audit
-        self.he: ServerContext | PlaintextCodec = ServerContext.load(config.keys_dir) if config.he else PlaintextCodec()
+        self.he = ServerContext.load(config.keys_dir)
         self.checkpoint = Checkpoint.load(Path(config.run_dir), config)
         self.run_id = self.checkpoint.run_id if self.checkpoint else (config.run_id or new_run_id())
-        self.base: dict[str, object] = {M.KEY_ID: self.he.key_id, M.PARAMS_ID: self.he.params_id, M.RUN_ID: self.run_id}
+        self.base: dict[str, object] = {M.KEY_ID: self.he.key_id, M.PARAMS_ID: self.he.params_id, M.RUN_ID: self.run_id,
+                                        M.FEDERATION: self.he.key_id}
         if share_config:
             self.base[M.RUN_CONFIG] = json.dumps(config.to_user_config())
         self.strategy = HEFedAvg(self.he, [], self._reveal, min_replies=config.required_replies, config=self.base,
@@ -95,6 +97,8 @@ class _Run:
             self.strategy.privacy.update(self.checkpoint.privacy)
             self.strategy.contributors.update(self.checkpoint.contributors)
             self.strategy.rejections.extend(Rejection.from_dict(r) for r in self.checkpoint.rejections)
+            self.strategy.chain.update(self.checkpoint.chain)
+            self.strategy.anchors = list(self.checkpoint.anchors)
         self.logged_rejections = len(self.strategy.rejections)  # a checkpoint's were logged by the earlier run
 
     def _log_rejections(self) -> None:
@@ -111,34 +115,36 @@ class _Run:
     def _send(self, server_round: int, messages: list[Message], step: str) -> list[Message]:
         replies, silent = exchange(self.grid, messages, self.config.round_timeout)
         for node in silent:
-            self.strategy.rejections.append(Rejection(server_round, step, self.strategy.hospital_of(node),
+            self.strategy.rejections.append(Rejection(server_round, step, self.strategy.checker.hospital_of(node),
                                                       f"no reply within round-timeout ({self.config.round_timeout:g}s)"))
         return replies
 
-    def _reveal(self, aggregate: list[bytes], hospitals: list[str]) -> list[float]:
-        reply = ask_one(self.grid, self.strategy.nodes_of(hospitals), M.REVEAL, {
-            M.CONFIG: ConfigRecord({**self.base, M.ROUND: 0}),
-            M.AGGREGATE_RECORD: ConfigRecord({M.AGGREGATE: aggregate})}, self.config.round_timeout, "reveal")
+    def _reveal(self, contributions: list[SignedContribution], server_round: int) -> list[float]:
+        hospitals = [c.header.hospital for c in contributions]
+        reply = ask_one(self.grid, self.strategy.checker.nodes_of(hospitals), M.REVEAL, {
+            M.CONFIG: ConfigRecord({**self.base, M.ROUND: server_round, M.STEP: "evaluate", M.KIND: "evaluation"}),
+            M.REVEAL_RECORD: ConfigRecord(to_record(contributions))}, self.config.round_timeout, "reveal")
         return [float(v) for v in reply.content.config_records[M.REPLY][M.VALUES]]
 
     def _census(self, nodes: list[int]) -> None:
-        messages = [Message(content=RecordDict({M.CONFIG: ConfigRecord({**self.base, M.ROUND: 0})}),
-                            dst_node_id=node, message_type=M.CENSUS) for node in nodes]
+        from federation.contributions import relay_record
+
+        content = RecordDict({M.CONFIG: ConfigRecord({**self.base, M.ROUND: 0}),
+                              M.ANCHORS: ConfigRecord(relay_record(self.strategy.anchors))})
+        messages = [Message(content=content, dst_node_id=node, message_type=M.CENSUS) for node in nodes]
         replies = self._send(0, messages, "census")
-        accepted = self.strategy.accepted(0, replies, "census", M.CENSUS_LENGTH)
+        accepted = self.strategy.checker.accept(0, replies, "census", "census", M.CENSUS_LENGTH)
         self._log_rejections()
+        self.strategy.relay(accepted)
         # On resume the chain is normalised by the first census: keep it (hospitals still run
         # the census: it re-checks their budget for the rounds left, before any data is read).
-        self.strategy.census_total = (self.checkpoint.census_total if self.checkpoint
-                                      else self.he.add(parsed for _, _, parsed in accepted))
+        self.strategy.census = list(self.checkpoint.census) if self.checkpoint else accepted
 
     def run(self) -> FederatedResult:
         config, strategy, checkpoint = self.config, self.strategy, self.checkpoint
         nodes = wait_for_nodes(self.grid, config.num_hospitals, config.required_replies, config.round_timeout)
         self._census(nodes)
         tracker = RunTracker(config, resume_run_id=checkpoint.mlflow_run_id if checkpoint else "", run_name=self.run_id)
-        chain = checkpoint.chain if checkpoint else {}
-        arrays = ArrayRecord({key: Array(np.frombuffer(blob, dtype=np.uint8).copy()) for key, blob in chain.items()})
         if checkpoint:
             self.audit.append(RUN_RESUME, purpose=config.purpose, details={
                 "run": self.run_id, "mlflow-run": Digest(tracker.run_id), "completed-rounds": checkpoint.completed_round})
@@ -149,10 +155,9 @@ class _Run:
                 "target-epsilon": config.target_epsilon})
         try:
             for server_round in range((checkpoint.completed_round if checkpoint else 0) + 1, config.rounds + 1):
-                arrays = self._round(server_round, arrays, tracker)
-            release = ask_one(self.grid, strategy.nodes_of(strategy.contributors[config.rounds]), M.RELEASE, {
-                M.STATE: arrays, M.CONFIG: ConfigRecord({**self.base, M.ROUND: config.rounds})},
-                config.round_timeout, "release")
+                self._round(server_round, tracker)
+            release = ask_one(self.grid, strategy.checker.nodes_of(strategy.contributors[config.rounds]), M.RELEASE,
+                              strategy.records(config.rounds, config.rounds), config.round_timeout, "release")
             weights = release.content.array_records[M.RELEASED_MODEL][M.WEIGHTS].numpy()
             digest = str(release.content.config_records[M.REPLY][M.SHA256])
             if weights_digest(weights) != digest:
@@ -161,7 +166,7 @@ class _Run:
             rejections = [r.to_dict() for r in strategy.rejections]
             summary = {"run-id": self.run_id, "rounds": self.rounds, "hospitals": sorted(strategy.privacy),
                        "contributors": strategy.contributors, "rejections": rejections, "sha256": digest,
-                       "chain_ciphertexts": len(chain_ciphertexts(arrays))}
+                       "chain_bytes": sum(contribution_bytes(c) for c in strategy.chain.values())}
             release_dir = tracker.finish(weights=weights, digest=digest, privacy_report=report, summary=summary)
             self.audit.append(RELEASE, purpose=config.purpose, epsilon=report["epsilon_max"],
                               details={"run": self.run_id, "mlflow-run": Digest(tracker.run_id), "sha256": Digest(digest)})
@@ -177,14 +182,14 @@ class _Run:
                                privacy=report, release_dir=str(release_dir), fedrisk_run_id=self.run_id,
                                contributors=dict(strategy.contributors), rejections=rejections)
 
-    def _round(self, server_round: int, arrays: ArrayRecord, tracker: RunTracker) -> ArrayRecord:
+    def _round(self, server_round: int, tracker: RunTracker) -> None:
         """Train, aggregate, evaluate; then log and checkpoint the round."""
         config, strategy = self.config, self.strategy
         began = time.perf_counter()
-        replies = self._send(server_round, list(strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid)),
+        replies = self._send(server_round, list(strategy.configure_train(server_round, None, ConfigRecord(), self.grid)),
                              "training")
-        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        replies = self._send(server_round, list(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid)),
+        _, train_metrics = strategy.aggregate_train(server_round, replies)
+        replies = self._send(server_round, list(strategy.configure_evaluate(server_round, None, ConfigRecord(), self.grid)),
                              "evaluation")
         evaluation = strategy.aggregate_evaluate(server_round, replies)
         seconds = time.perf_counter() - began
@@ -203,12 +208,11 @@ class _Run:
             "auc": round(metrics["auc"], 6)})
         self.rounds[server_round] = metrics
         Checkpoint(run_id=self.run_id, fingerprint=config.fingerprint(), completed_round=server_round,
-                   census_total=strategy.census_total, chain=dict(zip(arrays.keys(), chain_ciphertexts(arrays))),
+                   census=strategy.census, chain=dict(strategy.chain), anchors=list(strategy.anchors),
                    mlflow_run_id=tracker.run_id, rounds=self.rounds, privacy=strategy.privacy,
                    contributors=strategy.contributors,
                    rejections=[r.to_dict() for r in strategy.rejections]).save(Path(config.run_dir))
         self.notify("round", {"round": server_round, "rounds": config.rounds, **metrics})
-        return arrays
 
 
 def make_server_app(preset: RunConfig | None = None, progress: Progress | None = None,

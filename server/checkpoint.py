@@ -1,10 +1,10 @@
 """The coordinator's checkpoint: what it takes to resume a run after the coordinator dies.
 
 Written atomically after every completed round to `<run_dir>/checkpoint.npz`, and removed once
-the model is released. It holds only what the server holds anyway: ciphertexts (the encrypted
-census total and the chain of encrypted aggregates) and public values (round metrics, the
-privacy accounting hospitals reported, rejected replies, the MLflow run). Nothing in it can be
-decrypted without a hospital's key.
+the model is released. It holds only what the server holds anyway: hospitals' signed contributions
+(the census and every completed round's updates), the newest signed state heads it relays, and
+public values (round metrics, the privacy accounting hospitals reported, rejected replies, the
+MLflow run). Nothing in it can be decrypted without a hospital's key.
 
 A restarted coordinator that is handed the same run config (`RunConfig.fingerprint`) resumes
 after the last completed round, under the same run id, so hospitals' ledgers recognise the
@@ -16,17 +16,18 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from federation.config import RunConfig
-from federation.errors import ConfigError
+from federation.contributions import SignedContribution, pack, unpack
+from federation.errors import ConfigError, ProtocolError
 
 CHECKPOINT_FILE = "checkpoint.npz"
-FORMAT = 1
+FORMAT = 2
 
 
 def new_run_id() -> str:
@@ -41,8 +42,9 @@ class Checkpoint:
     run_id: str
     fingerprint: str
     completed_round: int
-    census_total: list[bytes]
-    chain: dict[str, bytes]
+    census: list[SignedContribution]
+    chain: dict[int, list[SignedContribution]]
+    anchors: list[tuple[str, bytes]] = field(default_factory=list)
     mlflow_run_id: str = ""
     rounds: dict[int, dict[str, float]] = field(default_factory=dict)
     privacy: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -52,12 +54,15 @@ class Checkpoint:
     def save(self, run_dir: Path) -> Path:
         """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
         path = Path(run_dir) / CHECKPOINT_FILE
-        meta = {k: v for k, v in asdict(self).items() if k not in ("census_total", "chain")}
+        meta = {k: getattr(self, k) for k in ("run_id", "fingerprint", "completed_round", "mlflow_run_id", "rounds",
+                                                "privacy", "contributors", "rejections")}
         meta["format"] = FORMAT
-        meta["chain_keys"] = list(self.chain)
-        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
-        arrays.update({f"census{i}": np.frombuffer(b, dtype=np.uint8) for i, b in enumerate(self.census_total)})
-        arrays.update({f"chain{i}": np.frombuffer(b, dtype=np.uint8) for i, b in enumerate(self.chain.values())})
+        meta["chain_rounds"] = sorted(self.chain)
+        meta["anchors"] = [text for text, _ in self.anchors]
+        arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+                  "census": np.frombuffer(pack(self.census), dtype=np.uint8)}
+        arrays.update({f"round{r}": np.frombuffer(pack(self.chain[r]), dtype=np.uint8) for r in sorted(self.chain)})
+        arrays.update({f"anchor{i}": np.frombuffer(sig, dtype=np.uint8) for i, (_, sig) in enumerate(self.anchors)})
         tmp = path.with_name(f".{CHECKPOINT_FILE}.{os.getpid()}.tmp")
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
@@ -75,12 +80,13 @@ class Checkpoint:
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(data["meta"].tobytes())
-                census = [data[f"census{i}"].tobytes() for i in range(sum(k.startswith("census") for k in data))]
-                chain = {key: data[f"chain{i}"].tobytes() for i, key in enumerate(meta["chain_keys"])}
-        except (OSError, ValueError, KeyError) as exc:
+                if meta.get("format") != FORMAT:
+                    raise ConfigError(f"{path} has checkpoint format {meta.get('format')!r}, this fedrisk reads {FORMAT}")
+                census = unpack(data["census"].tobytes())
+                chain = {int(r): unpack(data[f"round{r}"].tobytes()) for r in meta["chain_rounds"]}
+                anchors = [(text, data[f"anchor{i}"].tobytes()) for i, text in enumerate(meta["anchors"])]
+        except (OSError, ValueError, KeyError, ProtocolError) as exc:
             raise ConfigError(f"{path} is not a readable fedrisk checkpoint ({exc}); move it away to start afresh") from None
-        if meta.get("format") != FORMAT:
-            raise ConfigError(f"{path} has checkpoint format {meta.get('format')!r}, this fedrisk reads {FORMAT}")
         if meta["fingerprint"] != config.fingerprint():
             raise ConfigError(f"{path} belongs to a run with a different configuration; resume it with the "
                               "same run config, or use another run-dir")
@@ -88,7 +94,7 @@ class Checkpoint:
             raise ConfigError(f"{path} belongs to run {meta['run_id']!r}, not run-id {config.run_id!r}")
         as_rounds = lambda d: {int(k): v for k, v in d.items()}  # noqa: E731  (JSON keys are strings)
         return cls(run_id=meta["run_id"], fingerprint=meta["fingerprint"], completed_round=int(meta["completed_round"]),
-                   census_total=census, chain=chain, mlflow_run_id=meta["mlflow_run_id"],
+                   census=census, chain=chain, anchors=anchors, mlflow_run_id=meta["mlflow_run_id"],
                    rounds=as_rounds(meta["rounds"]), privacy=meta["privacy"],
                    contributors=as_rounds(meta["contributors"]), rejections=meta["rejections"])
 

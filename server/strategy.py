@@ -1,15 +1,20 @@
-"""HE FedAvg: Flower's FedAvg with the arithmetic moved under CKKS.
+"""HE FedAvg: Flower's FedAvg with the arithmetic moved to the hospitals, under CKKS.
 
-Each hospital sends Enc([ (n_k/N_hat)(w_k - w), n_k/N_hat, 1/128 ]). The server adds these
-ciphertexts and appends the sum to the *chain*, the encrypted global state it holds in place
-of a plaintext model. Hospitals decrypt the chain at the start of the next round and divide
-by the summed record share, which is exactly weighted FedAvg over the hospitals that replied.
-The server never holds a secret key and never sees a hospital's update, count or metric.
+Each hospital sends a signed contribution Enc([ (n_k/N_hat)(w_k - w), n_k/N_hat, 1/128 ]). The
+server cannot decrypt and does not add: it checks each reply's shape and relays the round's
+signed contributions, with every earlier round's, in the next message. Each hospital verifies
+the signatures, adds the contributions itself, decrypts each round once (flooded) and divides by
+the summed record share, which is exactly weighted FedAvg over the hospitals that replied. The
+server never holds a secret key and never sees a hospital's update, count or metric.
 
 A round completes with the hospitals whose replies are valid, as long as there are at least
 `min_replies` of them: a hospital that fails, times out or sends a malformed ciphertext is
-left out of that round (and the reason logged); the sum stays the exact weighted average of
-the hospitals in it, since their record shares are summed under encryption with their updates.
+left out of that round (and the reason logged).
+
+Each round's federated evaluation is DP: every hospital sends a signed, noised score histogram
+of its held-out records (charged to its ledger before it is computed); a hospital reveals the
+flooded sum, from which the server reads AUC, Brier score and log loss
+(`federation.round_evaluation`).
 """
 
 from __future__ import annotations
@@ -17,22 +22,25 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from federation import messages as M
+from federation import round_evaluation
+from federation.contributions import (
+    SignedContribution,
+    from_record,
+    newest_by_hospital,
+    relay_record,
+    signed_headers,
+    to_record,
+)
 from federation.errors import ProtocolError
-from federation.he_codec import PlaintextCodec, ReplyRejected, ServerContext
+from federation.he_codec import ReplyRejected, ServerContext
 
-Reveal = Callable[[list[bytes], list[str]], list[float]]
-"""Asks a key holder among the named hospitals to decrypt a summed metric vector."""
-
-
-def chain_ciphertexts(arrays: ArrayRecord) -> list[bytes]:
-    """The chain's ciphertexts, in order."""
-    return [array.numpy().tobytes() for array in arrays.values()]
+Reveal = Callable[[list[SignedContribution], int], list[float]]
+"""Asks a key holder to reveal the flooded sum of a round's signed DP evaluations."""
 
 
 @dataclass(frozen=True)
@@ -75,31 +83,22 @@ class RoundTraffic:
     down_bytes: int = 0
 
 
-class HEFedAvg(Strategy):
-    """Weighted FedAvg over CKKS ciphertexts.
+def contribution_bytes(contributions: Iterable[SignedContribution]) -> int:
+    """Ciphertext bytes of some contributions."""
+    return sum(len(b) for c in contributions for b in c.ciphertexts)
 
-    Args:
-        he: the server's parameters-only CKKS context (it can add, not decrypt).
-        census_total: the encrypted federation record count, sent to hospitals each round.
-        reveal: asks a key-holding hospital to decrypt a *summed* metric vector.
-        min_replies: fewest hospitals whose valid replies a round needs.
-        config: extra ConfigRecord entries sent with every message (run, key and parameter ids).
-        update_length: values in one hospital's encrypted update (model parameters + 2).
-    """
 
-    def __init__(self, he: ServerContext | PlaintextCodec, census_total: list[bytes], reveal: Reveal,
-                 min_replies: int, config: dict[str, object], update_length: int) -> None:
-        self.he = he
-        self.census_total = census_total
-        self.reveal = reveal
-        self.min_replies = min_replies
-        self.base_config = config
-        self.update_length = update_length
-        self.chain = ArrayRecord()
-        self.privacy: dict[str, dict[str, float]] = {}
-        self.traffic: dict[int, RoundTraffic] = {}
+class ReplyChecker:
+    """Sorts one step's replies into accepted signed contributions and logged rejections.
+
+    Shared by training rounds and cohort queries: a reply enters only if it carries one
+    contribution of the expected (run, round, step, kind, length) under the federation's key,
+    from a hospital not already counted, whose ciphertexts have the federation's shape. (Its
+    signature is verified where it matters: by every hospital that decrypts it.)"""
+
+    def __init__(self, he: ServerContext, run_id: str, min_replies: int) -> None:
+        self.he, self.run_id, self.min_replies = he, run_id, min_replies
         self.rejections: list[Rejection] = []
-        self.contributors: dict[int, list[str]] = {}
         self.node_ids: dict[str, int] = {}
 
     def hospital_of(self, node_id: int) -> str:
@@ -111,33 +110,29 @@ class HEFedAvg(Strategy):
         first = [self.node_ids[h] for h in hospitals if h in self.node_ids]
         return first + [n for _, n in sorted(self.node_ids.items()) if n not in first]
 
-    def summary(self) -> None:
-        """Nothing to print: the run tracker logs the configuration."""
+    def _contribution(self, reply: Message, server_round: int, step: str, kind: str, length: int,
+                      seen: set[str]) -> SignedContribution:
+        items = from_record(reply.content.config_records.get(M.CONTRIBUTION), "reply")
+        if len(items) != 1:
+            raise ReplyRejected("reply carries no signed contribution")
+        item = items[0]
+        header = item.header
+        if (header.run, header.round, header.step, header.kind, header.length) != (
+                self.run_id, server_round, step, kind, length):
+            raise ReplyRejected(f"a contribution for {header.step} round {header.round} of run {header.run}, "
+                                f"not {step} round {server_round}")
+        if header.key_id != self.he.key_id:
+            raise ReplyRejected(f"made under key {header.key_id}, not the federation's key {self.he.key_id}")
+        if header.hospital in seen:
+            raise ReplyRejected("a second reply from the same hospital")
+        self.he.parse(item.ciphertexts, length)
+        return item
 
-    def _messages(self, grid: Grid, server_round: int, arrays: ArrayRecord, message_type: str
-                  ) -> list[Message]:
-        node_ids = sorted(grid.get_node_ids())
-        if len(node_ids) < self.min_replies:
-            raise ProtocolError(f"only {len(node_ids)} hospital node(s) connected; {self.min_replies} needed")
-        config = ConfigRecord({**self.base_config, M.ROUND: server_round})
-        content = RecordDict({M.STATE: arrays, M.CONFIG: config,
-                              M.CENSUS_RECORD: ConfigRecord({M.CENSUS_TOTAL: self.census_total})})
-        down = sum(len(b) for b in chain_ciphertexts(arrays)) + sum(len(b) for b in self.census_total)
-        self.traffic.setdefault(server_round, RoundTraffic()).down_bytes = down
-        return [Message(content=content, dst_node_id=node, message_type=message_type) for node in node_ids]
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
-        """Send every hospital the chain so far; it trains from the model the chain encodes."""
-        self.chain = arrays
-        return self._messages(grid, server_round, arrays, M.TRAIN)
-
-    def accepted(self, server_round: int, replies: Iterable[Message], step: str, length: int
-                 ) -> list[tuple[str, Message, list]]:
-        """The valid replies of one step as (hospital, reply, parsed ciphertexts); every other
-        reply is recorded as a `Rejection`. Raises ProtocolError if fewer than `min_replies`
-        remain."""
-        accepted: list[tuple[str, Message, list]] = []
+    def accept(self, server_round: int, replies: Iterable[Message], step: str, kind: str, length: int,
+               what: str | None = None) -> list[SignedContribution]:
+        """The valid contributions of one step; every other reply becomes a `Rejection`.
+        Raises ProtocolError if fewer than `min_replies` remain."""
+        accepted: list[SignedContribution] = []
         reasons: list[str] = []
         for reply in replies:
             who = f"node-{reply.metadata.src_node_id}"
@@ -146,62 +141,138 @@ class HEFedAvg(Strategy):
                 who = str(record[M.HOSPITAL])
                 self.node_ids.setdefault(who, reply.metadata.src_node_id)
             if reason is None:
-                reason = self._invalid(record, [h for h, _, _ in accepted])
-            if reason is None:
                 try:
-                    accepted.append((who, reply, self.he.parse(list(record[M.CIPHERTEXTS]), length)))
+                    item = self._contribution(reply, server_round, step, kind, length, {c.header.hospital for c in accepted})
+                    if item.header.hospital != who:
+                        raise ReplyRejected(f"signed as {item.header.hospital}, replied as {who}")
+                    accepted.append(item)
                     continue
-                except ReplyRejected as exc:
+                except (ReplyRejected, ProtocolError) as exc:
                     reason = str(exc)
-            self.rejections.append(Rejection(server_round, step, who, reason))
+            self.rejections.append(Rejection(server_round, what or step, who, reason))
             reasons.append(f"{who}: {reason}")
         if len(accepted) < self.min_replies:
             detail = "; ".join(reasons) if reasons else "no reply in time"
-            raise ProtocolError(f"{step} round {server_round}: {len(accepted)} valid replies, "
+            raise ProtocolError(f"{what or step} round {server_round}: {len(accepted)} valid replies, "
                                 f"{self.min_replies} needed ({detail})")
         return accepted
 
-    def _invalid(self, record: ConfigRecord, seen: list[str]) -> str | None:
-        """Why a hospital's result record cannot enter an aggregate, checked before parsing."""
-        if M.CIPHERTEXTS not in record:
-            return "reply carries no ciphertexts"
-        if str(record.get(M.KEY_ID, "")) != self.base_config[M.KEY_ID]:
-            return f"made under key {record.get(M.KEY_ID, '?')}, not the federation's key {self.base_config[M.KEY_ID]}"
-        if str(record.get(M.PARAMS_ID, "")) != self.base_config[M.PARAMS_ID]:
-            return "made under CKKS parameters other than the federation's"
-        if str(record.get(M.HOSPITAL, "")) in seen:
-            return "a second reply from the same hospital"
-        return None
+
+class HEFedAvg(Strategy):
+    """Weighted FedAvg over signed CKKS contributions that only hospitals add and decrypt.
+
+    Args:
+        he: the server's parameters-only CKKS context (it checks shapes, nothing more).
+        census: every hospital's signed census contribution, sent with every message.
+        reveal: asks a key-holding hospital to reveal a round's summed DP evaluation.
+        min_replies: fewest hospitals whose valid replies a round needs.
+        config: extra ConfigRecord entries sent with every message (run, key and parameter ids).
+        update_length: values in one hospital's encrypted update (model parameters + 2).
+    """
+
+    def __init__(self, he: ServerContext, census: list[SignedContribution], reveal: Reveal,
+                 min_replies: int, config: dict[str, object], update_length: int) -> None:
+        self.he = he
+        self.census = census
+        self.reveal = reveal
+        self.base_config = config
+        self.update_length = update_length
+        self.checker = ReplyChecker(he, str(config[M.RUN_ID]), min_replies)
+        self.chain: dict[int, list[SignedContribution]] = {}
+        self.anchors: list[tuple[str, bytes]] = []
+        self.privacy: dict[str, dict[str, float]] = {}
+        self.traffic: dict[int, RoundTraffic] = {}
+        self.contributors: dict[int, list[str]] = {}
+
+    @property
+    def rejections(self) -> list[Rejection]:
+        """Every reply left out so far."""
+        return self.checker.rejections
+
+    def summary(self) -> None:
+        """Nothing to print: the run tracker logs the configuration."""
+
+    def records(self, through: int, server_round: int) -> dict[str, ConfigRecord]:
+        """What every message of a round carries: config, census, the chain through `through`
+        and the newest signed state heads the server relays (`clients.anchoring`)."""
+        records = {M.CONFIG: ConfigRecord({**self.base_config, M.ROUND: server_round}),
+                   M.CENSUS_RECORD: ConfigRecord(to_record(self.census)),
+                   M.ANCHORS: ConfigRecord(relay_record(self.anchors))}
+        for past in range(1, through + 1):
+            if past in self.chain:
+                records[M.ROUND_RECORD.format(past)] = ConfigRecord(to_record(self.chain[past]))
+        return records
+
+    def relay(self, contributions: Iterable[SignedContribution]) -> None:
+        """Keep the newest signed state head of each hospital, to relay to all."""
+        self.anchors = newest_by_hospital([*self.anchors, *signed_headers(contributions)])
+
+    def _messages(self, grid: Grid, server_round: int, through: int, message_type: str) -> list[Message]:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) < self.checker.min_replies:
+            raise ProtocolError(f"only {len(node_ids)} hospital node(s) connected; {self.checker.min_replies} needed")
+        content = RecordDict(self.records(through, server_round))
+        down = contribution_bytes(self.census) + sum(contribution_bytes(self.chain.get(r, []))
+                                                     for r in range(1, through + 1))
+        self.traffic.setdefault(server_round, RoundTraffic()).down_bytes = down
+        return [Message(content=content, dst_node_id=node, message_type=message_type) for node in node_ids]
+
+    def configure_train(self, server_round: int, arrays: object, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Send every hospital the chain so far; it trains from the model the chain encodes."""
+        return self._messages(grid, server_round, server_round - 1, M.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Sum the valid encrypted updates and append the sum to the chain."""
-        accepted = self.accepted(server_round, replies, "training", self.update_length)
+                        ) -> tuple[None, MetricRecord | None]:
+        """Keep the round's valid signed updates: the next messages relay them to every hospital."""
+        replies = list(replies)
+        accepted = self.checker.accept(server_round, replies, "train", "update", self.update_length, "training")
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        for hospital, reply, _ in accepted:
-            traffic.up_bytes[hospital] = sum(len(b) for b in reply.content.config_records[M.REPLY][M.CIPHERTEXTS])
-            metrics = reply.content.metric_records[M.METRICS]
-            self.privacy[hospital] = {key: float(metrics[key]) for key in
-                                      (M.EPSILON, M.STEPS, M.NOISE_MULTIPLIER, M.SAMPLE_RATE)}
-        summed = self.he.add(parsed for _, _, parsed in accepted)
-        chain = ArrayRecord({key: array for key, array in self.chain.items()})
-        for index, blob in enumerate(summed):
-            chain[f"r{server_round:03d}-c{index:02d}"] = Array(np.frombuffer(blob, dtype=np.uint8).copy())
-        self.chain = chain
-        self.contributors[server_round] = sorted(hospital for hospital, _, _ in accepted)
-        epsilons = [p[M.EPSILON] for p in self.privacy.values()]
-        return chain, MetricRecord({"hospitals": len(accepted), "epsilon-max": max(epsilons)})
+        by_hospital = {str(r.content.config_records[M.REPLY][M.HOSPITAL]): r for r in replies
+                       if reply_record(r)[1] is None}
+        for item in accepted:
+            hospital = item.header.hospital
+            traffic.up_bytes[hospital] = contribution_bytes([item])
+            metrics = by_hospital[hospital].content.metric_records[M.METRICS]
+            entry = self.privacy.setdefault(hospital, {})
+            entry.update({key: float(metrics[key]) for key in
+                          (M.EPSILON, M.STEPS, M.NOISE_MULTIPLIER, M.SAMPLE_RATE, M.RUN_EPSILON, M.LEDGER_EPSILON)})
+        self.chain[server_round] = accepted
+        self.relay(accepted)
+        self.contributors[server_round] = sorted(item.header.hospital for item in accepted)
+        epsilons = [p.get(M.RUN_EPSILON, p[M.EPSILON]) for p in self.privacy.values()]
+        return None, MetricRecord({"hospitals": len(accepted), "epsilon-max": max(epsilons)})
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+    def configure_evaluate(self, server_round: int, arrays: object, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Every hospital evaluates the new global model on its own held-out records."""
-        return self._messages(grid, server_round, arrays, M.EVALUATE)
+        """Every hospital evaluates the new global model on its own held-out records, under DP."""
+        return self._messages(grid, server_round, server_round, M.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Sum the valid encrypted weighted metrics; a key holder reveals only the sum."""
-        accepted = self.accepted(server_round, replies, "evaluation", M.EVAL_LENGTH)
-        summed = self.he.add(parsed for _, _, parsed in accepted)
-        auc_sum, auc_weight, brier_sum, loss_sum, weight, _ = self.reveal(summed, [h for h, _, _ in accepted])
-        return MetricRecord({
-            "auc": auc_sum / auc_weight if auc_weight > 0 else float("nan"),
-            "brier": brier_sum / weight, "log-loss": loss_sum / weight, "hospitals": len(accepted)})
+        """A key holder reveals the flooded sum of the valid DP evaluations; the metrics are read
+        off the noised histogram (post-processing)."""
+        replies = list(replies)
+        accepted = self.checker.accept(server_round, replies, "evaluate", "evaluation",
+                                       round_evaluation.LENGTH + 1, "evaluation")
+        multipliers = set()
+        for reply in replies:
+            record, reason = reply_record(reply)
+            if reason is not None or record is None:
+                continue
+            hospital = str(record[M.HOSPITAL])
+            if hospital not in {c.header.hospital for c in accepted}:
+                continue
+            metrics = reply.content.metric_records[M.METRICS]
+            multipliers.add(float(metrics[M.EVAL_NOISE_MULTIPLIER]))
+            entry = self.privacy.setdefault(hospital, {})
+            entry.update({M.EVAL_NOISE_MULTIPLIER: float(metrics[M.EVAL_NOISE_MULTIPLIER]),
+                          M.EVAL_COUNT: float(metrics[M.EVAL_COUNT]), M.RUN_EPSILON: float(metrics[M.RUN_EPSILON]),
+                          M.LEDGER_EPSILON: float(metrics[M.LEDGER_EPSILON])})
+        if len(multipliers) != 1:
+            raise ProtocolError(f"evaluation round {server_round}: hospitals used different noise ({sorted(multipliers)})")
+        self.relay(accepted)
+        values = self.reveal(accepted, server_round)
+        summed = [v / M.EVAL_UNIT for v in values[:-1]]
+        metrics = round_evaluation.metrics_from_noised(summed, noise_multiplier=multipliers.pop(),
+                                                       hospitals=len(accepted))
+        return MetricRecord({**{k: float(v) for k, v in metrics.items()}, "hospitals": len(accepted)})

@@ -109,23 +109,46 @@ def _is_active(mlflow: Any, run_id: str) -> bool:
         return False
 
 
+NEIGHBOURING = "add/remove one patient's records"
+ASSUMPTION = ("hospitals hold disjoint patients: a patient in one hospital's records is protected by that "
+              "hospital's epsilon; a patient treated at several hospitals is protected by the composition of "
+              "theirs (at most their sum)")
+
+
 def privacy_report(config: RunConfig, spends: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Everything needed to recompute each hospital's epsilon, and the run's guarantee."""
-    hospitals = {
-        name: {"mechanism": "DP-SGD, Poisson-subsampled Gaussian", "sample_rate": s["sample-rate"],
-               "noise_multiplier": s["noise-multiplier"], "steps": int(s["steps"]),
-               "clip_norm": config.clip_norm, "delta": config.delta, "epsilon": s["epsilon"],
-               "target_epsilon": config.target_epsilon}
-        for name, s in sorted(spends.items())}
+    """Everything needed to recompute each hospital's epsilon, and the run's guarantee.
+
+    Per hospital: the DP-SGD mechanism (q, sigma, steps) and its epsilon alone; the run's DP
+    evaluations (`count` Gaussian releases of multiplier z); `run_epsilon`, the two composed
+    (what the run spent at that hospital, recomputable from these values); and `ledger_epsilon`,
+    the hospital's cumulative epsilon for the purpose as its ledger reported it."""
+    from federation import messages as M
+    from privacy.ledger import GaussianMechanism
+
+    hospitals = {}
+    for name, s in sorted(spends.items()):
+        count = int(s.get(M.EVAL_COUNT, 0))
+        z = float(s.get(M.EVAL_NOISE_MULTIPLIER, 0.0))
+        evaluation = {"mechanism": "gaussian", "noise_multiplier": z, "count": count,
+                      "epsilon": GaussianMechanism.gaussian_release(noise_multiplier=z, count=count).epsilon(config.delta)
+                      if count and z > 0 else 0.0}
+        hospitals[name] = {
+            "mechanism": "DP-SGD, Poisson-subsampled Gaussian", "sample_rate": s[M.SAMPLE_RATE],
+            "noise_multiplier": s[M.NOISE_MULTIPLIER], "steps": int(s[M.STEPS]), "clip_norm": config.clip_norm,
+            "delta": config.delta, "epsilon": s[M.EPSILON], "target_epsilon": config.target_epsilon,
+            "evaluation": evaluation, "run_epsilon": float(s.get(M.RUN_EPSILON, s[M.EPSILON])),
+            "ledger_epsilon": float(s.get(M.LEDGER_EPSILON, s.get(M.RUN_EPSILON, s[M.EPSILON])))}
     return {
-        "guarantee": "per-patient (epsilon, delta)-DP; hospitals hold disjoint patients, so the "
-                     "released model is (max_k epsilon_k, delta)-DP",
-        "epsilon_max": max((h["epsilon"] for h in hospitals.values()), default=0.0),
+        "guarantee": "per-patient (epsilon, delta)-DP for the add/remove-one-patient relation; hospitals hold "
+                     "disjoint patients, so the released model is (max_k run_epsilon_k, delta)-DP",
+        "neighbouring": NEIGHBOURING,
+        "assumption": ASSUMPTION,
+        "epsilon_max": max((h["run_epsilon"] for h in hospitals.values()), default=0.0),
         "delta": config.delta,
         "accountant": ACCOUNTANT,
         "rdp_orders": list(RDP_ORDERS),
-        "recompute": "fedrisk privacy verify privacy_report.json (or privacy.accounting.epsilon_for"
-                     "(sample_rate=, noise_multiplier=, steps=, delta=))",
+        "recompute": "fedrisk privacy verify privacy_report.json (or privacy.ledger.compose_epsilon([GaussianMechanism"
+                     "(q, sigma, steps), GaussianMechanism.gaussian_release(noise_multiplier=z, count=count)], delta))",
         "he_parameters": he_parameters(),
         "purpose": config.purpose,
         "hospitals": hospitals,
