@@ -188,8 +188,9 @@ class HospitalAnalytics:
         digest = _data_digest(used, query)
         with self.state.ledger() as ledger:
             try:
+                slot = f"query-{query.digest()}:{digest}"
                 charge = ledger.charge(query.purpose, mechanism, run_id=run_id, kind="analytics", actor=self.name,
-                                       idempotency_key=f"query-{query.digest()}:{digest}")
+                                       slot=slot, identity=slot)
             except FedriskError as error:
                 self._refuse(error, query.purpose)
         exact = local_statistics(used, query)

@@ -208,7 +208,7 @@ class HospitalNode:
                     "the noise was calibrated for"))
             try:
                 charge = ledger.charge(cfg.purpose, self._mechanism(round_steps), run_id=run_id,
-                                       kind="training", actor=self.name, idempotency_key=key)
+                                       kind="training", actor=self.name, slot=key, identity=key)
             except FedriskError as error:
                 self._refuse(error)
         self.state.audit().append(ROUND_TRAIN, purpose=cfg.purpose, epsilon=charge.epsilon_after,
