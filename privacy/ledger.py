@@ -6,10 +6,21 @@ never as an epsilon alone, so the ledger composes charges properly: it adds the 
 of all charges over `RDP_ORDERS` and converts the sum to epsilon at the budget's delta (Opacus's
 `get_privacy_spent`). That is tighter than adding per-run epsilons, and anyone can recompute it.
 
-`charge` is atomic across processes: the check and the insert happen in one `BEGIN IMMEDIATE`
-transaction, so two requests racing for the last of a budget cannot both get it. A charge is
-identified by (purpose, run_id, idempotency_key); retrying it returns the original charge
-instead of spending twice.
+Every noisy output is charged exactly once, under one identity. A charge fills a *slot*
+(purpose, run_id, slot), e.g. "round-3" of a training run; the schema holds each slot at most
+once. The caller names the output it is about to release by an *identity* (a digest of what
+determines it: purpose, run, round, start model, run configuration, records used). Charging a
+filled slot again with the same identity, mechanism and kind is a retry and returns the
+original charge; with anything else it is a second noisy output on one slot, and is refused
+(`ChargeConflict`), because it would spend the budget twice while the ledger recorded it once.
+
+`charge` is atomic across processes without composing under the write lock: it reads a
+snapshot, composes outside any lock (the slow part), then in one `BEGIN IMMEDIATE` transaction
+checks that the purpose's budget and last charge id are unchanged and inserts, or starts again.
+After `_OPTIMISTIC_ATTEMPTS` lost races it composes under the lock, so a busy ledger still makes
+progress. Two requests racing for the last of a budget therefore cannot both get it. SQLite's
+own errors never escape a race: a lock held past `busy_timeout` is `LedgerBusy`, a slot filled
+by another process in the meantime resolves to its charge or to `ChargeConflict`.
 """
 
 from __future__ import annotations
@@ -18,34 +29,46 @@ import math
 import numbers
 import re
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
 from federation.errors import PrivacyBudgetError
 from privacy.accounting import RDP_ORDERS, rdp_analysis
 
-KINDS = ("training", "analytics")
-SCHEMA_VERSION = 1
+KINDS = ("training", "analytics", "evaluation")
+SCHEMA_VERSION = 2
+# Snapshots a charge may lose to other writers before it composes under the write lock instead.
+# Each loss means another charge committed, so this bounds the extra compositions, not the wait.
+_OPTIMISTIC_ATTEMPTS = 3
 _SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS budgets (
+_KIND_CHECK = ", ".join(f"'{kind}'" for kind in KINDS)
+_BUDGETS_TABLE = """CREATE TABLE IF NOT EXISTS budgets (
     purpose TEXT PRIMARY KEY, epsilon_total REAL NOT NULL, delta REAL NOT NULL,
-    updated_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS charges (
+    updated_at TEXT NOT NULL)"""
+_CHARGES_TABLE = f"""CREATE TABLE {{name}} (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     purpose TEXT NOT NULL REFERENCES budgets(purpose),
-    run_id TEXT NOT NULL, idempotency_key TEXT NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('training', 'analytics')), actor TEXT NOT NULL,
+    run_id TEXT NOT NULL, slot TEXT NOT NULL, identity TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL CHECK (kind IN ({_KIND_CHECK})), actor TEXT NOT NULL,
     sample_rate REAL NOT NULL, noise_multiplier REAL NOT NULL, steps INTEGER NOT NULL,
     epsilon_after REAL NOT NULL, charged_at TEXT NOT NULL,
-    UNIQUE (purpose, run_id, idempotency_key));
-"""
+    UNIQUE (purpose, run_id, slot))"""
+_COLUMNS = ("id, purpose, run_id, slot, identity, kind, actor, sample_rate, noise_multiplier, steps, "
+            "epsilon_after, charged_at")
+# Version 1 called the slot `idempotency_key`, had no identity and allowed two kinds; its rows
+# are copied as they are, with identity '' (unknown), which no later charge's identity matches.
+_FROM_V1 = ("INSERT INTO charges_v2 (id, purpose, run_id, slot, identity, kind, actor, sample_rate, "
+            "noise_multiplier, steps, epsilon_after, charged_at) SELECT id, purpose, run_id, idempotency_key, "
+            "'', kind, actor, sample_rate, noise_multiplier, steps, epsilon_after, charged_at FROM charges")
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+_R = TypeVar("_R")
 
 
 class BudgetParameterError(PrivacyBudgetError, ValueError):
@@ -67,6 +90,25 @@ class BudgetExceeded(PrivacyBudgetError):
             f"privacy budget for '{purpose}' exceeded: charge of epsilon={requested:.4g} on its own "
             f"would bring the ledger to epsilon={would_be:.4g}, spent {spent:.4g} of {total:.4g} "
             f"(delta={delta:g}); refused, nothing charged")
+
+
+class ChargeConflict(PrivacyBudgetError):
+    """A slot already holds the charge of a different noisy output; nothing was written."""
+
+    def __init__(self, ledger: Path, existing: "Charge", identity: str, mechanism: "GaussianMechanism",
+                 kind: str) -> None:
+        self.existing = existing
+        differs = [name for name, ours, theirs in (("identity", identity, existing.identity),
+                                                   ("mechanism", mechanism, existing.mechanism),
+                                                   ("kind", kind, existing.kind)) if ours != theirs]
+        super().__init__(
+            f"slot '{existing.slot}' of run '{existing.run_id}' for '{existing.purpose}' in ledger {ledger} "
+            f"was already charged for another noisy output (charge {existing.id}, different "
+            f"{' and '.join(differs)}); charging it again would spend the budget twice; refused, nothing charged")
+
+
+class LedgerBusy(PrivacyBudgetError):
+    """Another process held the ledger's lock longer than the busy timeout; nothing was written."""
 
 
 def _check(ok: bool, message: str) -> None:
@@ -158,39 +200,110 @@ class Budget:
 
 @dataclass(frozen=True)
 class Charge:
-    """One committed charge: who spent what, on which run, and the ledger's epsilon after it."""
+    """One committed charge: which slot of which run, for which noisy output (`identity`), who
+    spent what, and the purpose's epsilon after it. `id` orders charges across all purposes."""
 
+    id: int
     purpose: str
     run_id: str
-    idempotency_key: str
+    slot: str
+    identity: str
     kind: str
     actor: str
     mechanism: GaussianMechanism
     epsilon_after: float
     charged_at: str
 
+    @property
+    def idempotency_key(self) -> str:
+        """The slot, under its name before schema version 2 (for readers not yet moved)."""
+        return self.slot
+
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "mechanism": self.mechanism.to_dict()}
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """A purpose's budget (None if unset) and charges as one read transaction saw them."""
+
+    budget: Budget | None
+    charges: list[Charge]
+
+    @property
+    def last_id(self) -> int | None:
+        return self.charges[-1].id if self.charges else None
+
+
+def _charge_from_row(row: tuple[Any, ...]) -> Charge:
+    return Charge(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
+                  GaussianMechanism(row[7], row[8], row[9]), row[10], row[11])
+
+
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return "locked" in str(error) or "busy" in str(error)
 
 
 class BudgetLedger:
     """The privacy budget ledger in one SQLite file (WAL mode), safe to share between processes.
 
-    `busy_timeout` is how long, in seconds, a writer waits for another process's transaction.
+    `busy_timeout` is how long, in seconds, a writer waits for another process's transaction
+    before giving up with `LedgerBusy`. Opening a version-1 file migrates it in place.
     """
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 30.0) -> None:
         self.path = Path(path)
+        self.busy_timeout = busy_timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            with self._busy_as_typed():
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                current = self._version()
+            if current != SCHEMA_VERSION:
+                with self._transaction(immediate=True):
+                    self._upgrade(self._version())  # re-read under the lock: another opener may have done it
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _version(self) -> int:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
             raise PrivacyBudgetError(f"ledger {self.path} has schema version {version}, newer than "
                                      f"this fedrisk understands ({SCHEMA_VERSION})")
-        self._db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+        return version
+
+    def _upgrade(self, version: int) -> None:
+        """Bring the schema from `version` to SCHEMA_VERSION inside the caller's transaction.
+
+        SQLite cannot alter a CHECK constraint, so version 1's charges table is rebuilt: every
+        row copied with its id, the AUTOINCREMENT counter carried over, then the old table
+        dropped. Any failure rolls the whole file back to version 1."""
+        if version == SCHEMA_VERSION:
+            return
+        self._db.execute(_BUDGETS_TABLE)
+        if version == 0:
+            self._db.execute(_CHARGES_TABLE.format(name="IF NOT EXISTS charges"))
+        else:
+            self._db.execute(_CHARGES_TABLE.format(name="charges_v2"))
+            self._db.execute(_FROM_V1)
+            copied = self._db.execute("SELECT count(*) FROM charges_v2").fetchone()[0]
+            held = self._db.execute("SELECT count(*) FROM charges").fetchone()[0]
+            if copied != held:
+                raise PrivacyBudgetError(f"ledger {self.path}: migration copied {copied} of {held} charges; "
+                                         "left at schema version 1")
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'charges'").fetchone()
+            self._db.execute("DROP TABLE charges")
+            self._db.execute("ALTER TABLE charges_v2 RENAME TO charges")
+            if row is not None:
+                self._db.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'charges'", row)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
@@ -202,29 +315,78 @@ class BudgetLedger:
         self.close()
 
     @contextmanager
-    def _transaction(self, *, immediate: bool = False) -> Iterator[None]:
-        """One transaction; IMMEDIATE takes the write lock up front so check-then-write is atomic."""
-        self._db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    def _busy_as_typed(self) -> Iterator[None]:
+        """SQLite's "database is locked" becomes LedgerBusy naming this file; other errors pass."""
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            if not _is_busy(error):
+                raise
+            raise LedgerBusy(f"ledger {self.path} is busy: another process held it for more than "
+                             f"{self.busy_timeout:g} s; nothing was written, try again") from error
+
+    @contextmanager
+    def _transaction(self, *, immediate: bool = False) -> Iterator[None]:
+        """One transaction; IMMEDIATE takes the write lock up front so check-then-write is atomic."""
+        with self._busy_as_typed():
+            self._db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            try:
+                yield
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def _budget(self, purpose: str) -> Budget:
+        budget = self._budget_or_none(purpose)
+        if budget is None:
+            raise UnknownPurpose(f"no privacy budget set for purpose '{purpose}' in ledger {self.path}")
+        return budget
+
+    def _budget_or_none(self, purpose: str) -> Budget | None:
         row = self._db.execute("SELECT epsilon_total, delta FROM budgets WHERE purpose = ?",
                                (purpose,)).fetchone()
-        if row is None:
-            raise UnknownPurpose(f"no privacy budget set for purpose '{purpose}' in ledger {self.path}")
-        return Budget(purpose, row[0], row[1])
+        return None if row is None else Budget(purpose, row[0], row[1])
 
     def _charges(self, purpose: str) -> list[Charge]:
-        rows = self._db.execute(
-            "SELECT run_id, idempotency_key, kind, actor, sample_rate, noise_multiplier, steps, "
-            "epsilon_after, charged_at FROM charges WHERE purpose = ? ORDER BY id", (purpose,))
-        return [Charge(purpose, r[0], r[1], r[2], r[3], GaussianMechanism(r[4], r[5], r[6]), r[7], r[8])
-                for r in rows]
+        rows = self._db.execute(f"SELECT {_COLUMNS} FROM charges WHERE purpose = ? ORDER BY id", (purpose,))
+        return [_charge_from_row(row) for row in rows]
+
+    def _snapshot(self, purpose: str) -> _Snapshot:
+        """Budget and charges of `purpose` in the current transaction."""
+        return _Snapshot(self._budget_or_none(purpose), self._charges(purpose))
+
+    def _unchanged(self, purpose: str, snapshot: _Snapshot) -> bool:
+        """Whether, in the current transaction, the purpose still has the snapshot's budget and
+        last charge. Charges are never updated or deleted and ids only grow, so that is enough."""
+        last = self._db.execute("SELECT max(id) FROM charges WHERE purpose = ?", (purpose,)).fetchone()[0]
+        return last == snapshot.last_id and self._budget_or_none(purpose) == snapshot.budget
+
+    def _write_if_unchanged(self, purpose: str, plan: Callable[[_Snapshot], tuple[bool, Any]],
+                            write: Callable[[_Snapshot, Any], _R]) -> _R:
+        """Run `plan` (slow, writes nothing) on a snapshot outside the write lock, then `write`
+        under BEGIN IMMEDIATE if nothing changed since; otherwise start again. `plan` returns
+        (done, value): done means `value` is the answer and nothing needs writing. After
+        _OPTIMISTIC_ATTEMPTS changed snapshots, `plan` runs under the lock so progress is certain."""
+        for attempt in range(_OPTIMISTIC_ATTEMPTS + 1):
+            locked = attempt == _OPTIMISTIC_ATTEMPTS
+            if not locked:
+                with self._transaction():
+                    snapshot = self._snapshot(purpose)
+                done, value = plan(snapshot)
+                if done:
+                    return value
+            with self._transaction(immediate=True):
+                if locked:
+                    snapshot = self._snapshot(purpose)
+                    done, value = plan(snapshot)
+                    if done:
+                        return value
+                elif not self._unchanged(purpose, snapshot):
+                    continue
+                return write(snapshot, value)
+        raise AssertionError("unreachable: the last attempt holds the write lock")
 
     def set_budget(self, purpose: str, epsilon_total: float, delta: float) -> Budget:
         """Create or update a purpose's budget. Delta is fixed once anything has been charged
@@ -233,10 +395,12 @@ class BudgetLedger:
                f"purpose must be a slug like 'credit-risk-research', got {purpose!r}")
         _check(0.0 < epsilon_total < math.inf, f"epsilon_total must be > 0 and finite, got {epsilon_total!r}")
         _check(0.0 < delta < 1.0, f"delta must be in (0, 1), got {delta!r}")
-        with self._transaction(immediate=True):
-            charges = self._charges(purpose)
-            if charges:
-                old = self._budget(purpose)
+        budget = Budget(purpose, float(epsilon_total), float(delta))
+
+        def plan(snapshot: _Snapshot) -> tuple[bool, Budget]:
+            charges = snapshot.charges
+            if charges and snapshot.budget is not None:
+                old = snapshot.budget
                 if delta != old.delta:
                     raise PrivacyBudgetError(f"cannot change delta for '{purpose}' from {old.delta:g} to "
                                              f"{delta:g}: {len(charges)} charge(s) already recorded")
@@ -244,12 +408,17 @@ class BudgetLedger:
                 if epsilon_total < spent:
                     raise PrivacyBudgetError(f"cannot lower epsilon_total for '{purpose}' to {epsilon_total:g}: "
                                              f"{spent:.4g} already spent")
+            return False, budget
+
+        def write(snapshot: _Snapshot, budget: Budget) -> Budget:
             self._db.execute(
                 "INSERT INTO budgets (purpose, epsilon_total, delta, updated_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (purpose) DO UPDATE SET epsilon_total = excluded.epsilon_total, "
                 "delta = excluded.delta, updated_at = excluded.updated_at",
-                (purpose, float(epsilon_total), float(delta), _now()))
-        return Budget(purpose, float(epsilon_total), float(delta))
+                (purpose, budget.epsilon_total, budget.delta, _now()))
+            return budget
+
+        return self._write_if_unchanged(purpose, plan, write)
 
     def purposes(self) -> list[str]:
         """Every purpose that has a budget, in name order."""
@@ -269,11 +438,25 @@ class BudgetLedger:
         """epsilon_total minus spent (never below zero)."""
         return max(0.0, self.budget(purpose).epsilon_total - self.spent(purpose))
 
+    def run_spent(self, purpose: str, run_id: str) -> float:
+        """Epsilon, at the purpose's delta, of the composition of one run's charges only
+        (0.0 if the run has none): what that run's outputs, taken together, cost."""
+        with self._transaction():
+            budget = self._budget(purpose)
+            mechanisms = [c.mechanism for c in self._charges(purpose) if c.run_id == run_id]
+        return _epsilon(mechanisms, budget.delta)
+
     def history(self, purpose: str) -> list[Charge]:
         """Every committed charge for the purpose, oldest first."""
         with self._transaction():
             self._budget(purpose)
             return self._charges(purpose)
+
+    def all_charges(self) -> list[Charge]:
+        """Every committed charge across all purposes, in id (commit) order: the sequence a
+        hash chain over the ledger covers."""
+        with self._transaction():
+            return [_charge_from_row(row) for row in self._db.execute(f"SELECT {_COLUMNS} FROM charges ORDER BY id")]
 
     def would_spend(self, purpose: str, mechanism: GaussianMechanism) -> float:
         """The ledger's epsilon if `mechanism` were charged now (nothing is written)."""
@@ -286,41 +469,66 @@ class BudgetLedger:
         return _epsilon(mechanisms + extra, budget.delta)
 
     def charge(self, purpose: str, mechanism: GaussianMechanism, *, run_id: str, kind: str,
-               actor: str, idempotency_key: str = "") -> Charge:
-        """Charge `mechanism` to `purpose`, atomically, or raise BudgetExceeded and write nothing.
+               actor: str, slot: str, identity: str) -> Charge:
+        """Charge `mechanism` to `purpose` for one noisy output, atomically, or raise and write nothing.
 
-        (purpose, run_id, idempotency_key) names the charge: a retry with the same name and the
-        same mechanism returns the original charge without spending again (use the key to
-        charge one run several times, e.g. once per round). Reusing a name for a different
-        mechanism or kind is refused.
+        `slot` is what one run may charge at most once ("round-3", "eval-round-3",
+        "query-<digest>:<datadigest>"); `identity` names the output (normally a hex digest of
+        everything that determines it). The same (purpose, run_id, slot) with the same identity,
+        mechanism and kind is a retry: the original charge comes back and nothing is spent.
+        Anything else on a filled slot raises ChargeConflict. BudgetExceeded if the charge would
+        take the purpose past epsilon_total; LedgerBusy if another process holds the file too long.
         """
         _check(isinstance(mechanism, GaussianMechanism), f"mechanism must be a GaussianMechanism, got {mechanism!r}")
         _check(kind in KINDS, f"kind must be one of {KINDS}, got {kind!r}")
-        _check(isinstance(run_id, str) and run_id != "", f"run_id must be a non-empty string, got {run_id!r}")
-        _check(isinstance(actor, str) and actor != "", f"actor must be a non-empty string, got {actor!r}")
-        _check(isinstance(idempotency_key, str), f"idempotency_key must be a string, got {idempotency_key!r}")
-        with self._transaction(immediate=True):
-            budget = self._budget(purpose)
-            charges = self._charges(purpose)
-            for done in charges:
-                if (done.run_id, done.idempotency_key) == (run_id, idempotency_key):
-                    if (done.mechanism, done.kind) != (mechanism, kind):
-                        raise PrivacyBudgetError(
-                            f"charge '{run_id}'/'{idempotency_key}' for '{purpose}' was already recorded "
-                            f"with a different mechanism or kind ({done.mechanism.describe()}, {done.kind})")
+        for name, value in (("run_id", run_id), ("actor", actor), ("slot", slot), ("identity", identity)):
+            _check(isinstance(value, str) and value != "", f"{name} must be a non-empty string, got {value!r}")
+
+        def filled(snapshot: _Snapshot) -> Charge | None:
+            """The slot's charge if it is filled by this very output; ChargeConflict if by another."""
+            for done in snapshot.charges:
+                if (done.run_id, done.slot) == (run_id, slot):
+                    if (done.identity, done.mechanism, done.kind) != (identity, mechanism, kind):
+                        raise ChargeConflict(self.path, done, identity, mechanism, kind)
                     return done
-            spent = _epsilon([c.mechanism for c in charges], budget.delta)
-            after = _epsilon([c.mechanism for c in charges] + [mechanism], budget.delta)
+            return None
+
+        def plan(snapshot: _Snapshot) -> tuple[bool, Charge | float]:
+            if snapshot.budget is None:
+                raise UnknownPurpose(f"no privacy budget set for purpose '{purpose}' in ledger {self.path}")
+            retry = filled(snapshot)
+            if retry is not None:
+                return True, retry
+            return False, _epsilon([c.mechanism for c in snapshot.charges] + [mechanism], snapshot.budget.delta)
+
+        def write(snapshot: _Snapshot, after: Charge | float) -> Charge:
+            assert snapshot.budget is not None and isinstance(after, float)
+            budget = snapshot.budget
             if after > budget.epsilon_total:
+                spent = snapshot.charges[-1].epsilon_after if snapshot.charges else 0.0
                 raise BudgetExceeded(purpose, mechanism.epsilon(budget.delta), after, spent,
                                      budget.epsilon_total, budget.delta)
-            charge = Charge(purpose, run_id, idempotency_key, kind, actor, mechanism, after, _now())
-            self._db.execute(
-                "INSERT INTO charges (purpose, run_id, idempotency_key, kind, actor, sample_rate, "
-                "noise_multiplier, steps, epsilon_after, charged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (purpose, run_id, idempotency_key, kind, actor, mechanism.sample_rate,
-                 mechanism.noise_multiplier, mechanism.steps, after, charge.charged_at))
-        return charge
+            charged_at = _now()
+            cursor = self._db.execute(
+                "INSERT INTO charges (purpose, run_id, slot, identity, kind, actor, sample_rate, "
+                "noise_multiplier, steps, epsilon_after, charged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (purpose, run_id, slot, identity, kind, actor, mechanism.sample_rate,
+                 mechanism.noise_multiplier, mechanism.steps, after, charged_at))
+            charge_id = int(cursor.lastrowid)  # type: ignore[arg-type]  # set: the INSERT just ran
+            return Charge(charge_id, purpose, run_id, slot, identity, kind, actor, mechanism, after, charged_at)
+
+        try:
+            return self._write_if_unchanged(purpose, plan, write)
+        except sqlite3.IntegrityError as error:
+            # Only reachable if the slot was filled behind the unchanged-check (the schema's
+            # UNIQUE caught it): resolve against what is now there.
+            with self._transaction():
+                snapshot = self._snapshot(purpose)
+            retry = filled(snapshot)
+            if retry is None:
+                raise PrivacyBudgetError(f"ledger {self.path} refused the charge of slot '{slot}' of run "
+                                         f"'{run_id}' for '{purpose}': {error}") from error
+            return retry
 
 
 def _now() -> str:

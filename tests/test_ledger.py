@@ -1,13 +1,14 @@
-"""Budget ledger: refuses overspending atomically, composes by RDP, survives races and restarts."""
+"""Budget ledger: refuses overspending, composes by RDP, charges each noisy output once, migrates.
+
+The multi-process races are in test_ledger_races.py."""
 
 from __future__ import annotations
 
-import multiprocessing
-from collections.abc import Iterator
+import hashlib
 import sqlite3
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import dp_accounting
 import numpy as np
@@ -15,8 +16,8 @@ import pytest
 
 from federation.errors import FedriskError, PrivacyBudgetError
 from privacy.accounting import RDP_ORDERS, epsilon_for
-from privacy.ledger import (BudgetExceeded, BudgetLedger, BudgetParameterError, GaussianMechanism,
-                            UnknownPurpose)
+from privacy.ledger import (KINDS, SCHEMA_VERSION, BudgetExceeded, BudgetLedger, BudgetParameterError,
+                            ChargeConflict, GaussianMechanism, LedgerBusy, UnknownPurpose)
 
 PURPOSE = "credit-risk-research"
 DELTA = 1e-5
@@ -27,9 +28,6 @@ RUNS = [  # three DP-SGD runs and two Gaussian releases (q = 1), as a hospital m
     (GaussianMechanism(0.005, 0.9, 2000), "training"),
     (GaussianMechanism.gaussian_release(noise_multiplier=35.0), "analytics"),
 ]
-# Race set-up: BASE spends most of the budget; one RACER costs ~60% of what is left, two cost more.
-BASE = GaussianMechanism(0.01, 1.0, 1000)
-RACER = GaussianMechanism(0.01, 1.0, 800)
 
 
 def _dp_accounting_epsilon(mechanisms: list[GaussianMechanism], delta: float) -> float:
@@ -40,6 +38,11 @@ def _dp_accounting_epsilon(mechanisms: list[GaussianMechanism], delta: float) ->
         event = gaussian if m.sample_rate == 1.0 else dp_accounting.PoissonSampledDpEvent(m.sample_rate, gaussian)
         accountant.compose(event, m.steps)
     return accountant.get_epsilon(delta)
+
+
+def identity(*parts: object) -> str:
+    """A noisy output's identity as a caller computes it: a digest of what determines it."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
 def _content(path: Path) -> str:
@@ -56,17 +59,20 @@ def ledger(tmp_path: Path) -> Iterator[BudgetLedger]:
 
 def _charge_all(ledger: BudgetLedger, runs: list[tuple[GaussianMechanism, str]] = RUNS) -> None:
     for i, (mechanism, kind) in enumerate(runs):
-        ledger.charge(PURPOSE, mechanism, run_id=f"run-{i}", kind=kind, actor="alice@hospital-a")
+        ledger.charge(PURPOSE, mechanism, run_id=f"run-{i}", kind=kind, actor="alice@hospital-a",
+                      slot="round-1", identity=identity(f"run-{i}", 1))
 
 
 def test_a_run_that_would_overspend_is_refused_and_the_ledger_is_unchanged(ledger: BudgetLedger) -> None:
     ledger.set_budget(PURPOSE, 3.0, DELTA)
-    ledger.charge(PURPOSE, GaussianMechanism(0.01, 1.1, 500), run_id="run-1", kind="training", actor="alice")
+    ledger.charge(PURPOSE, GaussianMechanism(0.01, 1.1, 500), run_id="run-1", kind="training", actor="alice",
+                  slot="round-1", identity=identity("run-1", 1))
     history, spent, content = ledger.history(PURPOSE), ledger.spent(PURPOSE), _content(ledger.path)
     greedy = GaussianMechanism(0.02, 0.8, 1000)
     assert ledger.would_spend(PURPOSE, greedy) > 3.0
     with pytest.raises(BudgetExceeded) as refused:
-        ledger.charge(PURPOSE, greedy, run_id="run-2", kind="training", actor="alice")
+        ledger.charge(PURPOSE, greedy, run_id="run-2", kind="training", actor="alice", slot="round-1",
+                      identity=identity("run-2", 1))
     message = str(refused.value)
     assert "\n" not in message and PURPOSE in message and "of 3 (delta=1e-05)" in message
     assert f"{spent:.4g}" in message and f"{greedy.epsilon(DELTA):.4g}" in message
@@ -104,48 +110,6 @@ def test_gaussian_release_is_the_unsampled_case_with_the_closed_form_curve() -> 
     assert GaussianMechanism(0.01, 1.0, 10).name == "poisson-subsampled-gaussian"
 
 
-def _race_worker(path: str, barrier: Any, results: Any, index: int) -> None:
-    """One process: open the ledger, wait for all the others, then try to charge RACER."""
-    with BudgetLedger(path) as ledger:
-        barrier.wait()
-        try:
-            ledger.charge(PURPOSE, RACER, run_id=f"race-{index}", kind="training", actor=f"process-{index}")
-            results.put((index, "charged"))
-        except BudgetExceeded:
-            results.put((index, "refused"))
-        except Exception as error:  # reported, so the test fails with the reason
-            results.put((index, f"error: {error!r}"))
-
-
-def test_processes_racing_for_the_last_of_a_budget_cannot_both_get_it(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite"
-    with BudgetLedger(path) as ledger:
-        ledger.set_budget(PURPOSE, 10.0, DELTA)
-        ledger.charge(PURPOSE, BASE, run_id="base", kind="training", actor="alice")
-        spent = ledger.spent(PURPOSE)
-        ledger.set_budget(PURPOSE, spent + 1.0, DELTA)  # 1.0 left
-        assert 0.5 < ledger.would_spend(PURPOSE, RACER) - spent < 0.7
-        twice = GaussianMechanism(RACER.sample_rate, RACER.noise_multiplier, 2 * RACER.steps)
-        assert ledger.would_spend(PURPOSE, twice) > spent + 1.0  # two racers cannot both fit
-    processes = 4
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(processes), ctx.Queue()
-    workers = [ctx.Process(target=_race_worker, args=(str(path), barrier, results, i)) for i in range(processes)]
-    for worker in workers:
-        worker.start()
-    outcomes = [results.get(timeout=180) for _ in workers]
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
-    verdicts = sorted(verdict for _, verdict in outcomes)
-    assert verdicts == ["charged"] + ["refused"] * (processes - 1), verdicts
-    with BudgetLedger(path) as ledger:
-        history = ledger.history(PURPOSE)
-        assert [c.run_id for c in history][0] == "base" and len(history) == 2
-        assert history[1].run_id == f"race-{next(i for i, v in outcomes if v == 'charged')}"
-        assert ledger.spent(PURPOSE) <= ledger.budget(PURPOSE).epsilon_total
-
-
 def test_the_ledger_persists_across_reopening(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     with BudgetLedger(path) as ledger:
@@ -155,7 +119,8 @@ def test_the_ledger_persists_across_reopening(tmp_path: Path) -> None:
     with BudgetLedger(path) as reopened:
         assert (reopened.budget(PURPOSE), reopened.history(PURPOSE), reopened.spent(PURPOSE)) == before
         assert reopened._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        reopened.charge(PURPOSE, RUNS[3][0], run_id="run-3", kind="training", actor="bob")
+        reopened.charge(PURPOSE, RUNS[3][0], run_id="run-3", kind="training", actor="bob", slot="round-1",
+                        identity=identity("run-3", 1))
         assert reopened.spent(PURPOSE) > before[2]
 
 
@@ -179,18 +144,20 @@ def test_history_says_who_spent_what_and_when(ledger: BudgetLedger) -> None:
 def test_a_retried_charge_is_not_charged_twice(ledger: BudgetLedger) -> None:
     ledger.set_budget(PURPOSE, 2.0, DELTA)
     round_cost = GaussianMechanism(0.01, 1.0, 300)
-    first = ledger.charge(PURPOSE, round_cost, run_id="run-7", kind="training", actor="a", idempotency_key="round-1")
+    output = identity("run-7", 1, "start-model-digest")
+    first = ledger.charge(PURPOSE, round_cost, run_id="run-7", kind="training", actor="a", slot="round-1",
+                          identity=output)
     spent = ledger.spent(PURPOSE)
-    retry = ledger.charge(PURPOSE, round_cost, run_id="run-7", kind="training", actor="a", idempotency_key="round-1")
+    retry = ledger.charge(PURPOSE, round_cost, run_id="run-7", kind="training", actor="a", slot="round-1",
+                          identity=output)
     assert retry == first and len(ledger.history(PURPOSE)) == 1 and ledger.spent(PURPOSE) == spent
-    with pytest.raises(PrivacyBudgetError, match="different mechanism"):
-        ledger.charge(PURPOSE, GaussianMechanism(0.01, 1.0, 301), run_id="run-7", kind="training",
-                      actor="a", idempotency_key="round-1")
-    ledger.charge(PURPOSE, round_cost, run_id="run-7", kind="training", actor="a", idempotency_key="round-2")
+    assert (first.slot, first.identity, first.idempotency_key) == ("round-1", output, "round-1")
+    ledger.charge(PURPOSE, round_cost, run_id="run-7", kind="training", actor="a", slot="round-2",
+                  identity=identity("run-7", 2, "start-model-digest"))
     assert len(ledger.history(PURPOSE)) == 2 and ledger.spent(PURPOSE) > spent
     ledger.set_budget(PURPOSE, ledger.spent(PURPOSE), DELTA)  # now exhausted: a retry still succeeds
-    assert ledger.charge(PURPOSE, round_cost, run_id="run-7", kind="training", actor="a",
-                         idempotency_key="round-1") == first
+    assert ledger.charge(PURPOSE, round_cost, run_id="run-7", kind="training", actor="a", slot="round-1",
+                         identity=output) == first
     assert len(ledger.history(PURPOSE)) == 2
 
 
@@ -199,8 +166,9 @@ def test_unknown_purpose_is_named(ledger: BudgetLedger) -> None:
     calls = [lambda: ledger.budget("fraud-screening"), lambda: ledger.spent("fraud-screening"),
              lambda: ledger.remaining("fraud-screening"), lambda: ledger.history("fraud-screening"),
              lambda: ledger.would_spend("fraud-screening", GaussianMechanism(0.01, 1.0, 1)),
+             lambda: ledger.run_spent("fraud-screening", "r"),
              lambda: ledger.charge("fraud-screening", GaussianMechanism(0.01, 1.0, 1), run_id="r",
-                                   kind="training", actor="a")]
+                                   kind="training", actor="a", slot="round-1", identity=identity("r", 1))]
     for call in calls:
         with pytest.raises(UnknownPurpose, match="fraud-screening"):
             call()
@@ -235,9 +203,11 @@ def test_bad_budget_parameters_are_named(ledger: BudgetLedger, purpose: str, eps
 def test_bad_charge_parameters_are_named(ledger: BudgetLedger) -> None:
     ledger.set_budget(PURPOSE, 5.0, DELTA)
     mechanism = GaussianMechanism(0.01, 1.0, 10)
-    for kwargs, parameter in [({"kind": "marketing"}, "kind"), ({"run_id": ""}, "run_id"), ({"actor": ""}, "actor")]:
+    valid = {"run_id": "r", "kind": "training", "actor": "a", "slot": "round-1", "identity": identity("r", 1)}
+    for kwargs, parameter in [({"kind": "marketing"}, "kind"), ({"run_id": ""}, "run_id"), ({"actor": ""}, "actor"),
+                              ({"slot": ""}, "slot"), ({"identity": ""}, "identity")]:
         with pytest.raises(BudgetParameterError, match=parameter):
-            ledger.charge(PURPOSE, mechanism, **{"run_id": "r", "kind": "training", "actor": "a", **kwargs})
+            ledger.charge(PURPOSE, mechanism, **{**valid, **kwargs})
     assert ledger.history(PURPOSE) == []
 
 
@@ -245,7 +215,8 @@ def test_budget_changes_that_would_falsify_the_record_are_refused(ledger: Budget
     ledger.set_budget(PURPOSE, 5.0, 1e-6)
     ledger.set_budget(PURPOSE, 5.0, DELTA)  # nothing charged yet: delta may still change
     assert ledger.spent(PURPOSE) == 0.0 and ledger.remaining(PURPOSE) == 5.0
-    ledger.charge(PURPOSE, GaussianMechanism(0.01, 1.1, 500), run_id="run-1", kind="training", actor="a")
+    ledger.charge(PURPOSE, GaussianMechanism(0.01, 1.1, 500), run_id="run-1", kind="training", actor="a",
+                  slot="round-1", identity=identity("run-1", 1))
     spent = ledger.spent(PURPOSE)
     with pytest.raises(PrivacyBudgetError, match="delta"):
         ledger.set_budget(PURPOSE, 5.0, 1e-6)
@@ -254,3 +225,176 @@ def test_budget_changes_that_would_falsify_the_record_are_refused(ledger: Budget
     assert ledger.budget(PURPOSE).epsilon_total == 5.0 and ledger.budget(PURPOSE).delta == DELTA
     assert ledger.set_budget(PURPOSE, 8.0, DELTA).epsilon_total == 8.0
     assert ledger.remaining(PURPOSE) == pytest.approx(8.0 - spent)
+
+
+def test_a_second_noisy_output_on_a_charged_slot_is_refused_and_nothing_is_written(ledger: BudgetLedger) -> None:
+    ledger.set_budget(PURPOSE, 10.0, DELTA)
+    round_cost = GaussianMechanism(0.01, 1.0, 300)
+    first = ledger.charge(PURPOSE, round_cost, run_id="run-1", kind="training", actor="a", slot="round-3",
+                          identity=identity("run-1", 3, "model-A"))
+    content = _content(ledger.path)
+    attempts = [  # the coordinator replays round 3 from another model, or with other parameters
+        {"mechanism": round_cost, "kind": "training", "identity": identity("run-1", 3, "model-B")},
+        {"mechanism": GaussianMechanism(0.01, 1.0, 301), "kind": "training", "identity": first.identity},
+        {"mechanism": round_cost, "kind": "evaluation", "identity": first.identity},
+    ]
+    for attempt, differs in zip(attempts, ["identity", "mechanism", "kind"]):
+        with pytest.raises(ChargeConflict) as refused:
+            ledger.charge(PURPOSE, attempt["mechanism"], run_id="run-1", kind=attempt["kind"], actor="a",
+                          slot="round-3", identity=attempt["identity"])
+        message = str(refused.value)
+        assert "\n" not in message and isinstance(refused.value, PrivacyBudgetError)
+        assert "already charged for another noisy output" in message and "spend the budget twice" in message
+        assert "'round-3'" in message and "'run-1'" in message and str(ledger.path) in message
+        assert f"different {differs})" in message and refused.value.existing == first
+        assert _content(ledger.path) == content
+    assert ledger.history(PURPOSE) == [first]
+
+
+def test_the_schema_itself_holds_each_slot_once_and_knows_the_kinds(ledger: BudgetLedger) -> None:
+    ledger.set_budget(PURPOSE, 10.0, DELTA)
+    assert KINDS == ("training", "analytics", "evaluation")
+    evaluation = ledger.charge(PURPOSE, GaussianMechanism.gaussian_release(noise_multiplier=30.0), run_id="run-1",
+                               kind="evaluation", actor="a", slot="eval-round-1", identity=identity("run-1", "eval"))
+    assert ledger.history(PURPOSE) == [evaluation] and evaluation.kind == "evaluation"
+    row = ("run-1", "eval-round-1", "x", "evaluation", "intruder", 1.0, 30.0, 1, 0.1, "now")
+    insert = ("INSERT INTO charges (purpose, run_id, slot, identity, kind, actor, sample_rate, noise_multiplier, "
+              "steps, epsilon_after, charged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    with sqlite3.connect(ledger.path) as db:  # writing past the Python API
+        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
+            db.execute(insert, (PURPOSE, *row))
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            db.execute(insert, (PURPOSE, "run-2", "round-1", "x", "marketing", *row[4:]))
+    assert ledger.all_charges() == [evaluation]
+
+
+def test_all_charges_span_purposes_in_id_order_and_run_spent_composes_one_run(ledger: BudgetLedger) -> None:
+    other = "fraud-screening"
+    ledger.set_budget(PURPOSE, 100.0, DELTA)
+    ledger.set_budget(other, 50.0, 1e-6)
+    plan = [(PURPOSE, "run-a", RUNS[0][0]), (other, "run-a", RUNS[1][0]), (PURPOSE, "run-b", RUNS[2][0]),
+            (PURPOSE, "run-a", RUNS[3][0]), (other, "run-c", RUNS[4][0])]
+    made = [ledger.charge(purpose, mechanism, run_id=run, kind="training", actor="a", slot=f"round-{i}",
+                          identity=identity(run, i)) for i, (purpose, run, mechanism) in enumerate(plan)]
+    everything = ledger.all_charges()
+    assert everything == made and [c.purpose for c in everything] == [p for p, _, _ in plan]
+    assert [c.id for c in everything] == sorted({c.id for c in everything})
+    assert sorted(ledger.history(PURPOSE) + ledger.history(other), key=lambda c: c.id) == everything
+    run_a = ledger.run_spent(PURPOSE, "run-a")
+    assert run_a == pytest.approx(_dp_accounting_epsilon([RUNS[0][0], RUNS[3][0]], DELTA), rel=0.02)
+    assert run_a < ledger.spent(PURPOSE)  # run-b's charge is not in it
+    assert ledger.run_spent(other, "run-a") == pytest.approx(RUNS[1][0].epsilon(1e-6))  # other purpose, its delta
+    assert ledger.run_spent(PURPOSE, "run-c") == 0.0
+
+
+def test_a_ledger_held_by_another_process_is_a_typed_refusal_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with BudgetLedger(path) as setup:
+        setup.set_budget(PURPOSE, 10.0, DELTA)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process is in the middle of a write
+    try:
+        with BudgetLedger(path, busy_timeout=0.05) as ledger:
+            for call in (lambda: ledger.charge(PURPOSE, GaussianMechanism(0.01, 1.0, 10), run_id="r", kind="training",
+                                               actor="a", slot="round-1", identity=identity("r", 1)),
+                         lambda: ledger.set_budget(PURPOSE, 12.0, DELTA)):
+                with pytest.raises(LedgerBusy) as busy:
+                    call()
+                assert str(path) in str(busy.value) and "\n" not in str(busy.value)
+                assert isinstance(busy.value, PrivacyBudgetError)
+            holder.execute("ROLLBACK")
+            charged = ledger.charge(PURPOSE, GaussianMechanism(0.01, 1.0, 10), run_id="r", kind="training",
+                                    actor="a", slot="round-1", identity=identity("r", 1))
+            assert ledger.history(PURPOSE) == [charged] and ledger.budget(PURPOSE).epsilon_total == 10.0
+    finally:
+        holder.close()
+
+
+# The schema as fedrisk shipped it at version 1, verbatim: the migration test builds its file from it.
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS budgets (
+    purpose TEXT PRIMARY KEY, epsilon_total REAL NOT NULL, delta REAL NOT NULL,
+    updated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS charges (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    purpose TEXT NOT NULL REFERENCES budgets(purpose),
+    run_id TEXT NOT NULL, idempotency_key TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('training', 'analytics')), actor TEXT NOT NULL,
+    sample_rate REAL NOT NULL, noise_multiplier REAL NOT NULL, steps INTEGER NOT NULL,
+    epsilon_after REAL NOT NULL, charged_at TEXT NOT NULL,
+    UNIQUE (purpose, run_id, idempotency_key));
+"""
+
+
+def _version_1_ledger(path: Path) -> list[tuple[object, ...]]:
+    """A version-1 ledger file as the old code left it (five charges, one with an empty key, as
+    its default was); returns its charge rows."""
+    with BudgetLedger(path.with_name("scratch.sqlite")) as scratch:  # real epsilon_after values
+        scratch.set_budget(PURPOSE, 100.0, DELTA)
+        for i, (mechanism, kind) in enumerate(RUNS):
+            scratch.charge(PURPOSE, mechanism, run_id=f"run-{i // 2}", kind=kind, actor=f"user-{i}",
+                           slot=f"round-{i}" if i else "x", identity="-")
+        rows = [(c.id, c.purpose, c.run_id, "" if i == 0 else c.slot, c.kind, c.actor, c.mechanism.sample_rate,
+                 c.mechanism.noise_multiplier, c.mechanism.steps, c.epsilon_after, c.charged_at)
+                for i, c in enumerate(scratch.history(PURPOSE))]
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA_V1} PRAGMA user_version=1; COMMIT;")
+    db.execute("INSERT INTO budgets VALUES (?, 100.0, ?, '2025-11-01T00:00:00+00:00')", (PURPOSE, DELTA))
+    db.executemany("INSERT INTO charges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    db.close()
+    return rows
+
+
+def test_a_version_1_ledger_is_migrated_in_place_keeping_every_charge(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    rows = _version_1_ledger(path)
+    with BudgetLedger(path) as ledger:
+        history = ledger.history(PURPOSE)
+        assert [(c.id, c.purpose, c.run_id, c.slot, c.kind, c.actor, c.mechanism.sample_rate,
+                 c.mechanism.noise_multiplier, c.mechanism.steps, c.epsilon_after, c.charged_at)
+                for c in history] == rows
+        assert [c.mechanism for c in history] == [m for m, _ in RUNS] and all(c.identity == "" for c in history)
+        assert ledger.spent(PURPOSE) == pytest.approx(rows[-1][9]) and ledger.budget(PURPOSE).epsilon_total == 100.0
+        migrated = _content(path)
+        assert "identity TEXT NOT NULL DEFAULT ''" in migrated and "'evaluation'" in migrated
+        # the new schema is in force: a new kind, slots still unique, ids continue
+        added = ledger.charge(PURPOSE, GaussianMechanism.gaussian_release(noise_multiplier=40.0), run_id="run-0",
+                              kind="evaluation", actor="a", slot="eval-round-1", identity=identity("run-0", "eval"))
+        assert added.id == rows[-1][0] + 1
+        with pytest.raises(ChargeConflict):  # a migrated charge's output is unknown: no identity matches it
+            ledger.charge(PURPOSE, RUNS[1][0], run_id="run-0", kind=RUNS[1][1], actor="a", slot="round-1",
+                          identity=identity("run-0", 1))
+        assert ledger.history(PURPOSE) == history + [added] and _content(path) != migrated
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("SELECT count(*) FROM sqlite_master WHERE name LIKE 'charges%' AND type = 'table'"
+                          ).fetchone()[0] == 1
+    settled = _content(path)
+    with BudgetLedger(path) as reopened:  # opening a version-2 file again changes nothing
+        assert reopened.history(PURPOSE) == history + [added]
+    assert _content(path) == settled
+
+
+def test_a_migration_that_cannot_take_the_lock_leaves_the_version_1_file_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    _version_1_ledger(path)
+    before = _content(path)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(LedgerBusy, match=str(path)):
+            BudgetLedger(path, busy_timeout=0.05)
+    finally:
+        holder.close()
+    assert _content(path) == before
+    with BudgetLedger(path) as ledger:
+        assert len(ledger.history(PURPOSE)) == len(RUNS)
+
+
+def test_a_ledger_from_a_newer_fedrisk_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version=3")
+    with pytest.raises(PrivacyBudgetError, match=f"{path}.*schema version 3"):
+        BudgetLedger(path)
