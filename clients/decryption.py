@@ -3,10 +3,11 @@
 The coordinator never sends a sum to decrypt. It sends the individual signed contributions, and
 the node
 
-1. keeps those whose signature verifies against its own copy of the federation manifest, whose
-   header names exactly the (run, round, step, kind), length and CKKS key the node expects, and
-   whose hospital's state head is not behind the one this node anchored for it; one contribution
-   per hospital (a second copy of a hospital is dropped);
+1. keeps those whose signature verifies against its own copy of the federation manifest and whose
+   header names exactly the (run, round, step, kind), length and CKKS key the node expects; one
+   contribution per hospital (a second copy of a hospital is dropped); and, at a run's census
+   (made fresh when the run starts), only those whose hospital's state head is not behind the
+   newest this node has anchored for it (`clients.anchoring`);
 2. requires at least its policy's minimum of distinct hospitals among them;
 3. decrypts once per (run, round, step, kind): the first verified set is decrypted, flooded and
    rounded (`HospitalKey.decrypt_flooded`) and recorded in `decryptions.sqlite`; asking again
@@ -78,8 +79,10 @@ class VerifiedDecryptor:
         error.audited = True  # type: ignore[attr-defined]
         raise error
 
-    def verified(self, contributions: Sequence[SignedContribution], expected: Expected) -> list[SignedContribution]:
-        """The contributions that may enter the sum, one per hospital, in hospital order."""
+    def verified(self, contributions: Sequence[SignedContribution], expected: Expected,
+                 first: bool = True) -> list[SignedContribution]:
+        """The contributions that may enter the sum, one per hospital, in hospital order. `first`:
+        the step has not been decrypted yet (only then are census heads held to the anchors)."""
         anchors = AnchorStore(self.state.directory)  # type: ignore[attr-defined]
         kept: dict[str, SignedContribution] = {}
         audit = self.state.audit()  # type: ignore[attr-defined]
@@ -99,7 +102,7 @@ class VerifiedDecryptor:
                     self.key.parse(item.ciphertexts, expected.length)
                 except (ProtocolError, ReplyRejected) as exc:
                     reason = str(exc)
-            if reason is None and anchors.behind(header) is not None:
+            if reason is None and first and expected.step == "census" and anchors.behind(header) is not None:
                 reason = "its hospital's ledger is behind the head this node anchored for it"
                 audit.append(ANCHOR_BEHIND, details={"hospital": header.hospital, "step": expected.step})
             if reason is not None:
@@ -113,7 +116,9 @@ class VerifiedDecryptor:
 
     def decrypt(self, contributions: Sequence[SignedContribution], expected: Expected) -> np.ndarray:
         """The flooded, rounded sum of the verified contributions (see the module docstring)."""
-        items = self.verified(contributions, expected)
+        with closing(sqlite3.connect(self.path, timeout=30.0)) as db:
+            recorded = db.execute("SELECT 1 FROM decryptions WHERE identity = ?", (expected.identity,)).fetchone()
+        items = self.verified(contributions, expected, first=recorded is None)
         if len(items) < self.min_contributors:
             self._refuse(f"refusing to decrypt a {expected.step} aggregate of {len(items)} verified hospital(s); "
                          f"this node's policy requires at least {self.min_contributors}")

@@ -11,21 +11,25 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import tenseal as ts
 
 import server.strategy as strategy_module
 from experiments.simulation import simulate
 from federation import messages as M
+from federation import round_evaluation
 from federation.config import RunConfig
-from federation.he_codec import ServerContext
+from federation.contributions import from_record
+from federation.he_codec import SERVER_CONTEXT_FILE, ServerContext
 from federation.model import weights_digest
 from privacy.accounting import calibrate_noise, epsilon_for
+from privacy.ledger import GaussianMechanism, compose_epsilon
 from tests.test_accounting import _independent_epsilon
 
 pytestmark = pytest.mark.slow
 
-ALLOWED_REPLY_KEYS = {M.CIPHERTEXTS, M.HOSPITAL, M.KEY_ID, M.PARAMS_ID}
-ALLOWED_METRIC_KEYS = {M.EPSILON, M.STEPS, M.NOISE_MULTIPLIER, M.SAMPLE_RATE, M.TRAIN_SECONDS, M.HE_SECONDS}
+ALLOWED_REPLY_KEYS = {M.HOSPITAL}
+ALLOWED_CONTRIBUTION_KEYS = {"headers", "signatures", "ciphertexts-0"}
+ALLOWED_METRIC_KEYS = {M.EPSILON, M.STEPS, M.NOISE_MULTIPLIER, M.SAMPLE_RATE, M.TRAIN_SECONDS, M.HE_SECONDS,
+                       M.RUN_EPSILON, M.LEDGER_EPSILON}
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +54,37 @@ def run(federation_data, keys, tmp_path_factory):
     return config, result, captured
 
 
-def test_federated_model_clearly_beats_a_constant_predictor(run) -> None:
+def test_federated_model_clearly_beats_a_constant_predictor_and_its_dp_auc_says_so(run) -> None:
+    from clients.evaluation import risk_metrics
+    from clients.node_state import NodeState
+    from federation.model import load_model, predict_proba
+
     config, result, _ = run
     final = result.rounds[config.rounds]
-    assert final["auc"] > 0.66, f"federated AUC {final['auc']:.3f}; a constant predictor scores 0.5"
     assert final["hospitals"] == 3
+    held_out = [NodeState.load(d).load_records(config.purpose) for d in sorted(Path(config.run_dir, "nodes").iterdir())]
+    x = np.concatenate([h.test_x for h in held_out])
+    y = np.concatenate([h.test_y for h in held_out])
+    exact = risk_metrics(y, predict_proba(load_model(config.model, result.weights, config.input_size), x))["auc"]
+    assert exact > 0.66, f"released model's AUC {exact:.3f} on the held-out records; a constant predictor scores 0.5"
+    # the DP evaluation's AUC (all the server ever sees) agrees with the exact one within its noise
+    assert abs(final["auc"] - exact) < 4 * final["auc_se"] + 0.02, (final["auc"], final["auc_se"], exact)
 
 
 def test_train_replies_carry_ciphertext_only(run, keys) -> None:
     config, _, replies = run
     assert len(replies) == 3 * config.rounds
     server = ServerContext.load(keys.server_context.parent)
+    assert (keys.server_context.parent / SERVER_CONTEXT_FILE).read_bytes() == keys.server_context.read_bytes()
     for reply in replies:
         content = reply.content
         assert not content.array_records, "no plaintext arrays may travel in a train reply"
         record = content.config_records[M.REPLY]
         assert set(record.keys()) <= ALLOWED_REPLY_KEYS
-        for blob in record[M.CIPHERTEXTS]:
-            vector = ts.ckks_vector_from(server.context, blob)
-            with pytest.raises(ValueError):
-                vector.decrypt()
+        assert set(content.config_records[M.CONTRIBUTION].keys()) <= ALLOWED_CONTRIBUTION_KEYS
+        (contribution,) = from_record(content.config_records[M.CONTRIBUTION], "reply")
+        assert contribution.header.step == "train" and contribution.header.hospital == record[M.HOSPITAL]
+        server.parse(contribution.ciphertexts, contribution.header.length)  # ciphertexts, of the federation's shape
         metrics = content.metric_records[M.METRICS]
         assert set(metrics.keys()) <= ALLOWED_METRIC_KEYS
 
@@ -88,9 +103,19 @@ def test_each_epsilon_is_within_target_and_recomputes_from_what_ran(run) -> None
     config, result, _ = run
     hospitals = result.privacy["hospitals"]
     assert len(hospitals) == 3
+    z = round_evaluation.evaluation_noise_multiplier(config.evaluation_budget, config.delta, config.rounds)
     sigma = calibrate_noise(target_epsilon=config.target_epsilon, delta=config.delta,
-                            sample_rate=config.sample_rate, steps=config.planned_steps)
+                            sample_rate=config.sample_rate, steps=config.planned_steps,
+                            extra=((1.0, z, config.rounds),))
     for spend in hospitals.values():
+        assert spend["evaluation"]["count"] == config.rounds
+        assert spend["evaluation"]["noise_multiplier"] == pytest.approx(z)
+        run_epsilon = compose_epsilon([GaussianMechanism(spend["sample_rate"], spend["noise_multiplier"], spend["steps"]),
+                                       GaussianMechanism.gaussian_release(noise_multiplier=z, count=config.rounds)],
+                                      config.delta)
+        assert run_epsilon == pytest.approx(spend["run_epsilon"], rel=1e-6)
+        assert run_epsilon <= config.target_epsilon
+        assert spend["ledger_epsilon"] >= spend["run_epsilon"] - 1e-9
         assert spend["steps"] == config.rounds * config.local_epochs * round(1 / config.sample_rate)
         assert spend["noise_multiplier"] == pytest.approx(sigma)
         recomputed = epsilon_for(sample_rate=spend["sample_rate"], noise_multiplier=spend["noise_multiplier"],
@@ -99,7 +124,7 @@ def test_each_epsilon_is_within_target_and_recomputes_from_what_ran(run) -> None
         assert recomputed <= config.target_epsilon
         independent = _independent_epsilon(spend["sample_rate"], spend["noise_multiplier"],
                                            spend["steps"], spend["delta"])
-        assert independent <= config.target_epsilon * 1.02
+        assert independent <= spend["epsilon"] * 1.02
 
 
 def test_mlflow_run_has_parameters_metrics_and_release(run) -> None:
@@ -125,7 +150,7 @@ def test_release_artifact_matches_its_hash(run) -> None:
     weights = np.load(release / "model.npz")["weights"]
     assert weights_digest(weights) == result.digest == (release / "model.sha256").read_text().strip()
     report = json.loads((release / "privacy_report.json").read_text())
-    assert report["epsilon_max"] == max(h["epsilon"] for h in report["hospitals"].values())
+    assert report["epsilon_max"] == max(h["run_epsilon"] for h in report["hospitals"].values())
 
 
 def test_server_side_files_hold_no_identifiers(run, federation_data) -> None:

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from clients.app import app as client_app
 from clients.node_state import NodeState
@@ -55,7 +57,10 @@ class Coordinator:
 
     def send(self, node: NodeState, message_type: str, records: dict[str, Any]) -> Message:
         """Deliver one message to `node`'s ClientApp and return its reply."""
-        message = Message(content=RecordDict(records), dst_node_id=1, message_type=message_type)
+        metadata = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=1,
+                            reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                            message_type=message_type)
+        message = Message(content=RecordDict(records), metadata=metadata)
         context = Context(run_id=1, node_id=1, node_config={"node-dir": str(node.directory)},
                           state=RecordDict(), run_config={})
         return client_app(message, context)
