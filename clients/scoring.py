@@ -1,30 +1,35 @@
-"""Consented scoring at the hospital node: one applicant, one bank, one released model.
+"""Consented scoring at the hospital node: one applicant, one bank, one released model, a few times.
 
 A bank may learn the risk score of an applicant who authorised it (a grant token, see
-`privacy.grants`) and whose hospital consent for `applicant-scoring` still holds, computed by a
-released model (DP-trained, installed here with its SHA-256). Nothing else leaves the node: the
-score, its risk band and up to three reason codes in plain language.
+`privacy.grants`) and whose hospital consent for `applicant-scoring` still holds, computed by the
+one released model the grant names (DP-trained, installed here with its SHA-256). Nothing else
+leaves the node: the probability rounded to 0.01, its risk band (from that rounded probability)
+and up to three reason categories in plain language, with no magnitudes. Each score spends one
+of the grant's few uses, at most one per grant per `grant_interval_s`: together with the short
+expiry, scoring cannot be turned into monitoring an applicant's health.
 
 Reason codes come from occlusion against the public reference patient of `federation.features`
 (every input encoded 0): contribution of a reason category = p(x) - p(x with the category's
 inputs set to the reference). Categories (`REASON_CATEGORIES`) are what a bank may be told:
 billing behaviour item by item, but every diagnosis and test result in one undisclosed
-"health record" category, and sex never. The reasons given are the largest positive
-contributions, i.e. what raised this applicant's score above the reference.
+"health record" category, and sex never. The reasons given are the categories with the largest
+positive contributions, i.e. what raised this applicant's score above the reference, largest
+first; the contributions themselves stay at the node (their exact values, re-read over time,
+would track the applicant's record more finely than the rounded score).
 Inputs the export schema withholds from `applicant-scoring` (psych-social conditions in the
 shipped schema) are never read: they sit at the reference value, so they neither move the score
 nor appear as a reason.
 
 Speed without staleness: the validated, de-identified and encoded export and each loaded model
 are cached, keyed on file identity (inode, mtime, size) and the date. Grants, consent
-revocations and release status are read afresh on every request, so a revocation or a
-withdrawal applies to the very next score.
+revocations, release status and grant uses are read afresh on every request, so a revocation, a
+withdrawal or a spent use applies to the very next score. Every check that can refuse runs
+before a use is spent, so a refused request costs the applicant nothing.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 import zipfile
@@ -49,20 +54,31 @@ from federation.model import (
     weights_digest,
 )
 from privacy.audit import AuditIdentifierError, Digest
-from privacy.grants import SCORING_PURPOSE, GrantAuthority
+from privacy.grants import (
+    DEFAULT_GRANT_HOURS,
+    DEFAULT_GRANT_INTERVAL_S,
+    DEFAULT_GRANT_USES,
+    RELEASE_PATTERN,
+    SCORING_PURPOSE,
+    GrantAuthority,
+)
 
 LOW_BAND_UPPER = 0.10
 """A probability of 90-day delinquency below 10% is `low` risk (about the population base rate)."""
 MEDIUM_BAND_UPPER = 0.30
 """From 10% up to 30% is `medium`; 30% and above is `high`."""
+PROBABILITY_DECIMALS = 2
+"""Scores leave the node rounded to 0.01: enough for a lending decision, too coarse to follow small
+changes in an applicant's record."""
 TOP_REASONS = 3
-"""Reason codes returned with a score: the largest positive contributions, at most this many."""
+"""Reason categories returned with a score: those with the largest positive contributions, at most
+this many, largest first."""
 SCORE_USE, SCORE_REFUSED = "score.grant-use", "score.refused"
 """Audit actions of the scorer (grant refusals are audited by the GrantAuthority)."""
 
 RELEASES_DIR, RELEASE_FILE, MODEL_FILE, DIGEST_FILE = "releases", "release.json", "model.npz", "model.sha256"
 STATUS_ACTIVE, STATUS_WITHDRAWN = "active", "withdrawn"
-RELEASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RELEASE_ID_PATTERN = RELEASE_PATTERN
 """Release ids are plain names (they name a directory): 1-64 letters, digits, '.', '-', '_'."""
 # ScoringRefused kinds, mapped to status codes by the scoring service.
 UNKNOWN_RELEASE, WITHDRAWN_RELEASE, DAMAGED_RELEASE = "unknown-release", "withdrawn-release", "damaged-release"
@@ -109,21 +125,27 @@ class ScoringRefused(FedriskError):
 
 @dataclass(frozen=True)
 class ReasonCode:
-    """One reason that raised the score: feature group, plain words, contribution to the probability."""
+    """One reason that raised the score: its category (a key of REASON_CATEGORIES) and the
+    category's fixed phrase. No magnitude: only the order of the reasons says which weighed more."""
 
     feature: str
     phrase: str
-    contribution: float
 
 
 @dataclass(frozen=True)
 class Score:
-    """What the bank receives: probability of 90-day delinquency, band, reasons, the release used."""
+    """What the bank receives: probability of 90-day delinquency (rounded to PROBABILITY_DECIMALS),
+    the band of that rounded probability, reason categories, the release used."""
 
     probability: float
     band: str
     reasons: tuple[ReasonCode, ...]
     release_id: str
+
+
+def round_probability(probability: float) -> float:
+    """The probability as it leaves the node: rounded to PROBABILITY_DECIMALS."""
+    return round(float(probability), PROBABILITY_DECIMALS)
 
 
 def risk_band(probability: float) -> str:
@@ -152,9 +174,10 @@ def score_record(model_kind: str, weights: np.ndarray, n_features: int,
 
 
 def top_reasons(contributions: dict[str, float], limit: int = TOP_REASONS) -> tuple[ReasonCode, ...]:
-    """The `limit` largest positive contributions, largest first, with their phrases."""
+    """The categories of the `limit` largest positive contributions, largest first, with their
+    phrases (the contributions themselves are not returned)."""
     raised = sorted(((c, g) for g, c in contributions.items() if c > 0.0), key=lambda item: -item[0])
-    return tuple(ReasonCode(g, REASON_PHRASES[g], c) for c, g in raised[:limit])
+    return tuple(ReasonCode(g, REASON_PHRASES[g]) for _, g in raised[:limit])
 
 
 # --- installed releases: <node>/releases/<id>/{model.npz, model.sha256, release.json} -------------
@@ -319,30 +342,41 @@ class ConsentedRecords:
         return snapshot.x[index]
 
 
-def grant_authority(state: NodeState) -> GrantAuthority:
-    """The node's grant authority, auditing to the node's audit log."""
-    return GrantAuthority(state.directory, state.hospital, audit=state.audit())
+def grant_authority(state: NodeState, min_interval_s: float = DEFAULT_GRANT_INTERVAL_S) -> GrantAuthority:
+    """The node's grant authority, auditing to the node's audit log; `min_interval_s` is its
+    per-grant rate limit (seconds between two uses of one grant)."""
+    return GrantAuthority(state.directory, state.hospital, audit=state.audit(), min_interval_s=min_interval_s)
 
 
-def issue_grant(state: NodeState, record_key: str, bank: str, days: int) -> str:
-    """Issue an applicant-scoring grant for the patient the operator names by record key. Only
-    the pseudonym is stored; refused unless the patient's applicant-scoring consent holds."""
+def issue_grant(state: NodeState, record_key: str, bank: str, release_id: str, *,
+                hours: int = DEFAULT_GRANT_HOURS, uses: int = DEFAULT_GRANT_USES) -> str:
+    """Issue an applicant-scoring grant for the patient the operator names by record key: `bank`
+    may score them with release `release_id`, `uses` times within `hours`. Only the pseudonym is
+    stored; refused unless the release is installed and active here and the patient's
+    applicant-scoring consent holds."""
     pseudonym = state.pseudonym_key().pseudonymise(pd.Series([record_key])).iloc[0]
     try:
+        release = read_release(state.directory / RELEASES_DIR, release_id)
+        if release.status != STATUS_ACTIVE:
+            raise ScoringRefused(WITHDRAWN_RELEASE, f"release {release_id} is {release.status}")
         ConsentedRecords(state).row(pseudonym)
     except ScoringRefused as exc:
         raise ConfigError(f"no grant issued: {str(exc).removeprefix('score refused: ')}") from None
-    return grant_authority(state).issue(pseudonym, bank, SCORING_PURPOSE, days)
+    return grant_authority(state).issue(pseudonym, bank, release_id, SCORING_PURPOSE, hours=hours, uses=uses)
 
 
 class ConsentedScorer:
     """Scores applicants at one node. node_state: the node; releases_dir: installed releases
-    (default `<node>/releases`). Safe to share between threads."""
+    (default `<node>/releases`); grant_interval_s: the per-grant rate limit, least seconds
+    between two scores with one grant (default DEFAULT_GRANT_INTERVAL_S, 0 disables it).
+    Safe to share between threads, and between processes on one node (uses are counted in
+    the node's grants.sqlite)."""
 
-    def __init__(self, node_state: NodeState, releases_dir: Path | None = None) -> None:
+    def __init__(self, node_state: NodeState, releases_dir: Path | None = None, *,
+                 grant_interval_s: float = DEFAULT_GRANT_INTERVAL_S) -> None:
         self.state = node_state
         self.releases_dir = Path(releases_dir or node_state.directory / RELEASES_DIR)
-        self.authority, self.audit = grant_authority(node_state), node_state.audit()
+        self.authority, self.audit = grant_authority(node_state, grant_interval_s), node_state.audit()
         self.records = ConsentedRecords(node_state)
         self._models: dict[str, tuple[tuple[object, ...], torch.nn.Module]] = {}
         self._lock = threading.Lock()
@@ -369,22 +403,26 @@ class ConsentedScorer:
             return cached[1]
 
     def score(self, token: str, bank: str, release_id: str) -> Score:
-        """Score the applicant `token` authorises `bank` to score, with release `release_id`.
+        """Score the applicant `token` authorises `bank` to score, with release `release_id` (the
+        one the grant names). Every refusal comes before the grant's use is spent; the use is
+        then spent atomically (GrantAuthority.consume), and only then is the score computed.
         Raises GrantRefused or ScoringRefused (one line); every outcome is audited."""
-        grant = self.authority.verify(token, bank, SCORING_PURPOSE)
-        named = {"grant": Digest(grant.grant_id), "bank": bank,
-                 "release": release_id if RELEASE_ID_PATTERN.match(str(release_id)) else None}
+        grant = self.authority.verify(token, bank, release_id, SCORING_PURPOSE)
+        named = {"grant": Digest(grant.grant_id), "bank": bank, "release": release_id}
         try:
             model = self._model(release_id)
-            probability, contributions = occlusion(model, self.records.row(grant.pseudonym))
+            row = self.records.row(grant.pseudonym)
         except ScoringRefused as refusal:
             self._audit(SCORE_REFUSED, {"kind": refusal.kind, "reason": str(refusal), **named})
             raise
         except FedriskError as problem:  # the node's own export or state is unusable: say so, not why
             self._audit(SCORE_REFUSED, {"kind": NODE_UNAVAILABLE, "reason": str(problem)[:300], **named})
             raise ScoringRefused(NODE_UNAVAILABLE, "the node cannot score at the moment (see its audit log)") from None
-        self._audit(SCORE_USE, named)
-        return Score(probability, risk_band(probability), top_reasons(contributions), release_id)
+        left = self.authority.consume(grant)  # GrantRefused (used up, rate-limited) is audited by the authority
+        probability, contributions = occlusion(model, row)
+        rounded = round_probability(probability)
+        self._audit(SCORE_USE, {**named, "uses-left": left})
+        return Score(rounded, risk_band(rounded), top_reasons(contributions), release_id)
 
     def _audit(self, action: str, details: dict[str, object]) -> None:
         try:

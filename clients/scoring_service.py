@@ -1,6 +1,7 @@
 """The hospital's scoring endpoint: consented applicant scores for the bank-facing signals service.
 
     POST /v1/score      {grant, bank, release} -> {probability, band, reasons, release}
+                        (probability rounded to 0.01; reasons are categories and phrases only)
     GET  /v1/health     liveness and which hospital this is
     GET  /v1/grant-key  the hospital's Ed25519 grant-verification key (PEM), public
 
@@ -10,15 +11,22 @@ needs no slow hash) in a token file, compared in constant time. A refusal is a 4
 `{"detail": "<one line>"}` saying why (never a stack trace, pseudonym or record key):
 
     401 missing or wrong service token          400 malformed grant token
-    403 grant forged, unknown, expired, revoked, for another bank or purpose, or no consent
+    403 grant forged, unknown, expired, revoked, used up, for another bank, purpose or release,
+        or no consent
     404 unknown release, or the patient's record is gone     409 release withdrawn or damaged
-    422 request body does not fit the schema    503 the node's own export or state is unusable
+    422 request body does not fit the schema    429 the grant was used too recently (Retry-After)
+    503 the node's own export or state is unusable
+
+Each grant allows a few scores (its `uses`), at most one per `grant_interval_s` (`fedrisk node
+serve --grant-interval`, default 60 s): the node's own rate limit per grant, whatever service
+or bank is asking. Counted in the node's grants.sqlite, so it holds across workers and restarts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import re
 import secrets
@@ -48,7 +56,8 @@ ServiceCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEA
 
 STATUS_BY_KIND: dict[str, int] = {
     grants.MALFORMED: 400, grants.FORGED: 403, grants.UNKNOWN: 403, grants.EXPIRED: 403, grants.REVOKED: 403,
-    grants.WRONG_BANK: 403, grants.WRONG_PURPOSE: 403, scoring.NO_CONSENT: 403,
+    grants.WRONG_BANK: 403, grants.WRONG_PURPOSE: 403, grants.WRONG_RELEASE: 403, grants.USED_UP: 403,
+    grants.RATE_LIMITED: 429, scoring.NO_CONSENT: 403,
     scoring.UNKNOWN_RELEASE: 404, scoring.NO_RECORD: 404,
     scoring.WITHDRAWN_RELEASE: 409, scoring.DAMAGED_RELEASE: 409, scoring.NODE_UNAVAILABLE: 503,
 }
@@ -103,20 +112,24 @@ class ScoreRequest(BaseModel):
 
 
 class Reason(BaseModel):
-    """One reason that raised the score (occlusion against the public reference patient)."""
+    """One reason category that raised the score (occlusion against the public reference patient);
+    no magnitude."""
 
-    feature: str = Field(description="feature group, e.g. prior_late_payments_24m")
-    phrase: str = Field(description="plain words a loan officer can pass on")
-    contribution: float = Field(description="p(applicant) - p(applicant with this group at the reference)")
+    feature: Literal[tuple(scoring.REASON_CATEGORIES)] = Field(  # type: ignore[valid-type]
+        description="reason category (a group of model inputs), e.g. late-payments")
+    phrase: str = Field(description="the category's fixed words, which a loan officer can pass on")
 
 
 class ScoreResponse(BaseModel):
     """A consented applicant score."""
 
-    probability: float = Field(ge=0.0, le=1.0, description="probability of 90-day delinquency within 12 months")
+    probability: float = Field(ge=0.0, le=1.0, description="probability of 90-day delinquency within 12 months, "
+                                                            f"rounded to {scoring.PROBABILITY_DECIMALS} decimals")
     band: Literal["low", "medium", "high"] = Field(
-        description=f"low < {scoring.LOW_BAND_UPPER} <= medium < {scoring.MEDIUM_BAND_UPPER} <= high")
-    reasons: list[Reason] = Field(max_length=scoring.TOP_REASONS, description="largest raising reasons first")
+        description=f"of the rounded probability: low < {scoring.LOW_BAND_UPPER} <= medium < "
+                    f"{scoring.MEDIUM_BAND_UPPER} <= high")
+    reasons: list[Reason] = Field(max_length=scoring.TOP_REASONS,
+                                  description="categories that raised the score, the weightiest first")
     release: str
 
 
@@ -145,13 +158,18 @@ def _problem(status: int, detail: str, headers: dict[str, str] | None = None) ->
     return JSONResponse(status_code=status, content={"detail": detail}, headers=headers)
 
 
-def make_app(node_dir: Path, service_token_hash: str) -> FastAPI:
+def make_app(node_dir: Path, service_token_hash: str, *,
+             grant_interval_s: float = grants.DEFAULT_GRANT_INTERVAL_S) -> FastAPI:
     """The scoring app of the node at `node_dir`; `service_token_hash` is the SHA-256 hex of the
-    only token `/v1/score` accepts."""
+    only token `/v1/score` accepts; `grant_interval_s` the least seconds between two scores with
+    one grant (0 disables the per-grant rate limit; uses stay capped)."""
     if not re.fullmatch(r"[0-9a-f]{64}", service_token_hash or ""):
         raise ConfigError("the service token hash must be 64 lowercase hex characters (SHA-256)")
     state = NodeState.load(Path(node_dir))
-    scorer = scoring.ConsentedScorer(state)
+    try:
+        scorer = scoring.ConsentedScorer(state, grant_interval_s=grant_interval_s)
+    except grants.GrantError as exc:
+        raise ConfigError(f"--grant-interval: {exc}") from None
     app = FastAPI(title=f"fedrisk scoring node {state.hospital}", version="1",
                   description="Consented applicant scores from one hospital node.")
 
@@ -170,7 +188,7 @@ def make_app(node_dir: Path, service_token_hash: str) -> FastAPI:
     async def _unauthorised(_: Request, __: _Unauthorised) -> JSONResponse:
         return _problem(401, "missing or invalid service token", {"WWW-Authenticate": "Bearer"})
 
-    refusals = {status: {"model": Problem} for status in (400, 401, 403, 404, 409, 422, 503)}
+    refusals = {status: {"model": Problem} for status in (400, 401, 403, 404, 409, 422, 429, 503)}
 
     @app.post("/v1/score", response_model=ScoreResponse, responses=refusals, dependencies=[Depends(_service)])
     def score(request: ScoreRequest) -> ScoreResponse | JSONResponse:
@@ -178,10 +196,11 @@ def make_app(node_dir: Path, service_token_hash: str) -> FastAPI:
         try:
             result = scorer.score(request.grant, request.bank, request.release)
         except (GrantRefused, scoring.ScoringRefused) as refusal:
-            return _problem(STATUS_BY_KIND.get(refusal.kind, 403), str(refusal))
+            wait = getattr(refusal, "retry_after", None)
+            headers = {"Retry-After": str(max(1, math.ceil(wait)))} if wait is not None else None
+            return _problem(STATUS_BY_KIND.get(refusal.kind, 403), str(refusal), headers)
         return ScoreResponse(probability=result.probability, band=result.band, release=result.release_id,
-                             reasons=[Reason(feature=r.feature, phrase=r.phrase, contribution=r.contribution)
-                                      for r in result.reasons])
+                             reasons=[Reason(feature=r.feature, phrase=r.phrase) for r in result.reasons])
 
     @app.get("/v1/health", response_model=Health)
     def health() -> Health:
@@ -196,13 +215,14 @@ def make_app(node_dir: Path, service_token_hash: str) -> FastAPI:
     return app
 
 
-def serve(node_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token_file: Path | None = None) -> None:
-    """Run the node's scoring app with uvicorn until interrupted."""
+def serve(node_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token_file: Path | None = None,
+          grant_interval_s: float = grants.DEFAULT_GRANT_INTERVAL_S) -> None:
+    """Run the node's scoring app with uvicorn until interrupted (`grant_interval_s`: see make_app)."""
     import torch
     import uvicorn
 
     if token_file is None:
         raise ConfigError("the scoring service needs --token-file (create it: fedrisk node service-token)")
-    app = make_app(Path(node_dir), read_service_token_file(Path(token_file)))
+    app = make_app(Path(node_dir), read_service_token_file(Path(token_file)), grant_interval_s=grant_interval_s)
     torch.set_num_threads(1)  # a score is one 31-row batch: extra intra-op threads only contend
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

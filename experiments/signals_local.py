@@ -78,9 +78,9 @@ class LocalHospital:
         """Record keys of patients whose applicant-scoring consent holds."""
         return [str(k) for k in self.export.loc[self.export["consent_applicant_scoring"], fx.RECORD_KEY]]
 
-    def issue(self, record_key: str, bank: str = BANK, days: int = 30) -> str:
-        """A grant token for one patient and one bank."""
-        return issue_grant(self.state, record_key, bank, days)
+    def issue(self, record_key: str, bank: str = BANK, release: str = "r1", *, hours: int = 24, uses: int = 1) -> str:
+        """A grant token for one patient, one bank and one release (`fedrisk node grant issue`'s defaults)."""
+        return issue_grant(self.state, record_key, bank, release, hours=hours, uses=uses)
 
     def nodes(self) -> list[NodeState]:
         return [NodeState.load(d) for d in sorted(self.nodes_dir.iterdir()) if (d / "node.json").is_file()]

@@ -1,11 +1,13 @@
 """`fedrisk node` sub-commands for consented scoring (registered by federation.cli.build_parser).
 
-    fedrisk node grant issue    --dir NODE --record-key K --bank BANK [--days 30]
+    fedrisk node grant issue    --dir NODE --record-key K --bank BANK --release ID [--uses 1]
+                                [--hours 24 | --days D]
     fedrisk node grant revoke   --dir NODE --grant ID
     fedrisk node release install  --dir NODE --release-dir DIR --release-id ID
     fedrisk node release withdraw --dir NODE --release-id ID
     fedrisk node service-token  --token-file F [--force]
     fedrisk node serve          --dir NODE [--host 127.0.0.1] [--port 8101] --token-file F
+                                [--grant-interval 60]
 
 Machinery is imported inside each handler so `fedrisk --help` stays fast. User errors are
 FedriskError subclasses: `federation.cli.main` prints them as one line and exits 2.
@@ -17,8 +19,23 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_GRANT_DAYS = 30
+DEFAULT_GRANT_HOURS, MAX_GRANT_HOURS = 24, 30 * 24
+DEFAULT_GRANT_USES, MAX_GRANT_USES = 1, 10
+DEFAULT_GRANT_INTERVAL_S = 60.0
+"""Mirrors of privacy.grants (imported lazily there, so `fedrisk --help` stays fast); a test
+checks they agree."""
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8101
+
+
+def _grant_hours(args: argparse.Namespace) -> int:
+    """Validity in hours: --hours, or --days (at most MAX_GRANT_HOURS // 24) times 24."""
+    from privacy.grants import GrantError
+
+    if args.days is None:
+        return args.hours
+    if not 1 <= args.days <= MAX_GRANT_HOURS // 24:
+        raise GrantError(f"--days: a grant lasts 1 to {MAX_GRANT_HOURS // 24} days, got {args.days}")
+    return args.days * 24
 
 
 def _cmd_grant_issue(args: argparse.Namespace) -> int:
@@ -27,11 +44,12 @@ def _cmd_grant_issue(args: argparse.Namespace) -> int:
     from privacy.grants import peek_payload
 
     state = NodeState.load(Path(args.dir))
-    token = issue_grant(state, args.record_key, args.bank, args.days)
+    token = issue_grant(state, args.record_key, args.bank, args.release, hours=_grant_hours(args), uses=args.uses)
     payload = peek_payload(token)
     print(token)
-    print(f"grant {payload.grant_id} for bank {payload.bank}, applicant-scoring, until "
-          f"{payload.expires:%Y-%m-%d %H:%M} UTC; hand the token (stdout) to the applicant", file=sys.stderr)
+    print(f"grant {payload.grant_id} for bank {payload.bank}, applicant-scoring with release {payload.release}, "
+          f"{payload.uses} score{'s' if payload.uses != 1 else ''}, until {payload.expires:%Y-%m-%d %H:%M} UTC; "
+          "hand the token (stdout) to the applicant", file=sys.stderr)
     return 0
 
 
@@ -75,7 +93,8 @@ def _cmd_service_token(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from clients.scoring_service import serve
 
-    serve(Path(args.dir), host=args.host, port=args.port, token_file=Path(args.token_file))
+    serve(Path(args.dir), host=args.host, port=args.port, token_file=Path(args.token_file),
+          grant_interval_s=args.grant_interval)
     return 0
 
 
@@ -87,8 +106,14 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     issue.add_argument("--dir", required=True, help="the node directory")
     issue.add_argument("--record-key", required=True, help="the patient's record key in the export")
     issue.add_argument("--bank", required=True, help="the bank the patient authorises")
-    issue.add_argument("--days", type=int, default=DEFAULT_GRANT_DAYS,
-                       help=f"validity in days (default {DEFAULT_GRANT_DAYS}, at most 365)")
+    issue.add_argument("--release", required=True, help="the one installed release the bank may score with")
+    issue.add_argument("--uses", type=int, default=DEFAULT_GRANT_USES,
+                       help=f"scores the grant allows (default {DEFAULT_GRANT_USES}, at most {MAX_GRANT_USES})")
+    validity = issue.add_mutually_exclusive_group()
+    validity.add_argument("--hours", type=int, default=DEFAULT_GRANT_HOURS,
+                          help=f"validity in hours (default {DEFAULT_GRANT_HOURS}, at most {MAX_GRANT_HOURS})")
+    validity.add_argument("--days", type=int, default=None,
+                          help=f"validity in days instead (at most {MAX_GRANT_HOURS // 24})")
     issue.set_defaults(handler=_cmd_grant_issue)
     revoke = grant.add_parser("revoke", help="revoke a grant: the next score request with it is refused")
     revoke.add_argument("--dir", required=True)
@@ -117,4 +142,7 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     serve.add_argument("--token-file", required=True, help="the service token's hash (fedrisk node service-token)")
+    serve.add_argument("--grant-interval", type=float, default=DEFAULT_GRANT_INTERVAL_S, metavar="SECONDS",
+                       help=f"least time between two scores with one grant (default {DEFAULT_GRANT_INTERVAL_S:g}; "
+                            "0 disables the per-grant rate limit)")
     serve.set_defaults(handler=_cmd_serve)

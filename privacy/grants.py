@@ -1,19 +1,30 @@
-"""Consent grants: a patient authorises one bank, for one purpose, until an expiry, at their hospital.
+"""Consent grants: a patient authorises one bank to score them, with one release, a few times,
+for a short while, at their hospital.
 
 The hospital node issues a signed *grant token*; the applicant hands it to the bank; the bank
-submits it with a score request; the node verifies it against its own records. A token is
+submits it with a score request; the node verifies it against its own records and counts the
+use. A token is
 
-    fedrisk-grant.v1.<base64url(canonical JSON payload)>.<base64url(Ed25519 signature)>
+    fedrisk-grant.v2.<base64url(canonical JSON payload)>.<base64url(Ed25519 signature)>
 
 signed over the ASCII text before the last dot (prefix included, so a signature cannot be
 reused under another format). The payload names the grant (32 random hex characters), the
-hospital, the bank, the purpose and the issue and expiry times (ISO UTC). It holds no pseudonym
-and no record key: only the node's `grants.sqlite` links a grant to its patient's pseudonym,
-so a bank learns nothing that identifies the patient at the hospital.
+hospital, the bank, the purpose, the one release it may be scored with, how many scores it
+allows, and the issue and expiry times (ISO UTC). It holds no pseudonym and no record key: only
+the node's `grants.sqlite` links a grant to its patient's pseudonym, so a bank learns nothing
+that identifies the patient at the hospital.
+
+Why so narrow: a grant that worked for a year, any number of times, with any release, would let
+a bank re-score an applicant daily and follow their health. So a grant is bound to one release,
+allows `uses` scores (default 1, at most MAX_GRANT_USES), at most one per `min_interval_s` (the
+node's per-grant rate limit), and expires after `hours` (default 24, at most MAX_GRANT_HOURS).
+The node counts uses in one SQLite write transaction, so concurrent requests (threads or
+processes) racing for the last use cannot together spend more than the grant allows.
 
 Anyone holding the hospital's public key can check a token's signature (`verify_signature`,
 used by the bank-facing service to route a request); only the node can tell whether a grant
-is still valid (`GrantAuthority.verify`: it also exists, is not revoked and not expired).
+is still valid (`GrantAuthority.verify`: it also exists, is not revoked, expired or used up) and
+spend a use of it (`GrantAuthority.consume`).
 Pure policy code: SQLite and the `cryptography` library, no HTTP, no Flower.
 """
 
@@ -22,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import re
 import secrets
@@ -43,26 +55,43 @@ from federation.errors import FedriskError
 from privacy.audit import AuditIdentifierError, AuditLog, Digest
 from privacy.consent import PURPOSE_PATTERN
 
-TOKEN_PREFIX = "fedrisk-grant.v1"
-"""Format tag and version: the first part of every token."""
+TOKEN_PREFIX = "fedrisk-grant.v2"
+"""Format tag and version: the first part of every token (v2 added `release` and `uses`)."""
 GRANTS_FILE = "grants.sqlite"
 SIGNING_KEY_FILE = "grant_signing.key"
 """The hospital's Ed25519 signing key (PKCS#8 PEM, mode 0600); never leaves the node."""
 SCORING_PURPOSE = "applicant-scoring"
-DEFAULT_GRANT_DAYS = 30
-MAX_GRANT_DAYS = 365
-"""A grant lasts at most a year: a patient re-authorises a bank rather than consent for ever."""
+DEFAULT_GRANT_HOURS = 24
+MAX_GRANT_HOURS = 30 * 24
+"""A grant lasts a day by default and 30 days at most: long enough for a loan decision, too short
+to follow an applicant's health."""
+DEFAULT_GRANT_USES = 1
+MAX_GRANT_USES = 10
+"""Scores one grant allows: one by default (a loan application), a few at most (a re-check)."""
+DEFAULT_GRANT_INTERVAL_S = 60.0
+"""The node's per-grant rate limit: at most one score per grant per minute (0 disables it)."""
 MAX_TOKEN_CHARS = 2048
-"""Longer input is refused as malformed before any decoding (a real token is about 330)."""
+"""Longer input is refused as malformed before any decoding (a real token is about 380)."""
 GRANT_ID_HEX_CHARS = 32
 BANK_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Bank ids are short slugs such as `bank-a`."""
+RELEASE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""Release ids are plain names such as `r1` (they name a directory at the node)."""
 _GRANT_ID_PATTERN = re.compile(rf"^[0-9a-f]{{{GRANT_ID_HEX_CHARS}}}$")
-_PAYLOAD_FIELDS = ("grant", "hospital", "bank", "purpose", "issued", "expires")
+_TEXT_FIELDS = ("grant", "hospital", "bank", "purpose", "release")
+_PAYLOAD_FIELDS = (*_TEXT_FIELDS, "uses", "issued", "expires")
+_SCHEMA = ("CREATE TABLE IF NOT EXISTS grants (grant_id TEXT PRIMARY KEY, pseudonym TEXT NOT NULL, "
+           "bank TEXT NOT NULL, purpose TEXT NOT NULL, issued TEXT NOT NULL, expires TEXT NOT NULL, "
+           "revoked_at TEXT, release TEXT, uses_allowed INTEGER NOT NULL DEFAULT 0, "
+           "uses_spent INTEGER NOT NULL DEFAULT 0, last_use REAL)")
+_ADDED_COLUMNS = {"release": "TEXT", "uses_allowed": "INTEGER NOT NULL DEFAULT 0",
+                  "uses_spent": "INTEGER NOT NULL DEFAULT 0", "last_use": "REAL"}
+"""Columns v2 added to a v1 `grants.sqlite`; v1 grants get no release and no uses: never usable."""
 
 # Refusal kinds (GrantRefused.kind): what a service maps to a status code.
 MALFORMED, FORGED, UNKNOWN, EXPIRED, REVOKED, WRONG_BANK, WRONG_PURPOSE = (
     "malformed", "forged", "unknown", "expired", "revoked", "wrong-bank", "wrong-purpose")
+WRONG_RELEASE, USED_UP, RATE_LIMITED = "wrong-release", "used-up", "rate-limited"
 GRANT_ISSUE, GRANT_REVOKE, GRANT_REFUSED = "grant.issue", "grant.revoke", "grant.refused"
 """Audit actions written at the node."""
 
@@ -73,11 +102,13 @@ class GrantError(FedriskError):
 
 class GrantRefused(GrantError):
     """A token was refused. `kind` is one of the refusal kinds; the message is one line and never
-    holds a pseudonym or record key. `grant_id` is set once the signature has verified."""
+    holds a pseudonym or record key. `grant_id` is set once the signature has verified;
+    `retry_after` (seconds) only for RATE_LIMITED."""
 
-    def __init__(self, kind: str, reason: str, grant_id: str | None = None) -> None:
+    def __init__(self, kind: str, reason: str, grant_id: str | None = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"grant refused: {reason}")
-        self.kind, self.grant_id = kind, grant_id
+        self.kind, self.grant_id, self.retry_after = kind, grant_id, retry_after
 
 
 @dataclass(frozen=True)
@@ -88,6 +119,8 @@ class GrantPayload:
     hospital: str
     bank: str
     purpose: str
+    release: str
+    uses: int
     issued: datetime
     expires: datetime
 
@@ -125,6 +158,11 @@ def _b64decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def _is_count(value: object) -> bool:
+    """A use count a grant may allow: an int (not a bool) from 1 to MAX_GRANT_USES."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_GRANT_USES
+
+
 def _split(token: object) -> tuple[bytes, GrantPayload, bytes]:
     """Signing input, payload and signature of a token; GrantRefused(MALFORMED) if it is not one."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
@@ -136,10 +174,11 @@ def _split(token: object) -> tuple[bytes, GrantPayload, bytes]:
     try:
         signature, raw = _b64decode(rest), json.loads(_b64decode(body))
         fields = {name: raw[name] for name in _PAYLOAD_FIELDS}
-        if not all(isinstance(fields[n], str) for n in ("grant", "hospital", "bank", "purpose")):
-            raise TypeError("text fields")
+        if not all(isinstance(fields[n], str) for n in _TEXT_FIELDS) or not _is_count(fields["uses"]):
+            raise TypeError("fields")
         payload = GrantPayload(fields["grant"], fields["hospital"], fields["bank"], fields["purpose"],
-                               _parse_iso(fields["issued"]), _parse_iso(fields["expires"]))
+                               fields["release"], fields["uses"], _parse_iso(fields["issued"]),
+                               _parse_iso(fields["expires"]))
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         raise GrantRefused(MALFORMED, "malformed token (its payload cannot be read)") from None
     if not _GRANT_ID_PATTERN.match(payload.grant_id):
@@ -155,8 +194,8 @@ def peek_payload(token: str) -> GrantPayload:
 
 def verify_signature(token: str, public_key_pem: str | bytes) -> GrantPayload:
     """The payload of `token` if the hospital holding `public_key_pem` signed it; raises
-    GrantRefused (MALFORMED or FORGED). Says nothing about expiry or revocation: only the
-    issuing node can (GrantAuthority.verify)."""
+    GrantRefused (MALFORMED or FORGED). Says nothing about expiry, revocation or uses left:
+    only the issuing node can (GrantAuthority.verify)."""
     signing_input, payload, signature = _split(token)
     pem = public_key_pem.encode("ascii") if isinstance(public_key_pem, str) else public_key_pem
     try:
@@ -201,107 +240,186 @@ def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+def _check_use(grant_id: str, allowed: int, spent: int, last_use: float | None, interval_s: float,
+               now: datetime) -> None:
+    """Refuse a grant whose uses are spent (USED_UP) or that was used less than `interval_s`
+    before `now` (RATE_LIMITED, with the seconds to wait)."""
+    if spent >= allowed:
+        raise GrantRefused(USED_UP, f"used up (it allowed {allowed} score{'s' if allowed != 1 else ''})", grant_id)
+    if last_use is not None and interval_s > 0:
+        wait = min(interval_s, last_use + interval_s - now.timestamp())  # a clock set back waits one interval
+        if wait > 0:
+            raise GrantRefused(RATE_LIMITED, f"used less than {interval_s:g} s ago; retry in {math.ceil(wait)} s",
+                               grant_id, retry_after=wait)
+
+
 class GrantAuthority:
-    """A hospital node's grants: issues, revokes and verifies tokens.
+    """A hospital node's grants: issues, revokes, verifies tokens and counts their uses.
 
     node_dir: the node directory (holds `grants.sqlite` and `grant_signing.key`, both created on
     first use); hospital: this hospital's name, written into and checked against every token;
     audit: the node's audit log, which records every issue, revocation and refusal (grant id,
-    bank, reason; never a pseudonym). Every call reads the database afresh, so a revocation
-    applies to the very next verification, in any process.
+    bank, reason; never a pseudonym); min_interval_s: the per-grant rate limit, the least time
+    between two uses of one grant (default DEFAULT_GRANT_INTERVAL_S; 0 disables it). Every call
+    reads the database afresh, so a revocation or a spent use applies to the very next
+    verification, in any process.
     """
 
-    def __init__(self, node_dir: Path, hospital: str, *, audit: AuditLog | None = None) -> None:
+    def __init__(self, node_dir: Path, hospital: str, *, audit: AuditLog | None = None,
+                 min_interval_s: float = DEFAULT_GRANT_INTERVAL_S) -> None:
+        if not (isinstance(min_interval_s, (int, float)) and math.isfinite(min_interval_s) and min_interval_s >= 0):
+            raise GrantError(f"the per-grant interval must be a number of seconds >= 0, got {min_interval_s!r}")
         self.directory, self.hospital, self.audit = Path(node_dir), hospital, audit
+        self.min_interval_s = float(min_interval_s)
         self.db_path = self.directory / GRANTS_FILE
         self._key = _load_or_create_key(self.directory / SIGNING_KEY_FILE)
-        with closing(self._connect()) as db, db:
-            db.execute("CREATE TABLE IF NOT EXISTS grants (grant_id TEXT PRIMARY KEY, pseudonym TEXT NOT NULL, "
-                       "bank TEXT NOT NULL, purpose TEXT NOT NULL, issued TEXT NOT NULL, "
-                       "expires TEXT NOT NULL, revoked_at TEXT)")
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")  # one process at a time creates or upgrades the table
+            try:
+                db.execute(_SCHEMA)
+                present = {row[1] for row in db.execute("PRAGMA table_info(grants)")}
+                for column, kind in _ADDED_COLUMNS.items():
+                    if column not in present:
+                        db.execute(f"ALTER TABLE grants ADD COLUMN {column} {kind}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.db_path, timeout=30.0)
+        """Autocommit connection: multi-statement transactions are opened explicitly."""
+        return sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
 
     def public_key_pem(self) -> str:
         """The hospital's grant-verification key (SubjectPublicKeyInfo PEM): safe to publish."""
         return self._key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode("ascii")
 
-    def issue(self, pseudonym: str, bank: str, purpose: str = SCORING_PURPOSE,
-              days: int = DEFAULT_GRANT_DAYS) -> str:
-        """Record a grant for the patient with `pseudonym` and return its signed token."""
+    def issue(self, pseudonym: str, bank: str, release: str, purpose: str = SCORING_PURPOSE, *,
+              hours: int = DEFAULT_GRANT_HOURS, uses: int = DEFAULT_GRANT_USES) -> str:
+        """Record a grant for the patient with `pseudonym`: `bank` may score them with `release`
+        up to `uses` times (1 to MAX_GRANT_USES) within `hours` (1 to MAX_GRANT_HOURS). Returns
+        its signed token."""
         if not BANK_PATTERN.match(bank or ""):
             raise GrantError("bank id must be 1-64 letters, digits, '.', '-' or '_'")
+        if not isinstance(release, str) or not RELEASE_PATTERN.match(release):
+            raise GrantError("release id must be 1-64 letters, digits, '.', '-' or '_' (e.g. r1)")
         if not PURPOSE_PATTERN.match(purpose or ""):
             raise GrantError(f"purpose {purpose!r} is not a slug such as {SCORING_PURPOSE!r}")
-        if not isinstance(days, int) or not 1 <= days <= MAX_GRANT_DAYS:
-            raise GrantError(f"a grant lasts 1 to {MAX_GRANT_DAYS} days, got {days}")
+        if isinstance(hours, bool) or not isinstance(hours, int) or not 1 <= hours <= MAX_GRANT_HOURS:
+            raise GrantError(f"a grant lasts 1 to {MAX_GRANT_HOURS} hours ({MAX_GRANT_HOURS // 24} days), got {hours}")
+        if not _is_count(uses):
+            raise GrantError(f"a grant allows 1 to {MAX_GRANT_USES} uses, got {uses}")
         if not re.fullmatch(r"[0-9a-f]{32}", pseudonym or ""):
             raise GrantError("a grant needs the patient's pseudonym (32 lowercase hex characters)")
         grant_id = secrets.token_hex(GRANT_ID_HEX_CHARS // 2)
         issued = datetime.now(UTC).replace(microsecond=0)
-        expires = issued + timedelta(days=days)
         payload = {"grant": grant_id, "hospital": self.hospital, "bank": bank, "purpose": purpose,
-                   "issued": _iso(issued), "expires": _iso(expires)}
+                   "release": release, "uses": uses, "issued": _iso(issued),
+                   "expires": _iso(issued + timedelta(hours=hours))}
         body = _b64encode(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode("utf-8"))
         signing_input = f"{TOKEN_PREFIX}.{body}"
         token = f"{signing_input}.{_b64encode(self._key.sign(signing_input.encode('ascii')))}"
-        with closing(self._connect()) as db, db:
-            db.execute("INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, NULL)",
-                       (grant_id, pseudonym, bank, purpose, payload["issued"], payload["expires"]))
-        self._record(GRANT_ISSUE, purpose, {"grant": Digest(grant_id), "bank": bank, "expires": payload["expires"]})
+        with closing(self._connect()) as db:
+            db.execute("INSERT INTO grants (grant_id, pseudonym, bank, purpose, issued, expires, release, "
+                       "uses_allowed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (grant_id, pseudonym, bank, purpose, payload["issued"], payload["expires"], release, uses))
+        self._record(GRANT_ISSUE, purpose, {"grant": Digest(grant_id), "bank": bank, "release": release,
+                                            "uses": uses, "expires": payload["expires"]})
         return token
 
     def revoke(self, grant_id: str, when: datetime | None = None) -> None:
         """Revoke a grant from `when` (default now); revoking twice keeps the first time."""
         if not _GRANT_ID_PATTERN.match(grant_id or ""):
             raise GrantError(f"a grant id is {GRANT_ID_HEX_CHARS} lowercase hex characters")
-        with closing(self._connect()) as db, db:
+        with closing(self._connect()) as db:
             row = db.execute("SELECT purpose, revoked_at FROM grants WHERE grant_id = ?", (grant_id,)).fetchone()
             if row is None:
                 raise GrantError("no grant with that id was issued at this node")
-            if row[1] is None:
-                db.execute("UPDATE grants SET revoked_at = ? WHERE grant_id = ?",
-                           (_iso(when or datetime.now(UTC)), grant_id))
-        if row[1] is None:
+            changed = db.execute("UPDATE grants SET revoked_at = ? WHERE grant_id = ? AND revoked_at IS NULL",
+                                 (_iso(when or datetime.now(UTC)), grant_id)).rowcount
+        if changed:
             self._record(GRANT_REVOKE, row[0], {"grant": Digest(grant_id)})
 
-    def verify(self, token: str, bank: str, purpose: str = SCORING_PURPOSE, now: datetime | None = None) -> Grant:
-        """The grant `token` stands for, if it is genuine, issued here for `bank` and `purpose`,
-        not revoked and not expired at `now` (default: the current time). Otherwise raises
-        GrantRefused with a one-line reason, after recording the refusal in the audit log."""
+    def verify(self, token: str, bank: str, release: str, purpose: str = SCORING_PURPOSE,
+               now: datetime | None = None) -> Grant:
+        """The grant `token` stands for, if it is genuine, issued here for `bank`, `release` and
+        `purpose`, not revoked, not expired at `now` (default: the current time), with a use
+        left and not rate-limited. Spends nothing (see `consume`). Otherwise raises GrantRefused
+        with a one-line reason, after recording the refusal in the audit log."""
         try:
-            return self._verify(token, bank, purpose, now or datetime.now(UTC))
+            return self._verify(token, bank, release, purpose, now or datetime.now(UTC))
         except GrantRefused as refusal:
-            self._record(GRANT_REFUSED, purpose if PURPOSE_PATTERN.match(purpose or "") else None,
-                         {"kind": refusal.kind, "reason": str(refusal),
-                          "grant": Digest(refusal.grant_id) if refusal.grant_id else None,
-                          "bank": bank if BANK_PATTERN.match(bank or "") else None})
+            self._refused(refusal, bank, purpose, release)
             raise
 
-    def _verify(self, token: str, bank: str, purpose: str, now: datetime) -> Grant:
+    def consume(self, grant: Grant, now: datetime | None = None) -> int:
+        """Spend one use of a verified `grant` and return the uses it has left. One SQLite write
+        transaction reads and updates the count, so concurrent callers (in any process) racing
+        for the last use get exactly one success between them. Refuses (audited) a grant that
+        was revoked, expired, used up or used less than `min_interval_s` ago in the meantime."""
+        moment = now or datetime.now(UTC)
+        try:
+            return self._consume(grant.grant_id, moment)
+        except GrantRefused as refusal:
+            self._refused(refusal, grant.payload.bank, grant.payload.purpose, grant.payload.release)
+            raise
+
+    def _verify(self, token: str, bank: str, release: str, purpose: str, now: datetime) -> Grant:
         payload = verify_signature(token, self.public_key_pem())
         grant_id = payload.grant_id
         if payload.hospital != self.hospital:
             raise GrantRefused(FORGED, "forged token (names another hospital)", grant_id)
         with closing(self._connect()) as db:
-            row = db.execute("SELECT pseudonym, bank, purpose, expires, revoked_at FROM grants WHERE grant_id = ?",
-                             (grant_id,)).fetchone()
+            row = db.execute("SELECT pseudonym, bank, purpose, release, uses_allowed, expires, revoked_at, "
+                             "uses_spent, last_use FROM grants WHERE grant_id = ?", (grant_id,)).fetchone()
         if row is None:
             raise GrantRefused(UNKNOWN, "unknown grant (not issued at this node)", grant_id)
-        pseudonym, stored_bank, stored_purpose, stored_expires, revoked_at = row
-        if (stored_bank, stored_purpose, stored_expires) != (payload.bank, payload.purpose, _iso(payload.expires)):
+        pseudonym, *stored, revoked_at, spent, last_use = row
+        if tuple(stored) != (payload.bank, payload.purpose, payload.release, payload.uses, _iso(payload.expires)):
             raise GrantRefused(FORGED, "forged token (differs from the grant issued)", grant_id)
         if payload.bank != bank:
             raise GrantRefused(WRONG_BANK, "the grant was issued to another bank", grant_id)
         if payload.purpose != purpose:
             raise GrantRefused(WRONG_PURPOSE, f"the grant covers {payload.purpose!r}, not {purpose!r}", grant_id)
+        if payload.release != release:
+            asked = release if isinstance(release, str) and RELEASE_PATTERN.match(release) else "the one asked for"
+            raise GrantRefused(WRONG_RELEASE, f"the grant covers release {payload.release}, not {asked}", grant_id)
         if revoked_at is not None and revoked_at <= _iso(now):
             raise GrantRefused(REVOKED, f"revoked on {revoked_at}", grant_id)
         if now >= payload.expires:
             raise GrantRefused(EXPIRED, f"expired on {_iso(payload.expires)}", grant_id)
+        _check_use(grant_id, payload.uses, spent, last_use, self.min_interval_s, now)
         return Grant(payload=payload, pseudonym=pseudonym)
+
+    def _consume(self, grant_id: str, now: datetime) -> int:
+        with closing(self._connect()) as db:
+            db.execute("BEGIN IMMEDIATE")  # the write lock first: no other use can slip in between
+            try:
+                row = db.execute("SELECT uses_allowed, uses_spent, last_use, expires, revoked_at FROM grants "
+                                 "WHERE grant_id = ?", (grant_id,)).fetchone()
+                if row is None:
+                    raise GrantRefused(UNKNOWN, "unknown grant (not issued at this node)", grant_id)
+                allowed, spent, last_use, expires, revoked_at = row
+                if revoked_at is not None and revoked_at <= _iso(now):
+                    raise GrantRefused(REVOKED, f"revoked on {revoked_at}", grant_id)
+                if _iso(now) >= expires:
+                    raise GrantRefused(EXPIRED, f"expired on {expires}", grant_id)
+                _check_use(grant_id, allowed, spent, last_use, self.min_interval_s, now)
+                db.execute("UPDATE grants SET uses_spent = uses_spent + 1, last_use = ? WHERE grant_id = ?",
+                           (now.timestamp(), grant_id))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return allowed - spent - 1
+
+    def _refused(self, refusal: GrantRefused, bank: str, purpose: str, release: object) -> None:
+        self._record(GRANT_REFUSED, purpose if PURPOSE_PATTERN.match(purpose or "") else None,
+                     {"kind": refusal.kind, "reason": str(refusal),
+                      "grant": Digest(refusal.grant_id) if refusal.grant_id else None,
+                      "bank": bank if BANK_PATTERN.match(bank or "") else None,
+                      "release": release if isinstance(release, str) and RELEASE_PATTERN.match(release) else None})
 
     def _record(self, action: str, purpose: str | None, details: dict[str, object]) -> None:
         """Append to the audit log; details the identifier filter rejects (a bank id that looks

@@ -1,7 +1,9 @@
 """The signals service as a bank, a hospital operator, a data scientist and an auditor use it:
 each role sees only its share, grants are checked before anything reaches a hospital and every
 refusal is audited at the service and at the node, withdrawn releases stop at once, rate limits
-answer 429, cohort tables reach banks only once approved, and keys are stored as hashes.
+answer 429, cohort tables reach banks only once approved, and keys are stored as hashes. A bank
+trying to monitor an applicant by re-scoring them gets rounded scores and category reasons, and
+is refused once the grant's uses are spent, with another release, or too soon (429).
 
 Real components throughout: a provisioned synthetic hospital node running `fedrisk node serve`,
 a release registered from an MLflow run, and `fedrisk serve`, each its own process on loopback.
@@ -13,6 +15,7 @@ import base64
 import hashlib
 import json
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from server.analytics import QueryResult, estimate, write_result
 from server.releases import ReleaseRegistry
 from server.signals.app import ServiceSettings, make_app, route_roles
 from server.signals.auth import ROLES, KeyStore, Principal
-from server.signals.scores import ScoreContext, grant_ref
+from server.signals.scores import ScoreContext, _result, grant_ref
 from server.signals.trail import RequestTrail, entry_view
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,9 +137,15 @@ def test_a_consented_score_comes_back_as_the_hospital_computed_it_and_nothing_mo
     scored = dep.score("bank-a-analyst", grant)
     assert scored.status_code == 200, scored.text
     assert set(scored.json()) == {"probability", "band", "reasons", "release"}
-    direct = dep.node_direct(grant, BANK_A).json()
-    assert scored.json() == direct
-    assert all(set(r) == {"feature", "phrase", "contribution"} for r in scored.json()["reasons"])
+    probability = scored.json()["probability"]
+    assert probability == round(probability, 2)  # rounded at the node, passed on as it is
+    assert scored.json()["band"] == ("low" if probability < 0.10 else "medium" if probability < 0.30 else "high")
+    # reasons are categories with their fixed phrases: no magnitude, nothing numeric to follow over time
+    assert all(set(r) == {"feature", "phrase"} and all(isinstance(v, str) for v in r.values())
+               for r in scored.json()["reasons"])
+    assert len({r["feature"] for r in scored.json()["reasons"]}) == len(scored.json()["reasons"])
+    twin = dep.hospital.issue(dep.hospital.consenting()[0], BANK_A)  # the grant above is spent
+    assert scored.json() == dep.node_direct(twin, BANK_A).json()  # exactly what the node computed
 
     grant_id = peek_payload(grant).grant_id
     entry = dep.last_service_entry("bank-a-analyst")
@@ -160,12 +169,12 @@ def _sign(node_dir: Path, payload: dict[str, str]) -> str:
 
 def _expired(dep: Deployment) -> str:
     """A genuine grant whose expiry has passed (its record at the node says so too)."""
-    grant = dep.hospital.issue(dep.hospital.consenting()[1], BANK_A, days=1)
+    grant = dep.hospital.issue(dep.hospital.consenting()[1], BANK_A, hours=1)
     p = peek_payload(grant)
     when = datetime.now(UTC) - timedelta(days=2)
     stamp = lambda t: t.strftime("%Y-%m-%dT%H:%M:%SZ")
     payload = {"grant": p.grant_id, "hospital": p.hospital, "bank": p.bank, "purpose": p.purpose,
-               "issued": stamp(when), "expires": stamp(when + timedelta(days=1))}
+               "release": p.release, "uses": p.uses, "issued": stamp(when), "expires": stamp(when + timedelta(hours=1))}
     with sqlite3.connect(dep.hospital.state.directory / "grants.sqlite") as db:
         db.execute("UPDATE grants SET issued = ?, expires = ? WHERE grant_id = ?",
                    (payload["issued"], payload["expires"], p.grant_id))
@@ -182,7 +191,7 @@ def _revoked(dep: Deployment) -> str:
 def _forged(dep: Deployment, tmp_path: Path, hospital: str = "hospital_00") -> str:
     """Signed by a key that is not the hospital's, in the hospital's name."""
     (tmp_path / hospital).mkdir()
-    return GrantAuthority(tmp_path / hospital, hospital).issue("0" * 31 + "1", BANK_A)
+    return GrantAuthority(tmp_path / hospital, hospital).issue("0" * 31 + "1", BANK_A, "r1")
 
 
 def _tampered(dep: Deployment) -> str:
@@ -200,6 +209,7 @@ def _tampered(dep: Deployment) -> str:
     ("expired", "bank-a-analyst", 403, "expired on", "expired", "expired"),
     ("revoked", "bank-a-analyst", 403, "revoked on", "hospital-403", "revoked"),
     ("wrong-bank", "bank-b-analyst", 403, "issued to another bank", "wrong-bank", "wrong-bank"),
+    ("wrong-release", "bank-a-analyst", 403, "covers release r2, not r1", "wrong-release", "wrong-release"),
     ("unknown-hospital", "bank-a-analyst", 403, "does not route to", "unknown-hospital", None),
     ("malformed", "bank-a-analyst", 400, "malformed token", "malformed", "malformed"),
 ])
@@ -209,6 +219,7 @@ def test_bad_grants_are_refused_clearly_and_audited_at_both_ends(
     grant = {"forged": lambda: _forged(dep, tmp_path), "tampered": lambda: _tampered(dep),
              "expired": lambda: _expired(dep), "revoked": lambda: _revoked(dep),
              "wrong-bank": lambda: dep.hospital.issue(dep.hospital.consenting()[4], BANK_A),
+             "wrong-release": lambda: dep.hospital.issue(dep.hospital.consenting()[4], BANK_A, "r2"),
              "unknown-hospital": lambda: _forged(dep, tmp_path, "hospital_99"),
              "malformed": lambda: "fedrisk-grant.v1.not-a-payload"}[case]()
     bank = BANK_B if caller == "bank-b-analyst" else BANK_A
@@ -403,3 +414,71 @@ def test_a_score_refusal_is_audited_in_full_when_its_references_are_all_digits(t
     assert (view["key_id"], view["grant_ref"], view["refusal"], view["reason"]) == (
         principal.key_id, context.grant_ref, "hospital-403", context.reason)
     assert view["grant_ref"].isdigit() and trail.verify().ok
+
+
+# --- the bank as an attacker: re-scoring an applicant to follow their health --------------------
+
+def test_a_grant_used_past_its_uses_is_refused_by_the_node_and_audited_there(dep: Deployment) -> None:
+    grant = dep.hospital.issue(dep.hospital.consenting()[7], BANK_A)  # the default: one score
+    assert dep.score("bank-a-analyst", grant).status_code == 200
+    again = dep.score("bank-a-analyst", grant)
+    assert again.status_code == 403
+    assert again.json() == {"detail": "hospital_00: grant refused: used up (it allowed 1 score)"}
+    entry = dep.last_service_entry("bank-a-analyst")
+    assert (entry["status"], entry["refusal"], entry["reason"]) == (403, "hospital-403", again.json()["detail"])
+    node_entry = dep.hospital.state.audit().entries()[-1]
+    assert (node_entry.action, node_entry.details["kind"]) == ("grant.refused", "used-up")
+
+
+def test_concurrent_requests_with_a_one_use_grant_give_exactly_one_score(dep: Deployment) -> None:
+    racers = 6
+    grant = dep.hospital.issue(dep.hospital.consenting()[8], BANK_A)
+    assert dep.score("bank-a-analyst", dep.hospital.issue(dep.hospital.consenting()[8], BANK_A)).status_code == 200
+    barrier, lock, answers = threading.Barrier(racers), threading.Lock(), []
+
+    def race() -> None:
+        barrier.wait()
+        answer = dep.score("bank-a-analyst", grant)
+        with lock:
+            answers.append(answer)
+
+    threads = [threading.Thread(target=race) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(a.status_code for a in answers) == [200] + [403] * (racers - 1)
+    assert all("used up" in a.json()["detail"] for a in answers if a.status_code == 403)
+    grant_id = peek_payload(grant).grant_id
+    with sqlite3.connect(dep.hospital.state.directory / "grants.sqlite") as db:
+        assert db.execute("SELECT uses_spent FROM grants WHERE grant_id = ?", (grant_id,)).fetchone() == (1,)
+
+
+def test_the_nodes_per_grant_rate_limit_answers_429_with_retry_after_at_the_service(dep: Deployment) -> None:
+    grant = dep.hospital.issue(dep.hospital.consenting()[9], BANK_A, uses=2)
+    assert dep.score("bank-a-analyst", grant).status_code == 200
+    limited = dep.score("bank-a-analyst", grant)  # the bank's key has plenty of its own rate left
+    assert limited.status_code == 429, limited.text
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert "used less than 60 s ago" in limited.json()["detail"]
+    entry = dep.last_service_entry("bank-a-analyst")
+    assert (entry["status"], entry["refusal"]) == (429, "hospital-429")
+    node_entry = dep.hospital.state.audit().entries()[-1]
+    assert (node_entry.action, node_entry.details["kind"]) == ("grant.refused", "rate-limited")
+    with sqlite3.connect(dep.hospital.state.directory / "grants.sqlite") as db:  # the refusal spent nothing
+        assert db.execute("SELECT uses_spent FROM grants WHERE grant_id = ?",
+                          (peek_payload(grant).grant_id,)).fetchone() == (1,)
+
+
+def test_the_service_passes_on_no_node_answer_finer_than_the_contract() -> None:
+    """A node running older code (exact probabilities, signed contributions) is not relayed: the
+    bank would get a 502, never the magnitudes."""
+    good = {"probability": 0.12, "band": "medium", "release": "r1",
+            "reasons": [{"feature": "late-payments", "phrase": "Late payments on medical bills"}]}
+    assert _result(good, "r1").reasons == good["reasons"] and _result(good, "r1").probability == 0.12
+    for bad in ({**good, "probability": 0.1234},
+                {**good, "reasons": [{**good["reasons"][0], "contribution": 0.05}]},
+                {**good, "reasons": [{"feature": "late-payments", "phrase": 0.05}]}):
+        with pytest.raises(ValueError):
+            _result(bad, "r1")

@@ -329,7 +329,10 @@ def make_app(settings: ServiceSettings) -> FastAPI:
     # --- scores ---------------------------------------------------------------------------------
     @app.post("/v1/scores", response_model=ScoreResponse, tags=["scores"], **allow(ROLE_BANK, errors=(404, 409, 410, 502, 504)))
     async def score(body: ScoreRequest, request: Request, caller: Caller) -> Any:
-        """Score a consenting applicant: the grant is checked here, then at the issuing hospital."""
+        """Score a consenting applicant with the release their grant names: the grant is checked here,
+        then at the issuing hospital, which counts its few uses (403 once spent) and limits each
+        grant's rate (429 with Retry-After). The probability comes rounded to 0.01; reasons are
+        categories, weightiest first, with no magnitudes."""
         context = ScoreContext()
         request.state.audit["release"] = body.release
         try:
@@ -344,7 +347,8 @@ def make_app(settings: ServiceSettings) -> FastAPI:
             result = await request.app.state.router.score(body.grant, caller.bank or "", body.release, context)
         except ScoreRefused as refusal:
             context.reason = refusal.reason
-            return JSONResponse({"detail": refusal.reason}, status_code=refusal.status)
+            headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after is not None else None
+            return JSONResponse({"detail": refusal.reason}, status_code=refusal.status, headers=headers)
         finally:
             request.state.audit.update(context.details())
         return ScoreResponse(probability=result.probability, band=result.band, reasons=result.reasons,

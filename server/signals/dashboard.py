@@ -175,7 +175,9 @@ def panels(caller: Principal, catalogue: ReleaseCatalogue, cohorts: CohortStore,
 
 _ROLE_HELP = {
     ROLE_BANK: "You see active releases, approved cohort tables and your own requests; scores come from "
-               "POST /v1/scores with an applicant's grant.",
+               "POST /v1/scores with an applicant's grant, which names one release and allows one score "
+               "(or a few, spaced out by the hospital) before it expires (24 hours by default); scores are "
+               "rounded to 0.01 and reasons are categories without magnitudes.",
     ROLE_DATA_SCIENTIST: "You see every release (withdrawn too) and approved cohort tables; you approve tables "
                          "and withdraw releases through the API.",
     ROLE_AUDITOR: "You see everything readable and the whole service audit log with its chain checked.",

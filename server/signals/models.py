@@ -54,17 +54,18 @@ class ScoreRequest(Strict):
 
 
 class ReasonCode(BaseModel):
-    feature: str = Field(description="feature group that raised the score")
-    phrase: str = Field(description="words a loan officer can pass on")
-    contribution: float = Field(description="probability added by this group over the reference patient")
+    """A reason category, no magnitude: only the order of the reasons says which weighed more."""
+
+    feature: str = Field(description="reason category that raised the score, e.g. late-payments")
+    phrase: str = Field(description="the category's fixed words, which a loan officer can pass on")
 
 
 class ScoreResponse(BaseModel):
     """Exactly what a bank learns about a consenting applicant."""
 
-    probability: float = Field(ge=0.0, le=1.0)
-    band: str = Field(description="low (< 0.10), medium (< 0.30) or high")
-    reasons: list[ReasonCode] = Field(description="up to 3 reasons that raised the score, largest first")
+    probability: float = Field(ge=0.0, le=1.0, description="probability of 90-day delinquency, rounded to 0.01")
+    band: str = Field(description="of the rounded probability: low (< 0.10), medium (< 0.30) or high")
+    reasons: list[ReasonCode] = Field(description="up to 3 reason categories that raised the score, weightiest first")
     release: str
 
 

@@ -3,12 +3,16 @@
 The service checks everything it can before any request leaves it:
 1. the token parses (`privacy.grants.peek_payload`) and names a registered hospital;
 2. its signature verifies with that hospital's registered grant key (`verify_signature`);
-3. it was issued to the caller's own bank, for `applicant-scoring`, and has not expired.
+3. it was issued to the caller's own bank, for `applicant-scoring`, for the release asked for,
+   and has not expired.
 
 Only then is `{grant, bank, release}` forwarded over HTTP to the hospital's scoring endpoint,
-with the bearer token the hospital issued to this service. Revocation and the patient's consent
-are known only at the hospital, which checks them again (with everything above) and audits the
-use of the grant itself. The answer is reduced to exactly `{probability, band, reasons, release}`.
+with the bearer token the hospital issued to this service. Revocation, the patient's consent, the
+grant's remaining uses and its per-grant rate limit are known only at the hospital, which checks
+them (with everything above again), counts and audits the use of the grant itself; its 429 comes
+back to the bank with its Retry-After. The answer is reduced to exactly `{probability, band,
+reasons, release}` and must keep the node's contract: a probability rounded to 0.01 and reasons
+that are a category and a phrase, no number.
 
 Every refusal is a `ScoreRefused` with an HTTP status and a one-line reason; it never quotes the
 token. The service audits by `grant_ref`, a digest of the grant id: the issuing hospital can
@@ -18,7 +22,6 @@ match it to its own records, while the service's log holds no usable grant.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +35,7 @@ from privacy.grants import (
     SCORING_PURPOSE,
     WRONG_BANK,
     WRONG_PURPOSE,
+    WRONG_RELEASE,
     GrantError,
     GrantPayload,
     GrantRefused,
@@ -44,18 +48,25 @@ SCORE_PATH = "/v1/score"
 DEFAULT_HOSPITAL_TIMEOUT_S = 10.0
 GRANT_REF_HEX = 16
 MAX_DETAIL_CHARS = 200
-RELAYED_STATUSES = frozenset({400, 403, 404, 409, 410})
+RELAYED_STATUSES = frozenset({400, 403, 404, 409, 410, 429})
 """A hospital's refusals the bank may see as they are (a 422 becomes 400: the request was
 malformed in the hospital's eyes); anything else (401: this service's token; 5xx) is a 502."""
 BANDS = ("low", "medium", "high")
+PROBABILITY_DECIMALS = 2
+"""The node rounds probabilities to 0.01 (clients.scoring.PROBABILITY_DECIMALS); a finer one is
+out of contract and never reaches a bank."""
+DEFAULT_RETRY_AFTER_S = 60
+"""Retry-After for a hospital's 429 that sent none (or an unreadable one): its default interval."""
+MAX_RETRY_AFTER_S = 24 * 3600
 
 
 class ScoreRefused(Exception):
-    """A score request refused or failed; `status` is the HTTP status to answer with."""
+    """A score request refused or failed; `status` is the HTTP status to answer with and
+    `retry_after` the seconds for a Retry-After header (429 only)."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, retry_after: int | None = None) -> None:
         super().__init__(reason)
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.retry_after = status, reason, retry_after
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ class ScoreRouter:
     def __init__(self, hospitals: HospitalDirectory, client: httpx.AsyncClient) -> None:
         self.hospitals, self.client = hospitals, client
 
-    def check(self, token: str, bank: str, context: ScoreContext,
+    def check(self, token: str, bank: str, release: str, context: ScoreContext,
               now: datetime | None = None) -> tuple[GrantPayload, str, str]:
         """The verified payload, the hospital's URL and service token; or ScoreRefused."""
         try:
@@ -121,6 +132,9 @@ class ScoreRouter:
         if payload.purpose != SCORING_PURPOSE:
             context.kind = WRONG_PURPOSE
             raise ScoreRefused(403, f"grant refused: it covers {payload.purpose!r}, not {SCORING_PURPOSE!r}")
+        if payload.release != release:
+            context.kind = WRONG_RELEASE
+            raise ScoreRefused(403, f"grant refused: the grant covers release {payload.release}, not {release}")
         if (now or datetime.now(UTC)) >= payload.expires:
             context.kind = EXPIRED
             raise ScoreRefused(403, f"grant refused: expired on {payload.expires:%Y-%m-%dT%H:%M:%SZ}")
@@ -132,7 +146,7 @@ class ScoreRouter:
 
     async def score(self, token: str, bank: str, release: str, context: ScoreContext) -> ScoreResult:
         """Check the grant, ask the hospital, and return only the fields a bank may see."""
-        payload, url, service_token = self.check(token, bank, context)
+        payload, url, service_token = self.check(token, bank, release, context)
         try:
             reply = await self.client.post(f"{url}{SCORE_PATH}", json={"grant": token, "bank": bank, "release": release},
                                            headers={"Authorization": f"Bearer {service_token}"})
@@ -146,7 +160,8 @@ class ScoreRouter:
             context.kind = f"hospital-{reply.status_code}"
             if reply.status_code in RELAYED_STATUSES or reply.status_code == 422:
                 status = 400 if reply.status_code == 422 else reply.status_code
-                raise ScoreRefused(status, f"{payload.hospital}: {_detail(reply)}")
+                raise ScoreRefused(status, f"{payload.hospital}: {_detail(reply)}",
+                                   _retry_after(reply) if status == 429 else None)
             raise ScoreRefused(502, f"{payload.hospital}'s scoring endpoint failed (HTTP {reply.status_code})")
         try:
             return _result(reply.json(), release)
@@ -165,16 +180,26 @@ def _detail(reply: httpx.Response) -> str:
     return " ".join(text.split())[:MAX_DETAIL_CHARS]
 
 
+def _retry_after(reply: httpx.Response) -> int:
+    """The hospital's Retry-After in whole seconds (1 to MAX_RETRY_AFTER_S), or the default."""
+    try:
+        seconds = int(reply.headers.get("Retry-After", ""))
+    except ValueError:
+        return DEFAULT_RETRY_AFTER_S
+    return min(max(seconds, 1), MAX_RETRY_AFTER_S)
+
+
 def _result(body: Any, release: str) -> ScoreResult:
-    """Keep exactly probability, band, reasons (feature, phrase, contribution) and release."""
+    """Keep exactly probability, band, reasons (feature and phrase, both text) and release;
+    refuse an answer out of the node's contract (a probability finer than 0.01, a reason with
+    anything but its category and phrase)."""
     probability = float(body["probability"])
-    if not (0.0 <= probability <= 1.0) or body["band"] not in BANDS or body["release"] != release:
+    if (not (0.0 <= probability <= 1.0) or round(probability, PROBABILITY_DECIMALS) != probability
+            or body["band"] not in BANDS or body["release"] != release):
         raise ValueError("score out of contract")
     reasons = []
     for reason in body["reasons"]:
-        contribution = float(reason["contribution"])
-        if not math.isfinite(contribution):
-            raise ValueError("contribution not finite")
-        reasons.append({"feature": str(reason["feature"]), "phrase": str(reason["phrase"]),
-                        "contribution": contribution})
+        if set(reason) != {"feature", "phrase"} or not all(isinstance(v, str) for v in reason.values()):
+            raise ValueError("reason out of contract")
+        reasons.append({"feature": reason["feature"], "phrase": reason["phrase"]})
     return ScoreResult(probability, str(body["band"]), reasons, release)
