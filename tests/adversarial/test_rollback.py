@@ -14,8 +14,12 @@ from .conftest import audit_actions, charges
 
 
 def _run_once(coordinator, run: str):
+    """A round and its evaluation: every hospital then verifies (and anchors) every round-1 update."""
     census = coordinator.census(run)
-    return census, {1: coordinator.round(run, 1, census, {})}
+    chain = {1: coordinator.round(run, 1, census, {})}
+    for node in coordinator.nodes:
+        coordinator.contribution(coordinator.evaluate(node, run, 1, census, chain))
+    return census, chain
 
 
 def test_a_restored_older_node_directory_refuses_to_run_until_its_operator_recovers(coordinator, tmp_path) -> None:
