@@ -187,6 +187,7 @@ def _reveal_expected(message: Message) -> Expected:
 
 
 def _reveal(node: HospitalNode, message: Message, context: Context) -> Message:
+    node.check_rollback(_relayed(message))
     expected = _reveal_expected(message)
     contributions = from_record(message.content.config_records.get(M.REVEAL_RECORD), "reveal")
     return _reply(message, **{M.REPLY: ConfigRecord({M.VALUES: node.reveal(contributions, expected),
@@ -237,6 +238,7 @@ def _query_answer(node: HospitalNode, message: Message, context: Context) -> Mes
 
 
 def _release(node: HospitalNode, message: Message, context: Context) -> Message:
+    node.check_rollback(_relayed(message))
     weights, digest = node.release(_chain(message), _run_id(message))
     return _reply(message, **{
         M.REPLY: ConfigRecord({M.SHA256: digest, M.HOSPITAL: node.name}),

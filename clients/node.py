@@ -38,7 +38,7 @@ from federation import round_evaluation
 from federation.config import RunConfig
 from federation.contributions import ContributionHeader, FederationManifest, SignedContribution
 from federation.errors import ConfigError, FedriskError, KeyMaterialError, PrivacyBudgetError, ProtocolError
-from federation.he_codec import CENSUS_UNIT, CONTRIBUTOR_UNIT, HospitalKey, ciphertext_digest
+from federation.he_codec import CENSUS_UNIT, CONTRIBUTOR_UNIT, HospitalKey, check_file_mode, ciphertext_digest
 from federation.messages import CENSUS_LENGTH, EVAL_UNIT
 from federation.model import initial_weights, load_model, num_parameters, predict_proba, weights_digest
 from privacy.accounting import DPSpend, remembered_noise
@@ -67,6 +67,7 @@ def _cached_key(path: Path) -> HospitalKey:
     key = (str(path), path.stat().st_mtime if path.exists() else 0.0)
     if key not in _KEY_CACHE:
         _KEY_CACHE[key] = HospitalKey.load(path)
+        check_file_mode(path)
     return _KEY_CACHE[key]
 
 
