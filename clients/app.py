@@ -183,7 +183,7 @@ def _reveal_expected(message: Message) -> Expected:
     query, run_id = _query(message)
     if kind != f"answer:{query.digest()}":
         raise ProtocolError("the reveal request names another query than the one it carries")
-    return Expected(run_id, 0, step, kind, query.layout().length + 1)
+    return Expected(run_id, 0, step, kind, query.layout().length)
 
 
 def _reveal(node: HospitalNode, message: Message, context: Context) -> Message:

@@ -20,6 +20,7 @@ values of evaluation and query aggregates (DP) and of the final model (DP by pos
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import time
 from dataclasses import dataclass
@@ -202,9 +203,15 @@ class HospitalNode:
     # --- signed contributions ---------------------------------------------------------------
     def seal(self, values: np.ndarray, *, run: str, server_round: int, step: str, kind: str, head: str,
              message_type: str = "") -> SignedContribution:
-        """Encrypt `values` and sign them with what they are. A fault the node's own operator
-        injected (`clients.faults`) replaces the ciphertexts before signing."""
-        ciphertexts = self.key.encrypt(values)
+        """Encrypt `values` and sign them with what they are. The encryption is derandomised by a
+        seed only this node can derive from what it encrypts, so the same contribution is the
+        same ciphertext every time it is made. A fault the node's own operator injected
+        (`clients.faults`) replaces the ciphertexts before signing."""
+        values = np.asarray(values, dtype=np.float64)
+        seed = hmac.new(self.state.pseudonym_key().secret, "\x1f".join(
+            ["fedrisk-encryption", run, str(server_round), step, kind]).encode() + values.tobytes(),
+            hashlib.sha512).digest()
+        ciphertexts = self.key.encrypt(values, seed=seed)
         key_id = self.key.key_id
         fault = faults.fault_for(self.name, message_type, server_round) if message_type else None
         if fault is not None:

@@ -46,11 +46,14 @@ def run_query(query: CohortQuery | str | Path, *, nodes_dir: str | Path = "", da
 def answer_in_process(nodes: Sequence[NodeState], key: HospitalKey, server: ServerContext, query: CohortQuery,
                       run_id: str, model_weights: np.ndarray | None = None) -> pd.DataFrame:
     """A query's DP table computed by the protocol's own steps in this process, without Flower's
-    transport: every hospital answers (charge, clamp, noise, encrypt), the server context adds
-    the ciphertexts, a hospital key decrypts the sum, `estimate` builds the table. For
-    experiments that need many answers quickly (accuracy sweeps, the noise calibration tests)."""
+    transport: every hospital answers (charge, clamp, noise, encrypt), the server context checks
+    the ciphertexts, a hospital key adds and decrypts the sum (flooded), `estimate` builds the
+    table. For experiments that need many answers quickly (accuracy sweeps, the noise
+    calibration tests)."""
     layout = query.layout()
     answers = [HospitalAnalytics(node, key).answer(query, run_id, len(nodes), model_weights) for node in nodes]
-    summed = server.sum([answer.ciphertexts for answer in answers], layout.length)
-    values = key.decrypt(summed, layout.length)
+    ciphertexts = [key.encrypt(answer.vector) for answer in answers]
+    for blobs in ciphertexts:
+        server.parse(blobs, layout.length)
+    values = key.decrypt_flooded(ciphertexts, layout.length, f"{run_id}|0|answer|answer:{query.digest()}")
     return estimate(query, values[:-1] * layout.units, answers[0].noise_multiplier, len(nodes))

@@ -325,6 +325,7 @@ class HospitalKey(_Parser):
     params_id: str
     _secret: seal.SecretKey
     _flood_key: bytes
+    _secret_bytes: bytes
 
     @classmethod
     def load(cls, path: Path) -> "HospitalKey":
@@ -338,11 +339,27 @@ class HospitalKey(_Parser):
         except Exception:
             raise KeyMaterialError(f"{path} holds no readable CKKS secret key") from None
         flood_key = hmac.new(b"fedrisk-ckks-flooding", secret_bytes, hashlib.sha256).digest()
-        return cls(context, _key_id(secret_bytes), params_id_of(params_bytes), secret, flood_key)
+        return cls(context, _key_id(secret_bytes), params_id_of(params_bytes), secret, flood_key, secret_bytes)
 
-    def encrypt(self, values: np.ndarray) -> list[bytes]:
+    def _seeded(self, seed: bytes) -> tuple[seal.SEALContext, seal.Encryptor]:
+        """A context whose randomness (the ciphertext's uniform half and its error) comes from
+        a BLAKE2xb stream under `seed`, and an encryptor for it."""
+        words = [int.from_bytes(seed[i:i + 8], "little") for i in range(0, 64, 8)]
+        params = _parameters()
+        params.set_random_generator(seal.Blake2xbPRNGFactory(words))
+        context = _context(params)
+        secret = seal.SecretKey()
+        _load(secret, context, self._secret_bytes)
+        return context, seal.Encryptor(context, secret)
+
+    def encrypt(self, values: np.ndarray, *, seed: bytes | None = None) -> list[bytes]:
         """Encrypt a vector of values in [-1, 1], 4096 per ciphertext (two per complex slot),
-        each serialised in SEAL's seeded form."""
+        each serialised in SEAL's seeded form.
+
+        `seed` (64 bytes, secret, derived by the node from what it encrypts) makes the encryption
+        deterministic: the same contribution encrypted again is the same ciphertext, bit for bit,
+        so a retried step repeats its output exactly and every engine sees the same aggregate
+        (and decrypts it with the same flooding). Without it SEAL draws fresh randomness."""
         values = np.asarray(values, dtype=np.float64).ravel()
         if not np.all(np.isfinite(values)):
             raise CodecRangeError("update holds NaN or infinite values; refusing to encrypt")
@@ -351,7 +368,13 @@ class HospitalKey(_Parser):
             raise CodecRangeError(
                 f"a value of magnitude {peak:.3g} exceeds the codec's range of {MAX_ABS_VALUE}; "
                 "lower the learning rate or local epochs")
-        encoder, encryptor = seal.CKKSEncoder(self.context), seal.Encryptor(self.context, self._secret)
+        if seed is None:
+            context, encryptor = self.context, seal.Encryptor(self.context, self._secret)
+        else:
+            if len(seed) != 64:
+                raise KeyMaterialError("an encryption seed is 64 bytes")
+            context, encryptor = self._seeded(seed)
+        encoder = seal.CKKSEncoder(context)
         blobs = []
         for start in range(0, max(values.size, 1), VALUES_PER_CIPHERTEXT):
             chunk = values[start:start + VALUES_PER_CIPHERTEXT]

@@ -197,7 +197,7 @@ def answer_query(grid: Grid, config: RunConfig, query: CohortQuery, run_id: str,
     answers = send(M.QUERY_ANSWER)
     checker = ReplyChecker(he, run_id, len(nodes))
     kind = f"answer:{query.digest()}"
-    accepted = checker.accept(0, answers, "answer", kind, layout.length + 1, "analytics")
+    accepted = checker.accept(0, answers, "answer", kind, layout.length, "analytics")
     hospitals = sorted(c.header.hospital for c in accepted)
     revealed = ask_one(grid, checker.nodes_of(hospitals), M.REVEAL, {
         M.CONFIG: ConfigRecord({**base, M.STEP: "answer", M.KIND: kind}),

@@ -282,10 +282,10 @@ def test_an_overspending_query_is_refused_everywhere_and_an_affordable_one_is_ch
     assert spent == pytest.approx([1.0] * 3, abs=0.01)
 
     # The same query run again on the same records repeats its answer (the same DP noise; only the
-    # CKKS decryption error, a fraction of a record, differs) and charges nothing more.
+    # decryption's flooding, a couple of records per cell, differs) and charges nothing more.
     parsed = CohortQuery.load(query)
     again = _answer(states, keys, parsed, parsed.default_run_id())
-    assert (((again["rate"] - table["rate"]).abs() < 0.05 * table["se"]) | table["suppressed"]).all()
+    assert (((again["rate"] - table["rate"]).abs() < 0.5 * table["se"]) | table["suppressed"]).all()
     assert (again["suppressed"] == table["suppressed"]).all()
     for state in states:
         with state.ledger() as ledger:
