@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"setting up in {work} ...", flush=True)
         federation = local.build_federation(work / "federation", patients=args.patients)
         hospital = local.build_hospital(work / "hospital", federation)
-        release = local.create_release(work / "registry", hospital, federation.runs[0], evaluate=False)
+        release = local.create_release(work / "registry", hospital, federation.runs[0])
         db = work / "service" / "signals.sqlite"
         key = KeyStore(db).add("bank-analyst", "load-bench", bank=local.BANK)[1]
         node = local.start_node_service(hospital, work / "logs", wait=False)

@@ -138,9 +138,6 @@ class NodeState:
             for purpose, (epsilon, delta) in budgets.items():
                 ledger.set_budget(purpose, epsilon, delta)
         state.revocations()
-        from clients.policy import NodePolicy
-
-        NodePolicy.for_budgets(budgets).save(directory)
         state.audit().append("node.init", details={"purposes": sorted(budgets)})
         (directory / NODE_FILE).write_text(json.dumps({
             "hospital": hospital, "data_file": str(state.data_file), "schema_file": str(schema_file),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from clients.data import hospital_files
 from clients.node_state import NodeState, enrol
+from clients.policy import NodePolicy
 from federation.errors import ConfigError
 
 
@@ -31,6 +32,8 @@ def provision_nodes(data_dir: Path, key_file: Path, nodes_dir: Path, *, purposes
     try:
         states = [NodeState.init(nodes_dir / path.stem, hospital=path.stem, data_file=path, key_file=key_file,
                                  budgets=purposes, schema_file=schema_file) for path in files]
+        for state in states:  # the data scientist plays every hospital: its policy allows what its budgets do
+            NodePolicy.for_budgets(purposes).save(state.directory)
         enrol(states)
         return states
     except BaseException:

@@ -141,12 +141,12 @@ def dp_evaluation(hospital: LocalHospital, run: TrainedRun) -> object:
                         f"cohort query {query.default_run_id()} (epsilon {EVALUATION_EPSILON:g} per hospital)")
 
 
-def create_release(registry_dir: Path, hospital: LocalHospital, run: TrainedRun, *, evaluate: bool = True) -> str:
+def create_release(registry_dir: Path, hospital: LocalHospital, run: TrainedRun) -> str:
     """Register a release of a real training run (with its DP evaluation) and install it at the node."""
     from server.releases import ReleaseRegistry
 
     registry_dir.mkdir(parents=True, exist_ok=True)
-    evaluation = dp_evaluation(hospital, run) if evaluate else None
+    evaluation = dp_evaluation(hospital, run)  # a release needs its DP evaluation
     release = ReleaseRegistry(run.tracking_uri, registry_dir).create(run.run_id, "dana-data-scientist",
                                                                      evaluation=evaluation)  # type: ignore[arg-type]
     install_release(hospital.state.directory, release.model_dir, release.release_id)

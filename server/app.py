@@ -205,7 +205,7 @@ class _Run:
         tracker.log_round(server_round, metrics)
         self.audit.append(ROUND_TRAIN, purpose=config.purpose, epsilon=metrics["epsilon-max"], details={
             "run": self.run_id, "round": server_round, "contributors": strategy.contributors[server_round],
-            "auc": round(metrics["auc"], 6)})
+            "dp-auc": round(metrics["auc"], 6) if np.isfinite(metrics["auc"]) else None})
         self.rounds[server_round] = metrics
         Checkpoint(run_id=self.run_id, fingerprint=config.fingerprint(), completed_round=server_round,
                    census=strategy.census, chain=dict(strategy.chain), anchors=list(strategy.anchors),

@@ -119,7 +119,7 @@ def test_out_of_range_parameters_are_refused_cleanly(workspace, flags, needle) -
 
 def test_delta_not_below_one_over_n_is_refused_before_training(workspace) -> None:
     result = fedrisk(*run_args(workspace, "--delta", "0.01"))
-    assert_clean_refusal(result, "delta", "1/n")
+    assert_clean_refusal(result, "delta", "1/(10 n)")
     assert_nothing_registered(workspace)
 
 

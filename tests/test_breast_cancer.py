@@ -32,10 +32,22 @@ def test_breast_cancer_federation_learns_under_dp_and_he(keys, tmp_path) -> None
     config = RunConfig(data_dir=str(files[0].parent), schema_file=str(schema_file),
                        keys_dir=str(keys.server_context.parent), run_dir=str(tmp_path / "run"),
                        num_hospitals=3, rounds=5, features="schema", n_features=30, purpose=PURPOSE,
-                       sample_rate=0.05, delta=1e-3, target_epsilon=4.0, learning_rate=0.02)
+                       sample_rate=0.05, delta=2e-4, target_epsilon=4.0, learning_rate=0.02)
     result = simulate(config)
-    assert result.rounds[5]["auc"] > 0.85
-    assert all(h["epsilon"] <= 4.0 for h in result.privacy["hospitals"].values())
+    from pathlib import Path
+
+    import numpy as np
+
+    from clients.evaluation import risk_metrics
+    from clients.node_state import NodeState
+    from federation.model import load_model, predict_proba
+
+    held_out = [s.load_records(PURPOSE, features="schema") for s in NodeState.discover(Path(config.run_dir) / "nodes")]
+    x = np.concatenate([h.test_x for h in held_out])
+    y = np.concatenate([h.test_y for h in held_out])
+    auc = risk_metrics(y, predict_proba(load_model(config.model, result.weights, 30), x))["auc"]
+    assert auc > 0.85, f"released model's AUC {auc:.3f} on the hospitals' held-out records"
+    assert all(h["run_epsilon"] <= 4.0 for h in result.privacy["hospitals"].values())
 
 
 def test_a_node_whose_export_encodes_to_another_width_is_refused(keys, tmp_path) -> None:
@@ -43,6 +55,6 @@ def test_a_node_whose_export_encodes_to_another_width_is_refused(keys, tmp_path)
     config = RunConfig(data_dir=str(files[0].parent), schema_file=str(schema_file),
                        keys_dir=str(keys.server_context.parent), run_dir=str(tmp_path / "run"),
                        num_hospitals=3, rounds=1, features="schema", n_features=29, purpose=PURPOSE,
-                       sample_rate=0.05, delta=1e-3)
+                       sample_rate=0.05, delta=2e-4)
     with pytest.raises(Exception, match="30 model inputs"):
         simulate(config)

@@ -102,7 +102,7 @@ def test_hospital_audit_logs_hold_no_identifiers_and_verify(canary_run) -> None:
         log = AuditLog(audit_file, role="auditor", identity="test")
         assert log.verify().ok
         actions = [e.action for e in log.entries()]
-        assert actions[:3] == ["node.init", "run.start", "data.load"]
+        assert actions[:4] == ["node.init", "node.enrol", "run.start", "data.load"]
         assert actions.count("round.train") == 2
 
 
@@ -145,7 +145,7 @@ def test_training_and_analytics_share_one_ledger_that_matches_an_independent_acc
     with nodes[0].ledger() as ledger:
         history = ledger.history(PURPOSE)
         spent = ledger.spent(PURPOSE)
-    assert [c.kind for c in history] == ["training", "training", "analytics"]
+    assert [c.kind for c in history] == ["training", "evaluation", "training", "evaluation", "analytics"]
     accountant = dp_accounting.rdp.RdpAccountant()
     for charge in history:
         m = charge.mechanism
@@ -153,7 +153,7 @@ def test_training_and_analytics_share_one_ledger_that_matches_an_independent_acc
         accountant.compose(gaussian if m.sample_rate == 1.0 else dp_accounting.PoissonSampledDpEvent(
             m.sample_rate, gaussian), m.steps)
     assert spent == pytest.approx(accountant.get_epsilon(1e-5), rel=0.02)
-    assert 0.5 < spent < 0.5 + 0.5  # RDP composition: less than the sum of the two epsilons
+    assert 0.5 < spent < 0.5 + 0.5  # RDP composition: less than the sum of the two runs' epsilons
 
 
 def test_revoked_consent_is_excluded_from_the_next_load(federation_data, keys, tmp_path) -> None:
@@ -184,10 +184,10 @@ def test_audit_verify_names_a_tampered_entry(federation_data, keys, tmp_path) ->
     clean = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert clean.returncode == 0 and "intact" in clean.stdout
     with sqlite3.connect(state.audit_path) as db:
-        db.execute("UPDATE audit SET details = replace(details, 'used', 'usde') WHERE seq = 2")
+        db.execute("UPDATE audit SET details = replace(details, 'used', 'usde') WHERE seq = 3")
     tampered = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert tampered.returncode == 1
-    assert "entry 2" in tampered.stdout
+    assert "entry 3" in tampered.stdout
 
 
 def test_node_init_check_and_budget_from_the_cli(federation_data, keys, tmp_path) -> None:

@@ -79,7 +79,7 @@ def dep(tmp_path_factory: pytest.TempPathFactory, signals_federation) -> Iterato
     hospital = local.build_hospital(root / "hospital", signals_federation)
     first, *others = signals_federation.runs
     assert local.create_release(root / "registry", hospital, first) == "r1"
-    withdrawable = tuple(local.create_release(root / "registry", hospital, run, evaluate=False) for run in others)
+    withdrawable = tuple(local.create_release(root / "registry", hospital, run) for run in others)
     db = root / "service" / "signals.sqlite"
     store = KeyStore(db)
     keys = {label: store.add(role, label, bank=bank, hospital=site)[1] for label, role, bank, site in (
