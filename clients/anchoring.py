@@ -1,8 +1,8 @@
 """No silent rollback: a node's privacy state is anchored outside the node.
 
 A node's *state head* counts and hashes what must never go backwards: the charges in its budget
-ledger and the consent withdrawals in its revocation registry, plus an *epoch* that only the
-documented recovery procedure raises. Every contribution a hospital signs carries its head, so
+ledger, the consent withdrawals in its revocation registry and the aggregates it decrypted, plus
+an *epoch* that only the documented recovery procedure raises. Every contribution a hospital signs carries its head, so
 its head is anchored wherever its contributions go:
 
 * at the other hospitals, which keep the newest signed header of every hospital they verified
@@ -38,7 +38,7 @@ ANCHORS_FILE = "anchors.sqlite"
 EPOCH_FILE = "anchor_epoch"
 ANCHOR_BEHIND = "anchor.behind"
 ANCHOR_ACCEPTED = "anchor.accepted"
-_HEAD = re.compile(r"^e(\d+):c(\d+):([0-9a-f]{16}):r(\d+):([0-9a-f]{16})$")
+_HEAD = re.compile(r"^e(\d+):c(\d+):([0-9a-f]{16}):r(\d+):([0-9a-f]{16}):d(\d+):([0-9a-f]{16})$")
 
 
 class RollbackDetected(FedriskError):
@@ -47,32 +47,35 @@ class RollbackDetected(FedriskError):
 
 @dataclass(frozen=True, order=True)
 class StateHead:
-    """Epoch, then charge and withdrawal counts with the digest of each chain."""
+    """Epoch, then charge, withdrawal and decryption counts with the digest of each chain."""
 
     epoch: int
     charges: int
     charges_digest: str
     revocations: int
     revocations_digest: str
+    decryptions: int = 0
+    decryptions_digest: str = "0" * 16
 
     def encode(self) -> str:
         return (f"e{self.epoch}:c{self.charges}:{self.charges_digest}:"
-                f"r{self.revocations}:{self.revocations_digest}")
+                f"r{self.revocations}:{self.revocations_digest}:d{self.decryptions}:{self.decryptions_digest}")
 
     @classmethod
     def parse(cls, text: str) -> "StateHead | None":
         match = _HEAD.match(text or "")
         if match is None:
             return None
-        epoch, charges, cd, revocations, rd = match.groups()
-        return cls(int(epoch), int(charges), cd, int(revocations), rd)
+        epoch, charges, cd, revocations, rd, decryptions, dd = match.groups()
+        return cls(int(epoch), int(charges), cd, int(revocations), rd, int(decryptions), dd)
 
     def behind(self, anchored: "StateHead") -> bool:
         """True if this head is older than `anchored`: an earlier epoch, or the same epoch with
-        fewer charges or fewer withdrawals (both only ever grow)."""
+        fewer charges, withdrawals or decryptions (all only ever grow)."""
         if self.epoch != anchored.epoch:
             return self.epoch < anchored.epoch
-        return self.charges < anchored.charges or self.revocations < anchored.revocations
+        return (self.charges < anchored.charges or self.revocations < anchored.revocations
+                or self.decryptions < anchored.decryptions)
 
 
 def _chain(rows: Iterable[object]) -> tuple[int, str]:
@@ -100,7 +103,20 @@ def state_head(state: "object") -> StateHead:
     revocations = state.revocations().entries()  # type: ignore[attr-defined]
     count, cd = _chain(charges)
     rcount, rd = _chain(revocations)
-    return StateHead(read_epoch(state.directory), count, cd, rcount, rd)  # type: ignore[attr-defined]
+    dcount, dd = _chain(_decryptions(Path(state.directory)))  # type: ignore[attr-defined]
+    return StateHead(read_epoch(state.directory), count, cd, rcount, rd, dcount, dd)  # type: ignore[attr-defined]
+
+
+def _decryptions(node_dir: Path) -> list[tuple[str, str]]:
+    """What the node decrypted, in order (a restore must not let it decrypt a step twice)."""
+    path = node_dir / "decryptions.sqlite"
+    if not path.exists():
+        return []
+    with closing(sqlite3.connect(path, timeout=30.0)) as db:
+        try:
+            return [tuple(r) for r in db.execute("SELECT identity, contributors FROM decryptions ORDER BY rowid")]
+        except sqlite3.OperationalError:
+            return []
 
 
 class AnchorStore:
@@ -185,9 +201,10 @@ def check_not_rolled_back(state: "object", hospital: str, relayed: Iterable[tupl
     anchored = store.get(hospital)
     if anchored is not None and current.behind(anchored):
         raise RollbackDetected(
-            f"{hospital}: this node's ledger or consent withdrawals are behind the head anchored outside it "
-            f"({current.charges} charges and {current.revocations} withdrawals at epoch {current.epoch}, anchored "
-            f"{anchored.charges} and {anchored.revocations} at epoch {anchored.epoch}): a node directory backup was "
+            f"{hospital}: this node's ledger, consent withdrawals or decryptions are behind the head anchored outside "
+            f"it ({current.charges} charges, {current.revocations} withdrawals, {current.decryptions} decryptions at "
+            f"epoch {current.epoch}; anchored {anchored.charges}, {anchored.revocations}, {anchored.decryptions} at "
+            f"epoch {anchored.epoch}): a node directory backup was "
             "restored; it refuses to train or answer until its operator runs `fedrisk node anchor accept`")
     return current
 

@@ -259,13 +259,13 @@ def unpack(data: bytes) -> list[SignedContribution]:
 
 # --- relayed state heads (clients.anchoring) ------------------------------------------------------
 
-def head_order(head: str) -> tuple[int, int, int] | None:
-    """(epoch, charges, withdrawals) of an encoded state head, or None if it is not one."""
+def head_order(head: str) -> tuple[int, int, int, int] | None:
+    """(epoch, charges, withdrawals, decryptions) of an encoded state head, or None if it is not one."""
     parts = head.split(":") if isinstance(head, str) else []
     try:
-        if len(parts) != 5 or not (parts[0][:1], parts[1][:1], parts[3][:1]) == ("e", "c", "r"):
+        if len(parts) != 7 or (parts[0][:1], parts[1][:1], parts[3][:1], parts[5][:1]) != ("e", "c", "r", "d"):
             return None
-        return int(parts[0][1:]), int(parts[1][1:]), int(parts[3][1:])
+        return int(parts[0][1:]), int(parts[1][1:]), int(parts[3][1:]), int(parts[5][1:])
     except ValueError:
         return None
 
@@ -290,7 +290,7 @@ def from_relay_record(record: object) -> list[tuple[str, bytes]]:
 def newest_by_hospital(pairs: Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     """The newest signed header per hospital among (header, signature) pairs: what a coordinator
     relays. Ordering only: nothing here is trusted before a hospital verifies the signature."""
-    best: dict[str, tuple[tuple[int, int, int], str, bytes]] = {}
+    best: dict[str, tuple[tuple[int, int, int, int], str, bytes]] = {}
     for text, signature in pairs:
         try:
             header = ContributionHeader.parse(text)
