@@ -101,9 +101,10 @@ def released(trained: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> t
                                      evaluation=_evaluation_of(trained.digest))
 
 
-def _metric(trained: TrainedRun, key: str) -> float:
+def _metric(trained: TrainedRun, key: str) -> float | None:
+    """The run's last-round value of a metric; None when the DP noise left it undefined (not logged)."""
     history = mlflow.tracking.MlflowClient(trained.tracking_uri).get_metric_history(trained.run_id, key)
-    return max(history, key=lambda m: m.step).value
+    return max(history, key=lambda m: m.step).value if history else None
 
 
 def test_certificate_is_the_runs_privacy_report(trained: TrainedRun, released) -> None:
