@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -127,6 +128,13 @@ class HospitalAnalytics:
         from federation.model import load_model, predict_proba
 
         sha256, kind = query.model  # type: ignore[misc]
+        if weights is not None:
+            weights = np.asarray(weights, dtype=np.float32).ravel()
+            from federation.model import num_parameters
+
+            if weights.size != num_parameters(kind, len(fx.FEATURE_NAMES)):
+                self._refuse(ProtocolError(f"{self.name}: the model sent with query {query.name!r} has the wrong "
+                                           "number of weights"), query.purpose)
         if weights is None or weights_digest(weights) != sha256:
             self._refuse(ProtocolError(f"{self.name}: the model sent with query {query.name!r} does not match "
                                        f"its SHA-256 {sha256[:12]}"), query.purpose)
@@ -177,30 +185,44 @@ class HospitalAnalytics:
         return mechanism.noise_multiplier
 
     def answer(self, query: CohortQuery, run_id: str, hospitals: int,
-               model_weights: np.ndarray | None = None) -> QueryAnswer:
+               model_weights: np.ndarray | None = None, policy: Any = None) -> QueryAnswer:
         """Charge, compute, noise and encrypt this hospital's answer (see the module docstring).
-        `hospitals` is how many answers the server will sum (each must fit the slot range);
-        `model_weights` are the model a `risk_score` query scores with (checked against its digest).
-        The budget is enforced by the ledger's atomic charge, not checked again beforehand."""
+        `hospitals` is how many answers can be summed: the federation's size from this node's own
+        manifest, never the coordinator's word; each cell's statistic is clamped so that that
+        many fit the slot range (a data-independent bound, so nothing about the data shows in a
+        refusal). `model_weights` are the model a `risk_score` query scores with (checked against
+        its digest). `policy` (the node's `NodePolicy`) caps delta at 1/(10 n) and the query run's
+        composed epsilon. The budget is enforced by the ledger's atomic charge."""
         self._check_fields(query)
         used, excluded = consented_records(self.state, query.purpose)
         if query.field == RISK_SCORE:
             used = self._scored_test_split(query, used, model_weights)
-        mechanism = self._mechanism(query)
-        digest = _data_digest(used, query)
-        with self.state.ledger() as ledger:
+        if policy is not None:
             try:
-                charge = ledger.charge(query.purpose, mechanism, run_id=run_id, kind="analytics", actor=self.name,
-                                       slot=f"query-{query.digest()}:{digest}",
-                                       identity=f"query-{query.digest()}:{digest}")
+                policy.check_records(delta=query.delta, records=len(used))
             except FedriskError as error:
                 self._refuse(error, query.purpose)
-        exact = local_statistics(used, query)
+        mechanism = self._mechanism(query)
+        digest = _data_digest(used, query)
+        slot = f"query-{query.digest()}:{digest}"
+        with self.state.ledger() as ledger:
+            try:
+                if policy is not None:
+                    from privacy.ledger import compose_epsilon
+
+                    others = [c.mechanism for c in ledger.history(query.purpose) if c.run_id == run_id and c.slot != slot]
+                    run_after = compose_epsilon(others + [mechanism], ledger.budget(query.purpose).delta)
+                    if run_after > policy.max_epsilon_per_run + 1e-9:
+                        raise PrivacyBudgetError(
+                            f"{self.name}: query run {run_id} would spend epsilon {run_after:.3f} at this hospital, "
+                            f"over its policy's max_epsilon_per_run {policy.max_epsilon_per_run:g}")
+                charge = ledger.charge(query.purpose, mechanism, run_id=run_id, kind="analytics", actor=self.name,
+                                       slot=slot, identity=slot)
+            except FedriskError as error:
+                self._refuse(error, query.purpose)
         layout = query.layout()
-        if np.abs(exact / layout.units).max(initial=0.0) * hospitals > 0.5:
-            self._refuse(DataError(f"{self.name}: a cell holds more records than {hospitals} hospitals can sum "
-                                   f"within the codec's range ({CELL_CAPACITY / 2:,.0f} records per cell in all)"),
-                         query.purpose)
+        bound = 0.5 / max(int(hospitals), 1) * layout.units  # per position, in the statistic's own units
+        exact = np.clip(local_statistics(used, query), -bound, bound)
         seed = self.state.pseudonym_key().derive_seed("analytics", run_id, query.digest(), digest)
         noise = np.random.default_rng(seed).standard_normal(exact.shape) * layout.noise_scales * mechanism.noise_multiplier
         vector = np.concatenate([(exact + noise) / layout.units, [CONTRIBUTOR_UNIT]])

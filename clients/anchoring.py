@@ -166,7 +166,8 @@ class AnchorStore:
         return None
 
 
-def verified_anchors(pairs: Iterable[tuple[str, bytes]], manifest: FederationManifest) -> list[ContributionHeader]:
+def verified_anchors(pairs: Iterable[tuple[str, bytes]], manifest: FederationManifest
+                     ) -> list[tuple[ContributionHeader, bytes]]:
     """The relayed (header, signature) pairs whose signature verifies against the manifest;
     the rest are ignored (the coordinator relays them; it cannot make them)."""
     from cryptography.exceptions import InvalidSignature
@@ -182,7 +183,7 @@ def verified_anchors(pairs: Iterable[tuple[str, bytes]], manifest: FederationMan
             Ed25519PublicKey.from_public_bytes(bytes.fromhex(key)).verify(bytes(signature), header.canonical())
         except (ProtocolError, InvalidSignature, ValueError):
             continue
-        headers.append(header)
+        headers.append((header, bytes(signature)))
     return headers
 
 
@@ -192,10 +193,8 @@ def check_not_rolled_back(state: "object", hospital: str, relayed: Iterable[tupl
     at this node and those relayed (signed by itself). Records the newest; raises
     RollbackDetected if the node is behind any of them."""
     store = AnchorStore(state.directory)  # type: ignore[attr-defined]
-    pairs = list(relayed)
-    for header in verified_anchors(pairs, manifest):
+    for header, signature in verified_anchors(relayed, manifest):
         if header.hospital == hospital:
-            signature = next(sig for text, sig in pairs if ContributionHeader.parse(text) == header)
             store.record(header, signature)
     current = state_head(state)
     anchored = store.get(hospital)

@@ -227,9 +227,12 @@ def _query_answer(node: HospitalNode, message: Message, context: Context) -> Mes
     _admit_query(node, message, query)
     head = node.check_rollback(_relayed(message))
     model = message.content.array_records.get(M.QUERY_MODEL)
-    weights = model[M.WEIGHTS].numpy() if model is not None else None
-    answer = HospitalAnalytics(node.state, node.key).answer(query, run_id, int(_config(message).get(M.HOSPITALS, 1)),
-                                                            weights)
+    try:
+        weights = model[M.WEIGHTS].numpy() if model is not None else None
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError("the server's query model record carries no weights") from None
+    answer = HospitalAnalytics(node.state, node.key).answer(query, run_id, len(node.manifest.hospitals), weights,
+                                                            node.policy)
     contribution = node.seal(answer.vector, run=run_id, server_round=0, step="answer",
                              kind=f"answer:{query.digest()}", head=head,
                              message_type=message.metadata.message_type)

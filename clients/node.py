@@ -22,7 +22,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import sqlite3
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -52,7 +54,9 @@ _CACHE_LIMIT = 16  # hospitals one simulation worker may serve in turn
 _KEY_CACHE: dict[tuple[str, float], HospitalKey] = {}
 NOISE_CACHE = "noise_calibrations.json"
 """In the node directory: the sigmas this node has calibrated (see `remembered_noise`)."""
-EVALUATION_LENGTH = round_evaluation.LENGTH + 1  # the DP histogram and the contributor slot
+EVALUATION_LENGTH = round_evaluation.LENGTH + 1
+RUNS_FILE = "runs.sqlite"
+"""In the node directory: the run config fingerprint each run id was first seen with."""  # the DP histogram and the contributor slot
 
 
 def _cached_data(state: NodeState, purpose: str, features: str) -> HospitalData:
@@ -223,12 +227,26 @@ class HospitalNode:
         return self.state.signing_key().sign(header, ciphertexts)
 
     # --- census -------------------------------------------------------------------------------
+    def pin_run(self, run_id: str) -> None:
+        """Bind the run id to this run config at first sight (`runs.sqlite`): a coordinator
+        cannot change a run's configuration between its messages (more rounds for a larger
+        evaluation noise budget, another learning rate for fresh noise), only start a new run."""
+        fingerprint = self.config.fingerprint()
+        with closing(sqlite3.connect(self.state.directory / RUNS_FILE, timeout=30.0)) as db, db:
+            db.execute("CREATE TABLE IF NOT EXISTS runs (run TEXT PRIMARY KEY, fingerprint TEXT NOT NULL)")
+            db.execute("INSERT OR IGNORE INTO runs VALUES (?, ?)", (run_id, fingerprint))
+            pinned = db.execute("SELECT fingerprint FROM runs WHERE run = ?", (run_id,)).fetchone()[0]
+        if pinned != fingerprint:
+            self._refuse(ProtocolError(f"{self.name}: run {run_id} was started under another run configuration; "
+                                       "a run's configuration cannot change between its messages"))
+
     def begin_run(self, run_id: str) -> None:
         """Before any record is touched: refuse a run whose planned spend would exceed what is
         left of this hospital's budget for the purpose; then load (and audit) the data.
 
         A resumed run (same `run_id`) is checked for the steps it has not yet charged only."""
         cfg = self.config
+        self.pin_run(run_id)
         for key in [k for k in _DATA_CACHE if k[0] == str(self.state.directory)]:
             del _DATA_CACHE[key]  # every run reads (and audits) its data afresh
         self._data = None
@@ -335,6 +353,7 @@ class HospitalNode:
         cfg = self.config
         if not 1 <= server_round <= cfg.rounds:
             self._refuse(ProtocolError(f"{self.name}: round {server_round} is outside the run's {cfg.rounds} rounds"))
+        self.pin_run(run_id)
         began = time.perf_counter()
         from clients.training import LocalTraining, train_local  # torch + opacus: train messages only
 
@@ -380,6 +399,7 @@ class HospitalNode:
         cfg = self.config
         if not 1 <= server_round <= cfg.rounds:
             self._refuse(ProtocolError(f"{self.name}: round {server_round} is outside the run's {cfg.rounds} rounds"))
+        self.pin_run(run_id)
         weights = self.global_weights(chain, run_id, server_round)
         data = self.data
         mechanism = self._evaluation_mechanism()
@@ -407,6 +427,7 @@ class HospitalNode:
     # --- release ------------------------------------------------------------------------------
     def release(self, chain: Mapping[int, Sequence[SignedContribution]], run_id: str) -> tuple[np.ndarray, str]:
         """The final model (DP by post-processing) and its SHA-256. Audited."""
+        self.pin_run(run_id)
         through = max(chain, default=0)
         if through < 1:
             self._refuse(ProtocolError(f"{self.name}: nothing to release: the server sent no completed round"))

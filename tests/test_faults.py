@@ -100,7 +100,7 @@ def test_retraining_a_round_from_the_same_model_repeats_it_and_is_charged_once(k
     with BudgetLedger(state.ledger_path) as ledger:
         assert len([c for c in ledger.history(PURPOSE) if c.run_id == "retry"]) == 1
     other = config.replace(learning_rate=config.learning_rate * 1.5)
-    with pytest.raises(PrivacyBudgetError, match="already charged"):
+    with pytest.raises(ProtocolError, match="another run configuration"):
         HospitalNode(other, state).train(1, census, {}, "retry", "")
 
 

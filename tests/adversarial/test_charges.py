@@ -41,7 +41,7 @@ def test_a_round_resent_with_a_learning_rate_changed_in_the_7th_digit_is_refused
     tweaked = {**coordinator.config.to_user_config(), "learning-rate": coordinator.config.learning_rate * (1 + 1e-7)}
     for _ in range(4):
         again = coordinator.train(node, run, 1, census, {}, config=tweaked)
-        assert "already charged" in (coordinator.error(again) or ""), coordinator.error(again)
+        assert "another run configuration" in (coordinator.error(again) or ""), coordinator.error(again)
     assert len([c for c in charges(node) if c.kind == "training"]) == 1
 
 
@@ -70,29 +70,42 @@ def test_a_round_resent_after_one_patient_revoked_is_refused(coordinator) -> Non
     assert len([c for c in charges(node) if c.kind == "training"]) == 1
 
 
-def test_eight_concurrent_trainings_of_one_round_under_different_configs_are_charged_once(coordinator) -> None:
-    run = "race"
-    census = coordinator.census(run)
-    node = coordinator.nodes[0]
-    configs = [{**coordinator.config.to_user_config(), "learning-rate": 0.05 + i * 1e-4} for i in range(8)]
-    barrier = threading.Barrier(8)
-    replies: list = [None] * 8
+def _race(coordinator, node, run: str, census, configs: list) -> list:
+    barrier = threading.Barrier(len(configs))
+    replies: list = [None] * len(configs)
 
     def attack(i: int) -> None:
         barrier.wait()
         replies[i] = coordinator.train(node, run, 1, census, {}, config=configs[i])
 
-    threads = [threading.Thread(target=attack, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=attack, args=(i,)) for i in range(len(configs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=300)
-    errors = [coordinator.error(r) for r in replies]
-    assert errors.count(None) == 1, errors
-    assert all("already charged" in e for e in errors if e is not None), [e[:300] for e in errors if e]
-    assert not any(word in (e or "") for e in errors for word in ("OperationalError", "IntegrityError", "is locked"))
-    trained = [c for c in charges(node) if c.kind == "training"]
-    assert len(trained) == 1 == _outputs(replies)
+    return replies
+
+
+def test_eight_concurrent_trainings_of_one_round_are_charged_once_and_send_one_output(coordinator) -> None:
+    run = "race"
+    census = coordinator.census(run)
+    node = coordinator.nodes[0]
+    replies = _race(coordinator, node, run, census, [None] * 8)
+    assert [coordinator.error(r) for r in replies] == [None] * 8
+    outputs = {coordinator.contribution(r).ciphertexts for r in replies}
+    assert len(outputs) == 1  # one identity, one seed, one (deterministic) ciphertext
+    assert len([c for c in charges(node) if c.kind == "training"]) == 1
+
+
+def test_eight_concurrent_trainings_under_other_configs_are_all_refused_with_a_typed_reason(coordinator) -> None:
+    run = "race-configs"
+    census = coordinator.census(run)
+    node = coordinator.nodes[0]
+    configs = [{**coordinator.config.to_user_config(), "learning-rate": 0.05 + (i + 1) * 1e-4} for i in range(8)]
+    errors = [coordinator.error(r) for r in _race(coordinator, node, run, census, configs)]
+    assert all(e is not None and "another run configuration" in e for e in errors), errors
+    assert not any(word in e for e in errors for word in ("OperationalError", "IntegrityError", "is locked"))
+    assert [c for c in charges(node) if c.kind == "training"] == []
 
 
 def test_the_ledger_covers_every_noisy_output_that_left_the_node(coordinator) -> None:
