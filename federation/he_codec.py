@@ -398,23 +398,31 @@ class HospitalKey(_Parser):
             parts.append(reals)
         return np.concatenate(parts)[:length]
 
-    def sum(self, contributions: Sequence[Sequence[bytes]], length: int) -> list[seal.Ciphertext]:
-        """Slot-wise sum of several contributions' ciphertexts (each checked by `parse`)."""
+    def sum(self, contributions: Sequence[Sequence[bytes]], length: int,
+            parsed: Sequence[list[seal.Ciphertext]] | None = None) -> list[seal.Ciphertext]:
+        """Slot-wise sum of several contributions' ciphertexts (each checked by `parse`, unless
+        `parsed` holds them already loaded, in the same order)."""
         if not contributions:
             raise KeyMaterialError("no ciphertexts to sum")
+        loaded = list(parsed) if parsed is not None else [self.parse(update, length) for update in contributions]
         evaluator = seal.Evaluator(self.context)
-        total = self.parse(contributions[0], length)
-        for update in contributions[1:]:
-            for accumulator, ciphertext in zip(total, self.parse(update, length)):
-                evaluator.add_inplace(accumulator, ciphertext)
+        total = list(loaded[0])
+        for update in loaded[1:]:
+            summed = []
+            for accumulator, ciphertext in zip(total, update):
+                out = seal.Ciphertext()
+                evaluator.add(accumulator, ciphertext, out)  # never alters a loaded contribution
+                summed.append(out)
+            total = summed
         return total
 
-    def decrypt_flooded(self, contributions: Sequence[Sequence[bytes]], length: int, identity: str) -> np.ndarray:
+    def decrypt_flooded(self, contributions: Sequence[Sequence[bytes]], length: int, identity: str,
+                        parsed: Sequence[list[seal.Ciphertext]] | None = None) -> np.ndarray:
         """Add up `contributions` (each a list of ciphertexts of `length` values), decrypt the
         sum and return it flooded and rounded (module docstring): the only decryption whose
         result is ever used or sent. `identity` names what is decrypted (run, round, step,
         kind); with the ciphertexts' digests it keys the flooding stream."""
-        exact = self._decrypt_exact(self.sum(contributions, length), length)
+        exact = self._decrypt_exact(self.sum(contributions, length, parsed), length)
         digest = hashlib.sha256(identity.encode())
         for update in contributions:
             digest.update(bytes.fromhex(ciphertext_digest(update)))

@@ -39,9 +39,11 @@ def _rdp(sample_rate: float, noise_multiplier: float, steps: int):
                                       orders=list(RDP_ORDERS))
 
 
+@lru_cache(maxsize=4096)
 def epsilon_for(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float, extra: Extra = ()) -> float:
     """Epsilon at `delta` after `steps` Poisson-subsampled Gaussian steps composed with the
-    `extra` mechanisms (RDP accountant)."""
+    `extra` mechanisms (RDP accountant). A pure function of its arguments, so it is remembered:
+    a node asks for the same values several times per message."""
     curves = [_rdp(*m) for m in extra if m[2] > 0]
     if steps > 0:
         curves.append(_rdp(sample_rate, noise_multiplier, steps))

@@ -238,10 +238,10 @@ def _release(release: ReleaseView) -> str:
             "</p>")
     if release.withdrawn_reason:
         head += f'<p class="bad">Withdrawn: {escape(release.withdrawn_reason)}. It is no longer served to banks.</p>'
-    per_hospital = _table(["hospital", "epsilon", "delta", "mechanism", "noise multiplier", "sample rate", "steps",
-                           "clip norm"],
-                          [[name, h.epsilon, h.delta, h.mechanism, h.noise_multiplier, h.sample_rate, h.steps,
-                            h.clip_norm] for name, h in cert.per_hospital.items()])
+    per_hospital = _table(["hospital", "run epsilon", "DP-SGD epsilon", "ledger epsilon (purpose, cumulative)",
+                           "delta", "mechanism", "noise multiplier", "sample rate", "steps", "clip norm"],
+                          [[name, h.run_epsilon, h.epsilon, h.ledger_epsilon, h.delta, h.mechanism, h.noise_multiplier,
+                            h.sample_rate, h.steps, h.clip_norm] for name, h in cert.per_hospital.items()])
     certificate = (f'<details class="certificate"><summary>Privacy certificate</summary>'
                    f"<p>{escape(cert.guarantee)}</p>" + _table(["field", "value"], [
                        ["model SHA-256", cert.model_sha256], ["training run", cert.mlflow_run_id],
