@@ -6,6 +6,8 @@ census, reveal and release messages only need the vector length and the digest."
 
 from __future__ import annotations
 
+import threading
+
 import hashlib
 from typing import TYPE_CHECKING
 
@@ -47,16 +49,20 @@ def num_parameters(kind: str, n_features: int = N_FEATURES) -> int:
     return sum(inputs * outputs + outputs for inputs, outputs in zip(widths, widths[1:]))
 
 
+_GLOBAL_RNG = threading.Lock()
+
+
 def initial_weights(kind: str, seed: int, n_features: int = N_FEATURES) -> np.ndarray:
     """The public starting point of a run: every hospital derives the same one from the seed."""
     import torch
 
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = build_model(kind, n_features)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    with _GLOBAL_RNG:  # torch's initialisers draw from its process-wide generator
+        generator_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            model = build_model(kind, n_features)
+        finally:
+            torch.random.set_rng_state(generator_state)
     return get_weights(model)
 
 
