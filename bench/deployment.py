@@ -30,11 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.deployment import LocalDeployment  # noqa: E402
-from experiments.provision import provision_nodes  # noqa: E402
-from experiments.simulation import simulate  # noqa: E402
+from engines.deployment import LocalDeployment  # noqa: E402
+from engines.provisioning import provision_nodes  # noqa: E402
+from engines.simulation import simulate  # noqa: E402
 from experiments.synthetic import synthesize  # noqa: E402
-from federation.certs import init_credentials  # noqa: E402
+from engines.credentials import init_credentials  # noqa: E402
 from federation.config import RunConfig  # noqa: E402
 from federation.he_codec import init_keys  # noqa: E402
 from federation.model import num_parameters  # noqa: E402

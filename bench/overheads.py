@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from clients.data import HospitalData  # noqa: E402
 from experiments import overheads  # noqa: E402
-from experiments.provision import provision_nodes  # noqa: E402
+from engines.provisioning import provision_nodes  # noqa: E402
 from experiments.synthetic import synthesize  # noqa: E402
 from federation import features as fx  # noqa: E402
 from federation.config import RunConfig  # noqa: E402

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from clients.evaluation import risk_metrics  # noqa: E402
 from clients.node import HospitalNode  # noqa: E402
-from experiments.provision import provision_nodes  # noqa: E402
+from engines.provisioning import provision_nodes  # noqa: E402
 from experiments.synthetic import synthesize  # noqa: E402
 from federation import round_evaluation  # noqa: E402
 from federation.config import RunConfig  # noqa: E402

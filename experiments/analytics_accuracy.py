@@ -46,8 +46,8 @@ import pandas as pd
 
 from clients.analytics import consented_records, local_statistics
 from clients.node_state import NodeState
-from experiments.analytics import answer_in_process
-from experiments.provision import provision_nodes
+from engines.analytics import answer_in_process
+from engines.provisioning import provision_nodes
 from experiments.synthetic import synthesize
 from federation.he_codec import HospitalKey, ServerContext, init_keys
 from federation.query import CohortQuery

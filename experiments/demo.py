@@ -56,8 +56,8 @@ def _progress(stream: TextIO):
 def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the demo and return the summary it writes to `summary.json`."""
     from experiments import overheads, reference
-    from experiments.provision import provision_nodes
-    from experiments.simulation import simulate
+    from engines.provisioning import provision_nodes
+    from engines.simulation import simulate
     from experiments.synthetic import synthesize
     from federation.he_codec import init_keys
 

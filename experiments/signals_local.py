@@ -24,8 +24,8 @@ import pandas as pd
 from clients.node_state import NodeState
 from clients.scoring import grant_authority, install_release, issue_grant
 from clients.scoring_service import new_service_token, write_service_token_file
-from experiments.deployment import free_port
-from experiments.provision import provision_nodes
+from engines.deployment import free_port
+from engines.provisioning import provision_nodes
 from experiments.synthetic import synthesize
 from federation import features as fx
 from federation.config import RunConfig
@@ -43,7 +43,7 @@ START_TIMEOUT_S = 60.0
 
 @dataclass
 class TrainedRun:
-    """A real federated training run (`experiments.simulation.simulate`): where MLflow holds it."""
+    """A real federated training run (`engines.simulation.simulate`): where MLflow holds it."""
 
     tracking_uri: str
     run_id: str
@@ -89,7 +89,7 @@ class LocalHospital:
 def build_federation(root: Path, *, patients: int = 2000, seed: int = 5, runs: int = 1) -> SignalsFederation:
     """Synthesise HOSPITALS exports, provision their nodes, and train `runs` real federated runs
     (DP-SGD + CKKS in Flower's simulation engine, one round each, different seeds)."""
-    from experiments.simulation import simulate
+    from engines.simulation import simulate
 
     root.mkdir(parents=True, exist_ok=True)
     synthesize(HOSPITALS, patients, root / "data", seed=seed)
@@ -125,8 +125,8 @@ def build_hospital(root: Path, federation: SignalsFederation) -> LocalHospital:
 
 def dp_evaluation(hospital: LocalHospital, run: TrainedRun) -> object:
     """The model's DP evaluation tables, answered by every node's own analytics code in process."""
-    from experiments.analytics import answer_in_process
-    from experiments.model_evaluation import (
+    from engines.analytics import answer_in_process
+    from engines.model_evaluation import (
         EVALUATION_GROUPS,
         evaluation_query,
         marginal,
@@ -189,10 +189,10 @@ class Service:
 
 
 def _start(name: str, argv: list[str], log: Path, port: int, wait: bool) -> Service:
-    """Start `python -m federation.cli <argv>` (logging to `log`); with `wait`, until it answers."""
+    """Start `python -m cli.main <argv>` (logging to `log`); with `wait`, until it answers."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "federation.cli", *argv], cwd=ROOT, stdout=sink,
+        process = subprocess.Popen([sys.executable, "-m", "cli.main", *argv], cwd=ROOT, stdout=sink,
                                    stderr=subprocess.STDOUT)
     service = Service(name, process, f"http://127.0.0.1:{port}", log)
     return service.wait_ready() if wait else service
@@ -217,7 +217,7 @@ def start_signals_service(db: Path, registry_dir: Path, log_dir: Path, *, rate: 
 
 def register_hospital(db: Path, hospital: LocalHospital, node: Service) -> None:
     """`fedrisk serve hospitals add` for the hospital's running scoring endpoint."""
-    from federation.cli import main
+    from cli.main import main
 
     code = main(["serve", "hospitals", "add", "--db", str(db), "--hospital", hospital.state.hospital,
                  "--url", node.base_url, "--grant-key", str(hospital.grant_key_file),

@@ -204,7 +204,9 @@ class RunConfig:
         """The tracking URI in force: the explicit one, else SQLite under run_dir."""
         if self.tracking_uri:
             return self.tracking_uri
-        return f"sqlite:///{(Path(self.run_dir).resolve() / 'mlflow.db')}"
+        from federation.run_dir import MLFLOW_DB
+
+        return f"sqlite:///{(Path(self.run_dir).resolve() / MLFLOW_DB)}"
 
     def fingerprint(self) -> str:
         """SHA-256 (16 hex) of everything that decides what a run computes: a checkpoint may only

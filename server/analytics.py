@@ -248,7 +248,7 @@ def run_analytics(grid: Grid, config: RunConfig) -> QueryResult:
     """The ServerApp's job for a run whose config carries a `query`: answer it, write the
     table under `<run-dir>/queries/`, track it in MLflow and audit the release (or refusal)."""
     from privacy.audit import ROLE_SERVER, AuditLog, Digest
-    from server.app import SERVER_AUDIT_FILE
+    from federation.run_dir import SERVER_AUDIT_FILE
     from server.tracking import track_query
 
     query = load_query(config.query)

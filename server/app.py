@@ -21,6 +21,7 @@ from federation.config import RunConfig
 from federation.errors import FedriskError, ProtocolError
 from federation.contributions import SignedContribution, to_record
 from federation.he_codec import ServerContext
+from federation.run_dir import SERVER_AUDIT_FILE
 from federation.model import num_parameters, weights_digest
 from privacy.audit import (
     RELEASE,
@@ -38,7 +39,6 @@ from server.strategy import HEFedAvg, Rejection, contribution_bytes
 from server.tracking import RunTracker, privacy_report
 
 Progress = Callable[[str, dict], None]
-SERVER_AUDIT_FILE = "server_audit.sqlite"
 
 
 @dataclass

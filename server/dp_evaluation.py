@@ -3,7 +3,7 @@
 The input, precisely: for each group field G ("age" or "sex"), one pandas DataFrame as
 `server.analytics.estimate` produces for a histogram query over the field `risk_score` (the
 model's predicted probability) with bins `RISK_SCORE_BINS` grouped by [G, "delinquent_90d_12m"]
-(`experiments.model_evaluation.marginal` gives one per field from a single query grouped by age,
+(`engines.model_evaluation.marginal` gives one per field from a single query grouped by age,
 sex and the label). Columns: G (group label such as "40-49" or "F"), "delinquent_90d_12m"
 ("no" / "yes"), "bin_low", "bin_high", "count" (noised record count of the bin), "se" (standard
 error of that count: the DP noise's) and "suppressed" (a suppressed cell's count is NaN; its group

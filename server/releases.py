@@ -50,6 +50,7 @@ from server.certificates import (
     build_model_card,
 )
 from server.dp_evaluation import DPEvaluation, evaluation_from_tables
+from server.tracking import quiet_mlflow
 from server.run_release import (
     DIGEST_FILE,
     MODEL_FILE,
@@ -59,8 +60,6 @@ from server.run_release import (
     read_run_release,
 )
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 __all__ = ["Release", "ReleaseError", "ReleaseNotFound", "ReleaseRefused", "ReleaseRegistry", "release_id_of"]
 
@@ -141,6 +140,7 @@ class ReleaseRegistry:
     """
 
     def __init__(self, tracking_uri: str, registry_dir: Path, registry_uri: str = "") -> None:
+        quiet_mlflow()
         from mlflow.tracking import MlflowClient  # slow to import: only here
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)

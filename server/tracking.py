@@ -21,15 +21,23 @@ from federation.config import RunConfig
 from federation.he_codec import he_parameters
 from privacy.accounting import ACCOUNTANT, RDP_ORDERS
 
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def quiet_mlflow() -> Any:
+    """MLflow, imported with its artifact progress bars and git probing off. The environment is
+    set here, when MLflow is first needed, not when this module is imported."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    import mlflow
+
+    return mlflow
 
 
 class RunTracker:
     """One MLflow run for one federated training run."""
 
     def __init__(self, config: RunConfig, resume_run_id: str = "", run_name: str = "") -> None:
-        import mlflow  # imported here: it is slow to import and only the server needs it
+        mlflow = quiet_mlflow()  # imported here: it is slow to import and only the server needs it
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -158,8 +166,7 @@ def privacy_report(config: RunConfig, spends: dict[str, dict[str, float]]) -> di
 def track_query(config: RunConfig, result: Any, files: list[Path]) -> str:
     """One MLflow run for one answered cohort query (`server.analytics.QueryResult`): the query
     as parameters, its privacy statement and table as artifacts. Returns the MLflow run id."""
-    import mlflow
-
+    mlflow = quiet_mlflow()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     experiment_id = _experiment_id(mlflow, config)
     query = result.query

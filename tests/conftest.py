@@ -14,6 +14,22 @@ from experiments.synthetic import SynthesisReport, synthesize  # noqa: E402
 from federation.he_codec import KeyBundlePaths, init_keys  # noqa: E402
 
 
+UNIT_TIER = frozenset({
+    "test_accounting.py", "test_architecture.py", "test_audit.py", "test_certs.py", "test_clipping.py",
+    "test_deploy_compose.py", "test_grants.py", "test_he_codec.py", "test_ledger.py", "test_ledger_races.py",
+    "test_policy.py", "test_round_evaluation.py", "test_synthetic.py", "test_training.py",
+    "test_governance_data.py"})
+"""Test files of the fast tier (`make test-fast`, `pytest -m unit`): no federation, no Flower engine,
+no long-lived process. Every other file, and the adversarial suite's real-handler federations,
+is `integration` (real engines, processes, HTTP services and browsers started by the tests)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test with its tier."""
+    for item in items:
+        item.add_marker(pytest.mark.unit if Path(str(item.fspath)).name in UNIT_TIER else pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def federation_data(tmp_path_factory: pytest.TempPathFactory) -> SynthesisReport:
     """Three synthetic hospitals, 15,000 patients in all."""

@@ -21,9 +21,9 @@ from clients.analytics import consented_records, local_statistics
 from clients.deidentify import PSEUDONYM
 from clients.node_state import NodeState
 from clients.node_state import test_split as held_out_mask
-from experiments.analytics import answer_in_process, run_query
-from experiments.provision import provision_nodes
-from federation.cli import main
+from engines.analytics import answer_in_process, run_query
+from engines.provisioning import provision_nodes
+from cli.main import main
 from federation.errors import PrivacyBudgetError, ProtocolError
 from federation.features import encode_features
 from federation.he_codec import HospitalKey, ServerContext

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def fedrisk(*args: str) -> subprocess.CompletedProcess:
     """Run the CLI as a user would, in a fresh process."""
-    return subprocess.run([sys.executable, "-m", "federation.cli", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -127,8 +127,8 @@ def test_a_run_that_fails_mid_way_leaves_no_registered_run(federation_data, keys
     """An update too large for the codec fails round 1 after the MLflow run was opened."""
     import mlflow
 
-    from experiments.provision import provision_nodes
-    from experiments.simulation import simulate
+    from engines.provisioning import provision_nodes
+    from engines.simulation import simulate
     from federation.config import RunConfig
     from federation.errors import FedriskError
 
@@ -148,7 +148,7 @@ def test_a_run_that_fails_mid_way_leaves_no_registered_run(federation_data, keys
 
 
 def test_a_provisioned_simulation_that_fails_leaves_no_run_directory(federation_data, keys, tmp_path) -> None:
-    from experiments.simulation import simulate
+    from engines.simulation import simulate
     from federation.config import RunConfig
     from federation.errors import FedriskError
 

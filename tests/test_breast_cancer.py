@@ -10,7 +10,7 @@ from clients import encoding
 from clients.schema import ExportSchema
 from clients.validation import validate_export
 from experiments.breast_cancer import PURPOSE, export_breast_cancer
-from experiments.simulation import simulate
+from engines.simulation import simulate
 from federation.config import RunConfig
 
 pytestmark = pytest.mark.slow

@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from federation import certs
-from federation.certs import CredentialPaths, init_credentials, load_manifest
-from federation.cli import main
+from engines import credentials as certs
+from engines.credentials import CredentialPaths, init_credentials, load_manifest
+from cli.main import main
 from federation.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_demo_prints_progress_and_writes_its_summary(tmp_path) -> None:
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "federation.cli", "demo", "--out", str(out), "--hospitals", "3",
+    result = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--out", str(out), "--hospitals", "3",
                              "--patients", "9000", "--rounds", "2"], cwd=ROOT, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -38,7 +38,7 @@ def test_demo_prints_progress_and_writes_its_summary(tmp_path) -> None:
 def test_demo_refuses_a_used_output_directory(tmp_path) -> None:
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "keep.txt").write_text("mine")
-    result = subprocess.run([sys.executable, "-m", "federation.cli", "demo", "--out", str(tmp_path / "used")],
+    result = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--out", str(tmp_path / "used")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "already holds files" in result.stderr
     assert sorted(p.name for p in (tmp_path / "used").iterdir()) == ["keep.txt"]

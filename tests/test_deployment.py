@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 
 from clients.node_state import NodeState
-from experiments.analytics import answer_in_process
-from experiments.deployment import CONNECTION, PLAIN_CONNECTION, LocalDeployment
-from experiments.provision import provision_nodes
-from experiments.simulation import simulate
+from engines.analytics import answer_in_process
+from engines.deployment import CONNECTION, PLAIN_CONNECTION, LocalDeployment
+from engines.provisioning import provision_nodes
+from engines.simulation import simulate
 from experiments.synthetic import synthesize
-from federation.certs import init_credentials, new_node_key
+from engines.credentials import init_credentials, new_node_key
 from federation.config import RunConfig
 from federation.he_codec import HospitalKey, ServerContext, flooding_std, init_keys
 from federation.query import CELL_CAPACITY

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import server.strategy as strategy_module
-from experiments.simulation import simulate
+from engines.simulation import simulate
 from federation import messages as M
 from federation import round_evaluation
 from federation.config import RunConfig

@@ -13,8 +13,8 @@ import pytest
 from clients import faults
 from clients.node import HospitalNode
 from clients.node_state import NodeState
-from experiments.provision import provision_nodes
-from experiments.simulation import simulate
+from engines.provisioning import provision_nodes
+from engines.simulation import simulate
 from federation.config import RunConfig
 from federation.errors import ConfigError, PrivacyBudgetError, ProtocolError
 from federation.he_codec import MAX_CIPHERTEXT_BYTES, HospitalKey, ReplyRejected, ServerContext

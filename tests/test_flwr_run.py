@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.deployment import processes_with, send_signals
-from experiments.provision import provision_nodes
+from engines.deployment import processes_with, send_signals
+from engines.provisioning import provision_nodes
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

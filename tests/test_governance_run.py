@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from experiments.analytics import answer_in_process
-from experiments.provision import provision_nodes
-from experiments.simulation import simulate
+from engines.analytics import answer_in_process
+from engines.provisioning import provision_nodes
+from engines.simulation import simulate
 from federation.config import RunConfig
 from federation.he_codec import HospitalKey, ServerContext
 from federation.query import CohortQuery
@@ -164,7 +164,7 @@ def test_revoked_consent_is_excluded_from_the_next_load(federation_data, keys, t
     raw = pd.read_parquet(state.data_file)
     consenting = raw.loc[raw["consent_credit_risk_research"].astype(bool), "patient_id"].iloc[:3]
     for record_key in consenting:
-        result = subprocess.run([sys.executable, "-m", "federation.cli", "node", "revoke", "--dir", str(state.directory),
+        result = subprocess.run([sys.executable, "-m", "cli.main", "node", "revoke", "--dir", str(state.directory),
                                  "--record-key", str(record_key), "--purpose", PURPOSE],
                                 cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
@@ -180,7 +180,7 @@ def test_audit_verify_names_a_tampered_entry(federation_data, keys, tmp_path) ->
                             purposes={PURPOSE: (10.0, 1e-5)}, count=1)
     state = nodes[0]
     state.load_records(PURPOSE)
-    cli = [sys.executable, "-m", "federation.cli", "audit", "verify", str(state.directory)]
+    cli = [sys.executable, "-m", "cli.main", "audit", "verify", str(state.directory)]
     clean = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert clean.returncode == 0 and "intact" in clean.stdout
     with sqlite3.connect(state.audit_path) as db:
@@ -192,7 +192,7 @@ def test_audit_verify_names_a_tampered_entry(federation_data, keys, tmp_path) ->
 
 def test_node_init_check_and_budget_from_the_cli(federation_data, keys, tmp_path) -> None:
     def fedrisk(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "federation.cli", *args], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
 
     node_dir = tmp_path / "node"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from federation import cli_scoring
+from cli import scoring as cli_scoring
 from privacy import grants
 from privacy.audit import ROLE_HOSPITAL, AuditLog
 from privacy.grants import (

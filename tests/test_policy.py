@@ -22,7 +22,7 @@ import pytest
 from clients.node_state import NodeState
 from clients.policy import POLICY_FILE, POLICY_SET, NodePolicy, PolicyRefusal, parse_assignments
 from experiments.synthetic import synthesize
-from federation.cli import EXIT_USER_ERROR, main
+from cli.main import EXIT_USER_ERROR, main
 from federation.errors import ConfigError
 from federation.he_codec import KeyBundlePaths
 

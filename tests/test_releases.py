@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.simulation import simulate
+from engines.simulation import simulate
 from experiments.synthetic import synthesize
 from federation import features as fx
-from federation.cli import EXIT_USER_ERROR, main
+from cli.main import EXIT_USER_ERROR, main
 from federation.config import RunConfig
 from federation.he_codec import KeyBundlePaths, he_parameters
 from federation.model import weights_digest
@@ -81,7 +81,7 @@ def _evaluation_of(digest: str, seed: int = 5) -> DPEvaluation:
 
 
 def _evaluation_files(directory: Path, digest: str, seed: int = 4) -> list[str]:
-    """The evaluation table and its query JSON as experiments.model_evaluation writes them: the
+    """The evaluation table and its query JSON as engines.model_evaluation writes them: the
     `--evaluation` arguments of `fedrisk release create`."""
     rng = np.random.default_rng(seed)
     table = _dp_table("sex", {"F": _sample(rng, 3000, 1.5, 0.0), "M": _sample(rng, 3000, 1.0, 0.0)}, seed=seed)
@@ -346,7 +346,7 @@ def test_cli_release_with_evaluation_files(trained: TrainedRun, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(7)
     table = _dp_table("sex", {"F": _sample(rng, 3000, 1.5, 0.0), "M": _sample(rng, 3000, 1.0, 0.0)}, seed=4)
-    table_file = tmp_path / "model-evaluation-1a2b.by-sex.csv"  # as experiments.model_evaluation writes it
+    table_file = tmp_path / "model-evaluation-1a2b.by-sex.csv"  # as engines.model_evaluation writes it
     table.to_csv(table_file, index=False)
     create = ["release", "create", trained.run_id, "--run-dir", str(trained.run_dir),
               "--registry", str(tmp_path / "registry"), "--evaluation", str(table_file)]

@@ -37,10 +37,10 @@ from clients.scoring import (
     ScoringRefused,
 )
 from clients.scoring_service import hash_service_token, make_app
-from experiments.provision import provision_nodes
+from engines.provisioning import provision_nodes
 from experiments.synthetic import synthesize
 from federation import features as fx
-from federation.cli import EXIT_USER_ERROR, main
+from cli.main import EXIT_USER_ERROR, main
 from federation.he_codec import init_keys
 from federation.model import initial_weights, load_model, predict_proba, weights_digest
 from privacy.grants import (
@@ -429,7 +429,7 @@ def test_real_uvicorn_process(fed: Federation, capsys: pytest.CaptureFixture[str
     grant = _issue(capsys, fed, record_key, BANK, RELEASE, "--uses", "2")
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "federation.cli", "node", "serve", "--dir", str(fed.state.directory),
+        [sys.executable, "-m", "cli.main", "node", "serve", "--dir", str(fed.state.directory),
          "--port", str(port), "--token-file", str(token_file), "--grant-interval", "0"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -29,7 +29,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from experiments import signals_local as local
-from federation.cli import EXIT_USER_ERROR, main
+from cli.main import EXIT_USER_ERROR, main
 from federation.query import load_query
 from privacy.grants import TOKEN_PREFIX, GrantAuthority, peek_payload
 from server.analytics import QueryResult, estimate, write_result

@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from clients.app import app as client_app
 from clients.node_state import NodeState
-from experiments.provision import provision_nodes
+from engines.provisioning import provision_nodes
 from experiments.synthetic import synthesize
 from federation import messages as M
 from federation.config import RunConfig

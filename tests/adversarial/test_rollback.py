@@ -42,7 +42,7 @@ def test_a_restored_older_node_directory_refuses_to_run_until_its_operator_recov
     assert audit_actions(node)[-1] == "refusal" and charges(node) == []
 
     # the documented recovery: a new epoch, every remaining budget closed, audited
-    from federation.cli import main
+    from cli.main import main
 
     assert main(["node", "anchor", "accept", "--dir", str(node.directory)]) == 0
     assert "anchor.accepted" in audit_actions(node)

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from federation.certs import CredentialPaths
+from engines.credentials import CredentialPaths
 from federation.errors import ProtocolError
 
 ROOT = Path(__file__).resolve().parents[1]

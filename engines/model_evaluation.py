@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from experiments.analytics import run_query
+from engines.analytics import run_query
 from federation import features as fx
 from federation.model import weights_digest
 from federation.query import RISK_SCORE, CohortQuery

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from clients.app import make_client_app
 from clients.validation import validate_export
-from experiments.provision import load_nodes, provision_nodes
+from engines.provisioning import load_nodes, provision_nodes
 from federation.config import RunConfig
 from federation.errors import FedriskError, KeyMaterialError, ProtocolError
 from federation.he_codec import (

@@ -1,4 +1,4 @@
-"""`fedrisk serve`: the bank-facing signals service (registered by federation.cli.build_parser).
+"""`fedrisk serve`: the bank-facing signals service (registered by cli.main.build_parser).
 
     fedrisk serve [--host 127.0.0.1] [--port 8400] [--db D] [--registry R] [--tracking-uri U]
     fedrisk serve keys add --role ROLE --label LABEL [--bank B | --hospital H] [--db D]
@@ -7,7 +7,7 @@
     fedrisk serve hospitals list [--db D]
 
 Machinery is imported inside each handler so `fedrisk --help` stays fast. User errors are
-FedriskError subclasses: `federation.cli.main` prints them as one line and exits 2.
+FedriskError subclasses: `cli.main.main` prints them as one line and exits 2.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from federation.cli_release import DEFAULT_REGISTRY_DIR
+from cli.release import DEFAULT_REGISTRY_DIR
 from federation.errors import ConfigError
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8400

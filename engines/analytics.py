@@ -1,6 +1,6 @@
 """Federated cohort queries from Python or the CLI, in Flower's simulation engine.
 
-    from experiments.analytics import run_query
+    from engines.analytics import run_query
     result = run_query("queries/delinquency_by_age.yaml", nodes_dir="nodes", keys_dir="keys")
     result.table          # pandas DataFrame: estimate, se, ci95_low, ci95_high, records, suppressed
 
@@ -18,7 +18,7 @@ import pandas as pd
 
 from clients.analytics import HospitalAnalytics
 from clients.node_state import NodeState
-from experiments.simulation import simulate
+from engines.simulation import simulate
 from federation.config import RunConfig
 from federation.he_codec import HospitalKey, ServerContext
 from federation.query import CohortQuery, load_query

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from federation import cli_release, cli_scoring, cli_serve
+from cli import release as cli_release, scoring as cli_scoring, serve as cli_serve
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
 
@@ -64,7 +64,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from experiments.demo import _progress
-    from experiments.simulation import simulate
+    from engines.simulation import simulate
 
     config = _run_config(args)
     result = simulate(config, progress=_progress(sys.stdout), verbose=args.verbose)
@@ -90,7 +90,7 @@ def _cmd_analytics_check(args: argparse.Namespace) -> int:
 def _cmd_analytics_run(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from experiments.analytics import run_query
+    from engines.analytics import run_query
     from federation.query import load_query
     from server.analytics import write_result
 
@@ -181,7 +181,7 @@ def _cmd_node_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_node_provision(args: argparse.Namespace) -> int:
-    from experiments.provision import provision_nodes
+    from engines.provisioning import provision_nodes
 
     nodes = provision_nodes(Path(args.data), Path(args.key), Path(args.out),
                             purposes=_budgets(args.budget, args.delta),
@@ -354,7 +354,9 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
     path = Path(args.log)
     if path.is_dir():
-        path = path / "audit.sqlite" if (path / "audit.sqlite").exists() else path / "server_audit.sqlite"
+        from federation.run_dir import NODE_AUDIT_FILE, SERVER_AUDIT_FILE
+
+        path = path / NODE_AUDIT_FILE if (path / NODE_AUDIT_FILE).exists() else path / SERVER_AUDIT_FILE
     if not path.is_file():
         raise ConfigError(f"audit log not found: {path}")
     result = AuditLog(path, role="auditor", identity="fedrisk-cli").verify()
@@ -363,7 +365,7 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:
-    from federation.certs import LOOPBACK_HOSTS, hospital_names, init_credentials
+    from engines.credentials import LOOPBACK_HOSTS, hospital_names, init_credentials
 
     creds = init_credentials(Path(args.out), hospital_names(args.hospitals), args.host or list(LOOPBACK_HOSTS),
                              days=args.days, force=args.force)
@@ -384,7 +386,7 @@ def _cmd_certs_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs_node_key(args: argparse.Namespace) -> int:
-    from federation.certs import new_node_key
+    from engines.credentials import new_node_key
 
     private_key, public_key = new_node_key(Path(args.out), args.name, force=args.force)
     print(f"SuperNode auth key (mode 0600, stays on this machine): {private_key}")

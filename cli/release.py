@@ -1,4 +1,4 @@
-"""`fedrisk release`: create, withdraw, list and show releases (registered by federation.cli.build_parser).
+"""`fedrisk release`: create, withdraw, list and show releases (registered by cli.main.build_parser).
 
 After `fedrisk run --out runs/x` (MLflow store `sqlite:///runs/x/mlflow.db`, run id printed at the
 end), a data scientist releases the run with
@@ -24,7 +24,7 @@ from pathlib import Path
 from federation.errors import ConfigError
 
 DEFAULT_REGISTRY_DIR = "releases"
-RUN_STORE_FILE = "mlflow.db"  # what `fedrisk run --out DIR` writes (federation.config.RunConfig.mlflow_uri)
+from federation.run_dir import MLFLOW_DB as RUN_STORE_FILE  # what `fedrisk run --out DIR` writes
 
 
 def _registry(args: argparse.Namespace, tracking_uri: str = ""):  # -> server.releases.ReleaseRegistry
@@ -66,7 +66,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from experiments.model_evaluation import evaluate_model
+    from engines.model_evaluation import evaluate_model
 
     model_file = Path(args.run_dir) / "release" / "model.npz"
     if not model_file.is_file():

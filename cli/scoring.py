@@ -1,4 +1,4 @@
-"""`fedrisk node` sub-commands for consented scoring (registered by federation.cli.build_parser).
+"""`fedrisk node` sub-commands for consented scoring (registered by cli.main.build_parser).
 
     fedrisk node grant issue    --dir NODE --record-key K --bank BANK --release ID [--uses 1]
                                 [--hours 24 | --days D]
@@ -10,7 +10,7 @@
                                 [--grant-interval 60]
 
 Machinery is imported inside each handler so `fedrisk --help` stays fast. User errors are
-FedriskError subclasses: `federation.cli.main` prints them as one line and exits 2.
+FedriskError subclasses: `cli.main.main` prints them as one line and exits 2.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The fedrisk command: parser, dispatch, and one subcommand family per module."""

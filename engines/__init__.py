@@ -1,0 +1,1 @@
+"""What starts a federation: simulation, provisioning, the deployment harness, credentials."""
