@@ -120,34 +120,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_privacy_verify(args: argparse.Namespace) -> int:
-    from privacy.accounting import epsilon_for
+    from privacy.accounting import recompute_report
 
     path = Path(args.report)
     try:
         report = json.loads(path.read_text())
-        hospitals = report["hospitals"]
+        checks = recompute_report(report)
     except FileNotFoundError:
         raise ConfigError(f"privacy report not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; give its release/privacy_report.json") from None
+    except FedriskError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{path} is not a fedrisk privacy report") from None
-    from privacy.ledger import GaussianMechanism, compose_epsilon
-
-    worst = 0.0
-    for name, h in sorted(hospitals.items()):
-        eps = epsilon_for(sample_rate=h["sample_rate"], noise_multiplier=h["noise_multiplier"],
-                          steps=int(h["steps"]), delta=h["delta"])
-        worst = max(worst, abs(eps - h["epsilon"]))
-        print(f"{name}: q={h['sample_rate']:g} sigma={h['noise_multiplier']:.4f} steps={h['steps']} "
-              f"delta={h['delta']:g} -> DP-SGD epsilon {eps:.4f} (reported {h['epsilon']:.4f})")
-        evaluation = h.get("evaluation")
-        if evaluation and "run_epsilon" in h and int(evaluation["count"]) > 0 and int(h["steps"]) > 0:
-            run = compose_epsilon([
-                GaussianMechanism(h["sample_rate"], h["noise_multiplier"], int(h["steps"])),
-                GaussianMechanism.gaussian_release(noise_multiplier=evaluation["noise_multiplier"],
-                                                   count=int(evaluation["count"]))], h["delta"])
-            worst = max(worst, abs(run - h["run_epsilon"]))
-            print(f"  with {evaluation['count']} DP evaluation(s), z={evaluation['noise_multiplier']:.4f} "
-                  f"-> run epsilon {run:.4f} (reported {h['run_epsilon']:.4f})")
+    for name, h in sorted(report["hospitals"].items()):
+        print(f"{name}: q={h['sample_rate']:g} sigma={h['noise_multiplier']:.4f} steps={h['steps']} delta={h['delta']:g}")
+        for check in (c for c in checks if c.hospital == name):
+            print(f"  {check.key} {check.recomputed:.4f} (reported {check.logged:.4f})")
+    worst = max((abs(c.logged - c.recomputed) for c in checks), default=0.0)
     if worst > 1e-6:
         raise ConfigError(f"{path}: a reported epsilon differs from its recomputation by {worst:.3g}")
     print("every epsilon recomputes from its logged parameters")

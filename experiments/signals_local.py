@@ -83,7 +83,7 @@ class LocalHospital:
         return issue_grant(self.state, record_key, bank, release, hours=hours, uses=uses)
 
     def nodes(self) -> list[NodeState]:
-        return [NodeState.load(d) for d in sorted(self.nodes_dir.iterdir()) if (d / "node.json").is_file()]
+        return NodeState.discover(self.nodes_dir)
 
 
 def build_federation(root: Path, *, patients: int = 2000, seed: int = 5, runs: int = 1) -> SignalsFederation:
@@ -110,7 +110,7 @@ def build_hospital(root: Path, federation: SignalsFederation) -> LocalHospital:
     and audit logs) with hospital_00 ready to serve: its service token and grant key."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(federation.nodes_dir, root / "nodes")
-    state = NodeState.load(sorted(p for p in (root / "nodes").iterdir() if (p / "node.json").is_file())[0])
+    state = NodeState.discover(root / "nodes")[0]
     token = new_service_token()
     write_service_token_file(root / "node-token.sha256", token)
     service_token_file = root / "signals-service.token"

@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
+
+from federation.errors import PrivacyBudgetError
 
 
 RDP_ORDERS: tuple[float, ...] = tuple(
@@ -139,3 +145,135 @@ class DPSpend:
 def check_delta(delta: float, records: int) -> bool:
     """A meaningful (epsilon, delta) guarantee needs delta below 1/n."""
     return records > 0 and delta < 1.0 / records and math.isfinite(delta)
+
+
+# --- mechanisms and their composition: what the ledger charges and every verifier recomputes ---
+
+class BudgetParameterError(PrivacyBudgetError, ValueError):
+    """A budget or mechanism parameter is out of range (the message names it)."""
+
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise BudgetParameterError(message)
+
+
+@lru_cache(maxsize=1024)
+def _rdp_curve(q: float, sigma: float, steps: int, orders: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(rdp_analysis().compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
+                                          orders=list(orders)))
+
+
+@dataclass(frozen=True)
+class GaussianMechanism:
+    """`steps` releases of the Gaussian mechanism, each on a Poisson sample of rate `sample_rate`.
+
+    DP-SGD is (q, sigma, steps); a plain Gaussian release repeated `count` times is the case
+    q = 1 with steps = count. `noise_multiplier` is the noise std divided by the L2 sensitivity.
+    """
+
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        q, sigma, steps = self.sample_rate, self.noise_multiplier, self.steps
+        _check(isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps >= 1,
+               f"steps must be an integer >= 1, got {steps!r}")
+        _check(isinstance(q, numbers.Real) and 0.0 < q <= 1.0, f"sample_rate must be in (0, 1], got {q!r}")
+        _check(isinstance(sigma, numbers.Real) and 0.0 < sigma < math.inf,
+               f"noise_multiplier must be > 0 and finite, got {sigma!r}")
+        for name, cast in (("sample_rate", float), ("noise_multiplier", float), ("steps", int)):
+            object.__setattr__(self, name, cast(getattr(self, name)))
+
+    @classmethod
+    def gaussian_release(cls, *, noise_multiplier: float, count: int = 1) -> "GaussianMechanism":
+        """`count` releases of the plain Gaussian mechanism (no subsampling, q = 1)."""
+        return cls(1.0, noise_multiplier, count)
+
+    @property
+    def name(self) -> str:
+        return "gaussian" if self.sample_rate == 1.0 else "poisson-subsampled-gaussian"
+
+    def rdp(self, orders: Iterable[float] = RDP_ORDERS) -> np.ndarray:
+        """Renyi-DP curve of the whole mechanism (all its steps) at `orders`."""
+        return np.array(_rdp_curve(self.sample_rate, self.noise_multiplier, self.steps,
+                                   tuple(float(a) for a in orders)))
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon at `delta` of this mechanism on its own."""
+        return _epsilon([self], delta)
+
+    def describe(self) -> str:
+        """One line for logs and refusals."""
+        if self.name == "gaussian":
+            return f"Gaussian mechanism, noise multiplier {self.noise_multiplier:g}, released {self.steps} time(s)"
+        return (f"DP-SGD (Poisson-subsampled Gaussian), sample rate {self.sample_rate:g}, "
+                f"noise multiplier {self.noise_multiplier:g}, {self.steps} steps")
+
+    def to_dict(self) -> dict[str, object]:
+        """Everything needed to recompute this mechanism's privacy cost."""
+        return {"mechanism": self.name, "sample_rate": self.sample_rate,
+                "noise_multiplier": self.noise_multiplier, "steps": self.steps}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> "GaussianMechanism":
+        return cls(data["sample_rate"], data["noise_multiplier"], data["steps"])  # type: ignore[arg-type]
+
+
+def _epsilon(mechanisms: Iterable[GaussianMechanism], delta: float) -> float:
+    """Epsilon at `delta` of the composition of `mechanisms` (RDP curves added over orders)."""
+    curves = [m.rdp() for m in mechanisms]
+    if not curves:
+        return 0.0
+    eps, _ = rdp_analysis().get_privacy_spent(orders=list(RDP_ORDERS), rdp=np.sum(curves, axis=0),
+                                            delta=delta)
+    return float(eps)
+
+
+
+def compose_epsilon(mechanisms: Iterable[GaussianMechanism], delta: float) -> float:
+    """Epsilon at `delta` of `mechanisms` composed (RDP curves added over `RDP_ORDERS`): the very
+    composition the ledger charges with, public so that anyone can recompute a logged epsilon."""
+    return _epsilon(mechanisms, delta)
+
+
+EPSILON_TOLERANCE = 1e-6
+"""How far a logged epsilon may sit from its recomputation (floating point only)."""
+
+
+@dataclass(frozen=True)
+class Recomputed:
+    """One logged epsilon of a privacy report and what its logged parameters give."""
+
+    hospital: str
+    key: str
+    logged: float
+    recomputed: float
+
+    @property
+    def ok(self) -> bool:
+        return abs(self.logged - self.recomputed) <= EPSILON_TOLERANCE
+
+
+def recompute_report(report: dict) -> list[Recomputed]:
+    """Every epsilon of a training run's privacy report recomputed from the parameters beside it:
+    per hospital, DP-SGD alone, its DP evaluations alone (when the report has them) and the two
+    composed (`run_epsilon`). The one verifier behind `fedrisk privacy verify` and
+    `fedrisk release create`. Raises KeyError, TypeError or ValueError for a malformed report and
+    BudgetParameterError for parameters that are no DP mechanism (a noise multiplier of 0)."""
+    checks = []
+    for name, h in sorted(dict(report["hospitals"]).items()):
+        delta = float(h["delta"])
+        dp_sgd = GaussianMechanism(float(h["sample_rate"]), float(h["noise_multiplier"]), int(h["steps"]))
+        checks.append(Recomputed(name, "epsilon", float(h["epsilon"]), compose_epsilon([dp_sgd], delta)))
+        evaluation = h.get("evaluation")
+        if evaluation:
+            released = GaussianMechanism.gaussian_release(noise_multiplier=float(evaluation["noise_multiplier"]),
+                                                          count=int(evaluation["count"]))
+            checks.append(Recomputed(name, "evaluation.epsilon", float(evaluation["epsilon"]),
+                                     compose_epsilon([released], delta)))
+            checks.append(Recomputed(name, "run_epsilon", float(h["run_epsilon"]),
+                                     compose_epsilon([dp_sgd, released], delta)))
+    return checks

@@ -26,21 +26,25 @@ by another process in the meantime resolves to its charge or to `ChargeConflict`
 from __future__ import annotations
 
 import math
-import numbers
 import re
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 
 from federation.errors import PrivacyBudgetError
-from privacy.accounting import RDP_ORDERS, rdp_analysis
+from privacy.accounting import (  # noqa: F401  (the ledger's mechanisms live in accounting)
+    RDP_ORDERS,
+    BudgetParameterError,
+    GaussianMechanism,
+    _check,
+    _epsilon,
+    compose_epsilon,
+)
 
 KINDS = ("training", "analytics", "evaluation")
 SCHEMA_VERSION = 2
@@ -69,10 +73,6 @@ _FROM_V1 = ("INSERT INTO charges_v2 (id, purpose, run_id, slot, identity, kind, 
             "'', kind, actor, sample_rate, noise_multiplier, steps, epsilon_after, charged_at FROM charges")
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 _R = TypeVar("_R")
-
-
-class BudgetParameterError(PrivacyBudgetError, ValueError):
-    """A budget or mechanism parameter is out of range (the message names it)."""
 
 
 class UnknownPurpose(PrivacyBudgetError):
@@ -109,84 +109,6 @@ class ChargeConflict(PrivacyBudgetError):
 
 class LedgerBusy(PrivacyBudgetError):
     """Another process held the ledger's lock longer than the busy timeout; nothing was written."""
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise BudgetParameterError(message)
-
-
-@lru_cache(maxsize=1024)
-def _rdp_curve(q: float, sigma: float, steps: int, orders: tuple[float, ...]) -> tuple[float, ...]:
-    return tuple(rdp_analysis().compute_rdp(q=q, noise_multiplier=sigma, steps=steps,
-                                          orders=list(orders)))
-
-
-@dataclass(frozen=True)
-class GaussianMechanism:
-    """`steps` releases of the Gaussian mechanism, each on a Poisson sample of rate `sample_rate`.
-
-    DP-SGD is (q, sigma, steps); a plain Gaussian release repeated `count` times is the case
-    q = 1 with steps = count. `noise_multiplier` is the noise std divided by the L2 sensitivity.
-    """
-
-    sample_rate: float
-    noise_multiplier: float
-    steps: int
-
-    def __post_init__(self) -> None:
-        q, sigma, steps = self.sample_rate, self.noise_multiplier, self.steps
-        _check(isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps >= 1,
-               f"steps must be an integer >= 1, got {steps!r}")
-        _check(isinstance(q, numbers.Real) and 0.0 < q <= 1.0, f"sample_rate must be in (0, 1], got {q!r}")
-        _check(isinstance(sigma, numbers.Real) and 0.0 < sigma < math.inf,
-               f"noise_multiplier must be > 0 and finite, got {sigma!r}")
-        for name, cast in (("sample_rate", float), ("noise_multiplier", float), ("steps", int)):
-            object.__setattr__(self, name, cast(getattr(self, name)))
-
-    @classmethod
-    def gaussian_release(cls, *, noise_multiplier: float, count: int = 1) -> "GaussianMechanism":
-        """`count` releases of the plain Gaussian mechanism (no subsampling, q = 1)."""
-        return cls(1.0, noise_multiplier, count)
-
-    @property
-    def name(self) -> str:
-        return "gaussian" if self.sample_rate == 1.0 else "poisson-subsampled-gaussian"
-
-    def rdp(self, orders: Iterable[float] = RDP_ORDERS) -> np.ndarray:
-        """Renyi-DP curve of the whole mechanism (all its steps) at `orders`."""
-        return np.array(_rdp_curve(self.sample_rate, self.noise_multiplier, self.steps,
-                                   tuple(float(a) for a in orders)))
-
-    def epsilon(self, delta: float) -> float:
-        """Epsilon at `delta` of this mechanism on its own."""
-        return _epsilon([self], delta)
-
-    def describe(self) -> str:
-        """One line for logs and refusals."""
-        if self.name == "gaussian":
-            return f"Gaussian mechanism, noise multiplier {self.noise_multiplier:g}, released {self.steps} time(s)"
-        return (f"DP-SGD (Poisson-subsampled Gaussian), sample rate {self.sample_rate:g}, "
-                f"noise multiplier {self.noise_multiplier:g}, {self.steps} steps")
-
-    def to_dict(self) -> dict[str, object]:
-        """Everything needed to recompute this mechanism's privacy cost."""
-        return {"mechanism": self.name, "sample_rate": self.sample_rate,
-                "noise_multiplier": self.noise_multiplier, "steps": self.steps}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> "GaussianMechanism":
-        return cls(data["sample_rate"], data["noise_multiplier"], data["steps"])  # type: ignore[arg-type]
-
-
-def _epsilon(mechanisms: Iterable[GaussianMechanism], delta: float) -> float:
-    """Epsilon at `delta` of the composition of `mechanisms` (RDP curves added over orders)."""
-    curves = [m.rdp() for m in mechanisms]
-    if not curves:
-        return 0.0
-    eps, _ = rdp_analysis().get_privacy_spent(orders=list(RDP_ORDERS), rdp=np.sum(curves, axis=0),
-                                            delta=delta)
-    return float(eps)
 
 
 @dataclass(frozen=True)
@@ -533,9 +455,3 @@ class BudgetLedger:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
-
-
-def compose_epsilon(mechanisms: Iterable[GaussianMechanism], delta: float) -> float:
-    """Epsilon at `delta` of `mechanisms` composed (RDP curves added over `RDP_ORDERS`): the very
-    composition the ledger charges with, public so that anyone can recompute a logged epsilon."""
-    return _epsilon(mechanisms, delta)

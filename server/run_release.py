@@ -21,6 +21,7 @@ import numpy as np
 
 from federation.errors import FedriskError
 from federation.model import weights_digest
+from privacy.accounting import EPSILON_TOLERANCE
 from server.certificates import NEIGHBOURING, CertificateError, hospitals_from_report
 
 RELEASE_ARTIFACT_PATH = "release"
@@ -31,7 +32,6 @@ RUN_SHA256_TAG = "release.sha256"  # set on the training run by server.tracking
 FEDERATED_METRICS = ("auc", "brier")  # logged per round by server.app: the DP federated evaluation
 CUTOFF_CLOCK_SLACK = timedelta(days=1)
 """A cut-off may be at most this far past the run's start (UTC), for approvers east of UTC."""
-EPSILON_TOLERANCE = 1e-6  # as `fedrisk privacy verify`: a logged epsilon must recompute to this
 
 
 class ReleaseError(FedriskError):
@@ -126,7 +126,7 @@ def _check_privacy(run_id: str, report: dict[str, Any]) -> None:
     than the run's, an epsilon (DP-SGD, evaluation or run) that does not recompute from its
     parameters, a ledger epsilon below the run's own, an epsilon_max that is not the largest
     run_epsilon, or another neighbouring relation than the accountant's (`NEIGHBOURING`)."""
-    from privacy.ledger import compose_epsilon
+    from privacy.accounting import recompute_report
 
     def refuse(message: str) -> ReleaseRefused:
         return ReleaseRefused(f"run {run_id}: {message}")
@@ -142,15 +142,12 @@ def _check_privacy(run_id: str, report: dict[str, Any]) -> None:
     for name, h in hospitals.items():
         if h.delta != delta:
             raise refuse(f"{name}: delta {h.delta:g} is not the run's delta {delta:g}")
-        dp_sgd, evaluation = h.mechanisms()
-        assert h.evaluation is not None and h.run_epsilon is not None and h.ledger_epsilon is not None
-        for key, logged, mechanisms in (("epsilon", h.epsilon, [dp_sgd]),
-                                        ("evaluation.epsilon", h.evaluation.epsilon, [evaluation]),
-                                        ("run_epsilon", h.run_epsilon, [dp_sgd, evaluation])):
-            recomputed = compose_epsilon(mechanisms, delta)
-            if abs(recomputed - logged) > EPSILON_TOLERANCE:
-                raise refuse(f"{name}'s logged {key} {logged:.4f} does not recompute from its parameters "
-                             f"({recomputed:.4f})")
+    for check in recompute_report(report):
+        if not check.ok:
+            raise refuse(f"{check.hospital}'s logged {check.key} {check.logged:.4f} does not recompute from its "
+                         f"parameters ({check.recomputed:.4f})")
+    for name, h in hospitals.items():
+        assert h.run_epsilon is not None and h.ledger_epsilon is not None
         if h.ledger_epsilon < h.run_epsilon - EPSILON_TOLERANCE:
             raise refuse(f"{name}: ledger_epsilon {h.ledger_epsilon:.4f} is below its run_epsilon "
                          f"{h.run_epsilon:.4f}, yet its ledger holds this run's charges")

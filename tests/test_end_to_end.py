@@ -161,3 +161,18 @@ def test_server_side_files_hold_no_identifiers(run, federation_data) -> None:
     blobs = b"".join(p.read_bytes() for p in Path(config.run_dir).rglob("*") if p.is_file())
     for value in identities.to_numpy().ravel():
         assert str(value).encode() not in blobs
+
+
+def test_privacy_verify_recomputes_the_report_and_names_a_tampered_epsilon(run, tmp_path, capsys) -> None:
+    from cli.main import main
+
+    _, result, _ = run
+    report = Path(result.release_dir) / "privacy_report.json"
+    assert main(["privacy", "verify", str(report)]) == 0
+    assert "run_epsilon" in capsys.readouterr().out
+    tampered = json.loads(report.read_text())
+    first = sorted(tampered["hospitals"])[0]
+    tampered["hospitals"][first]["run_epsilon"] *= 0.5
+    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    assert main(["privacy", "verify", str(tmp_path / "tampered.json")]) == 2
+    assert "differs from its recomputation" in capsys.readouterr().err
