@@ -44,7 +44,7 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
-    from server.dp_evaluation import load_evaluation
+    from server.releases.dp_evaluation import load_evaluation
 
     evaluation = load_evaluation([Path(p) for p in args.evaluation]) if args.evaluation else None
     release = _registry(args, _tracking_uri(args)).create(args.run_id, args.approved_by, args.cutoff, evaluation)

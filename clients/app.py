@@ -156,8 +156,7 @@ def _train(node: HospitalNode, message: Message, context: Context) -> Message:
     return _contribution_reply(message, node, outcome.contribution, {
         M.EPSILON: spend.epsilon, M.STEPS: spend.steps, M.NOISE_MULTIPLIER: spend.noise_multiplier,
         M.SAMPLE_RATE: spend.sample_rate, M.RUN_EPSILON: outcome.run_epsilon,
-        M.LEDGER_EPSILON: outcome.ledger_epsilon, M.TRAIN_SECONDS: outcome.train_seconds,
-        M.HE_SECONDS: outcome.he_seconds})
+        M.LEDGER_EPSILON: outcome.ledger_epsilon})
 
 
 def _evaluate(node: HospitalNode, message: Message, context: Context) -> Message:

@@ -21,7 +21,7 @@ from federation import features as fx
 from federation.model import weights_digest
 from federation.query import RISK_SCORE, CohortQuery
 from server.analytics import QueryResult
-from server.dp_evaluation import RISK_SCORE_BINS
+from server.releases.dp_evaluation import RISK_SCORE_BINS
 
 EVALUATION_GROUPS = ("age", "sex")
 DEFAULT_EVALUATION_EPSILON = 0.5

@@ -131,7 +131,7 @@ def dp_evaluation(hospital: LocalHospital, run: TrainedRun) -> object:
         evaluation_query,
         marginal,
     )
-    from server.dp_evaluation import DPEvaluation
+    from server.releases.dp_evaluation import DPEvaluation
 
     digest = weights_digest(run.weights)
     query = evaluation_query(digest, run.model_kind, epsilon=EVALUATION_EPSILON)

@@ -59,8 +59,6 @@ RUN_EPSILON = "run-epsilon"          # the run's charges at this hospital, compo
 LEDGER_EPSILON = "ledger-epsilon"    # everything this hospital's ledger holds for the purpose, composed
 EVAL_NOISE_MULTIPLIER = "evaluation-noise-multiplier"
 EVAL_COUNT = "evaluations"           # DP evaluations of the run charged at this hospital so far
-TRAIN_SECONDS = "train-seconds"
-HE_SECONDS = "he-seconds"
 
 CENSUS_LENGTH = 2  # [n_k * 2^-24, contributor]
 EVAL_UNIT = 2.0 ** -21  # one record in a DP evaluation histogram, as encrypted

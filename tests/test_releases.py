@@ -31,7 +31,7 @@ from privacy.accounting import ACCOUNTANT, RDP_ORDERS, epsilon_for
 from privacy.audit import AuditLog
 from privacy.ledger import GaussianMechanism, compose_epsilon
 from server.analytics import estimate
-from server.certificates import (
+from server.releases.certificates import (
     FEATURE_GROUPS,
     NEIGHBOURING,
     NOT_EVALUATED,
@@ -39,7 +39,7 @@ from server.certificates import (
     ModelCard,
     PrivacyCertificate,
 )
-from server.dp_evaluation import RISK_SCORE_BINS, DPEvaluation, evaluation_from_tables
+from server.releases.dp_evaluation import RISK_SCORE_BINS, DPEvaluation, evaluation_from_tables
 from server.releases import (
     RELEASE_AUDIT_FILE,
     STATUS_WITHDRAWN,

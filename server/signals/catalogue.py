@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from server.certificates import ModelCard, PrivacyCertificate
+from server.releases.certificates import ModelCard, PrivacyCertificate
 from server.releases import RELEASE_AUDIT_FILE, STATUS_ACTIVE
 from server.signals.release_models import ReleaseDetail, ReleaseSummary
 

@@ -1,12 +1,12 @@
 """Response bodies for releases. The certificate and model card are published with the very
-dataclasses `server.certificates` defines (pydantic reads their type hints), so the OpenAPI
+dataclasses `server.releases.certificates` defines (pydantic reads their type hints), so the OpenAPI
 schema cannot drift from what the registry stores."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from server.certificates import ModelCard, PrivacyCertificate
+from server.releases.certificates import ModelCard, PrivacyCertificate
 
 Certificate = PrivacyCertificate
 ModelCardView = ModelCard

@@ -6,7 +6,7 @@ model's SHA-256. `read_run_release` downloads those files and refuses, with one 
 release must not rest on: an unknown, deleted or unfinished run, missing files, weights that do
 not hash to the logged SHA-256, a run without DP (a zero noise multiplier, zero steps) or without a
 DP federated evaluation, or a privacy report whose epsilons do not recompute
-(`server.certificates.hospitals_from_report` reads it, `_check_privacy` recomputes it).
+(`server.releases.certificates.hospitals_from_report` reads it, `_check_privacy` recomputes it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from federation.errors import FedriskError
 from federation.model import weights_digest
 from privacy.accounting import EPSILON_TOLERANCE
-from server.certificates import NEIGHBOURING, CertificateError, hospitals_from_report
+from server.releases.certificates import NEIGHBOURING, CertificateError, hospitals_from_report
 
 RELEASE_ARTIFACT_PATH = "release"
 MODEL_FILE, DIGEST_FILE, PRIVACY_FILE, SUMMARY_FILE = (

@@ -2,7 +2,7 @@
 
 A release is a version of the MLflow registered model `fedrisk-credit-risk` whose source is a
 finished training run's `release/` artifacts (model.npz, model.sha256, privacy_report.json,
-run_summary.json). Its privacy certificate and model card (`server.certificates`) are stored as
+run_summary.json). Its privacy certificate and model card (`server.releases.certificates`) are stored as
 JSON tags on the model version, and its status (`active` or `withdrawn`) as a tag too.
 
 Where things live:
@@ -43,15 +43,15 @@ import pandas as pd
 from federation.errors import FedriskError
 from federation.model import weights_digest
 from privacy.audit import ROLE_SERVER, AuditIdentifierError, AuditLog, Digest
-from server.certificates import (
+from server.releases.certificates import (
     ModelCard,
     PrivacyCertificate,
     build_certificate,
     build_model_card,
 )
-from server.dp_evaluation import DPEvaluation, evaluation_from_tables
+from server.releases.dp_evaluation import DPEvaluation, evaluation_from_tables
 from server.tracking import quiet_mlflow
-from server.run_release import (
+from server.releases.run_artifacts import (
     DIGEST_FILE,
     MODEL_FILE,
     ReleaseError,
@@ -169,13 +169,13 @@ class ReleaseRegistry:
         """Release a finished training run. Refuses (ReleaseRefused, one line, audited) a run that is
         unknown, not FINISHED, without release artifacts, whose model.sha256 does not match its
         weights, whose privacy report shows no DP or no DP federated evaluation or does not
-        recompute (`server.run_release`), that is released already, or that comes without a DP
+        recompute (`server.releases.run_artifacts`), that is released already, or that comes without a DP
         evaluation of its model.
 
         approved_by: who approved it (recorded, audited as "approver"). cutoff: the data cut-off
         date (default: the run's start date, the latest data it can have read). evaluation: the DP
         evaluation tables of the run's model (`fedrisk release evaluate`, read by
-        `server.dp_evaluation.load_evaluation`), required: they give the card's calibration and
+        `server.releases.dp_evaluation.load_evaluation`), required: they give the card's calibration and
         fairness and the certificate's record count. Tables that do not name this run's model by its
         SHA-256, or that carry no noise, are refused.
         """

@@ -2,12 +2,12 @@
 
 Both are built from what the training run logged (its privacy report, parameters and DP federated
 metrics) and, for calibration, fairness and the record count, from the release's DP evaluation
-(`server.dp_evaluation.evaluation_from_tables`); nothing else. A number that was not measured
+(`server.releases.dp_evaluation.evaluation_from_tables`); nothing else. A number that was not measured
 under DP is not printed: a group field the evaluation did not cover says `NOT_EVALUATED`.
 
 `hospitals_from_report` is the one reader of a privacy report's per-hospital entries: it refuses,
 naming the hospital and the field, a run without DP (a zero noise multiplier, zero steps), without
-a DP evaluation, or from before evaluation was DP. `server.run_release` recomputes what it reads.
+a DP evaluation, or from before evaluation was DP. `server.releases.run_artifacts` recomputes what it reads.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from federation import features as fx
 from federation.errors import FedriskError
 from privacy.ledger import GaussianMechanism, compose_epsilon
-from server.dp_evaluation import fairness_notes, json_ready
+from server.releases.dp_evaluation import fairness_notes, json_ready
 
 NOT_EVALUATED = "not evaluated under DP for this release"
 FAIRNESS_FIELDS = ("age", "sex")  # the group fields a model card reports fairness by
@@ -287,7 +287,7 @@ def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str,
                       cutoff: str, issued: str, evaluation: Mapping[str, Any]) -> PrivacyCertificate:
     """The certificate of a release from its run's `privacy_report.json` (see
     `server.tracking.privacy_report`; checked by `hospitals_from_report`, recomputed by
-    `server.run_release`) and, for `records`, the release's `evaluation_from_tables` result."""
+    `server.releases.run_artifacts`) and, for `records`, the release's `evaluation_from_tables` result."""
     per_hospital = hospitals_from_report(privacy_report)
     try:
         report = {key: privacy_report[key] for key in ("epsilon_max", "delta", "guarantee", "accountant",
@@ -332,7 +332,7 @@ class ModelCard:
         fairness: {"basis", "source", "overall": summary, "groups": {field: {group: summary}},
             "gaps": {field: {"auc": gap, "calibration_offset": gap}}}; a summary holds auc,
             calibration_offset and their `_ci95` intervals, observed_rate, mean_predicted,
-            positives, negatives, records (`server.dp_evaluation.evaluation_from_tables`).
+            positives, negatives, records (`server.releases.dp_evaluation.evaluation_from_tables`).
         fairness_notes: sentences on the AUC and calibration gaps by age band and sex, with intervals.
         limitations: sentences a user of the score must know.
     Cards issued before a DP evaluation was required may hold NOT_EVALUATED for calibration and
