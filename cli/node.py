@@ -1,0 +1,245 @@
+"""`fedrisk node ...`: a hospital's node directory, its budget, consent, policy, enrolment and
+rollback recovery (grants, installed releases and the scoring endpoint are in `cli.scoring`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from federation.errors import ConfigError
+
+
+def _budgets(values: list[str], delta: float) -> dict[str, tuple[float, float]]:
+    budgets: dict[str, tuple[float, float]] = {}
+    for value in values:
+        purpose, _, epsilon = value.partition("=")
+        try:
+            budgets[purpose.strip()] = (float(epsilon), delta)
+        except ValueError:
+            raise ConfigError(f"--budget takes PURPOSE=EPSILON, got {value!r}") from None
+    return budgets
+
+
+def _cmd_node_init(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+
+    state = NodeState.init(Path(args.dir), hospital=args.hospital, data_file=Path(args.data),
+                           key_file=Path(args.key), budgets=_budgets(args.budget, args.delta),
+                           schema_file=Path(args.schema) if args.schema else None)
+    print(f"node {state.hospital} initialised in {state.directory}")
+    print(f"  export {state.data_file} validates against {state.schema_file}")
+    with state.ledger() as ledger:
+        for purpose in _budgets(args.budget, args.delta):
+            budget = ledger.budget(purpose)
+            print(f"  budget {purpose}: epsilon {budget.epsilon_total:g} at delta {budget.delta:g}")
+    return 0
+
+
+def _cmd_node_provision(args: argparse.Namespace) -> int:
+    from engines.provisioning import provision_nodes
+
+    nodes = provision_nodes(Path(args.data), Path(args.key), Path(args.out),
+                            purposes=_budgets(args.budget, args.delta),
+                            schema_file=Path(args.schema) if args.schema else None)
+    for state in nodes:
+        print(f"node {state.hospital}: {state.directory}")
+    return 0
+
+
+def _cmd_node_check(args: argparse.Namespace) -> int:
+    from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
+    from clients.validation import validate_export
+
+    schema = ExportSchema.load(Path(args.schema) if args.schema else SHIPPED_SYNTHETIC_SCHEMA)
+    validated = validate_export(Path(args.file), schema)
+    print(f"{args.file}: {len(validated.table):,} records, valid against {schema.source}")
+    for role in ("record-key", "direct-identifier", "quasi-identifier", "feature", "label", "consent"):
+        columns = schema.columns_by_role(role)
+        if columns:
+            print(f"  {role}: {', '.join(columns)}")
+    for purpose in schema.consent_policy().purposes:
+        print(f"  trains on for {purpose}: {len(schema.training_columns(purpose))} columns; "
+              f"excluded as sensitive: {', '.join(schema.excluded_columns(purpose)) or 'none'}")
+    return 0
+
+
+def _cmd_node_budget(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    with state.ledger() as ledger:
+        purposes = [args.purpose] if args.purpose else ledger.purposes()
+        for purpose in purposes:
+            budget = ledger.budget(purpose)
+            spent = ledger.spent(purpose)
+            print(f"{state.hospital} / {purpose}: spent epsilon {spent:.4f} of {budget.epsilon_total:g} "
+                  f"(left {ledger.remaining(purpose):.4f}) at delta {budget.delta:g}")
+            for charge in ledger.history(purpose):
+                print(f"  {charge.charged_at}  {charge.kind:<10} run {charge.run_id} {charge.slot}  "
+                      f"{charge.mechanism.describe()}  -> epsilon {charge.epsilon_after:.4f}")
+    return 0
+
+
+def _cmd_node_revoke(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from clients.node_state import NodeState
+    from privacy.audit import Digest
+
+    state = NodeState.load(Path(args.dir))
+    pseudonym = state.pseudonym_key().pseudonymise(pd.Series([args.record_key])).iloc[0]
+    state.revocations().revoke(pseudonym, args.purpose)
+    state.audit().append("consent.revoke", purpose=args.purpose, details={"pseudonym": Digest(pseudonym)})
+    print(f"consent for {args.purpose} withdrawn for one record: excluded from the next run or query, "
+          "and from applicant scoring at once")
+    return 0
+
+
+# --- fedrisk node policy show|set: the hospital's own policy (clients/policy.py) ---------------
+def _cmd_node_policy_show(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+    from clients.policy import NodePolicy
+
+    state = NodeState.load(Path(args.dir))
+    print(json.dumps(NodePolicy.load(state.directory).to_dict(), indent=2))
+    return 0
+
+
+def _cmd_node_policy_set(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+    from clients.policy import POLICY_FILE, POLICY_SET, NodePolicy, parse_assignments, write_atomically
+    from privacy.audit import Digest
+
+    state = NodeState.load(Path(args.dir))
+    before = NodePolicy.load(state.directory)
+    after = before.with_changes(**parse_assignments(args.assignments))
+    old = before.to_dict()
+    changed = {k: v for k, v in after.to_dict().items() if old[k] != v}
+    path = state.directory / POLICY_FILE
+    previous = path.read_text(encoding="utf-8") if path.exists() else None
+    after.save(state.directory)
+    try:  # the audit entry and the file change together: an entry the log refuses undoes the write
+        details = {k: Digest(v) if k == "federation" and v else v for k, v in changed.items()}
+        state.audit().append(POLICY_SET, details=details)
+    except BaseException:
+        if previous is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_atomically(path, previous)
+        raise
+    shown = {k: ",".join(v) if isinstance(v, list) else v for k, v in changed.items()}
+    print(f"{path}: " + (", ".join(f"{k} = {v}" for k, v in shown.items()) or "no field changed"))
+    return 0
+
+
+def _add_node_policy(node: argparse._SubParsersAction) -> None:
+    policy = node.add_parser("policy", help="this hospital's policy: the last word on what its node does")
+    commands = policy.add_subparsers(dest="policy_command", required=True)
+    show = commands.add_parser("show", help="print the policy in force (defaults filled in); writes nothing")
+    show.add_argument("--dir", required=True)
+    show.set_defaults(handler=_cmd_node_policy_show)
+    change = commands.add_parser("set", help="change policy fields (validated; audited as policy.set)")
+    change.add_argument("--dir", required=True)
+    change.add_argument("assignments", nargs="+", metavar="KEY=VALUE",
+                        help="e.g. min_contributors=3 max_epsilon_per_run=1.0 "
+                             "purposes=credit-risk-research,cohort-research")
+    change.set_defaults(handler=_cmd_node_policy_set)
+
+
+# --- fedrisk node enrol / anchor: the federation manifest and the rollback recovery ------------
+def _cmd_node_enrol(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState, enrol
+    from federation.contributions import FederationManifest
+
+    states = [NodeState.load(Path(d)) for d in args.dirs]
+    if args.install:
+        source = Path(args.install)
+        manifest = FederationManifest.load(source.parent) if source.name == "federation_manifest.json" else None
+        if manifest is None:
+            raise ConfigError(f"--install takes a federation_manifest.json file, got {source}")
+        for state in states:
+            if manifest.hospitals.get(state.hospital) != state.signing_key().public_hex:
+                raise ConfigError(f"{source} does not list {state.hospital} with this node's signing key")
+            manifest.save(state.directory)
+            state.audit().append("node.enrol", details={"hospitals": sorted(manifest.hospitals)})
+        print(f"installed the manifest of {len(manifest.hospitals)} hospital(s) in {len(states)} node(s)")
+        return 0
+    manifest = enrol(states)
+    print(f"enrolled {', '.join(sorted(manifest.hospitals))} in one federation (manifest in each node directory)")
+    return 0
+
+
+def _cmd_node_signing_key(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    print(json.dumps({"hospital": state.hospital, "signing_key": state.signing_key().public_hex}))
+    return 0
+
+
+def _cmd_node_anchor_accept(args: argparse.Namespace) -> int:
+    from clients.anchoring import accept_rollback
+    from clients.node_state import NodeState
+
+    head = accept_rollback(NodeState.load(Path(args.dir)))
+    print(f"recovery recorded (epoch {head.epoch}); every purpose's remaining budget is closed at what the node "
+          "has recorded as spent: re-apply lost consent withdrawals, then raise budgets deliberately if you must")
+    return 0
+
+
+def _add_node_federation(node: argparse._SubParsersAction) -> None:
+    enrol = node.add_parser("enrol", help="write the federation manifest (hospitals' signing keys) into node dirs")
+    enrol.add_argument("dirs", nargs="+", metavar="NODE_DIR",
+                       help="node directories to enrol together (all at hand, as in a simulation)")
+    enrol.add_argument("--install", metavar="MANIFEST",
+                       help="instead, install this federation_manifest.json received from the federation")
+    enrol.set_defaults(handler=_cmd_node_enrol)
+    key = node.add_parser("signing-key", help="print this node's public signing key, for enrolment")
+    key.add_argument("--dir", required=True)
+    key.set_defaults(handler=_cmd_node_signing_key)
+    anchor = node.add_parser("anchor", help="recover a node found behind its anchored ledger head")
+    anchor_commands = anchor.add_subparsers(dest="anchor_command", required=True)
+    accept = anchor_commands.add_parser("accept", help="accept the rollback: new epoch, budgets closed, audited")
+    accept.add_argument("--dir", required=True)
+    accept.set_defaults(handler=_cmd_node_anchor_accept)
+
+
+def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `fedrisk node` and its sub-commands; returns its sub-parsers (for `cli.scoring`)."""
+    node = commands.add_parser("node", help="hospital node: init, check, budget, consent").add_subparsers(
+        dest="node_command", required=True)
+    node_init = node.add_parser("init", help="create a node directory: schema check, keys, ledger, audit log")
+    node_init.add_argument("--dir", required=True, help="the node's state directory (back it up)")
+    node_init.add_argument("--hospital", required=True, help="this hospital's name in the federation")
+    node_init.add_argument("--data", required=True, help="the hospital's export (Parquet or CSV)")
+    node_init.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
+    node_init.add_argument("--key", required=True, help="the federation's hospital CKKS context")
+    node_init.add_argument("--budget", action="append", default=[], metavar="PURPOSE=EPSILON",
+                           help="total epsilon for a purpose (repeatable)")
+    node_init.add_argument("--delta", type=float, default=1e-5, help="delta of every budget (default 1e-5)")
+    node_init.set_defaults(handler=_cmd_node_init)
+    node_provision = node.add_parser("provision", help="simulation: one node per hospital file in a directory")
+    node_provision.add_argument("--data", required=True, help="directory of hospital_*.parquet|csv files")
+    node_provision.add_argument("--key", required=True, help="the federation's hospital CKKS context")
+    node_provision.add_argument("--out", required=True, help="directory to hold the node directories")
+    node_provision.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
+    node_provision.add_argument("--budget", action="append", default=[], metavar="PURPOSE=EPSILON")
+    node_provision.add_argument("--delta", type=float, default=1e-5)
+    node_provision.set_defaults(handler=_cmd_node_provision)
+    node_check = node.add_parser("check", help="validate an export against its schema; writes nothing")
+    node_check.add_argument("file")
+    node_check.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
+    node_check.set_defaults(handler=_cmd_node_check)
+    node_budget = node.add_parser("budget", help="privacy budget: spent, left, history")
+    node_budget.add_argument("--dir", required=True)
+    node_budget.add_argument("--purpose")
+    node_budget.set_defaults(handler=_cmd_node_budget)
+    node_revoke = node.add_parser("revoke", help="withdraw a patient's consent for a purpose")
+    node_revoke.add_argument("--dir", required=True)
+    node_revoke.add_argument("--record-key", required=True, help="the patient's record key in the export")
+    node_revoke.add_argument("--purpose", required=True)
+    node_revoke.set_defaults(handler=_cmd_node_revoke)
+    _add_node_policy(node)  # fedrisk node policy show|set
+    _add_node_federation(node)  # fedrisk node enrol | signing-key | anchor accept
+    return node
