@@ -144,13 +144,22 @@ class LocalDeployment:
             "--host", "127.0.0.1", "--port", str(self.link_port),
             "--disable-runtime-dependency-installation"], "superlink")
         deadline = time.monotonic() + timeout
-        while self.cli("supernode", "list", CONNECTION, "--format", "json", timeout=60).returncode != 0:
+        while not self._answers():
             if self.processes["superlink"].poll() is not None:
                 raise ProtocolError(f"SuperLink exited with {self.processes['superlink'].returncode}; "
                                     f"see {self.log('superlink')}")
             if time.monotonic() > deadline:
                 raise ProtocolError(f"SuperLink did not answer within {timeout:.0f}s; see {self.log('superlink')}")
             time.sleep(1)
+
+    def _answers(self) -> bool:
+        """Whether the SuperLink answers the operator's CLI. (`flwr ... --format json` exits 0
+        even when it cannot connect, saying so in its JSON: read that, not the exit code.)"""
+        result = self.cli("supernode", "list", CONNECTION, "--format", "json", timeout=60)
+        try:
+            return result.returncode == 0 and json.loads(result.stdout).get("success", True) is not False
+        except ValueError:
+            return False
 
     def register(self, hospital: str, public_key: Path | None = None) -> int:
         """Enroll a hospital's SuperNode key with the SuperLink; returns its node id."""
@@ -190,7 +199,11 @@ class LocalDeployment:
         result = self.cli("supernode", "list", CONNECTION, "--format", "json")
         if result.returncode != 0:
             return {}
-        return {int(n["node-id"]): n["status"] for n in json.loads(result.stdout)["nodes"]}
+        try:
+            listed = json.loads(result.stdout).get("nodes", [])  # a failed call says so in its JSON
+        except ValueError:
+            return {}
+        return {int(n["node-id"]): n["status"] for n in listed}
 
     def wait_online(self, hospitals: list[str], timeout: float = 120) -> None:
         """Wait until these hospitals' SuperNodes are online."""
