@@ -66,8 +66,11 @@ def test_federated_model_clearly_beats_a_constant_predictor_and_its_dp_auc_says_
     y = np.concatenate([h.test_y for h in held_out])
     exact = risk_metrics(y, predict_proba(load_model(config.model, result.weights, config.input_size), x))["auc"]
     assert exact > 0.66, f"released model's AUC {exact:.3f} on the held-out records; a constant predictor scores 0.5"
-    # the DP evaluation's AUC (all the server ever sees) agrees with the exact one within its noise
-    assert abs(final["auc"] - exact) < 4 * final["auc_se"] + 0.02, (final["auc"], final["auc_se"], exact)
+    # the DP evaluation's AUC (all the server ever sees) agrees with the exact one within its noise;
+    # when the noise leaves a class total at or below zero it is undefined (NaN), never guessed
+    assert any(np.isfinite(m["auc"]) for m in result.rounds.values())
+    if np.isfinite(final["auc"]):
+        assert abs(final["auc"] - exact) < 4 * final["auc_se"] + 0.02, (final["auc"], final["auc_se"], exact)
 
 
 def test_train_replies_carry_ciphertext_only(run, keys) -> None:
