@@ -29,7 +29,7 @@ from federation import features as fx
 from federation.errors import DataError, FedriskError, PrivacyBudgetError, ProtocolError
 from federation.he_codec import CONTRIBUTOR_UNIT, HospitalKey
 from federation.model import weights_digest
-from federation.query import CELL_CAPACITY, FIELDS, RISK_SCORE, CohortQuery
+from federation.query import FIELDS, RISK_SCORE, CohortQuery
 from privacy.audit import Digest
 from privacy.consent import ConsentError
 from privacy.ledger import GaussianMechanism
@@ -208,10 +208,7 @@ class HospitalAnalytics:
         with self.state.ledger() as ledger:
             try:
                 if policy is not None:
-                    from privacy.ledger import compose_epsilon
-
-                    others = [c.mechanism for c in ledger.history(query.purpose) if c.run_id == run_id and c.slot != slot]
-                    run_after = compose_epsilon(others + [mechanism], ledger.budget(query.purpose).delta)
+                    run_after = ledger.run_would_spend(query.purpose, run_id, mechanism, slot=slot)
                     if run_after > policy.max_epsilon_per_run + 1e-9:
                         raise PrivacyBudgetError(
                             f"{self.name}: query run {run_id} would spend epsilon {run_after:.3f} at this hospital, "

@@ -32,7 +32,7 @@ import numpy as np
 
 from clients.anchoring import ANCHOR_BEHIND, AnchorStore
 from federation.contributions import FederationManifest, SignedContribution
-from federation.errors import FedriskError, ProtocolError
+from federation.errors import ProtocolError
 from federation.he_codec import CONTRIBUTOR_UNIT, MAX_DECRYPTIONS_PER_KEY, HospitalKey, ReplyRejected
 
 DECRYPTIONS_FILE = "decryptions.sqlite"
@@ -169,4 +169,4 @@ def decryptions_done(node_dir: Path) -> int:
         return int(db.execute("SELECT COUNT(*) FROM decryptions").fetchone()[0])
 
 
-__all__ = ["DecryptionRefused", "Expected", "VerifiedDecryptor", "FedriskError"]
+__all__ = ["DecryptionRefused", "Expected", "VerifiedDecryptor"]

@@ -327,9 +327,7 @@ class HospitalNode:
         cfg = self.config
         with self.state.ledger() as ledger:
             try:
-                run_charges = [c.mechanism for c in ledger.history(cfg.purpose)
-                               if c.run_id == run_id and c.slot != slot]
-                run_after = ledger_compose(run_charges + [mechanism], ledger.budget(cfg.purpose).delta)
+                run_after = ledger.run_would_spend(cfg.purpose, run_id, mechanism, slot=slot)
                 if run_after > self.policy.max_epsilon_per_run + 1e-9:
                     raise PolicyRefusal(f"{self.name}: run {run_id} would spend epsilon {run_after:.3f} at this "
                                         f"hospital, over its policy's max_epsilon_per_run "
@@ -437,9 +435,3 @@ class HospitalNode:
                                   details={"run": run_id, "round": through, "sha256": Digest(digest)})
         return weights, digest
 
-
-def ledger_compose(mechanisms: list[GaussianMechanism], delta: float) -> float:
-    """Epsilon at `delta` of the composition of `mechanisms` (the ledger's accountant)."""
-    from privacy.ledger import compose_epsilon
-
-    return compose_epsilon(mechanisms, delta)

@@ -374,6 +374,12 @@ class BudgetLedger:
             self._budget(purpose)
             return self._charges(purpose)
 
+    def run_would_spend(self, purpose: str, run_id: str, mechanism: GaussianMechanism, *, slot: str) -> float:
+        """The run's epsilon at the budget's delta if `mechanism` were charged in `slot`: every
+        other slot of the run composed with it (what a node holds to its per-run cap)."""
+        others = [c.mechanism for c in self.history(purpose) if c.run_id == run_id and c.slot != slot]
+        return compose_epsilon(others + [mechanism], self.budget(purpose).delta)
+
     def all_charges(self) -> list[Charge]:
         """Every committed charge across all purposes, in id (commit) order: the sequence a
         hash chain over the ledger covers."""
