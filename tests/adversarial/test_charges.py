@@ -150,3 +150,13 @@ def test_an_evaluation_repeated_after_a_revocation_is_refused_not_recomputed(coo
     second = coordinator.evaluate(node, run, 1, census, chain)
     assert "already charged" in (coordinator.error(second) or "")
     assert audit_actions(node).count("round.evaluate") == 1
+
+
+def test_rounds_outside_the_run_are_refused_and_charge_nothing(coordinator) -> None:
+    run = "rounds"
+    census = coordinator.census(run)
+    node = coordinator.nodes[0]
+    for server_round in (0, -3, coordinator.config.rounds + 1, 2 ** 40):
+        error = coordinator.error(coordinator.train(node, run, server_round, census, {}))
+        assert error is not None and "outside the run" in error, error
+    assert charges(node) == []
