@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from privacy.audit import CONSENT_REVOKE, NODE_ENROL
 from federation.errors import ConfigError
 
 
@@ -90,7 +91,7 @@ def _cmd_node_revoke(args: argparse.Namespace) -> int:
     state = NodeState.load(Path(args.dir))
     pseudonym = state.pseudonym_key().pseudonymise(pd.Series([args.record_key])).iloc[0]
     state.revocations().revoke(pseudonym, args.purpose)
-    state.audit().append("consent.revoke", purpose=args.purpose, details={"pseudonym": Digest(pseudonym)})
+    state.audit().append(CONSENT_REVOKE, purpose=args.purpose, details={"pseudonym": Digest(pseudonym)})
     print(f"consent for {args.purpose} withdrawn for one record: excluded from the next run or query, "
           "and from applicant scoring at once")
     return 0
@@ -162,7 +163,7 @@ def _cmd_node_enrol(args: argparse.Namespace) -> int:
             if manifest.hospitals.get(state.hospital) != state.signing_key().public_hex:
                 raise ConfigError(f"{source} does not list {state.hospital} with this node's signing key")
             manifest.save(state.directory)
-            state.audit().append("node.enrol", details={"hospitals": sorted(manifest.hospitals)})
+            state.audit().append(NODE_ENROL, details={"hospitals": sorted(manifest.hospitals)})
         print(f"installed the manifest of {len(manifest.hospitals)} hospital(s) in {len(states)} node(s)")
         return 0
     manifest = enrol(states)

@@ -30,11 +30,10 @@ from federation.errors import DataError, FedriskError, PrivacyBudgetError, Proto
 from federation.he_codec import CONTRIBUTOR_UNIT, HospitalKey
 from federation.model import weights_digest
 from federation.query import FIELDS, RISK_SCORE, CohortQuery
-from privacy.audit import Digest
+from privacy.audit import ANALYTICS_ANSWER, Digest
 from privacy.consent import ConsentError
 from privacy.ledger import GaussianMechanism
 
-ANALYTICS_ANSWER = "analytics.answer"
 """Audit action: this node released one noised, encrypted query answer."""
 
 

@@ -31,13 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from privacy.audit import ANCHOR_ACCEPTED, ANCHOR_BEHIND
 from federation.contributions import ContributionHeader, FederationManifest
 from federation.errors import FedriskError, ProtocolError
 
 ANCHORS_FILE = "anchors.sqlite"
 EPOCH_FILE = "anchor_epoch"
-ANCHOR_BEHIND = "anchor.behind"
-ANCHOR_ACCEPTED = "anchor.accepted"
 _HEAD = re.compile(r"^e(\d+):c(\d+):([0-9a-f]{16}):r(\d+):([0-9a-f]{16}):d(\d+):([0-9a-f]{16})$")
 
 

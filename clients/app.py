@@ -28,6 +28,7 @@ from federation.config import RunConfig
 from federation.contributions import REVEALABLE_STEPS, SignedContribution, from_record, from_relay_record, to_record
 from federation.errors import ConfigError, FedriskError, ProtocolError
 from federation.query import CohortQuery, QueryError
+from privacy.accounting import HospitalSpend
 
 _ROUND_NAME = re.compile(r"^round-(\d{3})$")
 _QUERY_MESSAGES = (M.QUERY_CHECK, M.QUERY_ANSWER)
@@ -135,9 +136,11 @@ def _relayed(message: Message) -> list[tuple[str, bytes]]:
 
 
 def _contribution_reply(message: Message, node: HospitalNode, contribution: SignedContribution,
-                        metrics: dict[str, float] | None = None) -> Message:
-    records: dict = {M.REPLY: ConfigRecord({M.HOSPITAL: node.name}),
-                     M.CONTRIBUTION: ConfigRecord(to_record([contribution]))}
+                        spend: HospitalSpend | None = None, metrics: dict[str, float] | None = None) -> Message:
+    """A signed contribution, with the run's privacy spend at this hospital (train, evaluate) or
+    a cohort answer's accounting values (`metrics`)."""
+    reply = {M.HOSPITAL: node.name, **({M.SPEND: spend.to_wire()} if spend is not None else {})}
+    records: dict = {M.REPLY: ConfigRecord(reply), M.CONTRIBUTION: ConfigRecord(to_record([contribution]))}
     if metrics is not None:
         records[M.METRICS] = MetricRecord(metrics)
     return _reply(message, **records)
@@ -152,19 +155,13 @@ def _train(node: HospitalNode, message: Message, context: Context) -> Message:
     head = node.check_rollback(_relayed(message))
     outcome = node.train(_round(message), _census(message), _chain(message), _run_id(message), head,
                          message.metadata.message_type)
-    spend = outcome.spend
-    return _contribution_reply(message, node, outcome.contribution, {
-        M.EPSILON: spend.epsilon, M.STEPS: spend.steps, M.NOISE_MULTIPLIER: spend.noise_multiplier,
-        M.SAMPLE_RATE: spend.sample_rate, M.RUN_EPSILON: outcome.run_epsilon,
-        M.LEDGER_EPSILON: outcome.ledger_epsilon})
+    return _contribution_reply(message, node, outcome.contribution, outcome.spend)
 
 
 def _evaluate(node: HospitalNode, message: Message, context: Context) -> Message:
     head = node.check_rollback(_relayed(message))
     outcome = node.evaluate(_round(message), _chain(message), _run_id(message), head, message.metadata.message_type)
-    return _contribution_reply(message, node, outcome.contribution, {
-        M.EVAL_NOISE_MULTIPLIER: outcome.noise_multiplier, M.EVAL_COUNT: outcome.evaluations,
-        M.RUN_EPSILON: outcome.run_epsilon, M.LEDGER_EPSILON: outcome.ledger_epsilon})
+    return _contribution_reply(message, node, outcome.contribution, outcome.spend)
 
 
 def _reveal_expected(message: Message) -> Expected:
@@ -235,7 +232,7 @@ def _query_answer(node: HospitalNode, message: Message, context: Context) -> Mes
     contribution = node.seal(answer.vector, run=run_id, server_round=0, step="answer",
                              kind=f"answer:{query.digest()}", head=head,
                              message_type=message.metadata.message_type)
-    return _contribution_reply(message, node, contribution, {
+    return _contribution_reply(message, node, contribution, metrics={
         M.QUERY_EPSILON: answer.epsilon, M.NOISE_MULTIPLIER: answer.noise_multiplier})
 
 

@@ -44,11 +44,10 @@ from federation.errors import ConfigError, FedriskError, KeyMaterialError, Priva
 from federation.he_codec import CENSUS_UNIT, CONTRIBUTOR_UNIT, HospitalKey, check_file_mode, ciphertext_digest
 from federation.messages import CENSUS_LENGTH, EVAL_UNIT
 from federation.model import initial_weights, load_model, num_parameters, predict_proba, weights_digest
-from privacy.accounting import DPSpend, remembered_noise
-from privacy.audit import RELEASE, ROUND_TRAIN, RUN_START, Digest
+from privacy.accounting import DPSpend, HospitalSpend, remembered_noise
+from privacy.audit import RELEASE, ROUND_EVALUATE, ROUND_TRAIN, RUN_START, Digest
 from privacy.ledger import GaussianMechanism
 
-ROUND_EVALUATE = "round.evaluate"
 _DATA_CACHE: dict[tuple, HospitalData] = {}
 _CACHE_LIMIT = 16  # hospitals one simulation worker may serve in turn
 _KEY_CACHE: dict[tuple[str, float], HospitalKey] = {}
@@ -90,25 +89,20 @@ def charge_identity(*parts: object) -> str:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """What a train step sends back: a signed contribution and public accounting values."""
+    """What a train step sends back: a signed contribution and the run's spend at this hospital."""
 
     contribution: SignedContribution
-    spend: DPSpend
-    run_epsilon: float
-    ledger_epsilon: float
+    spend: HospitalSpend
     train_seconds: float
     he_seconds: float
 
 
 @dataclass(frozen=True)
 class EvaluationOutcome:
-    """What an evaluate step sends back: a signed DP evaluation and its accounting values."""
+    """What an evaluate step sends back: a signed DP evaluation and the run's spend at this hospital."""
 
     contribution: SignedContribution
-    noise_multiplier: float
-    evaluations: int
-    run_epsilon: float
-    ledger_epsilon: float
+    spend: HospitalSpend
 
 
 class HospitalNode:
@@ -337,12 +331,30 @@ class HospitalNode:
             except FedriskError as error:
                 self._refuse(error)
 
-    def _accounting(self, run_id: str) -> tuple[float, float, int]:
-        """The run's composed epsilon at this hospital, the purpose's, and its evaluations so far."""
+    def spend(self, run_id: str) -> HospitalSpend:
+        """What run `run_id` has spent at this hospital, read from its ledger (what was charged is
+        what ran): its DP-SGD steps as one mechanism, its DP evaluations as another, the two
+        composed, and the purpose's total."""
+        cfg = self.config
         with self.state.ledger() as ledger:
-            evaluations = sum(1 for c in ledger.history(self.config.purpose)
-                              if c.run_id == run_id and c.kind == "evaluation")
-            return ledger.run_spent(self.config.purpose, run_id), ledger.spent(self.config.purpose), evaluations
+            charges = [c for c in ledger.history(cfg.purpose) if c.run_id == run_id]
+            run_epsilon, ledger_epsilon = ledger.run_spent(cfg.purpose, run_id), ledger.spent(cfg.purpose)
+        training = [c.mechanism for c in charges if c.kind == "training"]
+        evaluations = [c.mechanism for c in charges if c.kind == "evaluation"]
+        dp_sgd = evaluation = None
+        if training:
+            if len({(m.sample_rate, m.noise_multiplier) for m in training}) != 1:
+                raise ProtocolError(f"{self.name}: run {run_id}'s training charges differ in sample rate or noise")
+            dp_sgd = DPSpend.of(sample_rate=training[0].sample_rate, noise_multiplier=training[0].noise_multiplier,
+                                steps=sum(m.steps for m in training), clip_norm=cfg.clip_norm, delta=cfg.delta)
+        if evaluations:
+            if len({m.noise_multiplier for m in evaluations}) != 1 or any(m.sample_rate != 1.0 for m in evaluations):
+                raise ProtocolError(f"{self.name}: run {run_id}'s evaluation charges differ in noise")
+            evaluation = GaussianMechanism.gaussian_release(noise_multiplier=evaluations[0].noise_multiplier,
+                                                            count=sum(m.steps for m in evaluations))
+        return HospitalSpend(run_epsilon=run_epsilon, ledger_epsilon=ledger_epsilon, training=dp_sgd,
+                             evaluation=evaluation,
+                             evaluation_epsilon=evaluation.epsilon(cfg.delta) if evaluation else 0.0)
 
     def train(self, server_round: int, census: Sequence[SignedContribution],
               chain: Mapping[int, Sequence[SignedContribution]], run_id: str, head: str,
@@ -384,10 +396,9 @@ class HospitalNode:
         contribution = self.seal(update, run=run_id, server_round=server_round, step="train", kind="update",
                                  head=head, message_type=message_type)
         he_seconds += time.perf_counter() - began
-        spend = DPSpend.of(sample_rate=cfg.sample_rate, noise_multiplier=sigma, steps=earlier + result.steps,
-                           clip_norm=cfg.clip_norm, delta=cfg.delta)
-        run_epsilon, ledger_epsilon, _ = self._accounting(run_id)
-        return TrainOutcome(contribution, spend, run_epsilon, ledger_epsilon, result.seconds, he_seconds)
+        if result.steps != round_steps:  # what is charged must be what ran
+            raise ProtocolError(f"{self.name}: {result.steps} DP-SGD steps ran, {round_steps} were charged")
+        return TrainOutcome(contribution, self.spend(run_id), result.seconds, he_seconds)
 
     # --- evaluate -----------------------------------------------------------------------------
     def evaluate(self, server_round: int, chain: Mapping[int, Sequence[SignedContribution]], run_id: str,
@@ -415,8 +426,7 @@ class HospitalNode:
         contribution = self.seal(np.concatenate([noised * EVAL_UNIT, [CONTRIBUTOR_UNIT]]), run=run_id,
                                  server_round=server_round, step="evaluate", kind="evaluation", head=head,
                                  message_type=message_type)
-        run_epsilon, ledger_epsilon, evaluations = self._accounting(run_id)
-        return EvaluationOutcome(contribution, mechanism.noise_multiplier, evaluations, run_epsilon, ledger_epsilon)
+        return EvaluationOutcome(contribution, self.spend(run_id))
 
     def reveal(self, contributions: Sequence[SignedContribution], expected: Expected) -> list[float]:
         """Decrypt a sum of DP evaluations or cohort answers, verified and flooded."""

@@ -36,7 +36,7 @@ from federation import features as fx
 from federation.contributions import MANIFEST_FILE, SIGNING_KEY_FILE, FederationManifest, SigningKey
 from federation.errors import ConfigError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
-from privacy.audit import DATA_LOAD, ROLE_HOSPITAL, AuditLog, Digest
+from privacy.audit import DATA_LOAD, NODE_ENROL, NODE_INIT, REFUSAL, ROLE_HOSPITAL, AuditLog, Digest
 from privacy.consent import RevocationRegistry
 from privacy.ledger import BudgetLedger
 from privacy.pseudonym import PseudonymKey
@@ -138,7 +138,7 @@ class NodeState:
             for purpose, (epsilon, delta) in budgets.items():
                 ledger.set_budget(purpose, epsilon, delta)
         state.revocations()
-        state.audit().append("node.init", details={"purposes": sorted(budgets)})
+        state.audit().append(NODE_INIT, details={"purposes": sorted(budgets)})
         (directory / NODE_FILE).write_text(json.dumps({
             "hospital": hospital, "data_file": str(state.data_file), "schema_file": str(schema_file),
             "key_file": str(state.key_file)}, indent=2))
@@ -179,7 +179,7 @@ class NodeState:
         clean, mask, excluded = self.usable(purpose, today)
         table = clean.loc[mask].reset_index(drop=True)
         if table.empty:
-            self.audit().append("refusal", purpose=purpose, details={"reason": "no consented records",
+            self.audit().append(REFUSAL, purpose=purpose, details={"reason": "no consented records",
                                                                       "excluded": excluded})
             raise ConfigError(f"{self.data_file}: no record may be used for purpose {purpose!r} "
                               f"(excluded: {excluded})")
@@ -213,6 +213,6 @@ def enrol(states: list[NodeState]) -> FederationManifest:
     manifest = FederationManifest(key_ids.pop(), keys)
     for state in states:
         manifest.save(state.directory)
-        state.audit().append("node.enrol", details={"federation": Digest(manifest.federation),
+        state.audit().append(NODE_ENROL, details={"federation": Digest(manifest.federation),
                                                     "hospitals": sorted(keys)})
     return manifest

@@ -53,7 +53,7 @@ from federation.model import (
     predict_proba,
     weights_digest,
 )
-from privacy.audit import AuditIdentifierError, Digest
+from privacy.audit import RELEASE_INSTALL, RELEASE_WITHDRAW, SCORE_REFUSED, SCORE_USE, AuditIdentifierError, Digest
 from privacy.grants import (
     DEFAULT_GRANT_HOURS,
     DEFAULT_GRANT_INTERVAL_S,
@@ -73,7 +73,6 @@ changes in an applicant's record."""
 TOP_REASONS = 3
 """Reason categories returned with a score: those with the largest positive contributions, at most
 this many, largest first."""
-SCORE_USE, SCORE_REFUSED = "score.grant-use", "score.refused"
 """Audit actions of the scorer (grant refusals are audited by the GrantAuthority)."""
 
 RELEASES_DIR, RELEASE_FILE, MODEL_FILE, DIGEST_FILE = "releases", "release.json", "model.npz", "model.sha256"
@@ -260,7 +259,7 @@ def install_release(node_dir: Path, release_dir: Path, release_id: str) -> Insta
     _write_release_json(staging, {"release": release_id, "model": kind, "n_features": n_features, "sha256": digest,
                                   "status": STATUS_ACTIVE, "installed": datetime.now(UTC).isoformat()})
     staging.rename(target)
-    state.audit().append("release.install", purpose=SCORING_PURPOSE,
+    state.audit().append(RELEASE_INSTALL, purpose=SCORING_PURPOSE,
                          details={"release": release_id, "sha256": Digest(digest), "model": kind})
     return read_release(releases, release_id)
 
@@ -276,7 +275,7 @@ def withdraw_release(node_dir: Path, release_id: str) -> InstalledRelease:
         record = json.loads((release.directory / RELEASE_FILE).read_text())
         record.update(status=STATUS_WITHDRAWN, withdrawn=datetime.now(UTC).isoformat())
         _write_release_json(release.directory, record)
-        state.audit().append("release.withdraw", purpose=SCORING_PURPOSE, details={"release": release_id})
+        state.audit().append(RELEASE_WITHDRAW, purpose=SCORING_PURPOSE, details={"release": release_id})
     return read_release(state.directory / RELEASES_DIR, release_id)
 
 

@@ -49,16 +49,11 @@ WEIGHTS = "weights"
 SHA256 = "sha256"
 VALUES = "values"
 
-# Keys in METRICS.
-EPSILON = "epsilon"
-STEPS = "steps"
-NOISE_MULTIPLIER = "noise-multiplier"
-SAMPLE_RATE = "sample-rate"
+SPEND = "spend"          # the run's privacy spend at the hospital: privacy.accounting.HospitalSpend, one JSON value
+
+# Keys in METRICS (a cohort answer's public accounting values).
 QUERY_EPSILON = "query-epsilon"
-RUN_EPSILON = "run-epsilon"          # the run's charges at this hospital, composed
-LEDGER_EPSILON = "ledger-epsilon"    # everything this hospital's ledger holds for the purpose, composed
-EVAL_NOISE_MULTIPLIER = "evaluation-noise-multiplier"
-EVAL_COUNT = "evaluations"           # DP evaluations of the run charged at this hospital so far
+NOISE_MULTIPLIER = "noise-multiplier"
 
 CENSUS_LENGTH = 2  # [n_k * 2^-24, contributor]
 EVAL_UNIT = 2.0 ** -21  # one record in a DP evaluation histogram, as encrypted

@@ -277,3 +277,106 @@ def recompute_report(report: dict) -> list[Recomputed]:
             checks.append(Recomputed(name, "run_epsilon", float(h["run_epsilon"]),
                                      compose_epsilon([dp_sgd, released], delta)))
     return checks
+
+
+SPEND_FORMAT = 1
+"""Version of `HospitalSpend`'s wire form."""
+
+
+def _number(data: dict, key: str, *, integer: bool = False, positive: bool = False) -> float:
+    value = data.get(key)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"privacy spend field {key!r} must be a finite number, got {value!r}")
+    if integer and (value != int(value) or value < 0):
+        raise ValueError(f"privacy spend field {key!r} must be a whole number >= 0, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"privacy spend field {key!r} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+@dataclass(frozen=True)
+class HospitalSpend:
+    """One hospital's privacy spend for one run, as the hospital itself reports it: the DP-SGD it
+    ran (`training`, from a train reply), the DP evaluations it released (`evaluation`: `count`
+    Gaussian releases of multiplier `noise_multiplier`, from an evaluate reply), the two composed
+    (`run_epsilon`) and everything its ledger holds for the purpose (`ledger_epsilon`).
+
+    It is one record end to end: the node sends it as one JSON value, the server merges the
+    records a run's replies carry and writes `report_entry()` into the privacy report, and
+    `recompute_report` checks every epsilon in it. Clip norm and delta are the node's, never the
+    server's config."""
+
+    run_epsilon: float
+    ledger_epsilon: float
+    training: DPSpend | None = None
+    evaluation: GaussianMechanism | None = None
+    evaluation_epsilon: float = 0.0
+
+    def merged(self, later: "HospitalSpend") -> "HospitalSpend":
+        """This spend updated by a later reply of the same run: its parts replace ours."""
+        return HospitalSpend(run_epsilon=later.run_epsilon, ledger_epsilon=later.ledger_epsilon,
+                             training=later.training or self.training,
+                             evaluation=later.evaluation or self.evaluation,
+                             evaluation_epsilon=later.evaluation_epsilon if later.evaluation else self.evaluation_epsilon)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready form: the wire value and the checkpoint's."""
+        return {"format": SPEND_FORMAT, "run_epsilon": self.run_epsilon, "ledger_epsilon": self.ledger_epsilon,
+                "training": self.training.to_dict() if self.training else None,
+                "evaluation": ({**self.evaluation.to_dict(), "epsilon": self.evaluation_epsilon}
+                               if self.evaluation else None)}
+
+    def to_wire(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: object) -> "HospitalSpend":
+        """Parse a spend a hospital sent (or a checkpoint kept). Raises ValueError naming the field."""
+        if not isinstance(data, dict) or data.get("format") != SPEND_FORMAT:
+            raise ValueError(f"privacy spend is not a format-{SPEND_FORMAT} record")
+        training = evaluation = None
+        if data.get("training") is not None:
+            t = data["training"]
+            if not isinstance(t, dict):
+                raise ValueError("privacy spend field 'training' must be a record")
+            training = DPSpend(mechanism=str(t.get("mechanism", "")),
+                               sample_rate=_number(t, "sample_rate", positive=True),
+                               noise_multiplier=_number(t, "noise_multiplier", positive=True),
+                               steps=_number(t, "steps", integer=True), clip_norm=_number(t, "clip_norm", positive=True),
+                               delta=_number(t, "delta", positive=True), epsilon=_number(t, "epsilon"),
+                               accountant=str(t.get("accountant", ACCOUNTANT)))
+        if data.get("evaluation") is not None:
+            e = data["evaluation"]
+            if not isinstance(e, dict):
+                raise ValueError("privacy spend field 'evaluation' must be a record")
+            try:
+                evaluation = GaussianMechanism.gaussian_release(noise_multiplier=_number(e, "noise_multiplier"),
+                                                                count=_number(e, "steps", integer=True))
+            except BudgetParameterError as exc:
+                raise ValueError(f"privacy spend field 'evaluation': {exc}") from None
+        return cls(run_epsilon=_number(data, "run_epsilon"), ledger_epsilon=_number(data, "ledger_epsilon"),
+                   training=training, evaluation=evaluation,
+                   evaluation_epsilon=_number(data["evaluation"], "epsilon") if evaluation else 0.0)
+
+    @classmethod
+    def from_wire(cls, text: object) -> "HospitalSpend":
+        if not isinstance(text, str):
+            raise ValueError("privacy spend must be a JSON string")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise ValueError("privacy spend is not JSON") from None
+        return cls.from_dict(data)
+
+    def report_entry(self, target_epsilon: float) -> dict[str, object]:
+        """This hospital's entry in a training run's privacy report (what `recompute_report` reads)."""
+        if self.training is None:
+            raise ValueError("privacy spend has no DP-SGD part: the hospital reported no training")
+        evaluation = ({"mechanism": "gaussian", "noise_multiplier": self.evaluation.noise_multiplier,
+                       "count": self.evaluation.steps, "epsilon": self.evaluation_epsilon} if self.evaluation else
+                      {"mechanism": "gaussian", "noise_multiplier": 0.0, "count": 0, "epsilon": 0.0})
+        t = self.training
+        return {"mechanism": t.mechanism, "sample_rate": t.sample_rate, "noise_multiplier": t.noise_multiplier,
+                "steps": t.steps, "clip_norm": t.clip_norm, "delta": t.delta, "epsilon": t.epsilon,
+                "target_epsilon": target_epsilon, "evaluation": evaluation,
+                "run_epsilon": self.run_epsilon, "ledger_epsilon": self.ledger_epsilon}

@@ -44,9 +44,21 @@ from federation.errors import FedriskError
 
 GENESIS = "0" * 64
 ROLE_HOSPITAL, ROLE_SERVER, ROLE_DATA_SCIENTIST = "hospital-node", "server", "data-scientist"
-DATA_LOAD, RUN_START, ROUND_TRAIN, RELEASE, REFUSAL = (
-    "data.load", "run.start", "round.train", "release", "refusal")
+
+# Every action any fedrisk audit log records, in one place: the log's whole vocabulary.
+# A hospital node's log:
+NODE_INIT, NODE_ENROL, POLICY_SET = "node.init", "node.enrol", "policy.set"
+DATA_LOAD, REFUSAL, CONSENT_REVOKE = "data.load", "refusal", "consent.revoke"
+RUN_START, ROUND_TRAIN, ROUND_EVALUATE, RELEASE = "run.start", "round.train", "round.evaluate", "release"
+DECRYPTION, CONTRIBUTION_DROPPED = "decryption", "decryption.dropped"
+ANCHOR_BEHIND, ANCHOR_ACCEPTED = "anchor.behind", "anchor.accepted"
+ANALYTICS_ANSWER = "analytics.answer"
+RELEASE_INSTALL, RELEASE_WITHDRAW = "release.install", "release.withdraw"  # also the registry's withdrawal
+GRANT_ISSUE, GRANT_REVOKE, GRANT_REFUSED = "grant.issue", "grant.revoke", "grant.refused"
+SCORE_USE, SCORE_REFUSED = "score.grant-use", "score.refused"
+# The coordinator's run log, the release registry's and the signals service's:
 RUN_RESUME, REPLY_REJECTED, ROUND_MISSING = "run.resume", "reply.rejected", "round.missing"
+ANALYTICS_RELEASE, RELEASE_CREATE, SIGNALS_REQUEST = "analytics.release", "release.create", "signals.request"
 MAX_DETAILS_CHARS = 4096  # a summary of an event, never data
 
 _ACTION = re.compile(r"[a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)*")

@@ -52,7 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from federation.errors import FedriskError
-from privacy.audit import AuditIdentifierError, AuditLog, Digest
+from privacy.audit import GRANT_ISSUE, GRANT_REFUSED, GRANT_REVOKE, AuditIdentifierError, AuditLog, Digest
 from privacy.consent import PURPOSE_PATTERN
 
 TOKEN_PREFIX = "fedrisk-grant.v2"
@@ -92,7 +92,6 @@ _ADDED_COLUMNS = {"release": "TEXT", "uses_allowed": "INTEGER NOT NULL DEFAULT 0
 MALFORMED, FORGED, UNKNOWN, EXPIRED, REVOKED, WRONG_BANK, WRONG_PURPOSE = (
     "malformed", "forged", "unknown", "expired", "revoked", "wrong-bank", "wrong-purpose")
 WRONG_RELEASE, USED_UP, RATE_LIMITED = "wrong-release", "used-up", "rate-limited"
-GRANT_ISSUE, GRANT_REVOKE, GRANT_REFUSED = "grant.issue", "grant.revoke", "grant.refused"
 """Audit actions written at the node."""
 
 

@@ -36,6 +36,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from federation import messages as M
+from privacy.audit import ANALYTICS_RELEASE
 from federation.config import RunConfig
 from federation.errors import FedriskError, PrivacyBudgetError, ProtocolError
 from federation.contributions import to_record
@@ -48,7 +49,6 @@ from server.strategy import ReplyChecker, reply_record
 
 Z_95 = 1.959963984540054
 QUANTILE_DRAWS = 400
-ANALYTICS_RELEASE = "analytics.release"
 
 
 @dataclass

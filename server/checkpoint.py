@@ -25,9 +25,10 @@ import numpy as np
 from federation.config import RunConfig
 from federation.contributions import SignedContribution, pack, unpack
 from federation.errors import ConfigError, ProtocolError
+from privacy.accounting import HospitalSpend
 
 CHECKPOINT_FILE = "checkpoint.npz"
-FORMAT = 2
+FORMAT = 3
 
 
 def new_run_id() -> str:
@@ -47,7 +48,7 @@ class Checkpoint:
     anchors: list[tuple[str, bytes]] = field(default_factory=list)
     mlflow_run_id: str = ""
     rounds: dict[int, dict[str, float]] = field(default_factory=dict)
-    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    privacy: dict[str, HospitalSpend] = field(default_factory=dict)
     contributors: dict[int, list[str]] = field(default_factory=dict)
     rejections: list[dict[str, object]] = field(default_factory=list)
 
@@ -56,6 +57,7 @@ class Checkpoint:
         path = Path(run_dir) / CHECKPOINT_FILE
         meta = {k: getattr(self, k) for k in ("run_id", "fingerprint", "completed_round", "mlflow_run_id", "rounds",
                                                 "privacy", "contributors", "rejections")}
+        meta["privacy"] = {name: spend.to_dict() for name, spend in self.privacy.items()}
         meta["format"] = FORMAT
         meta["chain_rounds"] = sorted(self.chain)
         meta["anchors"] = [text for text, _ in self.anchors]
@@ -85,7 +87,8 @@ class Checkpoint:
                 census = unpack(data["census"].tobytes())
                 chain = {int(r): unpack(data[f"round{r}"].tobytes()) for r in meta["chain_rounds"]}
                 anchors = [(text, data[f"anchor{i}"].tobytes()) for i, text in enumerate(meta["anchors"])]
-        except (OSError, ValueError, KeyError, ProtocolError) as exc:
+                privacy = {str(name): HospitalSpend.from_dict(spend) for name, spend in meta["privacy"].items()}
+        except (OSError, ValueError, KeyError, AttributeError, ProtocolError) as exc:
             raise ConfigError(f"{path} is not a readable fedrisk checkpoint ({exc}); move it away to start afresh") from None
         if meta["fingerprint"] != config.fingerprint():
             raise ConfigError(f"{path} belongs to a run with a different configuration; resume it with the "
@@ -95,7 +98,7 @@ class Checkpoint:
         as_rounds = lambda d: {int(k): v for k, v in d.items()}  # noqa: E731  (JSON keys are strings)
         return cls(run_id=meta["run_id"], fingerprint=meta["fingerprint"], completed_round=int(meta["completed_round"]),
                    census=census, chain=chain, anchors=anchors, mlflow_run_id=meta["mlflow_run_id"],
-                   rounds=as_rounds(meta["rounds"]), privacy=meta["privacy"],
+                   rounds=as_rounds(meta["rounds"]), privacy=privacy,
                    contributors=as_rounds(meta["contributors"]), rejections=meta["rejections"])
 
     @staticmethod

@@ -38,6 +38,7 @@ from federation.contributions import (
 )
 from federation.errors import ProtocolError
 from federation.he_codec import ReplyRejected, ServerContext
+from privacy.accounting import HospitalSpend
 
 Reveal = Callable[[list[SignedContribution], int], list[float]]
 """Asks a key holder to reveal the flooded sum of a round's signed DP evaluations."""
@@ -129,9 +130,10 @@ class ReplyChecker:
         return item
 
     def accept(self, server_round: int, replies: Iterable[Message], step: str, kind: str, length: int,
-               what: str | None = None) -> list[SignedContribution]:
+               what: str | None = None, spends: dict[str, HospitalSpend] | None = None) -> list[SignedContribution]:
         """The valid contributions of one step; every other reply becomes a `Rejection`.
-        Raises ProtocolError if fewer than `min_replies` remain."""
+        With `spends`, a valid reply must also carry its hospital's privacy spend, which is
+        stored there. Raises ProtocolError if fewer than `min_replies` remain."""
         accepted: list[SignedContribution] = []
         reasons: list[str] = []
         for reply in replies:
@@ -145,6 +147,11 @@ class ReplyChecker:
                     item = self._contribution(reply, server_round, step, kind, length, {c.header.hospital for c in accepted})
                     if item.header.hospital != who:
                         raise ReplyRejected(f"signed as {item.header.hospital}, replied as {who}")
+                    if spends is not None:
+                        try:
+                            spends[who] = HospitalSpend.from_wire(record.get(M.SPEND))  # type: ignore[union-attr]
+                        except ValueError as exc:
+                            raise ReplyRejected(str(exc)) from None
                     accepted.append(item)
                     continue
                 except (ReplyRejected, ProtocolError) as exc:
@@ -180,7 +187,7 @@ class HEFedAvg(Strategy):
         self.checker = ReplyChecker(he, str(config[M.RUN_ID]), min_replies)
         self.chain: dict[int, list[SignedContribution]] = {}
         self.anchors: list[tuple[str, bytes]] = []
-        self.privacy: dict[str, dict[str, float]] = {}
+        self.privacy: dict[str, HospitalSpend] = {}
         self.traffic: dict[int, RoundTraffic] = {}
         self.contributors: dict[int, list[str]] = {}
 
@@ -226,22 +233,23 @@ class HEFedAvg(Strategy):
                         ) -> tuple[None, MetricRecord | None]:
         """Keep the round's valid signed updates: the next messages relay them to every hospital."""
         replies = list(replies)
-        accepted = self.checker.accept(server_round, replies, "train", "update", self.update_length, "training")
+        spends: dict[str, HospitalSpend] = {}
+        accepted = self.checker.accept(server_round, replies, "train", "update", self.update_length, "training",
+                                       spends)
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
-        by_hospital = {str(r.content.config_records[M.REPLY][M.HOSPITAL]): r for r in replies
-                       if reply_record(r)[1] is None}
         for item in accepted:
-            hospital = item.header.hospital
-            traffic.up_bytes[hospital] = contribution_bytes([item])
-            metrics = by_hospital[hospital].content.metric_records[M.METRICS]
-            entry = self.privacy.setdefault(hospital, {})
-            entry.update({key: float(metrics[key]) for key in
-                          (M.EPSILON, M.STEPS, M.NOISE_MULTIPLIER, M.SAMPLE_RATE, M.RUN_EPSILON, M.LEDGER_EPSILON)})
+            traffic.up_bytes[item.header.hospital] = contribution_bytes([item])
+        self._account(spends)
         self.chain[server_round] = accepted
         self.relay(accepted)
         self.contributors[server_round] = sorted(item.header.hospital for item in accepted)
-        epsilons = [p.get(M.RUN_EPSILON, p[M.EPSILON]) for p in self.privacy.values()]
-        return None, MetricRecord({"hospitals": len(accepted), "epsilon-max": max(epsilons)})
+        return None, MetricRecord({"hospitals": len(accepted),
+                                   "epsilon-max": max(p.run_epsilon for p in self.privacy.values())})
+
+    def _account(self, spends: dict[str, HospitalSpend]) -> None:
+        for hospital, spend in spends.items():
+            earlier = self.privacy.get(hospital)
+            self.privacy[hospital] = earlier.merged(spend) if earlier else spend
 
     def configure_evaluate(self, server_round: int, arrays: object, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -252,22 +260,13 @@ class HEFedAvg(Strategy):
         """A key holder reveals the flooded sum of the valid DP evaluations; the metrics are read
         off the noised histogram (post-processing)."""
         replies = list(replies)
+        spends: dict[str, HospitalSpend] = {}
         accepted = self.checker.accept(server_round, replies, "evaluate", "evaluation",
-                                       round_evaluation.LENGTH + 1, "evaluation")
-        multipliers = set()
-        for reply in replies:
-            record, reason = reply_record(reply)
-            if reason is not None or record is None:
-                continue
-            hospital = str(record[M.HOSPITAL])
-            if hospital not in {c.header.hospital for c in accepted}:
-                continue
-            metrics = reply.content.metric_records[M.METRICS]
-            multipliers.add(float(metrics[M.EVAL_NOISE_MULTIPLIER]))
-            entry = self.privacy.setdefault(hospital, {})
-            entry.update({M.EVAL_NOISE_MULTIPLIER: float(metrics[M.EVAL_NOISE_MULTIPLIER]),
-                          M.EVAL_COUNT: float(metrics[M.EVAL_COUNT]), M.RUN_EPSILON: float(metrics[M.RUN_EPSILON]),
-                          M.LEDGER_EPSILON: float(metrics[M.LEDGER_EPSILON])})
+                                       round_evaluation.LENGTH + 1, "evaluation", spends)
+        self._account(spends)
+        if any(s.evaluation is None for s in spends.values()):
+            raise ProtocolError(f"evaluation round {server_round}: a hospital reported no DP evaluation spend")
+        multipliers = {s.evaluation.noise_multiplier for s in spends.values() if s.evaluation}
         if len(multipliers) != 1:
             raise ProtocolError(f"evaluation round {server_round}: hospitals used different noise ({sorted(multipliers)})")
         self.relay(accepted)

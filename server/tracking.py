@@ -19,8 +19,7 @@ import numpy as np
 
 from federation.config import RunConfig
 from federation.he_codec import he_parameters
-from privacy.accounting import ACCOUNTANT, RDP_ORDERS
-
+from privacy.accounting import ACCOUNTANT, RDP_ORDERS, HospitalSpend
 
 
 def quiet_mlflow() -> Any:
@@ -123,29 +122,14 @@ ASSUMPTION = ("hospitals hold disjoint patients: a patient in one hospital's rec
               "theirs (at most their sum)")
 
 
-def privacy_report(config: RunConfig, spends: dict[str, dict[str, float]]) -> dict[str, Any]:
+def privacy_report(config: RunConfig, spends: dict[str, HospitalSpend]) -> dict[str, Any]:
     """Everything needed to recompute each hospital's epsilon, and the run's guarantee.
 
-    Per hospital: the DP-SGD mechanism (q, sigma, steps) and its epsilon alone; the run's DP
-    evaluations (`count` Gaussian releases of multiplier z); `run_epsilon`, the two composed
-    (what the run spent at that hospital, recomputable from these values); and `ledger_epsilon`,
-    the hospital's cumulative epsilon for the purpose as its ledger reported it."""
-    from federation import messages as M
-    from privacy.ledger import GaussianMechanism
-
-    hospitals = {}
-    for name, s in sorted(spends.items()):
-        count = int(s.get(M.EVAL_COUNT, 0))
-        z = float(s.get(M.EVAL_NOISE_MULTIPLIER, 0.0))
-        evaluation = {"mechanism": "gaussian", "noise_multiplier": z, "count": count,
-                      "epsilon": GaussianMechanism.gaussian_release(noise_multiplier=z, count=count).epsilon(config.delta)
-                      if count and z > 0 else 0.0}
-        hospitals[name] = {
-            "mechanism": "DP-SGD, Poisson-subsampled Gaussian", "sample_rate": s[M.SAMPLE_RATE],
-            "noise_multiplier": s[M.NOISE_MULTIPLIER], "steps": int(s[M.STEPS]), "clip_norm": config.clip_norm,
-            "delta": config.delta, "epsilon": s[M.EPSILON], "target_epsilon": config.target_epsilon,
-            "evaluation": evaluation, "run_epsilon": float(s.get(M.RUN_EPSILON, s[M.EPSILON])),
-            "ledger_epsilon": float(s.get(M.LEDGER_EPSILON, s.get(M.RUN_EPSILON, s[M.EPSILON])))}
+    Per hospital, its `HospitalSpend` as it reported it: the DP-SGD mechanism (q, sigma, steps,
+    with its own clip norm and delta) and its epsilon alone; the run's DP evaluations (`count`
+    Gaussian releases of multiplier z); `run_epsilon`, the two composed; and `ledger_epsilon`,
+    the hospital's cumulative epsilon for the purpose."""
+    hospitals = {name: spend.report_entry(config.target_epsilon) for name, spend in sorted(spends.items())}
     return {
         "guarantee": "per-patient (epsilon, delta)-DP for the add/remove-one-patient relation; hospitals hold "
                      "disjoint patients, so the released model is (max_k run_epsilon_k, delta)-DP",
@@ -155,7 +139,7 @@ def privacy_report(config: RunConfig, spends: dict[str, dict[str, float]]) -> di
         "delta": config.delta,
         "accountant": ACCOUNTANT,
         "rdp_orders": list(RDP_ORDERS),
-        "recompute": "fedrisk privacy verify privacy_report.json (or privacy.ledger.compose_epsilon([GaussianMechanism"
+        "recompute": "fedrisk privacy verify privacy_report.json (or privacy.accounting.compose_epsilon([GaussianMechanism"
                      "(q, sigma, steps), GaussianMechanism.gaussian_release(noise_multiplier=z, count=count)], delta))",
         "he_parameters": he_parameters(),
         "purpose": config.purpose,

@@ -10,7 +10,9 @@ from pathlib import Path
 import dp_accounting
 import pytest
 
-from privacy.accounting import DPSpend, calibrate_noise, epsilon_for, remembered_noise
+from privacy.accounting import (
+    DPSpend, GaussianMechanism, HospitalSpend, calibrate_noise, compose_epsilon, epsilon_for, recompute_report,
+    remembered_noise)
 
 
 def _independent_epsilon(q: float, sigma: float, steps: int, delta: float) -> float:
@@ -69,3 +71,49 @@ def test_an_edited_or_corrupt_calibration_file_never_lowers_the_noise(tmp_path: 
     assert sigma == calibrate_noise(**PLAN)
     assert epsilon_for(sample_rate=0.05, noise_multiplier=sigma, steps=400, delta=1e-5) <= 1.0
     assert json.loads(cache.read_text())[json.dumps(list(PLAN.values()))] == sigma
+
+
+def _hospital_spend() -> HospitalSpend:
+    training = DPSpend.of(sample_rate=0.02, noise_multiplier=1.1, steps=150, clip_norm=1.0, delta=1e-6)
+    evaluation = GaussianMechanism.gaussian_release(noise_multiplier=40.0, count=3)
+    run = compose_epsilon([GaussianMechanism(0.02, 1.1, 150), evaluation], 1e-6)
+    return HospitalSpend(run_epsilon=run, ledger_epsilon=run + 0.25, training=training, evaluation=evaluation,
+                         evaluation_epsilon=evaluation.epsilon(1e-6))
+
+
+def test_a_hospital_spend_is_one_record_on_the_wire_and_recomputes_in_the_report() -> None:
+    spend = _hospital_spend()
+    assert HospitalSpend.from_wire(spend.to_wire()) == spend
+    entry = spend.report_entry(target_epsilon=2.0)
+    assert entry["clip_norm"] == 1.0 and entry["delta"] == 1e-6  # the node's values, not the server's
+    checks = recompute_report({"hospitals": {"hospital_00": entry}})
+    assert [c.key for c in checks] == ["epsilon", "evaluation.epsilon", "run_epsilon"] and all(c.ok for c in checks)
+
+
+def test_a_later_reply_updates_only_the_parts_it_carries() -> None:
+    spend = _hospital_spend()
+    later = HospitalSpend(run_epsilon=spend.run_epsilon + 0.1, ledger_epsilon=spend.ledger_epsilon + 0.1,
+                          training=DPSpend.of(sample_rate=0.02, noise_multiplier=1.1, steps=200, clip_norm=1.0,
+                                              delta=1e-6))
+    merged = spend.merged(later)
+    assert merged.training.steps == 200 and merged.evaluation == spend.evaluation
+    assert merged.evaluation_epsilon == spend.evaluation_epsilon and merged.run_epsilon == later.run_epsilon
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda d: d.update(format=0), "format"),
+    (lambda d: d.update(run_epsilon="1.0"), "run_epsilon"),
+    (lambda d: d.update(ledger_epsilon=float("nan")), "ledger_epsilon"),
+    (lambda d: d["training"].update(noise_multiplier=0.0), "noise_multiplier"),
+    (lambda d: d["training"].update(steps=2.5), "steps"),
+    (lambda d: d["training"].update(delta=-1e-6), "delta"),
+    (lambda d: d["evaluation"].update(noise_multiplier=0.0), "evaluation"),
+    (lambda d: d.update(training=[1, 2]), "training"),
+])
+def test_a_malformed_spend_is_refused_naming_its_field(edit, field: str) -> None:
+    data = _hospital_spend().to_dict()
+    edit(data)
+    with pytest.raises(ValueError, match=field):
+        HospitalSpend.from_wire(json.dumps(data))
+    with pytest.raises(ValueError, match="JSON"):
+        HospitalSpend.from_wire("{not json")

@@ -26,9 +26,23 @@ from tests.test_accounting import _independent_epsilon
 
 pytestmark = pytest.mark.slow
 
-ALLOWED_REPLY_KEYS = {M.HOSPITAL}
+ALLOWED_REPLY_KEYS = {M.HOSPITAL, M.SPEND}
 ALLOWED_CONTRIBUTION_KEYS = {"headers", "signatures", "ciphertexts-0"}
-ALLOWED_METRIC_KEYS = {M.EPSILON, M.STEPS, M.NOISE_MULTIPLIER, M.SAMPLE_RATE, M.RUN_EPSILON, M.LEDGER_EPSILON}
+ALLOWED_SPEND_KEYS = {"format", "run_epsilon", "ledger_epsilon", "training", "evaluation"}
+ALLOWED_MECHANISM_KEYS = {"mechanism", "sample_rate", "noise_multiplier", "steps", "clip_norm", "delta", "epsilon",
+                          "accountant"}
+
+
+def _spend_numbers(reply) -> list[float]:
+    """Every number the privacy spend of a reply carries, checked to be only public accounting fields."""
+    spend = json.loads(reply.content.config_records[M.REPLY][M.SPEND])
+    assert set(spend) <= ALLOWED_SPEND_KEYS
+    numbers = [spend["run_epsilon"], spend["ledger_epsilon"]]
+    for part in ("training", "evaluation"):
+        if spend[part] is not None:
+            assert set(spend[part]) <= ALLOWED_MECHANISM_KEYS
+            numbers += [v for v in spend[part].values() if isinstance(v, (int, float))]
+    return numbers
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +101,15 @@ def test_train_replies_carry_ciphertext_only(run, keys) -> None:
         (contribution,) = from_record(content.config_records[M.CONTRIBUTION], "reply")
         assert contribution.header.step == "train" and contribution.header.hospital == record[M.HOSPITAL]
         server.parse(contribution.ciphertexts, contribution.header.length)  # ciphertexts, of the federation's shape
-        metrics = content.metric_records[M.METRICS]
-        assert set(metrics.keys()) <= ALLOWED_METRIC_KEYS
+        assert not content.metric_records
+        assert _spend_numbers(reply)
 
 
 def test_no_record_count_travels_in_plaintext(run, federation_data) -> None:
     _, _, replies = run
     counts = set(federation_data.rows_by_hospital)
     for reply in replies:
-        numbers = [v for v in reply.content.metric_records[M.METRICS].values()]
+        numbers = _spend_numbers(reply)
         assert not any(float(v).is_integer() and int(v) in counts for v in numbers)
         assert all(not isinstance(v, (int, float)) for v in reply.content.config_records[M.REPLY].values()
                    if not isinstance(v, (str, list)))

@@ -42,7 +42,7 @@ import pandas as pd
 
 from federation.errors import FedriskError
 from federation.model import weights_digest
-from privacy.audit import ROLE_SERVER, AuditIdentifierError, AuditLog, Digest
+from privacy.audit import RELEASE_CREATE, RELEASE_WITHDRAW, ROLE_SERVER, AuditIdentifierError, AuditLog, Digest
 from server.releases.certificates import (
     ModelCard,
     PrivacyCertificate,
@@ -68,7 +68,6 @@ REGISTRY_DB, RELEASES_DIR, LOCK_FILE = "registry.db", "releases", ".lock"
 RELEASE_AUDIT_FILE = "release_audit.sqlite"
 CERTIFICATE_FILE, CARD_FILE, RELEASE_FILE = "certificate.json", "model_card.json", "release.json"
 STATUS_ACTIVE, STATUS_WITHDRAWN = "active", "withdrawn"
-ACTION_CREATE, ACTION_WITHDRAW = "release.create", "release.withdraw"
 AUDIT_IDENTITY = "release-registry"
 TAG_STATUS, TAG_SHA256, TAG_APPROVER, TAG_CUTOFF = (
     "fedrisk.status", "fedrisk.sha256", "fedrisk.approved-by", "fedrisk.cutoff")
@@ -207,9 +206,9 @@ class ReleaseRegistry:
             details = {"release": release_id, "run": release.run_id, "sha256": Digest(release.sha256), "by": by,
                        "reason": reason}
             try:
-                self.audit.append(ACTION_WITHDRAW, purpose=release.certificate.purpose, details=details)
+                self.audit.append(RELEASE_WITHDRAW, purpose=release.certificate.purpose, details=details)
             except AuditIdentifierError:  # the withdrawal stands; its words are kept in the registry only
-                self.audit.append(ACTION_WITHDRAW, purpose=release.certificate.purpose,
+                self.audit.append(RELEASE_WITHDRAW, purpose=release.certificate.purpose,
                                   details={**details, "by": WITHHELD, "reason": WITHHELD})
             return release
 
@@ -287,7 +286,7 @@ class ReleaseRegistry:
             target.parent.mkdir(parents=True, exist_ok=True)
             run.files.rename(target)
             release = self.get(release_id)
-            self.audit.append(ACTION_CREATE, purpose=certificate.purpose, details={
+            self.audit.append(RELEASE_CREATE, purpose=certificate.purpose, details={
                 "release": release_id, "run": run.run_id, "sha256": Digest(run.sha256), "approver": approver,
                 "cutoff": run.cutoff, "dp-evaluated": True})
         except BaseException:

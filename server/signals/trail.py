@@ -17,11 +17,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from privacy.audit import AuditEntry, AuditIdentifierError, AuditLog, AuditVerification, Digest
+from privacy.audit import SIGNALS_REQUEST, AuditEntry, AuditIdentifierError, AuditLog, AuditVerification, Digest
 from server.signals.auth import Principal
 
 SERVICE_ROLE = "signals-service"
-REQUEST = "signals.request"
+REQUEST = SIGNALS_REQUEST
 ANONYMOUS = "anonymous"
 SCORES_ENDPOINT = "/v1/scores"
 UNMATCHED = "(no such route)"
