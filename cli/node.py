@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
-from privacy.audit import CONSENT_REVOKE, NODE_ENROL
 from federation.errors import ConfigError
+from privacy.audit import CONSENT_REVOKE, NODE_ENROL
 
 
 def _budgets(values: list[str], delta: float) -> dict[str, tuple[float, float]]:

@@ -34,7 +34,6 @@ from privacy.audit import ANALYTICS_ANSWER, Digest
 from privacy.consent import ConsentError
 from privacy.ledger import GaussianMechanism
 
-"""Audit action: this node released one noised, encrypted query answer."""
 
 
 @dataclass(frozen=True)

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from privacy.audit import ANCHOR_ACCEPTED, ANCHOR_BEHIND
 from federation.contributions import ContributionHeader, FederationManifest
 from federation.errors import FedriskError, ProtocolError
+from privacy.audit import ANCHOR_ACCEPTED, ANCHOR_BEHIND
 
 ANCHORS_FILE = "anchors.sqlite"
 EPOCH_FILE = "anchor_epoch"

@@ -31,10 +31,10 @@ from typing import Sequence
 import numpy as np
 
 from clients.anchoring import ANCHOR_BEHIND, AnchorStore
-from privacy.audit import CONTRIBUTION_DROPPED, DECRYPTION
 from federation.contributions import FederationManifest, SignedContribution
 from federation.errors import ProtocolError
 from federation.he_codec import CONTRIBUTOR_UNIT, MAX_DECRYPTIONS_PER_KEY, HospitalKey, ReplyRejected
+from privacy.audit import CONTRIBUTION_DROPPED, DECRYPTION
 
 DECRYPTIONS_FILE = "decryptions.sqlite"
 

@@ -34,12 +34,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from privacy.audit import POLICY_SET
 from federation.errors import ConfigError, FedriskError
+from privacy.audit import POLICY_SET
 
 POLICY_FILE = "policy.json"
 """In the node directory: the hospital's policy (mode 0600)."""
-"""Audit action recorded when the hospital changes its policy."""
 
 _SLUG = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")  # the ledger's purpose slugs
 _KEY_ID = re.compile(r"[0-9a-f]{16}")            # federation.he_codec key ids

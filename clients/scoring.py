@@ -73,7 +73,6 @@ changes in an applicant's record."""
 TOP_REASONS = 3
 """Reason categories returned with a score: those with the largest positive contributions, at most
 this many, largest first."""
-"""Audit actions of the scorer (grant refusals are audited by the GrantAuthority)."""
 
 RELEASES_DIR, RELEASE_FILE, MODEL_FILE, DIGEST_FILE = "releases", "release.json", "model.npz", "model.sha256"
 STATUS_ACTIVE, STATUS_WITHDRAWN = "active", "withdrawn"

@@ -25,6 +25,7 @@ from federation.errors import PrivacyBudgetError
 RDP_ORDERS: tuple[float, ...] = tuple(
     [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 128, 256, 512])
 ACCOUNTANT = "rdp (opacus.accountants.analysis.rdp)"
+DP_SGD = "DP-SGD, Poisson-subsampled Gaussian"
 
 
 def rdp_analysis():
@@ -132,7 +133,7 @@ class DPSpend:
     def of(cls, *, sample_rate: float, noise_multiplier: float, steps: int, clip_norm: float,
            delta: float) -> "DPSpend":
         """Account a run of `steps` DP-SGD steps."""
-        return cls(mechanism="DP-SGD, Poisson-subsampled Gaussian", sample_rate=sample_rate,
+        return cls(mechanism=DP_SGD, sample_rate=sample_rate,
                    noise_multiplier=noise_multiplier, steps=steps, clip_norm=clip_norm, delta=delta,
                    epsilon=epsilon_for(sample_rate=sample_rate, noise_multiplier=noise_multiplier,
                                        steps=steps, delta=delta))
@@ -283,7 +284,7 @@ SPEND_FORMAT = 1
 """Version of `HospitalSpend`'s wire form."""
 
 
-def _number(data: dict, key: str, *, integer: bool = False, positive: bool = False) -> float:
+def _number(data: dict, key: str, *, integer: bool = False, positive: bool = False) -> int | float:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"privacy spend field {key!r} must be a finite number, got {value!r}")
@@ -296,28 +297,21 @@ def _number(data: dict, key: str, *, integer: bool = False, positive: bool = Fal
 
 @dataclass(frozen=True)
 class HospitalSpend:
-    """One hospital's privacy spend for one run, as the hospital itself reports it: the DP-SGD it
-    ran (`training`, from a train reply), the DP evaluations it released (`evaluation`: `count`
-    Gaussian releases of multiplier `noise_multiplier`, from an evaluate reply), the two composed
-    (`run_epsilon`) and everything its ledger holds for the purpose (`ledger_epsilon`).
+    """One hospital's privacy spend for one run so far, as its ledger holds it: the DP-SGD it ran
+    (`training`), the DP evaluations it released (`evaluation`: `steps` Gaussian releases of
+    multiplier `noise_multiplier`), the two composed (`run_epsilon`) and everything the ledger
+    holds for the purpose (`ledger_epsilon`).
 
-    It is one record end to end: the node sends it as one JSON value, the server merges the
-    records a run's replies carry and writes `report_entry()` into the privacy report, and
-    `recompute_report` checks every epsilon in it. Clip norm and delta are the node's, never the
-    server's config."""
+    It is one record end to end: every train and evaluate reply carries the whole of it as one
+    JSON value, the server keeps the newest, and `report_entry()` writes it into the privacy
+    report, where `recompute_report` checks every epsilon. Clip norm and delta are the node's,
+    never the server's config."""
 
     run_epsilon: float
     ledger_epsilon: float
     training: DPSpend | None = None
     evaluation: GaussianMechanism | None = None
     evaluation_epsilon: float = 0.0
-
-    def merged(self, later: "HospitalSpend") -> "HospitalSpend":
-        """This spend updated by a later reply of the same run: its parts replace ours."""
-        return HospitalSpend(run_epsilon=later.run_epsilon, ledger_epsilon=later.ledger_epsilon,
-                             training=later.training or self.training,
-                             evaluation=later.evaluation or self.evaluation,
-                             evaluation_epsilon=later.evaluation_epsilon if later.evaluation else self.evaluation_epsilon)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form: the wire value and the checkpoint's."""
@@ -339,12 +333,13 @@ class HospitalSpend:
             t = data["training"]
             if not isinstance(t, dict):
                 raise ValueError("privacy spend field 'training' must be a record")
-            training = DPSpend(mechanism=str(t.get("mechanism", "")),
+            if t.get("mechanism") != DP_SGD or t.get("accountant") != ACCOUNTANT:
+                raise ValueError(f"privacy spend field 'training' must name {DP_SGD!r} and {ACCOUNTANT!r}")
+            training = DPSpend(mechanism=DP_SGD,
                                sample_rate=_number(t, "sample_rate", positive=True),
                                noise_multiplier=_number(t, "noise_multiplier", positive=True),
                                steps=_number(t, "steps", integer=True), clip_norm=_number(t, "clip_norm", positive=True),
-                               delta=_number(t, "delta", positive=True), epsilon=_number(t, "epsilon"),
-                               accountant=str(t.get("accountant", ACCOUNTANT)))
+                               delta=_number(t, "delta", positive=True), epsilon=_number(t, "epsilon"))
         if data.get("evaluation") is not None:
             e = data["evaluation"]
             if not isinstance(e, dict):

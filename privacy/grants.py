@@ -92,7 +92,6 @@ _ADDED_COLUMNS = {"release": "TEXT", "uses_allowed": "INTEGER NOT NULL DEFAULT 0
 MALFORMED, FORGED, UNKNOWN, EXPIRED, REVOKED, WRONG_BANK, WRONG_PURPOSE = (
     "malformed", "forged", "unknown", "expired", "revoked", "wrong-bank", "wrong-purpose")
 WRONG_RELEASE, USED_UP, RATE_LIMITED = "wrong-release", "used-up", "rate-limited"
-"""Audit actions written at the node."""
 
 
 class GrantError(FedriskError):

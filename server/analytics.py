@@ -36,7 +36,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from federation import messages as M
-from privacy.audit import ANALYTICS_RELEASE
 from federation.config import RunConfig
 from federation.errors import FedriskError, PrivacyBudgetError, ProtocolError
 from federation.contributions import to_record
@@ -44,6 +43,7 @@ from federation.he_codec import CONTRIBUTOR_UNIT, ServerContext, flooding_std, h
 from federation.model import weights_digest
 from federation.query import CohortQuery, QueryError, load_query
 from privacy.accounting import ACCOUNTANT
+from privacy.audit import ANALYTICS_RELEASE
 from server.grid import ask_one, exchange, wait_for_nodes
 from server.strategy import ReplyChecker, reply_record
 

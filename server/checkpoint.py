@@ -56,7 +56,7 @@ class Checkpoint:
         """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
         path = Path(run_dir) / CHECKPOINT_FILE
         meta = {k: getattr(self, k) for k in ("run_id", "fingerprint", "completed_round", "mlflow_run_id", "rounds",
-                                                "privacy", "contributors", "rejections")}
+                                                "contributors", "rejections")}
         meta["privacy"] = {name: spend.to_dict() for name, spend in self.privacy.items()}
         meta["format"] = FORMAT
         meta["chain_rounds"] = sorted(self.chain)

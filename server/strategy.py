@@ -239,17 +239,12 @@ class HEFedAvg(Strategy):
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         for item in accepted:
             traffic.up_bytes[item.header.hospital] = contribution_bytes([item])
-        self._account(spends)
+        self.privacy.update(spends)
         self.chain[server_round] = accepted
         self.relay(accepted)
         self.contributors[server_round] = sorted(item.header.hospital for item in accepted)
         return None, MetricRecord({"hospitals": len(accepted),
                                    "epsilon-max": max(p.run_epsilon for p in self.privacy.values())})
-
-    def _account(self, spends: dict[str, HospitalSpend]) -> None:
-        for hospital, spend in spends.items():
-            earlier = self.privacy.get(hospital)
-            self.privacy[hospital] = earlier.merged(spend) if earlier else spend
 
     def configure_evaluate(self, server_round: int, arrays: object, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -263,10 +258,10 @@ class HEFedAvg(Strategy):
         spends: dict[str, HospitalSpend] = {}
         accepted = self.checker.accept(server_round, replies, "evaluate", "evaluation",
                                        round_evaluation.LENGTH + 1, "evaluation", spends)
-        self._account(spends)
+        self.privacy.update(spends)
         if any(s.evaluation is None for s in spends.values()):
             raise ProtocolError(f"evaluation round {server_round}: a hospital reported no DP evaluation spend")
-        multipliers = {s.evaluation.noise_multiplier for s in spends.values() if s.evaluation}
+        multipliers = {s.evaluation.noise_multiplier for s in spends.values()}  # type: ignore[union-attr]
         if len(multipliers) != 1:
             raise ProtocolError(f"evaluation round {server_round}: hospitals used different noise ({sorted(multipliers)})")
         self.relay(accepted)

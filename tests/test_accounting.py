@@ -90,16 +90,6 @@ def test_a_hospital_spend_is_one_record_on_the_wire_and_recomputes_in_the_report
     assert [c.key for c in checks] == ["epsilon", "evaluation.epsilon", "run_epsilon"] and all(c.ok for c in checks)
 
 
-def test_a_later_reply_updates_only_the_parts_it_carries() -> None:
-    spend = _hospital_spend()
-    later = HospitalSpend(run_epsilon=spend.run_epsilon + 0.1, ledger_epsilon=spend.ledger_epsilon + 0.1,
-                          training=DPSpend.of(sample_rate=0.02, noise_multiplier=1.1, steps=200, clip_norm=1.0,
-                                              delta=1e-6))
-    merged = spend.merged(later)
-    assert merged.training.steps == 200 and merged.evaluation == spend.evaluation
-    assert merged.evaluation_epsilon == spend.evaluation_epsilon and merged.run_epsilon == later.run_epsilon
-
-
 @pytest.mark.parametrize(("edit", "field"), [
     (lambda d: d.update(format=0), "format"),
     (lambda d: d.update(run_epsilon="1.0"), "run_epsilon"),
@@ -109,6 +99,8 @@ def test_a_later_reply_updates_only_the_parts_it_carries() -> None:
     (lambda d: d["training"].update(delta=-1e-6), "delta"),
     (lambda d: d["evaluation"].update(noise_multiplier=0.0), "evaluation"),
     (lambda d: d.update(training=[1, 2]), "training"),
+    (lambda d: d["training"].update(mechanism="a" * 10_000), "training"),
+    (lambda d: d["training"].update(accountant="trust me"), "training"),
 ])
 def test_a_malformed_spend_is_refused_naming_its_field(edit, field: str) -> None:
     data = _hospital_spend().to_dict()

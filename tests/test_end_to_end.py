@@ -194,3 +194,32 @@ def test_privacy_verify_recomputes_the_report_and_names_a_tampered_epsilon(run, 
     (tmp_path / "tampered.json").write_text(json.dumps(tampered))
     assert main(["privacy", "verify", str(tmp_path / "tampered.json")]) == 2
     assert "differs from its recomputation" in capsys.readouterr().err
+
+
+def test_a_reply_with_a_malformed_spend_is_left_out_naming_the_field(run, keys) -> None:
+    """A curious hospital that misreports its spend (here: no noise) loses its reply, not the round."""
+    from flwr.app import ConfigRecord
+
+    from server.strategy import ReplyChecker
+
+    _, _, replies = run
+    first_round = [r for r in replies if from_record(r.content.config_records[M.CONTRIBUTION], "r")[0].header.round == 1]
+    assert len(first_round) == 3
+    run_id = from_record(first_round[0].content.config_records[M.CONTRIBUTION], "r")[0].header.run
+    liar = first_round[1]
+    honest_record = liar.content.config_records[M.REPLY]
+    spend = json.loads(honest_record[M.SPEND])
+    spend["training"]["noise_multiplier"] = 0.0
+    liar.content.config_records[M.REPLY] = ConfigRecord({M.HOSPITAL: honest_record[M.HOSPITAL],
+                                                         M.SPEND: json.dumps(spend)})
+    try:
+        checker = ReplyChecker(ServerContext.load(keys.server_context.parent), run_id, min_replies=2)
+        spends: dict = {}
+        length = from_record(first_round[0].content.config_records[M.CONTRIBUTION], "r")[0].header.length
+        accepted = checker.accept(1, first_round, "train", "update", length, "training", spends)
+    finally:
+        liar.content.config_records[M.REPLY] = honest_record
+    liar_name = str(honest_record[M.HOSPITAL])
+    assert sorted(c.header.hospital for c in accepted) == sorted(spends) and liar_name not in spends
+    (rejection,) = checker.rejections
+    assert rejection.hospital == liar_name and "noise_multiplier" in rejection.reason

@@ -21,7 +21,6 @@ from privacy.audit import SIGNALS_REQUEST, AuditEntry, AuditIdentifierError, Aud
 from server.signals.auth import Principal
 
 SERVICE_ROLE = "signals-service"
-REQUEST = SIGNALS_REQUEST
 ANONYMOUS = "anonymous"
 SCORES_ENDPOINT = "/v1/scores"
 UNMATCHED = "(no such route)"
@@ -47,10 +46,10 @@ class RequestTrail:
         details = {**who, "method": method, "endpoint": endpoint, "status": int(status), **(extra or {})}
         with self._append_lock:
             try:
-                return self.log.append(REQUEST, details=details)
+                return self.log.append(SIGNALS_REQUEST, details=details)
             except AuditIdentifierError:
                 kept = {k: details[k] for k in ("key-id", "role", "method", "endpoint", "status") if k in details}
-                return self.log.append(REQUEST, details={**kept, "withheld": "a detail refused by the identifier filter"})
+                return self.log.append(SIGNALS_REQUEST, details={**kept, "withheld": "a detail refused by the identifier filter"})
 
     def entries(self, *, key_id: str | None = None, hospital: str | None = None,
                 limit: int = 100) -> list[AuditEntry]:
