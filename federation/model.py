@@ -6,9 +6,8 @@ census, reveal and release messages only need the vector length and the digest."
 
 from __future__ import annotations
 
-import threading
-
 import hashlib
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,20 +48,25 @@ def num_parameters(kind: str, n_features: int = N_FEATURES) -> int:
     return sum(inputs * outputs + outputs for inputs, outputs in zip(widths, widths[1:]))
 
 
-_GLOBAL_RNG = threading.Lock()
-
-
 def initial_weights(kind: str, seed: int, n_features: int = N_FEATURES) -> np.ndarray:
-    """The public starting point of a run: every hospital derives the same one from the seed."""
-    import torch
+    """The public starting point of a run: every hospital derives the same one from the seed.
 
-    with _GLOBAL_RNG:  # torch's initialisers draw from its process-wide generator
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            model = build_model(kind, n_features)
-        finally:
-            torch.random.set_rng_state(generator_state)
+    Each layer is re-drawn (torch's default Linear initialisation, in layer order) from a
+    generator of its own: torch's process-wide generator is shared with every other thread of
+    the node, so a model built concurrently elsewhere would shift the draws and give two
+    messages of one round two different start models, hence two charge identities."""
+    import torch
+    from torch import nn
+
+    model = build_model(kind, n_features)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                bound = 1.0 / math.sqrt(layer.in_features)
+                layer.bias.uniform_(-bound, bound, generator=generator)
+        model[-1].bias.fill_(float(np.log(PRIOR_RATE / (1 - PRIOR_RATE))))
     return get_weights(model)
 
 

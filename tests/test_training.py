@@ -89,3 +89,30 @@ def test_the_weight_vector_length_is_computed_without_building_the_model(kind: s
 
     for inputs in (40, 31):
         assert num_parameters(kind, inputs) == sum(p.numel() for p in build_model(kind, inputs).parameters())
+
+
+def test_the_start_model_does_not_depend_on_what_other_threads_draw_meanwhile() -> None:
+    """Concurrent messages of one round must derive one start model (hence one charge identity)
+    even while another thread of the node builds models from torch's process-wide generator."""
+    import threading
+
+    import torch
+
+    from federation.model import build_model
+
+    expected = initial_weights("mlp", 7)
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            build_model("mlp")
+            torch.rand(64)
+
+    drawer = threading.Thread(target=draw)
+    drawer.start()
+    try:
+        seen = [initial_weights("mlp", 7) for _ in range(200)]
+    finally:
+        stop.set()
+        drawer.join()
+    assert all(np.array_equal(w, expected) for w in seen)
