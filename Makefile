@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast install bench clean flwr-run browser
+.PHONY: demo test test-fast test-integration test-e2e install bench clean flwr-run browser
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "fedrisk needs $(PYTHON) on PATH"; exit 1; }
@@ -28,6 +28,13 @@ test: $(STAMP) browser
 # The fast tier: every unit-level test file, no federation or engine (under two minutes).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
+
+# The other two tiers (`make test` runs all three).
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+test-e2e: $(STAMP) browser
+	$(BIN)/python -m pytest -m e2e $(PYTEST_ARGS)
 
 # The dashboard's browser test drives Debian's Chromium through ChromeDriver.
 browser:

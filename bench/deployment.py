@@ -38,6 +38,7 @@ from engines.credentials import init_credentials  # noqa: E402
 from federation.config import RunConfig  # noqa: E402
 from federation.he_codec import init_keys  # noqa: E402
 from federation.model import num_parameters  # noqa: E402
+from server.tracking import ROUND_BYTES_DOWN, ROUND_BYTES_UP, ROUND_SECONDS  # noqa: E402
 
 PURPOSE = "credit-risk-research"
 
@@ -45,8 +46,8 @@ PURPOSE = "credit-risk-research"
 def _per_round(summary: dict) -> dict[str, float]:
     rounds = list(summary.values())
     mean = lambda key: sum(float(r[key]) for r in rounds) / len(rounds)  # noqa: E731
-    return {"round_seconds": mean("round-seconds"), "bytes_up": mean("bytes-up-per-hospital"),
-            "bytes_down": mean("bytes-down-per-hospital")}
+    return {"round_seconds": mean(ROUND_SECONDS), "bytes_up": mean(ROUND_BYTES_UP),
+            "bytes_down": mean(ROUND_BYTES_DOWN)}
 
 
 def measure(root: Path, model: str, rounds: int, patients: int) -> dict[str, object]:

@@ -99,7 +99,7 @@ def evaluation_costs(epsilon: float = 1.0, delta: float = 1e-6, rounds: int = 5,
     for draw in range(draws):
         summed = sum(round_evaluation.noised_evaluation(labels[p], scores[p], noise_multiplier=z, seed=draw * 8 + i)
                      for i, p in enumerate(parts))
-        errors.append(round_evaluation.metrics_from_noised(summed, noise_multiplier=z, hospitals=8)["auc"] - exact)
+        errors.append(round_evaluation.metrics_from_noised(summed, noise_multiplier=z, hospitals=8)[round_evaluation.AUC] - exact)
     errors = np.asarray(errors)
     return {"evaluation_epsilon": budget, "evaluation_noise_multiplier": z, "sigma_dp_sgd_alone": alone,
             "sigma_with_evaluation": shared, "sigma_ratio": shared / alone, "exact_auc": exact,

@@ -109,8 +109,8 @@ def _cmd_node_policy_show(args: argparse.Namespace) -> int:
 
 def _cmd_node_policy_set(args: argparse.Namespace) -> int:
     from clients.node_state import NodeState
-    from clients.policy import POLICY_FILE, POLICY_SET, NodePolicy, parse_assignments, write_atomically
-    from privacy.audit import Digest
+    from clients.policy import POLICY_FILE, NodePolicy, parse_assignments, write_atomically
+    from privacy.audit import POLICY_SET, Digest
 
     state = NodeState.load(Path(args.dir))
     before = NodePolicy.load(state.directory)

@@ -33,7 +33,7 @@ from typing import Iterable
 
 from federation.contributions import ContributionHeader, FederationManifest
 from federation.errors import FedriskError, ProtocolError
-from privacy.audit import ANCHOR_ACCEPTED, ANCHOR_BEHIND
+from privacy.audit import ANCHOR_ACCEPTED
 
 ANCHORS_FILE = "anchors.sqlite"
 EPOCH_FILE = "anchor_epoch"

@@ -30,11 +30,11 @@ from typing import Sequence
 
 import numpy as np
 
-from clients.anchoring import ANCHOR_BEHIND, AnchorStore
+from clients.anchoring import AnchorStore
 from federation.contributions import FederationManifest, SignedContribution
 from federation.errors import ProtocolError
 from federation.he_codec import CONTRIBUTOR_UNIT, MAX_DECRYPTIONS_PER_KEY, HospitalKey, ReplyRejected
-from privacy.audit import CONTRIBUTION_DROPPED, DECRYPTION
+from privacy.audit import ANCHOR_BEHIND, CONTRIBUTION_DROPPED, DECRYPTION
 
 DECRYPTIONS_FILE = "decryptions.sqlite"
 

@@ -33,7 +33,7 @@ from clients.deidentify import PSEUDONYM, deidentify
 from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
 from clients.validation import validate_export
 from federation import features as fx
-from federation.contributions import MANIFEST_FILE, SIGNING_KEY_FILE, FederationManifest, SigningKey
+from federation.contributions import SIGNING_KEY_FILE, FederationManifest, SigningKey
 from federation.errors import ConfigError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
 from privacy.audit import DATA_LOAD, NODE_ENROL, NODE_INIT, REFUSAL, ROLE_HOSPITAL, AuditLog, Digest

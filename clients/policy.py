@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from federation.errors import ConfigError, FedriskError
-from privacy.audit import POLICY_SET
 
 POLICY_FILE = "policy.json"
 """In the node directory: the hospital's policy (mode 0600)."""

@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 from federation.config import RunConfig
 from federation.errors import ConfigError
+from federation.round_evaluation import AUC, BRIER, LOG_LOSS, SE_SUFFIX
+from server.tracking import ROUND_EPSILON_MAX, ROUND_SECONDS
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,9 @@ def _out_dir(settings: DemoSettings) -> Path:
 def _progress(stream: TextIO):
     def show(event: str, data: dict[str, Any]) -> None:
         if event == "round":
-            stream.write(f"  round {data['round']}/{data['rounds']}  federated AUC {data['auc']:.4f}  "
-                         f"Brier {data['brier']:.4f}  log loss {data['log-loss']:.4f}  "
-                         f"epsilon so far {data['epsilon-max']:.3f}  {data['round-seconds']:.1f}s\n")
+            stream.write(f"  round {data['round']}/{data['rounds']}  federated AUC {data[AUC]:.4f}  "
+                         f"Brier {data[BRIER]:.4f}  log loss {data[LOG_LOSS]:.4f}  "
+                         f"epsilon so far {data[ROUND_EPSILON_MAX]:.3f}  {data[ROUND_SECONDS]:.1f}s\n")
             stream.flush()
     return show
 
@@ -100,8 +102,8 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
             # the released model on the same held-out records as the references (the demo plays every
             # hospital); the coordinator itself only ever sees the DP evaluation beside it
             "auc_federated": reference.weighted_auc([(h.test_y, predict_proba(released, h.test_x)) for h in hospitals]),
-            "auc_federated_dp": result.rounds[settings.rounds]["auc"],
-            "auc_federated_dp_se": result.rounds[settings.rounds].get("auc_se"),
+            "auc_federated_dp": result.rounds[settings.rounds][AUC],
+            "auc_federated_dp_se": result.rounds[settings.rounds].get(AUC + SE_SUFFIX),
             "auc_centralized": auc_centralized,
             "auc_oracle": auc_oracle,
             "epsilon_by_hospital": {name: h["run_epsilon"] for name, h in result.privacy["hospitals"].items()},

@@ -209,8 +209,14 @@ def _metrics(vectors: np.ndarray) -> dict[str, np.ndarray]:
     nan = np.full(np.shape(records), np.nan)
     brier = np.divide(vectors @ _BRIER_WEIGHTS, records, out=nan.copy(), where=defined)
     loss = np.divide(vectors @ _LOSS_WEIGHTS, records, out=nan.copy(), where=defined)
-    return {"auc": binned_auc(positives, negatives), "brier": np.clip(brier, 0.0, 1.0),
-            "log-loss": np.clip(loss, 0.0, None)}
+    return {AUC: binned_auc(positives, negatives), BRIER: np.clip(brier, 0.0, 1.0),
+            LOG_LOSS: np.clip(loss, 0.0, None)}
+
+
+AUC, BRIER, LOG_LOSS = "auc", "brier", "log-loss"
+"""The metrics a DP evaluation round yields (each also as `<name>` + `SE_SUFFIX`)."""
+SE_SUFFIX = "_se"
+RECORDS, POSITIVES = "records", "positives"
 
 
 def metrics_from_noised(summed: np.ndarray, *, noise_multiplier: float, hospitals: int) -> dict[str, float]:
@@ -235,6 +241,6 @@ def metrics_from_noised(summed: np.ndarray, *, noise_multiplier: float, hospital
     out = {name: float(value) for name, value in point.items()}
     for name, values in draws.items():
         finite = values[np.isfinite(values)]
-        out[f"{name}_se"] = float(finite.std()) if math.isfinite(out[name]) and finite.size >= 2 else math.nan
-    out["records"], out["positives"] = float(summed.sum()), float(summed[BINS:].sum())
+        out[f"{name}{SE_SUFFIX}"] = float(finite.std()) if math.isfinite(out[name]) and finite.size >= 2 else math.nan
+    out[RECORDS], out[POSITIVES] = float(summed.sum()), float(summed[BINS:].sum())
     return out

@@ -39,6 +39,7 @@ from federation.contributions import (
 from federation.errors import ProtocolError
 from federation.he_codec import ReplyRejected, ServerContext
 from privacy.accounting import HospitalSpend
+from server.tracking import ROUND_EPSILON_MAX, ROUND_HOSPITALS
 
 Reveal = Callable[[list[SignedContribution], int], list[float]]
 """Asks a key holder to reveal the flooded sum of a round's signed DP evaluations."""
@@ -243,8 +244,8 @@ class HEFedAvg(Strategy):
         self.chain[server_round] = accepted
         self.relay(accepted)
         self.contributors[server_round] = sorted(item.header.hospital for item in accepted)
-        return None, MetricRecord({"hospitals": len(accepted),
-                                   "epsilon-max": max(p.run_epsilon for p in self.privacy.values())})
+        return None, MetricRecord({ROUND_HOSPITALS: len(accepted),
+                                   ROUND_EPSILON_MAX: max(p.run_epsilon for p in self.privacy.values())})
 
     def configure_evaluate(self, server_round: int, arrays: object, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -269,4 +270,4 @@ class HEFedAvg(Strategy):
         summed = [v / M.EVAL_UNIT for v in values[:-1]]
         metrics = round_evaluation.metrics_from_noised(summed, noise_multiplier=multipliers.pop(),
                                                        hospitals=len(accepted))
-        return MetricRecord({**{k: float(v) for k, v in metrics.items()}, "hospitals": len(accepted)})
+        return MetricRecord({**{k: float(v) for k, v in metrics.items()}, ROUND_HOSPITALS: len(accepted)})

@@ -22,6 +22,17 @@ from federation.he_codec import he_parameters
 from privacy.accounting import ACCOUNTANT, RDP_ORDERS, HospitalSpend
 
 
+# The per-round metrics of a training run, beside the DP evaluation's own (AUC, BRIER, LOG_LOSS, ...
+# in federation.round_evaluation): logged to MLflow, kept in the checkpoint, read by the benches.
+ROUND_CONTRIBUTORS = "contributors"  # hospitals whose update the round aggregated
+ROUND_EPSILON_MAX = "epsilon-max"  # the largest run epsilon any hospital reported so far
+ROUND_BYTES_UP = "bytes-up-per-hospital"  # mean sealed-update bytes a hospital sent
+ROUND_BYTES_DOWN = "bytes-down-per-hospital"  # bytes each hospital was sent (the relayed chain)
+ROUND_REJECTED = "rejected-replies"  # replies the reply checker left out this round
+ROUND_SECONDS = "round-seconds"  # wall-clock time of train + evaluate
+ROUND_HOSPITALS = "hospitals"  # accepted replies, in the strategy's MetricRecord of a step
+
+
 def quiet_mlflow() -> Any:
     """MLflow, imported with its artifact progress bars and git probing off. The environment is
     set here, when MLflow is first needed, not when this module is imported."""

@@ -24,6 +24,7 @@ from federation.contributions import SignedContribution, to_record
 from federation.he_codec import ServerContext
 from federation.run_dir import SERVER_AUDIT_FILE
 from federation.model import num_parameters, weights_digest
+from federation.round_evaluation import AUC
 from privacy.audit import (
     RELEASE,
     REPLY_REJECTED,
@@ -37,7 +38,8 @@ from privacy.audit import (
 from server.checkpoint import Checkpoint, new_run_id
 from server.grid import ask_one, exchange, wait_for_nodes
 from server.strategy import HEFedAvg, Rejection, contribution_bytes
-from server.tracking import RunTracker, privacy_report
+from server.tracking import (ROUND_BYTES_DOWN, ROUND_BYTES_UP, ROUND_CONTRIBUTORS, ROUND_EPSILON_MAX,
+                             ROUND_HOSPITALS, ROUND_REJECTED, ROUND_SECONDS, RunTracker, privacy_report)
 
 Progress = Callable[[str, dict], None]
 
@@ -59,7 +61,7 @@ class FederatedResult:
     @property
     def round_seconds(self) -> dict[int, float]:
         """Wall seconds of each round, as the server measured it."""
-        return {r: metrics["round-seconds"] for r, metrics in self.rounds.items()}
+        return {r: metrics[ROUND_SECONDS] for r, metrics in self.rounds.items()}
 
 
 def run_federated(grid: Grid, config: RunConfig, progress: Progress | None = None,
@@ -197,16 +199,16 @@ class _Run:
         self._log_rejections()
         traffic = strategy.traffic[server_round]
         metrics = {**{k: float(v) for k, v in evaluation.items()},
-                   "contributors": float(train_metrics["hospitals"]),
-                   "epsilon-max": float(train_metrics["epsilon-max"]),
-                   "bytes-up-per-hospital": float(np.mean(list(traffic.up_bytes.values()))),
-                   "bytes-down-per-hospital": float(traffic.down_bytes),
-                   "rejected-replies": float(sum(r.server_round == server_round for r in strategy.rejections)),
-                   "round-seconds": seconds}
+                   ROUND_CONTRIBUTORS: float(train_metrics[ROUND_HOSPITALS]),
+                   ROUND_EPSILON_MAX: float(train_metrics[ROUND_EPSILON_MAX]),
+                   ROUND_BYTES_UP: float(np.mean(list(traffic.up_bytes.values()))),
+                   ROUND_BYTES_DOWN: float(traffic.down_bytes),
+                   ROUND_REJECTED: float(sum(r.server_round == server_round for r in strategy.rejections)),
+                   ROUND_SECONDS: seconds}
         tracker.log_round(server_round, metrics)
-        self.audit.append(ROUND_TRAIN, purpose=config.purpose, epsilon=metrics["epsilon-max"], details={
+        self.audit.append(ROUND_TRAIN, purpose=config.purpose, epsilon=metrics[ROUND_EPSILON_MAX], details={
             "run": self.run_id, "round": server_round, "contributors": strategy.contributors[server_round],
-            "dp-auc": round(metrics["auc"], 6) if np.isfinite(metrics["auc"]) else None})
+            "dp-auc": round(metrics[AUC], 6) if np.isfinite(metrics[AUC]) else None})
         self.rounds[server_round] = metrics
         Checkpoint(run_id=self.run_id, fingerprint=config.fingerprint(), completed_round=server_round,
                    census=strategy.census, chain=dict(strategy.chain), anchors=list(strategy.anchors),

@@ -20,14 +20,30 @@ UNIT_TIER = frozenset({
     "test_policy.py", "test_round_evaluation.py", "test_synthetic.py", "test_training.py",
     "test_governance_data.py"})
 """Test files of the fast tier (`make test-fast`, `pytest -m unit`): no federation, no Flower engine,
-no long-lived process. Every other file, and the adversarial suite's real-handler federations,
-is `integration` (real engines, processes, HTTP services and browsers started by the tests)."""
+no long-lived process."""
+
+E2E_TIER = frozenset({
+    "test_demo.py", "test_deployment.py", "test_dashboard_browser.py", "test_end_to_end.py",
+    "test_flwr_run.py", "test_notebooks.py"})
+"""Test files of the end-to-end tier (`make test-e2e`, `pytest -m e2e`): a whole user path as the
+user starts it: `fedrisk demo`/`run` subprocesses, `flwr run`, SuperLink and SuperNode processes
+on loopback, the notebooks, the dashboard in Chromium. Every other file, the adversarial suite's
+real-handler federations included, is `integration` (`make test-integration`): real engines,
+HTTP services and processes, one component path at a time."""
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def tier_of(path: Path) -> str:
+    """The tier of a test file, from its name."""
+    name = path.name
+    return "unit" if name in UNIT_TIER else "e2e" if name in E2E_TIER else "integration"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark each test with its tier."""
     for item in items:
-        item.add_marker(pytest.mark.unit if Path(str(item.fspath)).name in UNIT_TIER else pytest.mark.integration)
+        item.add_marker(getattr(pytest.mark, tier_of(Path(str(item.fspath)))))
 
 
 @pytest.fixture(scope="session")

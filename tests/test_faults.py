@@ -16,7 +16,7 @@ from clients.node_state import NodeState
 from engines.provisioning import provision_nodes
 from engines.simulation import simulate
 from federation.config import RunConfig
-from federation.errors import ConfigError, PrivacyBudgetError, ProtocolError
+from federation.errors import ConfigError, ProtocolError
 from federation.he_codec import MAX_CIPHERTEXT_BYTES, HospitalKey, ReplyRejected, ServerContext
 from privacy.audit import REPLY_REJECTED, RUN_RESUME, AuditLog
 from privacy.ledger import BudgetLedger

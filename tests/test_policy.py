@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 
 from clients.node_state import NodeState
-from clients.policy import POLICY_FILE, POLICY_SET, NodePolicy, PolicyRefusal, parse_assignments
+from clients.policy import POLICY_FILE, NodePolicy, PolicyRefusal, parse_assignments
 from experiments.synthetic import synthesize
+from privacy.audit import POLICY_SET
 from cli.main import EXIT_USER_ERROR, main
 from federation.errors import ConfigError
 from federation.he_codec import KeyBundlePaths

@@ -21,6 +21,7 @@ import numpy as np
 
 from federation.errors import FedriskError
 from federation.model import weights_digest
+from federation.round_evaluation import AUC, BRIER
 from privacy.accounting import EPSILON_TOLERANCE
 from server.releases.certificates import NEIGHBOURING, CertificateError, hospitals_from_report
 
@@ -29,7 +30,7 @@ MODEL_FILE, DIGEST_FILE, PRIVACY_FILE, SUMMARY_FILE = (
     "model.npz", "model.sha256", "privacy_report.json", "run_summary.json")
 RELEASE_FILES = (MODEL_FILE, DIGEST_FILE, PRIVACY_FILE, SUMMARY_FILE)
 RUN_SHA256_TAG = "release.sha256"  # set on the training run by server.tracking
-FEDERATED_METRICS = ("auc", "brier")  # logged per round by server.app: the DP federated evaluation
+FEDERATED_METRICS = (AUC, BRIER)  # logged per round by the training run: the DP federated evaluation
 CUTOFF_CLOCK_SLACK = timedelta(days=1)
 """A cut-off may be at most this far past the run's start (UTC), for approvers east of UTC."""
 
