@@ -63,11 +63,10 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from experiments.demo import _progress
-    from engines.simulation import simulate
+    from engines.simulation import print_rounds, simulate
 
     config = _run_config(args)
-    result = simulate(config, progress=_progress(sys.stdout), verbose=args.verbose)
+    result = simulate(config, progress=print_rounds(sys.stdout), verbose=args.verbose)
     print(f"release: {result.release_dir}  sha256 {result.digest}")
     print(f"epsilon max {result.privacy['epsilon_max']:.3f} at delta {config.delta:g}; MLflow run {result.run_id}")
     return 0

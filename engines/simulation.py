@@ -12,6 +12,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any, TextIO
 
 from clients.app import make_client_app
 from clients.validation import validate_export
@@ -24,7 +25,21 @@ from federation.he_codec import (
     ServerContext,
     check_file_mode,
 )
+from federation.round_evaluation import AUC, BRIER, LOG_LOSS
 from server.app import FederatedResult, Progress, make_server_app
+from server.tracking import ROUND_EPSILON_MAX, ROUND_SECONDS
+
+
+def print_rounds(stream: TextIO) -> Progress:
+    """A progress callback that prints one line per finished round (what `fedrisk run` and the
+    demo show): the DP evaluation's metrics, the largest epsilon so far and the round's time."""
+    def show(event: str, data: dict[str, Any]) -> None:
+        if event == "round":
+            stream.write(f"  round {data['round']}/{data['rounds']}  federated AUC {data[AUC]:.4f}  "
+                         f"Brier {data[BRIER]:.4f}  log loss {data[LOG_LOSS]:.4f}  "
+                         f"epsilon so far {data[ROUND_EPSILON_MAX]:.3f}  {data[ROUND_SECONDS]:.1f}s\n")
+            stream.flush()
+    return show
 
 
 def preflight(config: RunConfig) -> RunConfig:

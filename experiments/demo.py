@@ -18,8 +18,7 @@ from typing import Any, TextIO
 
 from federation.config import RunConfig
 from federation.errors import ConfigError
-from federation.round_evaluation import AUC, BRIER, LOG_LOSS, SE_SUFFIX
-from server.tracking import ROUND_EPSILON_MAX, ROUND_SECONDS
+from federation.round_evaluation import AUC, SE_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -45,21 +44,11 @@ def _out_dir(settings: DemoSettings) -> Path:
     return out
 
 
-def _progress(stream: TextIO):
-    def show(event: str, data: dict[str, Any]) -> None:
-        if event == "round":
-            stream.write(f"  round {data['round']}/{data['rounds']}  federated AUC {data[AUC]:.4f}  "
-                         f"Brier {data[BRIER]:.4f}  log loss {data[LOG_LOSS]:.4f}  "
-                         f"epsilon so far {data[ROUND_EPSILON_MAX]:.3f}  {data[ROUND_SECONDS]:.1f}s\n")
-            stream.flush()
-    return show
-
-
 def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the demo and return the summary it writes to `summary.json`."""
     from experiments import overheads, reference
     from engines.provisioning import provision_nodes
-    from engines.simulation import simulate
+    from engines.simulation import print_rounds, simulate
     from experiments.synthetic import synthesize
     from federation.he_codec import init_keys
 
@@ -88,7 +77,7 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
                      f"epsilon={settings.epsilon:g}, delta={settings.delta:g} per hospital, CKKS aggregation\n")
         stream.flush()
         train_began = time.perf_counter()
-        result = simulate(config, progress=_progress(stream))
+        result = simulate(config, progress=print_rounds(stream))
         wall_seconds = time.perf_counter() - train_began
         stream.write("  computing reference points (centralized non-private model, oracle)...\n")
         stream.flush()

@@ -216,11 +216,8 @@ def start_signals_service(db: Path, registry_dir: Path, log_dir: Path, *, rate: 
 
 
 def register_hospital(db: Path, hospital: LocalHospital, node: Service) -> None:
-    """`fedrisk serve hospitals add` for the hospital's running scoring endpoint."""
-    from cli.main import main
+    """Register the hospital's running scoring endpoint, as `fedrisk serve hospitals add` does."""
+    from server.signals.hospitals import HospitalDirectory
 
-    code = main(["serve", "hospitals", "add", "--db", str(db), "--hospital", hospital.state.hospital,
-                 "--url", node.base_url, "--grant-key", str(hospital.grant_key_file),
-                 "--token-file", str(hospital.service_token_file)])
-    if code != 0:
-        raise RuntimeError(f"could not register {hospital.state.hospital} with the signals service")
+    HospitalDirectory(db).add(hospital.state.hospital, node.base_url, hospital.grant_key_file,
+                              hospital.service_token_file)

@@ -44,7 +44,7 @@ from functools import lru_cache
 import numpy as np
 
 from federation.errors import ConfigError
-from privacy.ledger import GaussianMechanism
+from privacy.accounting import GaussianMechanism
 
 SCORE_BINS: tuple[float, ...] = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.13, 0.16, 0.20, 0.25, 0.30,
                                  0.40, 0.50, 0.70, 1.0)

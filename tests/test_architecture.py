@@ -48,6 +48,12 @@ def test_the_product_does_not_import_experiments() -> None:
     assert crossing == []
 
 
+def test_the_command_is_the_top_nothing_imports_cli() -> None:
+    crossing = sorted(module for package in FLOORS if package != "cli"
+                      for module, names in _imports(package).items() if "cli" in names)
+    assert crossing == []
+
+
 PRODUCT = ("federation", "privacy", "clients", "server", "engines", "cli")
 
 
