@@ -6,8 +6,8 @@
     fedrisk node release install  --dir NODE --release-dir DIR --release-id ID
     fedrisk node release withdraw --dir NODE --release-id ID
     fedrisk node service-token  --token-file F [--force]
-    fedrisk node serve          --dir NODE [--host 127.0.0.1] [--port 8101] --token-file F
-                                [--grant-interval 60]
+    fedrisk node serve          --dir NODE [--federation-socket PATH --relay-user USER [--key-file F]]
+                                [--token-file F [--host 127.0.0.1] [--port 8101] [--grant-interval 60]]
 
 Machinery is imported inside each handler so `fedrisk --help` stays fast. User errors are
 FedriskError subclasses: `cli.main.main` prints them as one line and exits 2.
@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from federation.errors import ConfigError
 
 DEFAULT_GRANT_HOURS, MAX_GRANT_HOURS = 24, 30 * 24
 DEFAULT_GRANT_USES, MAX_GRANT_USES = 1, 10
@@ -91,10 +93,43 @@ def _cmd_service_token(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from clients.scoring_service import serve
+    """The node service: the federation socket (for the SuperNode's relay), the scoring endpoint
+    (for the signals service), or both in one process with one audit log."""
+    import os
+    import signal
+    import threading
 
-    serve(Path(args.dir), host=args.host, port=args.port, token_file=Path(args.token_file),
-          grant_interval_s=args.grant_interval)
+    if not args.federation_socket and not args.token_file:
+        raise ConfigError("fedrisk node serve needs --federation-socket (federation work), --token-file "
+                          "(consented scoring), or both")
+    channel = None
+    if args.federation_socket:
+        from clients.service import open_channel
+
+        channel = open_channel(Path(args.dir), Path(args.federation_socket), args.relay_user,
+                               Path(args.key_file) if args.key_file else None)
+        if os.getuid() in channel.allowed_uids:
+            print(f"warning: --relay-user includes this service's own user (uid {os.getuid()}): the SuperNode's "
+                  "ClientApps could read the node directory; run the SuperNode as another user", file=sys.stderr)
+    try:
+        if args.token_file:
+            from clients.scoring_service import serve
+
+            if channel is not None:
+                channel.start()
+                print(f"federation socket ready: {channel.path}", flush=True)
+            serve(Path(args.dir), host=args.host, port=args.port, token_file=Path(args.token_file),
+                  grant_interval_s=args.grant_interval)
+        else:
+            assert channel is not None
+            stopped = threading.Event()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, lambda *_: (stopped.set(), channel.close()))
+            print(f"federation socket ready: {channel.path}", flush=True)
+            channel.serve_forever()
+    finally:
+        if channel is not None:
+            channel.close()
     return 0
 
 
@@ -137,11 +172,16 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     token.add_argument("--force", action="store_true", help="replace an existing token")
     token.set_defaults(handler=_cmd_service_token)
 
-    serve = node_commands.add_parser("serve", help="run the node's scoring endpoint (uvicorn)")
+    serve = node_commands.add_parser("serve", help="run the node service: federation socket and/or scoring endpoint")
     serve.add_argument("--dir", required=True)
+    serve.add_argument("--federation-socket", metavar="PATH",
+                       help="answer the SuperNode's relay ClientApp on this Unix socket")
+    serve.add_argument("--relay-user", action="append", default=[], metavar="USER",
+                       help="the SuperNode's OS user (name or uid), the only caller the socket answers; repeatable")
+    serve.add_argument("--key-file", help="the CKKS key, if kept outside the node directory")
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    serve.add_argument("--token-file", required=True, help="the service token's hash (fedrisk node service-token)")
+    serve.add_argument("--token-file", help="the service token's hash (fedrisk node service-token): serve scoring")
     serve.add_argument("--grant-interval", type=float, default=DEFAULT_GRANT_INTERVAL_S, metavar="SECONDS",
                        help=f"least time between two scores with one grant (default {DEFAULT_GRANT_INTERVAL_S:g}; "
                             "0 disables the per-grant rate limit)")

@@ -6,19 +6,32 @@ This is the harness the deployment tests, the deployment benchmark and `fedrisk 
 use. On real machines every party runs the same commands on its own host
 (docs/deployment/README.md); nothing here is specific to loopback except the addresses.
 
-Each party gets its own FLWR_HOME under the work directory, as it would on its own machine;
-every process started here carries that path in its environment, which is how `stop` finds
-the processes Flower starts on its own (SuperExec, ServerApp, ClientApps).
+Each party gets its own FLWR_HOME, as it would on its own machine; every process started here
+carries that path in its environment, which is how `stop` finds the processes Flower starts on
+its own (SuperExec, ServerApp, ClientApps).
+
+Each hospital runs two processes, as on a real node (docs/deployment/README.md):
+- its **node service** (`fedrisk node serve --federation-socket`), as the user that owns the
+  node directory (here, whoever runs the harness). It alone reads the export and keys;
+- its **SuperNode**, whose ClientApp processes run the coordinator's app bundle. Run by root,
+  the harness starts it as the unprivileged `RELAY_USER` (`nobody`), which cannot read the node
+  directory: the bundle reaches the node only through the service's socket, which answers only
+  that uid. The SuperNode's home, its TLS files and the sockets live in a short-lived directory
+  outside the work tree that `RELAY_USER` can reach. Run by anyone else, or where `RELAY_USER`
+  cannot read the installation, the SuperNode runs as the same user and `separation` says why.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "fedrisk-tls"
 STATUS_POLL_SECONDS = 5.0
 PLAIN_CONNECTION = "fedrisk-plain"
+RELAY_USER = "nobody"
+SERVICE_START_SECONDS = 120.0
 
 
 def free_port() -> int:
@@ -88,12 +103,19 @@ class LocalDeployment:
     link_port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     node_ids: dict[str, int] = field(default_factory=dict)
+    sockets: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
         (self.work / "logs").mkdir(parents=True, exist_ok=True)
         (self.work / "state").mkdir(parents=True, exist_ok=True)
-        self.homes = self.work / "flwr-home"
+        self.shared = Path(tempfile.mkdtemp(prefix="fedrisk-deploy-"))  # short: Unix socket paths are
+        self.shared.chmod(0o711)
+        self.homes = self.shared / "flwr-home"
+        self.homes.mkdir(mode=0o711)
+        (self.shared / "sock").mkdir(mode=0o711)
+        self.relay_bin, self.relay_env = self.bin_dir, {}
+        self.relay_uid, self.separation = self._relay_user()
         cli_home = self.homes / "cli"
         cli_home.mkdir(parents=True, exist_ok=True)
         (cli_home / "config.toml").write_text(
@@ -101,6 +123,51 @@ class LocalDeployment:
             f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{self.link_port}"\n'
             f"root-certificates = {_toml_string(self.credentials.ca_certificate)}\n\n"
             f'[superlink.{PLAIN_CONNECTION}]\naddress = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
+
+    def _relay_user(self) -> tuple[int, str]:
+        """The uid SuperNodes run as, and a line saying whether that separates them from the nodes."""
+        if os.geteuid() != 0:
+            return os.getuid(), f"not separated: the harness runs as uid {os.getuid()}, not root"
+        try:
+            uid = pwd.getpwnam(RELAY_USER).pw_uid
+        except KeyError:
+            return 0, f"not separated: no {RELAY_USER} user on this machine"
+        failures = []
+        for bin_dir, extra in self._relay_runtimes():
+            env = {**self.env("relay-probe", extra), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+            probe = subprocess.run([*self._as_relay(uid), str(bin_dir / "python"), "-c", _RELAY_PROBE],
+                                   cwd=self.shared, env=env, capture_output=True, text=True, timeout=120)
+            if probe.returncode == 0:
+                self.relay_bin, self.relay_env = bin_dir, extra
+                return uid, f"separated: SuperNodes run as {RELAY_USER} (uid {uid}) from {bin_dir}"
+            failures.append(f"{bin_dir}: {probe.stderr.strip()[-160:]}")
+        return 0, f"not separated: {RELAY_USER} cannot run Flower here ({'; '.join(failures)})"
+
+    def _relay_runtimes(self) -> list[tuple[Path, dict[str, str]]]:
+        """Where the SuperNode's user may find a Python that runs Flower: this installation's own,
+        or, when that interpreter lies where the user cannot reach (a pyenv under /root), the
+        system's Python of the same version reading this installation's packages, with Flower's
+        commands rewritten to use it."""
+        runtimes: list[tuple[Path, dict[str, str]]] = [(self.bin_dir, {})]
+        system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+        packages = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+        if system.exists() and packages:
+            runtime = self.shared / "relay-runtime" / "bin"
+            runtime.mkdir(parents=True, exist_ok=True)
+            (runtime / "python").symlink_to(system)
+            for command in ("flower-supernode", "flower-superexec", "flwr-clientapp"):
+                body = (self.bin_dir / command).read_text().split("\n", 1)[1]
+                (runtime / command).write_text(f"#!{runtime / 'python'}\n{body}")
+                (runtime / command).chmod(0o755)
+            runtime.parent.chmod(0o755)
+            runtimes.append((runtime, {"PYTHONPATH": os.pathsep.join(packages)}))
+        return runtimes
+
+    @staticmethod
+    def _as_relay(uid: int) -> list[str]:
+        if uid == os.geteuid():
+            return []
+        return ["setpriv", f"--reuid={uid}", f"--regid={pwd.getpwuid(uid).pw_gid}", "--clear-groups", "--"]
 
     # --- processes ---------------------------------------------------------------------------
     def env(self, party: str, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -116,11 +183,11 @@ class LocalDeployment:
         """Where a process's output goes."""
         return self.work / "logs" / f"{name}.log"
 
-    def _spawn(self, name: str, argv: list[str], party: str, extra_env: dict[str, str] | None = None
-               ) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: list[str], party: str, extra_env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> subprocess.Popen:
         handle = open(self.log(name), "ab")
         try:
-            process = subprocess.Popen(argv, cwd=self.work, env=self.env(party, extra_env), stdout=handle,
+            process = subprocess.Popen(argv, cwd=cwd or self.work, env=self.env(party, extra_env), stdout=handle,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             handle.close()
@@ -172,27 +239,68 @@ class LocalDeployment:
         self.node_ids[hospital] = node_id
         return node_id
 
+    def start_node_service(self, hospital: str, node_dir: Path, env: dict[str, str] | None = None,
+                           timeout: float = SERVICE_START_SECONDS) -> Path:
+        """Start the hospital's node service (once) and wait until its socket answers; returns the socket."""
+        name = f"node-service-{hospital}"
+        running = self.processes.get(name)
+        if running is not None and running.poll() is None:
+            return self.sockets[hospital]
+        path = self.shared / "sock" / f"{hospital}.sock"
+        process = self._spawn(name, [str(self.bin_dir / "fedrisk"), "node", "serve", "--dir", str(Path(node_dir).resolve()),
+                                     "--federation-socket", str(path), "--relay-user", str(self.relay_uid)],
+                              name, env)
+        deadline = time.monotonic() + timeout
+        while f"federation socket ready: {path}" not in self.log(name).read_text(errors="replace"):
+            if process.poll() is not None:
+                raise ProtocolError(f"{hospital}'s node service exited ({process.returncode}): "
+                                    f"{self.log(name).read_text()[-500:]}")
+            if time.monotonic() > deadline:
+                raise ProtocolError(f"{hospital}'s node service did not open {path} within {timeout:.0f}s")
+            time.sleep(0.2)
+        self.sockets[hospital] = path
+        return path
+
+    def _supernode_file(self, home: Path, source: Path) -> Path:
+        """A copy of one of the SuperNode's own credential files that its user can read."""
+        target = home / "tls" / source.name
+        target.parent.mkdir(exist_ok=True)
+        shutil.copyfile(source, target)
+        target.chmod(0o600)
+        return target
+
     def start_supernode(self, hospital: str, node_dir: Path, *, auth_key: Path | None = None,
                         insecure: bool = False, max_retries: int | None = None, name: str | None = None,
                         env: dict[str, str] | None = None) -> subprocess.Popen:
-        """Start a hospital's SuperNode: TLS to the SuperLink (trusting only the federation's CA),
-        its registered auth key, TLS on its own Runtime API, and its node directory."""
+        """Start a hospital's node service (if not running) and its SuperNode: TLS to the SuperLink
+        (trusting only the federation's CA), its registered auth key, TLS on its own Runtime API,
+        and, as its only node config, the node service's socket. `env` goes to both processes
+        (the hospital's own operator settings, such as injected faults)."""
+        socket_path = self.start_node_service(hospital, node_dir, env)
         c = self.credentials
         mine = c.hospitals[hospital]
-        argv = [str(self.bin_dir / "flower-supernode"), "--superlink", f"127.0.0.1:{self.link_port}"]
+        name = name or f"supernode-{hospital}"
+        home = self.homes / name
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        own = lambda source: self._supernode_file(home, Path(source))  # noqa: E731
+        argv = [*self._as_relay(self.relay_uid), str(self.relay_bin / "flower-supernode"),
+                "--superlink", f"127.0.0.1:{self.link_port}"]
         if insecure:
             argv += ["--insecure"]
         else:
-            argv += ["--root-certificates", str(c.ca_certificate),
-                     "--auth-supernode-private-key", str(auth_key or mine.auth_private_key),
-                     "--ssl-certfile", str(mine.node_certificate), "--ssl-keyfile", str(mine.node_key),
-                     "--ssl-ca-certfile", str(c.ca_certificate)]
+            argv += ["--root-certificates", str(own(c.ca_certificate)),
+                     "--auth-supernode-private-key", str(own(auth_key or mine.auth_private_key)),
+                     "--ssl-certfile", str(own(mine.node_certificate)), "--ssl-keyfile", str(own(mine.node_key)),
+                     "--ssl-ca-certfile", str(own(c.ca_certificate))]
         argv += ["--host", "127.0.0.1", "--port", str(free_port()),
-                 "--node-config", f"node-dir={_toml_string(Path(node_dir).resolve())}"]
+                 "--node-config", f"node-service={_toml_string(socket_path)}"]
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries)]
-        name = name or f"supernode-{hospital}"
-        return self._spawn(name, argv, name, env)
+        if self.relay_uid != os.geteuid():
+            for path in (home, *home.rglob("*")):
+                os.chown(path, self.relay_uid, pwd.getpwuid(self.relay_uid).pw_gid)
+        runtime = {**self.relay_env, "PATH": f"{self.relay_bin}{os.pathsep}{os.environ['PATH']}"}
+        return self._spawn(name, argv, name, {**(env or {}), **runtime}, cwd=home)
 
     def nodes(self) -> dict[int, str]:
         """Node id -> status ("registered", "online", "offline") as the SuperLink reports them."""
@@ -272,12 +380,18 @@ class LocalDeployment:
             time.sleep(0.5)
         send_signals(processes_with(f"FLWR_HOME={self.homes}"), signal.SIGKILL)
         self.processes.clear()
+        shutil.rmtree(self.shared, ignore_errors=True)
 
     def __enter__(self) -> "LocalDeployment":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+_RELAY_PROBE = ("import subprocess, flwr.clientapp; "
+                "subprocess.run(['flwr-clientapp', '--help'], check=True, capture_output=True)")
+"""Run as the SuperNode's user: can it import Flower, and start Flower's commands as the SuperNode will?"""
 
 
 def send_signals(pids: list[int], *signums: signal.Signals) -> None:

@@ -1,28 +1,32 @@
-"""A malicious coordinator, played against real hospital nodes through the real ClientApp.
+"""A malicious coordinator, played against real hospital nodes through the real relay and node service.
 
 `Coordinator` builds Flower messages exactly as a coordinator's ServerApp would (or as an
 attacker would, with whatever it likes in them) and delivers them to `clients.app.app`, the
-ClientApp a SuperNode runs, with each hospital's own node directory in its node config, as in a
-deployment. Nothing is mocked: the nodes' ledgers, audit logs, policies, keys and decryption
-records are the real ones on disk.
+ClientApp a SuperNode runs, whose node config names the hospital's node-service socket, as in a
+deployment: the relay forwards each message over the real Unix-socket channel to the
+hospital's running `ChannelServer`. Nothing is mocked: the nodes' ledgers, audit logs, policies,
+keys and decryption records are the real ones on disk.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
-from clients.app import app as client_app
+from clients.app import NODE_SERVICE, app as client_app
 from clients.node_state import NodeState
+from clients.service import ChannelServer, NodeService
 from engines.provisioning import provision_nodes
 from experiments.synthetic import synthesize
 from federation import messages as M
@@ -41,6 +45,7 @@ class Coordinator:
     keys_dir: Path
     nodes: list[NodeState]
     config: RunConfig
+    sockets: dict[Path, Path] = field(default_factory=dict)
     anchors: list[tuple[str, bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -61,7 +66,7 @@ class Coordinator:
                             reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
                             message_type=message_type)
         message = Message(content=RecordDict(records), metadata=metadata)
-        context = Context(run_id=1, node_id=1, node_config={"node-dir": str(node.directory)},
+        context = Context(run_id=1, node_id=1, node_config={NODE_SERVICE: str(self.sockets[node.directory])},
                           state=RecordDict(), run_config={})
         return client_app(message, context)
 
@@ -145,7 +150,7 @@ def adversarial_source(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 
 
 @pytest.fixture()
-def coordinator(adversarial_source: dict[str, Path], tmp_path: Path) -> Coordinator:
+def coordinator(adversarial_source: dict[str, Path], tmp_path: Path) -> Iterator[Coordinator]:
     """Fresh, enrolled node directories for each test, and a coordinator to attack them with."""
     keys = tmp_path / "keys"
     shutil.copytree(adversarial_source["keys"], keys)
@@ -153,4 +158,12 @@ def coordinator(adversarial_source: dict[str, Path], tmp_path: Path) -> Coordina
                        learning_rate=0.05, target_epsilon=1.0, delta=1e-5)
     nodes = provision_nodes(adversarial_source["data"], keys / "hospital.ckks", tmp_path / "nodes",
                             purposes={config.purpose: (BUDGET, config.delta)})
-    return Coordinator(keys, nodes, config)
+    run_dir = Path(tempfile.mkdtemp(prefix="fr-sock-"))  # AF_UNIX paths must stay short
+    servers = [ChannelServer(NodeService(node.directory), run_dir / f"{i}.sock", frozenset({os.getuid()}))
+               for i, node in enumerate(nodes)]
+    for server in servers:
+        server.start()
+    yield Coordinator(keys, nodes, config, sockets={n.directory: srv.path for n, srv in zip(nodes, servers)})
+    for server in servers:
+        server.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
