@@ -3,8 +3,12 @@
 Runs the same federation (3 hospitals, the same data, node directories, keys and run id) in
 Flower's simulation engine and on its deployment engine (a SuperLink and three SuperNodes on
 loopback, TLS and SuperNode authentication), one model after the other, and prints both side
-by side. Models: the demo's MLP (4,737 parameters) and a 1M-parameter MLP (40-1000-960-1,
-1,002,921 parameters), where CKKS starts to cost.
+by side. Models: the demo's MLP (4,737 parameters), a 251k-parameter MLP (40-500-460-1) and a
+1M-parameter MLP (40-1000-960-1, 1,002,921 parameters), where CKKS starts to cost. It ends with
+one line, `deployment/simulation round ratio: <x>`, for the first model.
+
+Each hospital runs as in production: its node service (`fedrisk node serve`) holds the node
+directory and its SuperNode, as another user where the machine allows, relays to it.
 
 Run: `.venv/bin/python bench/deployment.py [--rounds 2] [--patients 4500] [--models mlp,mlp:1000,960]
 [--json FILE]`. Takes about 10 minutes on 2 cores.
@@ -95,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--patients", type=int, default=4500)
-    parser.add_argument("--models", default="mlp;mlp:1000,960", help="';'-separated model specs")
+    parser.add_argument("--models", default="mlp;mlp:500,460;mlp:1000,960", help="';'-separated model specs")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     results = []
@@ -119,6 +123,12 @@ def main() -> None:
         print(f"max |deployed - simulated| weight: {r['max_abs_weight_difference']:.2e}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    first = results[0]
+    if "deployment" in first:
+        ratio = first["deployment"]["round_seconds"] / first["simulation"]["round_seconds"]
+        print(f"deployment/simulation round ratio: {ratio:.2f}")
+    else:
+        print(f"deployment/simulation round ratio: n/a ({first['deployment_failure']})")
 
 
 if __name__ == "__main__":

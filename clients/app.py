@@ -37,10 +37,17 @@ RELAY_TIMEOUT_S = 3600.0
 """How long the relay waits for one answer (a large model's DP-SGD round can take minutes)."""
 
 
+def _bundle() -> str:
+    """The app bundle this code was installed from, as Flower names its install directory
+    (`<publisher>.<app>.<version>.<hash prefix>`): what the relay reports, for the node's audit
+    log. It is the relay's own word; the node service's guarantees do not rest on it."""
+    name = Path(__file__).resolve().parents[1].name
+    return name if name.count(".") >= 3 else ""
+
+
 def _request(message: Message, context: Context) -> NodeRequest:
     return NodeRequest(message_type=message.metadata.message_type, flwr_run_id=int(message.metadata.run_id),
-                       run_config=dict(context.run_config), content=message.content,
-                       fab_hash=str(getattr(context, "fab_hash", "") or ""))
+                       run_config=dict(context.run_config), content=message.content, fab_hash=_bundle()[:128])
 
 
 def _refusal(text: str) -> RecordDict:

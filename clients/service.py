@@ -242,6 +242,7 @@ class NodeService:
         except FedriskError as error:
             if not getattr(error, "audited", False):
                 state.audit().refusal(error)
+                error.audited = True  # type: ignore[attr-defined]
             raise
 
     def handle(self, request: NodeRequest) -> RecordDict:
@@ -249,10 +250,18 @@ class NodeService:
         try:
             handler = HANDLERS.get(request.message_type)
             if handler is None:
-                raise ProtocolError(f"the node answers no {request.message_type!r} messages")
+                raise ProtocolError(f"the node answers no {request.message_type[:64]!r} messages")
             return handler(self.node(request), request)
         except FedriskError as exc:
+            if not getattr(exc, "audited", False):  # every refusal leaves an entry, wherever it was raised
+                NodeState.load(self.node_dir).audit().refusal(exc)
             return _reply(**{M.REPLY: ConfigRecord({M.ERROR: str(exc)})})
+
+
+MAX_CONCURRENT_REQUESTS = 16
+"""Requests answered at once; more are refused at once (a SuperNode sends a handful)."""
+REQUEST_READ_SECONDS = 300.0
+"""How long a caller may take to send its request (or read the reply)."""
 
 
 class ChannelServer:
@@ -268,6 +277,7 @@ handler's own entries, a refusal among them, follow it)."""
         self.service, self.path, self.allowed_uids = service, Path(path), allowed_uids
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
         if self.path.exists() or self.path.is_symlink():
             if not self.path.is_socket():
                 raise ConfigError(f"--federation-socket {self.path} exists and is not a socket; refusing to replace it")
@@ -315,11 +325,20 @@ handler's own entries, a refusal among them, follow it)."""
                 log.append(action, details={**who, "withheld": "a detail refused by the identifier filter"})
 
     def _answer(self, conn: socket.socket) -> None:
+        if not self._slots.acquire(blocking=False):
+            try:
+                write_reply(conn, None, f"the node service is answering {MAX_CONCURRENT_REQUESTS} requests already; retry")
+            except OSError:
+                pass
+            conn.close()
+            return
         try:
+            conn.settimeout(REQUEST_READ_SECONDS)  # a relay that stalls mid-request cannot hold a thread
             self._exchange(conn)
         except OSError:
             pass  # the caller hung up: nothing more to say to it (what it asked is audited)
         finally:
+            self._slots.release()
             conn.close()
 
     def _exchange(self, conn: socket.socket) -> None:
@@ -335,7 +354,9 @@ handler's own entries, a refusal among them, follow it)."""
             write_reply(conn, None, str(error))
             return
         self._audit(RELAY_REQUEST, peer, {"message-type": request.message_type[:64], "fab-hash": request.fab_hash})
-        write_reply(conn, self.service.handle(request))
+        reply = self.service.handle(request)
+        conn.settimeout(REQUEST_READ_SECONDS)
+        write_reply(conn, reply)
 
 
 MAX_SOCKET_PATH_BYTES = 107  # sun_path holds 108 bytes, NUL included

@@ -325,9 +325,10 @@ class LocalDeployment:
             time.sleep(1)
 
     # --- runs ------------------------------------------------------------------------------------
-    def submit(self, run_config: dict[str, object]) -> int:
-        """`flwr run <app> <connection>` with these run-config overrides; returns Flower's run id."""
-        result = self.cli("run", str(self.app_dir), CONNECTION, "--run-config", run_config_arg(run_config),
+    def submit(self, run_config: dict[str, object], app_dir: Path | None = None) -> int:
+        """`flwr run <app> <connection>` with these run-config overrides (the fedrisk app unless
+        another bundle's directory is given); returns Flower's run id."""
+        result = self.cli("run", str(app_dir or self.app_dir), CONNECTION, "--run-config", run_config_arg(run_config),
                           "--format", "json", timeout=300)
         try:
             payload = json.loads(result.stdout[result.stdout.index("{"):])

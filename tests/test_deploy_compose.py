@@ -62,6 +62,17 @@ def hospitals() -> dict[str, str]:
             for name in services() if re.fullmatch(r"hospital-\d+", name)}
 
 
+def node_services() -> dict[str, str]:
+    """Node-service name -> its hospital (hospital-1-node -> hospital_01)."""
+    return {name: f"hospital_{int(name.split('-')[1]):02d}"
+            for name in services() if re.fullmatch(r"hospital-\d+-node", name)}
+
+
+def hospital_services() -> dict[str, str]:
+    """Every service of a hospital (its SuperNode and its node service) -> the hospital."""
+    return {**hospitals(), **node_services()}
+
+
 def mounts(service: str) -> list[dict]:
     """Everything a service mounts: kind, source (host path or named volume), target, read-only."""
     spec, found = services()[service], []
@@ -160,31 +171,73 @@ def test_services_and_shared_hospital_definition():
     # in which files and network they get.
     commands = {tuple(argv(name)) for name in hospitals()}
     assert len(commands) == 1
+    assert sorted(node_services().values()) == sorted(hospitals().values()), "one node service per hospital"
+    assert len({tuple(argv(name)) for name in node_services()}) == 1
     assert services()["submit"].get("profiles"), "submit must not start with `docker compose up`"
+
+
+def _socket_volume(service: str) -> str:
+    (socket,) = [m["source"] for m in mounts(service) if m["target"] == "/run/fedrisk"]
+    return socket
 
 
 def test_hospitals_mount_only_their_own_files():
     owners: dict[str, str] = {}
-    for service, hospital in hospitals().items():
+    for service, hospital in hospital_services().items():
         others = [h for h in hospitals().values() if h != hospital]
-        other_services = [s for s in hospitals() if s != service]
+        own_prefix = f"hospital-{int(hospital.rsplit('_', 1)[1])}-"
         for mount in mounts(service):
             source = mount["source"]
-            for foreign in (*others, *other_services):
+            for foreign in others:
                 assert foreign not in source, f"{service} mounts {source}, which belongs to {foreign}"
             if mount["target"] != SECRETS_DIR + "ca.crt":  # the CA certificate is public and shared
-                assert hospital in source or service in source, f"{service} mounts {source}, not its own"
-            if mount["kind"] == "volume":
+                assert hospital in source or source.startswith(own_prefix), f"{service} mounts {source}, not its own"
+            if mount["kind"] == "volume" and mount["target"] != "/run/fedrisk":
                 assert owners.setdefault(source, service) == service, f"volume {source} shared"
+
+
+def test_only_the_node_service_holds_the_node_directory_the_export_and_the_ckks_key():
+    for service in node_services():
         by_target = {m["target"]: m for m in mounts(service)}
         assert by_target["/node"]["kind"] == "volume" and not by_target["/node"]["read_only"]
         assert by_target["/export"]["read_only"], f"{service}: the export must be read-only"
-        assert {SECRETS_DIR + f for f in ("auth.key", "node.crt", "node.key", "hospital.ckks", "ca.crt")} \
-            <= set(by_target)
+        assert SECRETS_DIR + "hospital.ckks" in by_target
+        assert not {SECRETS_DIR + f for f in ("auth.key", "node.key")} & set(by_target), "TLS/auth keys are the SuperNode's"
+        assert services()[service].get("network_mode") == "none", f"{service} must have no network"
+    for service in hospitals():
+        targets = {m["target"] for m in mounts(service)}
+        assert not {"/node", "/export", SECRETS_DIR + "hospital.ckks"} & targets, f"{service} (SuperNode) holds node files"
+        assert {SECRETS_DIR + f for f in ("auth.key", "node.crt", "node.key", "ca.crt")} <= targets
+
+
+def test_a_supernode_shares_only_the_socket_with_its_node_service_and_runs_as_the_uid_it_answers():
+    for service, hospital in hospitals().items():
+        (node,) = [n for n, h in node_services().items() if h == hospital]
+        assert _socket_volume(service) == _socket_volume(node)
+        shared = {m["source"] for m in mounts(service) if m["kind"] != "secret"} & \
+            {m["source"] for m in mounts(node) if m["kind"] != "secret"}
+        assert shared == {_socket_volume(node)}
+        relay_uid = str(services()[service]["user"]).split(":")[0]
+        assert relay_uid != "0" and relay_uid != "10001", "the SuperNode must not run as root or the node's user"
+        used = flags(argv(node))
+        assert used["--relay-user"] == relay_uid
+        assert used["--federation-socket"].startswith("/run/fedrisk/")
+        from flwr.common.config import parse_config_args
+
+        assert parse_config_args([flags(argv(service))["--node-config"]]) == {"node-service": used["--federation-socket"]}
+        depends = services()[service].get("depends_on", {})
+        assert depends.get(node, {}).get("condition") == "service_healthy"
+
+
+def test_node_service_flags_exist(assert_flags_known):
+    for service in node_services():
+        command = argv(service)
+        assert command[:3] == ["fedrisk", "node", "serve"]
+        assert_flags_known(("fedrisk", "node", "serve"), set(flags(command)))
 
 
 def test_coordinator_never_holds_hospital_secrets():
-    hospital_volumes = {m["source"] for s in hospitals() for m in mounts(s) if m["kind"] == "volume"}
+    hospital_volumes = {m["source"] for s in hospital_services() for m in mounts(s) if m["kind"] == "volume"}
     for service in COORDINATOR:
         for mount in mounts(service):
             source = mount["source"]
@@ -197,7 +250,7 @@ def test_coordinator_never_holds_hospital_secrets():
 
 
 def test_hospitals_hold_no_coordinator_material_and_ca_key_is_nowhere():
-    for service in hospitals():
+    for service in hospital_services():
         for mount in mounts(service):
             for forbidden in ("server.ckks", "federation.json", "superlink.key", "superlink.crt", "superlink-"):
                 assert forbidden not in mount["source"], f"{service} mounts {mount['source']}"
@@ -247,8 +300,7 @@ def test_hospitals_use_tls_and_their_auth_key():
         from flwr.common.config import parse_config_args
 
         node_config = parse_config_args([used["--node-config"]])
-        assert node_config["node-dir"] == "/node"
-        assert node_config["key-file"] == SECRETS_DIR + "hospital.ckks"
+        assert set(node_config) == {"node-service"}, "a SuperNode names its node service, nothing of the node"
 
 
 def test_no_insecure_connection_anywhere():

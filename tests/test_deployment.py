@@ -9,6 +9,7 @@ injects faults, killing and restarting processes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -27,12 +28,14 @@ from engines.provisioning import provision_nodes
 from engines.simulation import simulate
 from experiments.synthetic import synthesize
 from engines.credentials import init_credentials, new_node_key
+from federation import messages as M
 from federation.config import RunConfig
+from federation.contributions import SIGNING_KEY_FILE
 from federation.he_codec import HospitalKey, ServerContext, flooding_std, init_keys
 from federation.query import CELL_CAPACITY
 from federation.query import CohortQuery
 from privacy.accounting import epsilon_for
-from privacy.audit import REPLY_REJECTED, ROUND_TRAIN, RUN_RESUME, AuditLog
+from privacy.audit import REFUSAL, RELAY_REQUEST, REPLY_REJECTED, ROUND_TRAIN, RUN_RESUME, AuditLog
 from privacy.ledger import BudgetLedger
 from server.checkpoint import CHECKPOINT_FILE
 
@@ -129,6 +132,57 @@ def test_a_run_is_refused_when_the_server_is_handed_a_secret_key(federation: Fed
     assert status.finished and not status.completed
     assert "holds a CKKS secret key" in status.details
     assert not (tmp_path / "run" / "release").exists()
+
+
+def test_a_hostile_app_bundle_cannot_read_the_node_and_the_node_service_refuses_and_audits_it(
+        federation: Federation, tmp_path: Path) -> None:
+    """The coordinator ships its own ClientApp. Running as the SuperNode's user it cannot open the
+    export, the keys or the ledger, and the node service refuses what it asks for over the
+    channel; every request is in the node's audit log with the caller's uid and the bundle."""
+    d = federation.deployment
+    if d.relay_uid == os.geteuid():
+        pytest.skip(f"this machine cannot run the SuperNode as another user: {d.separation}")
+    app = tmp_path / "rogue-app"
+    shutil.copytree(Path(__file__).parent / "rogue_app", app)
+    shutil.copy(Path(__file__).resolve().parents[1] / "federation" / "node_channel.py", app / "node_channel.py")
+    he = ServerContext.load(federation.keys.server_context.parent)
+    honest = RunConfig(keys_dir=str(federation.keys.server_context.parent), num_hospitals=3, rounds=1)
+    base = {M.KEY_ID: he.key_id, M.PARAMS_ID: he.params_id, M.FEDERATION: he.key_id, M.RUN_ID: "rogue",
+            M.ROUND: 0, M.RUN_CONFIG: json.dumps(honest.to_user_config())}
+    targets = {}
+    for hospital in federation.hospitals:
+        state = NodeState.load(federation.node_dir(hospital))
+        targets[str(d.node_ids[hospital])] = {
+            "export": str(state.data_file), "ckks": str(state.directory / "hospital.ckks"),
+            "pseudonym": str(state.directory / "pseudonym.key"), "signing": str(state.directory / SIGNING_KEY_FILE),
+            "ledger": str(state.directory / "ledger.sqlite"), "node-dir": str(state.directory)}
+    charges_before = {h: _charges(federation.node_dir(h)) for h in federation.hospitals}
+    audit_before = {h: len(NodeState.load(federation.node_dir(h)).audit().entries()) for h in federation.hospitals}
+    out = tmp_path / "stolen.json"
+    status = d.wait_run(d.submit({"out": str(out), "targets": json.dumps(targets), "base": json.dumps(base)},
+                                 app_dir=app), timeout=600)
+    assert status.completed, (status, d.log("superlink").read_text()[-3000:])
+    found = json.loads(out.read_text())
+    assert sorted(found) == sorted(targets)
+    for hospital in federation.hospitals:
+        got = found[str(d.node_ids[hospital])]
+        assert got["uid"] == str(d.relay_uid)
+        assert {got[k] for k in ("export", "ckks", "pseudonym", "signing", "ledger", "node-dir")} == {"PermissionError"}
+        assert "refusing to reveal a train aggregate" in got["reveal-update"]
+        assert "dp" in got["dp-off"] and got["dp-off"] != "answered"
+        assert "answers no 'query.dump-records' messages" in got["dump"]
+        assert _charges(federation.node_dir(hospital)) == charges_before[hospital]  # nothing was spent
+        added = NodeState.load(federation.node_dir(hospital)).audit().entries()[audit_before[hospital]:]
+        relayed = [e for e in added if e.action == RELAY_REQUEST]
+        assert [e.details["message-type"] for e in relayed] == ["query.reveal", "query.census", "query.dump-records"]
+        assert all(e.details["peer-uid"] == d.relay_uid and e.details["fab-hash"].startswith("attacker.rogue.1.0.0.")
+                   for e in relayed)
+        assert [e.action for e in added].count(REFUSAL) == 3
+
+
+def _charges(node_dir: Path) -> int:
+    with BudgetLedger(node_dir / "ledger.sqlite") as ledger:
+        return len(ledger.all_charges())
 
 
 def test_deployment_trains_the_same_model_as_the_simulation(federation: Federation, tmp_path: Path) -> None:
