@@ -45,6 +45,7 @@ from federation.model import num_parameters  # noqa: E402
 from server.tracking import ROUND_BYTES_DOWN, ROUND_BYTES_UP, ROUND_SECONDS  # noqa: E402
 
 PURPOSE = "credit-risk-research"
+NOOP_APP = ROOT / "bench" / "noop_app"
 
 
 def _per_round(summary: dict) -> dict[str, float]:
@@ -71,6 +72,7 @@ def measure(root: Path, model: str, rounds: int, patients: int) -> dict[str, obj
 
     credentials = init_credentials(root / "creds", hospitals, ["127.0.0.1"])
     with LocalDeployment(root / "work", credentials) as deployment:
+        separation = deployment.separation
         deployment.start_superlink()
         for hospital in hospitals:
             deployment.register(hospital)
@@ -82,6 +84,7 @@ def measure(root: Path, model: str, rounds: int, patients: int) -> dict[str, obj
                                  "run-id": run_id, "round-timeout": 1800.0})
         status = deployment.wait_run(run, timeout=3600)
         dep_seconds = time.perf_counter() - began
+        floor = _message_floor(deployment, root / "noop.json", len(hospitals)) if status.completed else None
     result: dict[str, object] = {
         "model": model, "parameters": num_parameters(model, 40), "rounds": rounds,
         "simulation": {**_per_round({str(k): v for k, v in sim.rounds.items()}), "run_seconds": sim_seconds}}
@@ -92,7 +95,19 @@ def measure(root: Path, model: str, rounds: int, patients: int) -> dict[str, obj
     deployed = np.load(root / "dep-run" / "release" / "model.npz")["weights"]
     result["deployment"] = {**_per_round(dep_summary["rounds"]), "run_seconds": dep_seconds}
     result["max_abs_weight_difference"] = float(np.max(np.abs(deployed - sim.weights)))
+    result["flower_message_round_trip_seconds"] = floor
+    result["separation"] = separation
     return result
+
+
+def _message_floor(deployment: LocalDeployment, out: Path, nodes: int, rounds: int = 5) -> float:
+    """Median wall time of one message to every SuperNode and back, with a ClientApp that does
+    nothing (bench/noop_app): the deployment engine's own cost per sequential message."""
+    run = deployment.submit({"out": str(out), "nodes": nodes, "rounds": rounds}, app_dir=NOOP_APP)
+    status = deployment.wait_run(run, timeout=900)
+    if not status.completed:
+        raise RuntimeError(f"the no-op app failed: {status.status} {status.details}")
+    return float(np.median(json.loads(out.read_text())["round_trip_seconds"]))
 
 
 def main() -> None:
@@ -121,6 +136,10 @@ def main() -> None:
             fmt = (lambda v: f"{v:,.1f} s") if unit == "s" else (lambda v: f"{v / 1e6:,.3f} MB")
             print(f"{label:26}{fmt(s[key]):>14}{fmt(d[key]):>14}{d[key] / s[key]:>7.2f}x")
         print(f"max |deployed - simulated| weight: {r['max_abs_weight_difference']:.2e}")
+        floor = r["flower_message_round_trip_seconds"]
+        print(f"Flower's own round trip for one message (no-op ClientApp): {floor:.1f} s; a fedrisk round sends "
+              f"3 in sequence (train, evaluate, reveal): {3 * floor:.1f} s of the deployed round")
+        print(f"SuperNodes: {r['separation']}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     first = results[0]

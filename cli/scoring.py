@@ -104,6 +104,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                           "(consented scoring), or both")
     channel = None
     if args.federation_socket:
+        # One intra-op thread unless the hospital says otherwise, set before torch loads (its
+        # OpenMP and MKL pools read these once): the simulation engine's workers train with one
+        # too, so both engines compute the same model bit for bit.
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(variable, "1")
         from clients.service import open_channel
 
         channel = open_channel(Path(args.dir), Path(args.federation_socket), args.relay_user,

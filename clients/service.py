@@ -15,6 +15,7 @@ record's value. Over the socket, each request is also audited with the caller's 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -392,7 +393,6 @@ def open_channel(node_dir: Path, socket_path: Path, relay_users: list[str], key_
     if not Path(socket_path).resolve().parent.is_dir():
         raise ConfigError(f"--federation-socket {socket_path}: its directory does not exist")
     service = NodeService(Path(node_dir), key_file)
-    import torch  # warm for the first round; one intra-op thread, as in the simulation engine's workers
+    importlib.import_module("torch")  # warm for the first round (`fedrisk node serve` has set its thread count)
 
-    torch.set_num_threads(1)  # so DP-SGD sums in the same order there and here: the same model, bit for bit
     return ChannelServer(service, Path(socket_path).resolve(), uids)
