@@ -83,6 +83,9 @@ class VerifiedDecryptor:
         """The contributions that may enter the sum, one per hospital, in hospital order. `first`:
         the step has not been decrypted yet (only then are census heads held to the anchors).
         `parsed`, if given, receives each kept hospital's loaded ciphertexts (loaded once)."""
+        if len(contributions) > 2 * len(self.manifest.hospitals):  # bounds the per-item checks and audit entries
+            self._refuse(f"refusing a {expected.step} set of {len(contributions)} contributions: the federation has "
+                         f"{len(self.manifest.hospitals)} hospitals, one contribution each")
         anchors = AnchorStore(self.state.directory)  # type: ignore[attr-defined]
         kept: dict[str, SignedContribution] = {}
         loaded: dict[str, list] = {}

@@ -367,6 +367,9 @@ class HospitalNode:
         began = time.perf_counter()
         from clients.training import LocalTraining, train_local  # torch + opacus: train messages only
 
+        missing = [r for r in range(1, server_round) if r not in chain]
+        if missing:  # checked before anything is decrypted: a refused message costs no decryption
+            self._refuse(ProtocolError(f"{self.name}: the server sent no contributions for round {missing[0]}"))
         n_hat = self.census_total(census, run_id)
         start = self.global_weights(chain, run_id, server_round - 1)
         he_seconds = time.perf_counter() - began

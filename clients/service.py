@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,7 +34,7 @@ from clients.node import EVALUATION_LENGTH, HospitalNode
 from clients.node_state import NodeState
 from clients.policy import NodePolicy, PolicyRefusal
 from federation import messages as M
-from federation.config import RunConfig
+from federation.config import RUN_ID_PATTERN, RunConfig
 from federation.contributions import REVEALABLE_STEPS, SignedContribution, from_record, from_relay_record, to_record
 from federation.errors import ConfigError, FedriskError, ProtocolError
 from federation.node_channel import ChannelError, NodeRequest, Peer, peer_of, read_request, write_reply
@@ -218,6 +219,15 @@ def _run_config(request: NodeRequest, preset: RunConfig | None) -> RunConfig:
     return RunConfig.from_user_config(values)
 
 
+def _check_run_ids(request: NodeRequest) -> None:
+    """The run ids a message names, held to the one pattern before they reach a ledger or log."""
+    config = request.content.config_records.get(M.CONFIG)
+    for key in (M.RUN_ID, M.QUERY_RUN):
+        value = config.get(key) if config is not None else None
+        if value and not RUN_ID_PATTERN.fullmatch(str(value)):
+            raise ProtocolError(f"the server's {key} is not a run id (letters, digits, '.', '_', '-'; at most 64)")
+
+
 class NodeService:
     """One hospital's answers to the federation, from its own node directory.
 
@@ -252,15 +262,25 @@ class NodeService:
             handler = HANDLERS.get(request.message_type)
             if handler is None:
                 raise ProtocolError(f"the node answers no {request.message_type[:64]!r} messages")
+            _check_run_ids(request)
             return handler(self.node(request), request)
         except FedriskError as exc:
             if not getattr(exc, "audited", False):  # every refusal leaves an entry, wherever it was raised
                 NodeState.load(self.node_dir).audit().refusal(exc)
             return _reply(**{M.REPLY: ConfigRecord({M.ERROR: str(exc)})})
+        except Exception as exc:  # a bug or hostile input no check foresaw: audited, and no detail leaves
+            error = ProtocolError(f"the node could not handle this {request.message_type[:64]!r} message "
+                                  f"({type(exc).__name__}); nothing was released")
+            NodeState.load(self.node_dir).audit().refusal(error)
+            return _reply(**{M.REPLY: ConfigRecord({M.ERROR: str(error)})})
 
 
-MAX_CONCURRENT_REQUESTS = 16
-"""Requests answered at once; more are refused at once (a SuperNode sends a handful)."""
+MAX_CONCURRENT_REQUESTS = 4
+"""Requests read and answered at once (a SuperNode runs one ClientApp at a time); more wait, unread."""
+SLOT_WAIT_SECONDS = 600.0
+"""How long a request waits for a slot before it is refused."""
+REFUSED_AUDIT_SECONDS = 60.0
+"""A caller of a uid not allowed is audited once per this many seconds (with a count), not per try."""
 REQUEST_READ_SECONDS = 300.0
 """How long a caller may take to send its request (or read the reply)."""
 
@@ -279,6 +299,7 @@ handler's own entries, a refusal among them, follow it)."""
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_REQUESTS)
+        self._refused: dict[int, tuple[float, int]] = {}  # uid -> (last audited, refused since)
         if self.path.exists() or self.path.is_symlink():
             if not self.path.is_socket():
                 raise ConfigError(f"--federation-socket {self.path} exists and is not a socket; refusing to replace it")
@@ -325,31 +346,49 @@ handler's own entries, a refusal among them, follow it)."""
             except ValueError:  # a hostile detail the identifier filter refuses: keep the event, not the text
                 log.append(action, details={**who, "withheld": "a detail refused by the identifier filter"})
 
+    def _stranger(self, conn: socket.socket, peer: Peer) -> None:
+        """Refuse a caller of a uid not allowed, before it takes a slot; audit it at most once a minute."""
+        now = time.monotonic()
+        with self._lock:
+            last, count = self._refused.get(peer.uid, (-REFUSED_AUDIT_SECONDS, 0))
+            audit = now - last >= REFUSED_AUDIT_SECONDS
+            self._refused[peer.uid] = (now, 0) if audit else (last, count + 1)
+        if audit:
+            self._audit(RELAY_REFUSED, peer, {"reason": "uid not allowed", "refused-since-last-entry": count})
+        try:
+            write_reply(conn, None, f"uid {peer.uid} may not use this node service")
+        except OSError:
+            pass
+
     def _answer(self, conn: socket.socket) -> None:
-        if not self._slots.acquire(blocking=False):
+        try:
+            peer = peer_of(conn)
+        except OSError:
+            conn.close()
+            return
+        if peer.uid not in self.allowed_uids:
+            self._stranger(conn, peer)
+            conn.close()
+            return
+        if not self._slots.acquire(timeout=SLOT_WAIT_SECONDS):  # requests wait their turn unread: memory stays bounded
             try:
-                write_reply(conn, None, f"the node service is answering {MAX_CONCURRENT_REQUESTS} requests already; retry")
+                write_reply(conn, None, f"the node service was busy with {MAX_CONCURRENT_REQUESTS} requests for "
+                                        f"{SLOT_WAIT_SECONDS:.0f} s; retry")
             except OSError:
                 pass
             conn.close()
             return
         try:
-            conn.settimeout(REQUEST_READ_SECONDS)  # a relay that stalls mid-request cannot hold a thread
-            self._exchange(conn)
+            self._exchange(conn, peer)
         except OSError:
             pass  # the caller hung up: nothing more to say to it (what it asked is audited)
         finally:
             self._slots.release()
             conn.close()
 
-    def _exchange(self, conn: socket.socket) -> None:
-        peer = peer_of(conn)
-        if peer.uid not in self.allowed_uids:
-            self._audit(RELAY_REFUSED, peer, {"reason": "uid not allowed"})
-            write_reply(conn, None, f"uid {peer.uid} may not use this node service")
-            return
-        try:
-            request = read_request(conn)
+    def _exchange(self, conn: socket.socket, peer: Peer) -> None:
+        try:  # a relay that stalls mid-request cannot hold a slot past the deadline
+            request = read_request(conn, deadline=time.monotonic() + REQUEST_READ_SECONDS)
         except ChannelError as error:
             self._audit(RELAY_REFUSED, peer, {"reason": str(error)[:200]})
             write_reply(conn, None, str(error))

@@ -113,9 +113,13 @@ class LocalDeployment:
         self.shared.chmod(0o711)
         self.homes = self.shared / "flwr-home"
         self.homes.mkdir(mode=0o711)
-        (self.shared / "sock").mkdir(mode=0o711)
         self.relay_bin, self.relay_env = self.bin_dir, {}
         self.relay_uid, self.separation = self._relay_user()
+        sockets = self.shared / "sock"
+        sockets.mkdir(mode=0o700)
+        if self.relay_uid != os.geteuid():  # only the SuperNodes' group may reach the sockets
+            os.chown(sockets, os.geteuid(), pwd.getpwuid(self.relay_uid).pw_gid)
+            sockets.chmod(0o710)
         cli_home = self.homes / "cli"
         cli_home.mkdir(parents=True, exist_ok=True)
         (cli_home / "config.toml").write_text(
@@ -184,10 +188,13 @@ class LocalDeployment:
         return self.work / "logs" / f"{name}.log"
 
     def _spawn(self, name: str, argv: list[str], party: str, extra_env: dict[str, str] | None = None,
-               cwd: Path | None = None) -> subprocess.Popen:
+               cwd: Path | None = None, minimal_env: bool = False) -> subprocess.Popen:
+        env = self.env(party, extra_env)
+        if minimal_env:  # a SuperNode runs the coordinator's code: it gets none of the harness's environment
+            env = {k: v for k, v in env.items() if k in _SUPERNODE_ENV or k.startswith("FLWR_") or k in (extra_env or {})}
         handle = open(self.log(name), "ab")
         try:
-            process = subprocess.Popen(argv, cwd=cwd or self.work, env=self.env(party, extra_env), stdout=handle,
+            process = subprocess.Popen(argv, cwd=cwd or self.work, env=env, stdout=handle,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             handle.close()
@@ -281,7 +288,10 @@ class LocalDeployment:
         mine = c.hospitals[hospital]
         name = name or f"supernode-{hospital}"
         home = self.homes / name
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A fresh home on every start: a bundle that ran here before may have left symlinks, which
+        # root must never follow when it copies, modes or chowns the credentials below.
+        shutil.rmtree(home, ignore_errors=True)
+        home.mkdir(mode=0o700, parents=True)
         own = lambda source: self._supernode_file(home, Path(source))  # noqa: E731
         argv = [*self._as_relay(self.relay_uid), str(self.relay_bin / "flower-supernode"),
                 "--superlink", f"127.0.0.1:{self.link_port}"]
@@ -298,9 +308,9 @@ class LocalDeployment:
             argv += ["--max-retries", str(max_retries)]
         if self.relay_uid != os.geteuid():
             for path in (home, *home.rglob("*")):
-                os.chown(path, self.relay_uid, pwd.getpwuid(self.relay_uid).pw_gid)
+                os.chown(path, self.relay_uid, pwd.getpwuid(self.relay_uid).pw_gid, follow_symlinks=False)
         runtime = {**self.relay_env, "PATH": f"{self.relay_bin}{os.pathsep}{os.environ['PATH']}"}
-        return self._spawn(name, argv, name, {**(env or {}), **runtime}, cwd=home)
+        return self._spawn(name, argv, name, {**(env or {}), **runtime}, cwd=home, minimal_env=True)
 
     def nodes(self) -> dict[int, str]:
         """Node id -> status ("registered", "online", "offline") as the SuperLink reports them."""
@@ -389,6 +399,9 @@ class LocalDeployment:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+
+_SUPERNODE_ENV = frozenset({"PATH", "PYTHONPATH", "LANG", "LC_ALL", "TZ", "FEDRISK_INJECT_FAULTS"})
+"""The only variables (beside Flower's own) a SuperNode inherits from the harness."""
 
 _RELAY_PROBE = ("import subprocess, flwr.clientapp; "
                 "subprocess.run(['flwr-clientapp', '--help'], check=True, capture_output=True)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,10 +68,18 @@ def peer_of(conn: socket.socket) -> Peer:
     return Peer(pid, uid, gid)
 
 
-def _recv_exact(conn: socket.socket, size: int, part: str) -> bytes:
+def _recv_exact(conn: socket.socket, size: int, part: str, deadline: float | None = None) -> bytes:
     chunks, remaining = [], size
     while remaining:
-        chunk = conn.recv(min(remaining, 1 << 20))
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelError(f"node channel: the {part} did not arrive in time ({size - remaining} of {size} bytes)")
+            conn.settimeout(left)
+        try:
+            chunk = conn.recv(min(remaining, 1 << 20))
+        except TimeoutError:
+            raise ChannelError(f"node channel: the {part} did not arrive in time ({size - remaining} of {size} bytes)") from None
         if not chunk:
             raise ChannelError(f"node channel: the {part} ended after {size - remaining} of {size} bytes")
         chunks.append(chunk)
@@ -83,17 +92,17 @@ def _send_part(conn: socket.socket, payload: bytes) -> None:
     conn.sendall(payload)
 
 
-def _recv_part(conn: socket.socket, part: str, limit: int) -> bytes:
-    size = _LENGTH.unpack(_recv_exact(conn, _LENGTH.size, f"{part} length"))[0]
+def _recv_part(conn: socket.socket, part: str, limit: int, deadline: float | None = None) -> bytes:
+    size = _LENGTH.unpack(_recv_exact(conn, _LENGTH.size, f"{part} length", deadline))[0]
     if size > limit:
         raise ChannelError(f"node channel: the {part} is {size} bytes, over the {limit}-byte limit")
-    return _recv_exact(conn, size, part)
+    return _recv_exact(conn, size, part, deadline)
 
 
 def _header(raw: bytes, part: str) -> dict:
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise ChannelError(f"node channel: the {part} is not UTF-8 JSON") from None
     if not isinstance(header, dict) or header.get("v") != VERSION:
         raise ChannelError(f"node channel: the {part} is not a version-{VERSION} header")
@@ -130,9 +139,11 @@ def write_request(conn: socket.socket, request: NodeRequest) -> None:
     _send_part(conn, _content_bytes(request.content))
 
 
-def read_request(conn: socket.socket, max_content_bytes: int = MAX_CONTENT_BYTES) -> NodeRequest:
-    """Receive and check one request (the node service's side); ChannelError names what is wrong."""
-    header = _header(_recv_part(conn, "request header", MAX_HEADER_BYTES), "request header")
+def read_request(conn: socket.socket, max_content_bytes: int = MAX_CONTENT_BYTES,
+                 deadline: float | None = None) -> NodeRequest:
+    """Receive and check one request (the node service's side); ChannelError names what is wrong.
+    `deadline` (time.monotonic) bounds the whole request, not each read."""
+    header = _header(_recv_part(conn, "request header", MAX_HEADER_BYTES, deadline), "request header")
     message_type, run_id = header.get("message-type"), header.get("flwr-run-id")
     run_config, fab_hash = header.get("run-config", {}), header.get("fab-hash", "")
     if not isinstance(message_type, str) or not message_type:
@@ -143,7 +154,7 @@ def read_request(conn: socket.socket, max_content_bytes: int = MAX_CONTENT_BYTES
         raise ChannelError("node channel: the request header's run-config is not a table of scalars")
     if not isinstance(fab_hash, str) or len(fab_hash) > 128:
         raise ChannelError("node channel: the request header's fab-hash is not a short string")
-    content = _content(_recv_part(conn, "message content", max_content_bytes))
+    content = _content(_recv_part(conn, "message content", max_content_bytes, deadline))
     return NodeRequest(message_type, run_id, run_config, content, fab_hash)
 
 
@@ -167,6 +178,9 @@ def ask(path: Path | str, request: NodeRequest, timeout: float | None = None) ->
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         conn.connect(str(path))
-        write_request(conn, request)
-        conn.shutdown(socket.SHUT_WR)
+        try:
+            write_request(conn, request)
+            conn.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the request was read (a uid not allowed, a full service): its reply says why
         return read_reply(conn)

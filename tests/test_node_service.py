@@ -86,12 +86,13 @@ def test_a_caller_of_another_uid_is_refused_before_its_request_is_read(node: Nod
     before = len(node.audit().entries())
     server = _server(node, short_dir / "n.sock", frozenset({os.getuid() + 4242}))
     try:
-        with pytest.raises(ChannelError, match=f"uid {os.getuid()} may not use this node service"):
-            ask(server.path, _census(node), timeout=120)
+        for _ in range(20):  # a stranger hammering the socket
+            with pytest.raises(ChannelError, match=f"uid {os.getuid()} may not use this node service"):
+                ask(server.path, _census(node), timeout=120)
     finally:
         server.close()
     added = node.audit().entries()[before:]
-    assert [e.action for e in added] == [RELAY_REFUSED]  # nothing was handled: no census, no charge
+    assert [e.action for e in added] == [RELAY_REFUSED]  # nothing handled, and one entry, not twenty
     assert added[0].details["reason"] == "uid not allowed"
 
 
@@ -112,6 +113,23 @@ def test_garbage_on_the_socket_is_refused_audited_and_the_service_keeps_answerin
         assert M.ERROR not in ask(server.path, _census(node), timeout=120).config_records[M.REPLY]
     finally:
         server.close()
+
+
+def test_a_message_no_check_foresaw_gets_a_generic_audited_refusal(node: NodeState, short_dir: Path) -> None:
+    """A query nested 5,000 deep breaks the JSON parser (RecursionError): the relay gets one line
+    naming no detail, the node's log records the refusal, and the service keeps answering."""
+    server = _server(node, short_dir / "n.sock", frozenset({os.getuid()}))
+    census = _census(node)
+    config = dict(census.content.config_records[M.CONFIG])
+    hostile = NodeRequest(M.QUERY_CHECK, 1, {}, RecordDict({M.CONFIG: ConfigRecord(
+        {**config, M.QUERY: "[" * 5000 + "]" * 5000, M.QUERY_RUN: "q1"})}))
+    try:
+        error = ask(server.path, hostile, timeout=120).config_records[M.REPLY][M.ERROR]
+        assert M.ERROR not in ask(server.path, census, timeout=120).config_records[M.REPLY]
+    finally:
+        server.close()
+    assert "could not handle this 'query.check' message (RecursionError); nothing was released" in error, error
+    assert "\n" not in error
 
 
 def _fedrisk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -3,7 +3,8 @@
 Its ClientApp runs inside a hospital's SuperNode, as a relay would, and tries to take what the
 hospital holds: it opens the export and the key files directly, and it asks the hospital's node
 service, over the real channel, for a training update's plaintext, for a run with DP off and for
-a message type that dumps records. Its ServerApp writes what each node let it have to `out`.
+a message type that dumps records. Its ServerApp reads its plan from `spec` (a JSON file: the paths to try per node id and the
+federation's config values) and writes what each node let it have to `out`.
 """
 
 from __future__ import annotations
@@ -62,12 +63,13 @@ def steal(message: Message, context: Context) -> Message:
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
-    targets = json.loads(str(context.run_config["targets"]))
+    spec = json.loads(Path(str(context.run_config["spec"])).read_text())  # the attacker's plan: paths, config
+    targets, base = spec["targets"], spec["base"]
     deadline = time.monotonic() + 300
     while len(list(grid.get_node_ids())) < len(targets) and time.monotonic() < deadline:
         time.sleep(1)
     messages = [Message(content=RecordDict({"config": ConfigRecord({
-        "targets": json.dumps(targets[str(node)]), "base": str(context.run_config["base"])})}),
+        "targets": json.dumps(targets[str(node)]), "base": json.dumps(base)})}),
         dst_node_id=node, message_type="query.steal") for node in grid.get_node_ids() if str(node) in targets]
     found = {}
     for reply in grid.send_and_receive(messages, timeout=600):
