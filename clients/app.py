@@ -19,11 +19,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation import messages as M
-from federation.node_channel import ChannelError, NodeRequest, ask
+from federation.node_channel import ChannelError, NodeRequest, ask, refusal
 
 if TYPE_CHECKING:
     from clients.service import NodeService
@@ -50,27 +49,24 @@ def _request(message: Message, context: Context) -> NodeRequest:
                        run_config=dict(context.run_config), content=message.content, fab_hash=_bundle()[:128])
 
 
-def _refusal(text: str) -> RecordDict:
-    return RecordDict({M.REPLY: ConfigRecord({M.ERROR: text})})
-
-
 def relay(message: Message, context: Context) -> RecordDict:
     """Forward one message to the hospital's node service and return its answer."""
     path = Path(str(context.node_config[NODE_SERVICE]))
     try:
         return ask(path, _request(message, context), timeout=RELAY_TIMEOUT_S)
     except ChannelError as error:
-        return _refusal(str(error))
+        return refusal(str(error))
     except OSError as error:
-        return _refusal(f"the hospital's node service at {path} is unreachable ({error.strerror or error})")
+        return refusal(f"the hospital's node service at {path} is unreachable ({error.strerror or error})")
 
 
 class _InProcess:
-    """Simulation: one NodeService per partition, made on first use."""
+    """Simulation: one NodeService per partition, made on first use (the nodes directory is
+    read once per partition, not once per message)."""
 
     def __init__(self, preset: RunConfig | None) -> None:
         self.preset = preset
-        self.services: dict[Path, NodeService] = {}
+        self.services: dict[tuple[str, int], NodeService] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -87,17 +83,17 @@ class _InProcess:
         request = _request(message, context)
         try:
             config = _run_config(request, self.preset)
-            nodes = NodeState.discover(Path(config.nodes_dir))
             index = int(context.node_config[SIMULATION_PARTITION])
-            if index >= len(nodes):
-                raise ConfigError(f"{config.nodes_dir} holds {len(nodes)} fedrisk node(s); node {index} has none")
-            directory = nodes[index].directory
+            partition = (config.nodes_dir, index)
             with self._lock:
-                if directory not in self.services:
-                    self.services[directory] = NodeService(directory, preset=self.preset)
+                if partition not in self.services:
+                    nodes = NodeState.discover(Path(config.nodes_dir))
+                    if index >= len(nodes):
+                        raise ConfigError(f"{config.nodes_dir} holds {len(nodes)} fedrisk node(s); node {index} has none")
+                    self.services[partition] = NodeService(nodes[index].directory, preset=self.preset)
         except FedriskError as error:
-            return _refusal(str(error))
-        return self.services[directory].handle(request)
+            return refusal(str(error))
+        return self.services[partition].handle(request)
 
 
 def make_client_app(preset: RunConfig | None = None) -> ClientApp:
@@ -112,7 +108,7 @@ def make_client_app(preset: RunConfig | None = None) -> ClientApp:
         elif SIMULATION_PARTITION in context.node_config:
             handler = in_process
         else:
-            return Message(content=_refusal(f"this SuperNode names no {NODE_SERVICE} socket in its node config"),
+            return Message(content=refusal(f"this SuperNode names no {NODE_SERVICE} socket in its node config"),
                            reply_to=message)
         return Message(content=handler(message, context), reply_to=message)
 

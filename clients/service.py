@@ -37,7 +37,7 @@ from federation import messages as M
 from federation.config import RUN_ID_PATTERN, RunConfig
 from federation.contributions import REVEALABLE_STEPS, SignedContribution, from_record, from_relay_record, to_record
 from federation.errors import ConfigError, FedriskError, ProtocolError
-from federation.node_channel import ChannelError, NodeRequest, Peer, peer_of, read_request, write_reply
+from federation.node_channel import ChannelError, NodeRequest, Peer, peer_of, read_request, refusal, write_reply
 from federation.query import CohortQuery, QueryError
 from privacy.accounting import HospitalSpend
 from privacy.audit import RELAY_REFUSED, RELAY_REQUEST
@@ -267,12 +267,12 @@ class NodeService:
         except FedriskError as exc:
             if not getattr(exc, "audited", False):  # every refusal leaves an entry, wherever it was raised
                 NodeState.load(self.node_dir).audit().refusal(exc)
-            return _reply(**{M.REPLY: ConfigRecord({M.ERROR: str(exc)})})
+            return refusal(str(exc))
         except Exception as exc:  # a bug or hostile input no check foresaw: audited, and no detail leaves
             error = ProtocolError(f"the node could not handle this {request.message_type[:64]!r} message "
                                   f"({type(exc).__name__}); nothing was released")
             NodeState.load(self.node_dir).audit().refusal(error)
-            return _reply(**{M.REPLY: ConfigRecord({M.ERROR: str(error)})})
+            return refusal(str(error))
 
 
 MAX_CONCURRENT_REQUESTS = 4

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,12 +148,12 @@ class LocalDeployment:
             failures.append(f"{bin_dir}: {probe.stderr.strip()[-160:]}")
         return 0, f"not separated: {RELAY_USER} cannot run Flower here ({'; '.join(failures)})"
 
-    def _relay_runtimes(self) -> list[tuple[Path, dict[str, str]]]:
+    def _relay_runtimes(self) -> Iterator[tuple[Path, dict[str, str]]]:
         """Where the SuperNode's user may find a Python that runs Flower: this installation's own,
         or, when that interpreter lies where the user cannot reach (a pyenv under /root), the
         system's Python of the same version reading this installation's packages, with Flower's
-        commands rewritten to use it."""
-        runtimes: list[tuple[Path, dict[str, str]]] = [(self.bin_dir, {})]
+        commands rewritten to use it. The second is built only if the first is refused."""
+        yield self.bin_dir, {}
         system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
         packages = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
         if system.exists() and packages:
@@ -164,8 +165,7 @@ class LocalDeployment:
                 (runtime / command).write_text(f"#!{runtime / 'python'}\n{body}")
                 (runtime / command).chmod(0o755)
             runtime.parent.chmod(0o755)
-            runtimes.append((runtime, {"PYTHONPATH": os.pathsep.join(packages)}))
-        return runtimes
+            yield runtime, {"PYTHONPATH": os.pathsep.join(packages)}
 
     @staticmethod
     def _as_relay(uid: int) -> list[str]:

@@ -15,8 +15,8 @@ One request per connection, framed as length-prefixed parts (4-byte big-endian l
 
 Everything in a request is hostile input to the node service: sizes are capped before a byte
 is buffered, the header must be a JSON object of known fields and types, and a RecordDict that
-does not parse is refused. This module imports only the standard library and Flower, so the
-relay process stays small (no torch, TenSEAL or pandas).
+does not parse is refused. This module imports only the standard library, Flower and
+`federation.messages`, so the relay process stays small (no torch, TenSEAL or pandas).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import RecordDict
+from flwr.app import ConfigRecord, RecordDict
+
+from federation import messages as M
 
 VERSION = 1
 MAX_HEADER_BYTES = 64 * 1024
@@ -60,6 +62,11 @@ class Peer:
     pid: int
     uid: int
     gid: int
+
+
+def refusal(text: str) -> RecordDict:
+    """A node's one-line refusal, as every reply carries it (REPLY/ERROR)."""
+    return RecordDict({M.REPLY: ConfigRecord({M.ERROR: text})})
 
 
 def peer_of(conn: socket.socket) -> Peer:

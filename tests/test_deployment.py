@@ -144,7 +144,9 @@ def test_a_hostile_app_bundle_cannot_read_the_node_and_the_node_service_refuses_
         pytest.skip(f"this machine cannot run the SuperNode as another user: {d.separation}")
     app = tmp_path / "rogue-app"
     shutil.copytree(Path(__file__).parent / "rogue_app", app)
-    shutil.copy(Path(__file__).resolve().parents[1] / "federation" / "node_channel.py", app / "node_channel.py")
+    (app / "federation").mkdir()
+    for module in ("__init__.py", "messages.py", "node_channel.py"):  # the public channel protocol
+        shutil.copy(Path(__file__).resolve().parents[1] / "federation" / module, app / "federation" / module)
     he = ServerContext.load(federation.keys.server_context.parent)
     honest = RunConfig(keys_dir=str(federation.keys.server_context.parent), num_hospitals=3, rounds=1)
     base = {M.KEY_ID: he.key_id, M.PARAMS_ID: he.params_id, M.FEDERATION: he.key_id, M.RUN_ID: "rogue",

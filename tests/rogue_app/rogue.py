@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from node_channel import NodeRequest, ask  # the channel's protocol is public: a copy ships in the bundle
+from federation.node_channel import NodeRequest, ask  # the protocol is public: a copy ships in the bundle
 
 client = ClientApp()
 server = ServerApp()
