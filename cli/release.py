@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 from federation.errors import ConfigError
+from server.calibration import CALIBRATION_TOLERANCE
 
 DEFAULT_REGISTRY_DIR = "releases"
 from federation.run_dir import MLFLOW_DB as RUN_STORE_FILE  # what `fedrisk run --out DIR` writes
@@ -47,7 +48,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
     from server.releases.dp_evaluation import load_evaluation
 
     evaluation = load_evaluation([Path(p) for p in args.evaluation]) if args.evaluation else None
-    release = _registry(args, _tracking_uri(args)).create(args.run_id, args.approved_by, args.cutoff, evaluation)
+    release = _registry(args, _tracking_uri(args)).create(args.run_id, args.approved_by, args.cutoff, evaluation,
+                                                          args.accept_miscalibration or "")
     cert, card = release.certificate, release.card
     print(f"released {release.release_id} ({release.status}): run {release.run_id}, sha256 {release.sha256}")
     print(f"  epsilon max {cert.epsilon_max:.4f} at delta {cert.delta:g} per patient ({cert.neighbouring}) over "
@@ -59,6 +61,17 @@ def _cmd_create(args: argparse.Namespace) -> int:
               f"{h.ledger_epsilon:.4f}")
     print(f"  DP federated evaluation, last round: AUC {_number(card.federated_auc)}, "
           f"Brier {_number(card.federated_brier)}; calibration and fairness: {card.calibration['source']}")
+    offset = card.fairness["overall"].get("calibration_offset") if isinstance(card.fairness, dict) else None
+    if card.recalibration:
+        print(f"  recalibrated ({card.recalibration['method'].split(' ')[0]}: slope {card.recalibration['slope']:.3f}, "
+              f"intercept {card.recalibration['intercept']:+.3f}) on {card.recalibration['source']}")
+    print(f"  calibration check on the DP evaluation: observed minus predicted rate "
+          f"{'n/a' if offset is None else format(offset, '+.4f')} (tolerance {CALIBRATION_TOLERANCE:g}); bands: "
+          + ", ".join(f"{b['band']} observed {'n/a' if b['observed_rate'] is None else format(b['observed_rate'], '.3f')}"
+                      for b in card.bands or []))
+    if cert.calibration_override:
+        print(f"  RELEASED DESPITE: {'; '.join(cert.calibration_override['problems'])} "
+              f"(accepted by {cert.calibration_override['by']}: {cert.calibration_override['reason']})")
     print(f"  model files: {release.model_dir}")
     print(f"each hospital installs it: fedrisk node release install --dir NODE --release-dir {release.model_dir} "
           f"--release-id {release.release_id}")
@@ -142,6 +155,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--evaluation", action="append", default=[], metavar="TABLE",
                         help="a DP evaluation table of the model (CSV or Parquet from `fedrisk release evaluate`, "
                              "one per group field, its query JSON beside it); required, repeatable")
+    create.add_argument("--accept-miscalibration", metavar="REASON",
+                        help="release although the calibration check fails (not recalibrated, offset beyond "
+                             "tolerance, a band observing a rate outside it); the reason goes on the certificate")
     create.set_defaults(handler=_cmd_create)
 
     evaluate = release.add_parser("evaluate", help="DP evaluation of a run's model across the hospitals "

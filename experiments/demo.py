@@ -84,15 +84,27 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
         hospitals = reference.load_all(nodes, config.purpose)
         auc_centralized = reference.centralized_auc(hospitals, config.model, seed=config.seed)
         auc_oracle = reference.oracle_auc(nodes, synthesis.truth_path, config.purpose)
+        import numpy as np
+
         from federation.model import load_model, predict_proba
+        from server.calibration import Calibration
 
         released = load_model(config.model, result.weights, config.input_size)
+        test_y = np.concatenate([h.test_y for h in hospitals])
+        scores = predict_proba(released, np.concatenate([h.test_x for h in hospitals]))
+        pooled_reference = reference.calibration_reference(test_y, scores)
         summary: dict[str, Any] = {
-            # the released model on the same held-out records as the references (the demo plays every
-            # hospital); the coordinator itself only ever sees the DP evaluation beside it
+            # the released (calibrated) model on the same held-out records as the references (the demo
+            # plays every hospital); the coordinator itself only ever sees the DP evaluation beside it
             "auc_federated": reference.weighted_auc([(h.test_y, predict_proba(released, h.test_x)) for h in hospitals]),
             "auc_federated_dp": result.rounds[settings.rounds][AUC],
             "auc_federated_dp_se": result.rounds[settings.rounds].get(AUC + SE_SUFFIX),
+            **pooled_reference,
+            "calibration": {"method": result.calibration["method"], "slope": result.calibration["slope"],
+                            "intercept": result.calibration["intercept"],
+                            "calibration_in_the_large_uncalibrated": float(
+                                Calibration(**result.calibration).invert(scores).mean() - test_y.mean())},
+            "bands": reference.band_reference(test_y, scores),
             "auc_centralized": auc_centralized,
             "auc_oracle": auc_oracle,
             "epsilon_by_hospital": {name: h["run_epsilon"] for name, h in result.privacy["hospitals"].items()},
@@ -131,12 +143,18 @@ def render_summary(summary: dict[str, Any]) -> str:
         return "n/a" if value is None else format(value, spec)
 
     eps = summary["epsilon_by_hospital"]
+    calibration = summary.get("calibration") or {}
     rows = [
-        ("federated AUC (DP + HE), released model", fmt(summary["auc_federated"], ".4f")),
-        ("  as the DP evaluation reported it", fmt(summary.get("auc_federated_dp"), ".4f")
+        ("AUC, pooled DP evaluation histogram (coordinator)", fmt(summary.get("auc_federated_dp"), ".4f")
          + (f" ± {summary['auc_federated_dp_se']:.4f}" if summary.get("auc_federated_dp_se") else "")),
+        ("AUC, per-hospital weighted mean (demo reference)", fmt(summary["auc_federated"], ".4f")),
+        ("AUC, pooled held-out records (demo reference)", fmt(summary.get("auc_pooled"), ".4f")),
         ("centralized AUC (pooled, non-private)", fmt(summary["auc_centralized"], ".4f")),
         ("oracle AUC (true risk)", fmt(summary["auc_oracle"], ".4f")),
+        ("calibration in the large (predicted - observed)", fmt(summary.get("calibration_in_the_large"), "+.4f")
+         + (f" (trained model before calibration {calibration['calibration_in_the_large_uncalibrated']:+.4f})"
+            if "calibration_in_the_large_uncalibrated" in calibration else "")),
+        ("expected calibration error (10 bins)", fmt(summary.get("ece"), ".4f")),
         ("epsilon per hospital (max)", f"{max(eps.values()):.3f} at delta={summary['delta']:g}"),
         ("rounds", str(summary["rounds"])),
         ("training wall time", f"{summary['wall_seconds']:.1f} s"),
@@ -147,6 +165,9 @@ def render_summary(summary: dict[str, Any]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = ["", "fedrisk demo summary", "-" * (width + 24)]
     lines += [f"{label:<{width}}  {value}" for label, value in rows]
+    for band, row in (summary.get("bands") or {}).items():
+        lines.append(f"band {band:<6}  {row['share']:6.1%} of records, predicted {fmt(row['mean_predicted'], '.3f')}, "
+                     f"observed {fmt(row['observed_rate'], '.3f')}")
     lines += ["epsilon by hospital: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(eps.items())),
               f"release sha256: {summary['release_sha256']}",
               f"MLflow: {summary['tracking_uri']} (run {summary['mlflow_run_id']})", ""]

@@ -33,6 +33,42 @@ def weighted_auc(parts: list[tuple[np.ndarray, np.ndarray]]) -> float:
     return float(np.average(aucs, weights=weights))
 
 
+ECE_BINS = 10
+"""Equal-width probability bins of the demo's expected calibration error."""
+
+
+def calibration_reference(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """Demo-only references of a scorer on pooled held-out records: `auc_pooled` (one AUC over all
+    records), `calibration_in_the_large` (mean predicted minus observed rate) and `ece` (expected
+    calibration error over `ECE_BINS` equal-width bins: the record-weighted mean of
+    |observed rate - mean predicted| per bin)."""
+    labels = np.asarray(labels, dtype=np.float64)
+    scores = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+    bins = np.minimum((scores * ECE_BINS).astype(int), ECE_BINS - 1)
+    predicted = np.bincount(bins, weights=scores, minlength=ECE_BINS)
+    observed = np.bincount(bins, weights=labels, minlength=ECE_BINS)
+    ece = float(np.abs(observed - predicted).sum() / len(labels))
+    return {"auc_pooled": risk_metrics(labels, scores)["auc"],
+            "calibration_in_the_large": float(scores.mean() - labels.mean()), "ece": ece}
+
+
+def band_reference(labels: np.ndarray, scores: np.ndarray, probabilities_out: np.ndarray | None = None
+                   ) -> dict[str, dict[str, float]]:
+    """Per risk band of the scoring service (on the probability as a node returns it, rounded):
+    share of records, mean predicted and observed rate. Demo-only, on pooled held-out records."""
+    from clients.scoring import risk_band, round_probability
+
+    rounded = np.array([round_probability(p) for p in scores]) if probabilities_out is None else probabilities_out
+    bands = np.array([risk_band(p) for p in rounded])
+    out = {}
+    for band in ("low", "medium", "high"):
+        mask = bands == band
+        out[band] = {"share": float(mask.mean()),
+                     "mean_predicted": float(scores[mask].mean()) if mask.any() else None,
+                     "observed_rate": float(np.asarray(labels)[mask].mean()) if mask.any() else None}
+    return out
+
+
 def centralized_auc(hospitals: list[HospitalData], model_kind: str, epochs: int = 8,
                     batch_size: int = 512, seed: int = 0) -> float:
     """Train the same model family without DP on all hospitals' pooled training splits."""

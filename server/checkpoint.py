@@ -51,12 +51,13 @@ class Checkpoint:
     privacy: dict[str, HospitalSpend] = field(default_factory=dict)
     contributors: dict[int, list[str]] = field(default_factory=dict)
     rejections: list[dict[str, object]] = field(default_factory=list)
+    evaluations: dict[int, list[float]] = field(default_factory=dict)
 
     def save(self, run_dir: Path) -> Path:
         """Write atomically: a crash mid-write leaves the previous checkpoint in place."""
         path = Path(run_dir) / CHECKPOINT_FILE
         meta = {k: getattr(self, k) for k in ("run_id", "fingerprint", "completed_round", "mlflow_run_id", "rounds",
-                                                "contributors", "rejections")}
+                                                "contributors", "rejections", "evaluations")}
         meta["privacy"] = {name: spend.to_dict() for name, spend in self.privacy.items()}
         meta["format"] = FORMAT
         meta["chain_rounds"] = sorted(self.chain)
@@ -99,7 +100,8 @@ class Checkpoint:
         return cls(run_id=meta["run_id"], fingerprint=meta["fingerprint"], completed_round=int(meta["completed_round"]),
                    census=census, chain=chain, anchors=anchors, mlflow_run_id=meta["mlflow_run_id"],
                    rounds=as_rounds(meta["rounds"]), privacy=privacy,
-                   contributors=as_rounds(meta["contributors"]), rejections=meta["rejections"])
+                   contributors=as_rounds(meta["contributors"]), rejections=meta["rejections"],
+                   evaluations=as_rounds(meta.get("evaluations", {})))
 
     @staticmethod
     def clear(run_dir: Path) -> None:

@@ -191,6 +191,7 @@ class HEFedAvg(Strategy):
         self.privacy: dict[str, HospitalSpend] = {}
         self.traffic: dict[int, RoundTraffic] = {}
         self.contributors: dict[int, list[str]] = {}
+        self.evaluations: dict[int, list[float]] = {}  # each round's revealed DP evaluation (record units)
 
     @property
     def rejections(self) -> list[Rejection]:
@@ -268,6 +269,7 @@ class HEFedAvg(Strategy):
         self.relay(accepted)
         values = self.reveal(accepted, server_round)
         summed = [v / M.EVAL_UNIT for v in values[:-1]]
+        self.evaluations[server_round] = summed
         metrics = round_evaluation.metrics_from_noised(summed, noise_multiplier=multipliers.pop(),
                                                        hospitals=len(accepted))
         return MetricRecord({**{k: float(v) for k, v in metrics.items()}, ROUND_HOSPITALS: len(accepted)})

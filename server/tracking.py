@@ -31,6 +31,7 @@ ROUND_BYTES_DOWN = "bytes-down-per-hospital"  # bytes each hospital was sent (th
 ROUND_REJECTED = "rejected-replies"  # replies the reply checker left out this round
 ROUND_SECONDS = "round-seconds"  # wall-clock time of train + evaluate
 ROUND_HOSPITALS = "hospitals"  # accepted replies, in the strategy's MetricRecord of a step
+CALIBRATION_FILE = "calibration.json"  # in the release directory: the Platt map folded into model.npz
 
 
 def quiet_mlflow() -> Any:
@@ -74,8 +75,8 @@ class RunTracker:
         self.mlflow.log_metrics(clean, step=server_round)
 
     def finish(self, *, weights: np.ndarray, digest: str, privacy_report: dict[str, Any],
-               summary: dict[str, Any]) -> Path:
-        """Log epsilon per hospital and the artifacts; returns the release directory."""
+               summary: dict[str, Any], calibration: dict[str, Any]) -> Path:
+        """Log epsilon per hospital, the calibration and the artifacts; returns the release directory."""
         mlflow = self.mlflow
         for hospital, spend in privacy_report["hospitals"].items():
             mlflow.log_metric(f"epsilon.{hospital}", spend["epsilon"])
@@ -89,6 +90,13 @@ class RunTracker:
         (release / "model.sha256").write_text(digest + "\n")
         (release / "privacy_report.json").write_text(json.dumps(privacy_report, indent=2))
         (release / "run_summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        (release / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2))
+        mlflow.log_params({"calibration.method": calibration["method"], "calibration.slope": calibration["slope"],
+                           "calibration.intercept": calibration["intercept"]})
+        mlflow.log_metrics({f"calibration.{when}.{k}": float(v) for when in ("before", "after")
+                            for k, v in calibration[when].items()})
+        if calibration.get("problem"):
+            mlflow.set_tag("calibration.problem", str(calibration["problem"]))
         mlflow.log_artifacts(str(release), artifact_path="release")
         mlflow.set_tag("release.sha256", digest)
         mlflow.end_run(status="FINISHED")

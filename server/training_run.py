@@ -35,6 +35,7 @@ from privacy.audit import (
     AuditLog,
     Digest,
 )
+from server.calibration import Calibration, calibrate_release
 from server.checkpoint import Checkpoint, new_run_id
 from server.grid import ask_one, exchange, wait_for_nodes
 from server.strategy import HEFedAvg, Rejection, contribution_bytes
@@ -57,6 +58,9 @@ class FederatedResult:
     fedrisk_run_id: str = ""
     contributors: dict[int, list[str]] = field(default_factory=dict)
     rejections: list[dict[str, object]] = field(default_factory=list)
+    calibration: dict[str, object] = field(default_factory=dict)
+    """The Platt map folded into `weights` (`server.calibration.Calibration.to_dict`): its
+    `raw_sha256` is the model the hospitals trained and released, `digest` the calibrated one's."""
 
     @property
     def round_seconds(self) -> dict[int, float]:
@@ -102,6 +106,7 @@ class _Run:
             self.strategy.rejections.extend(Rejection.from_dict(r) for r in self.checkpoint.rejections)
             self.strategy.chain.update(self.checkpoint.chain)
             self.strategy.anchors = list(self.checkpoint.anchors)
+            self.strategy.evaluations.update(self.checkpoint.evaluations)
         self.logged_rejections = len(self.strategy.rejections)  # a checkpoint's were logged by the earlier run
 
     def _log_rejections(self) -> None:
@@ -165,14 +170,19 @@ class _Run:
             digest = str(release.content.config_records[M.REPLY][M.SHA256])
             if weights_digest(weights) != digest:
                 raise ProtocolError("the released model does not match the SHA-256 its hospital sent")
+            weights, calibration = self._calibrate(weights)
+            digest = weights_digest(weights)
             report = privacy_report(config, strategy.privacy)
             rejections = [r.to_dict() for r in strategy.rejections]
             summary = {"run-id": self.run_id, "rounds": self.rounds, "hospitals": sorted(strategy.privacy),
                        "contributors": strategy.contributors, "rejections": rejections, "sha256": digest,
+                       "calibration": calibration.to_dict(),
                        "chain_bytes": sum(contribution_bytes(c) for c in strategy.chain.values())}
-            release_dir = tracker.finish(weights=weights, digest=digest, privacy_report=report, summary=summary)
+            release_dir = tracker.finish(weights=weights, digest=digest, privacy_report=report, summary=summary,
+                                         calibration=calibration.to_dict())
             self.audit.append(RELEASE, purpose=config.purpose, epsilon=report["epsilon_max"],
-                              details={"run": self.run_id, "mlflow-run": Digest(tracker.run_id), "sha256": Digest(digest)})
+                              details={"run": self.run_id, "mlflow-run": Digest(tracker.run_id), "sha256": Digest(digest),
+                                       "trained-sha256": Digest(calibration.raw_sha256)})
         except BaseException:
             self._log_rejections()
             if self.rounds:
@@ -183,7 +193,18 @@ class _Run:
         Checkpoint.clear(Path(config.run_dir))
         return FederatedResult(run_id=tracker.run_id, weights=weights, digest=digest, rounds=self.rounds,
                                privacy=report, release_dir=str(release_dir), fedrisk_run_id=self.run_id,
-                               contributors=dict(strategy.contributors), rejections=rejections)
+                               contributors=dict(strategy.contributors), rejections=rejections,
+                               calibration=calibration.to_dict())
+
+    def _calibrate(self, weights: np.ndarray) -> tuple[np.ndarray, Calibration]:
+        """The trained model recalibrated on the last round's revealed DP evaluation, which scored
+        exactly this model on every contributing hospital's held-out records (no new charge)."""
+        config, last = self.config, self.config.rounds
+        if last not in self.strategy.evaluations:
+            raise ProtocolError(f"no revealed DP evaluation of round {last} to calibrate the release with")
+        hospitals = int(self.rounds.get(last, {}).get(ROUND_HOSPITALS, 0)) or len(self.strategy.contributors.get(last, []))
+        return calibrate_release(config.model, weights, config.input_size, np.asarray(self.strategy.evaluations[last]),
+                                 source=f"DP evaluation of round {last} ({hospitals} hospitals' held-out records)")
 
     def _round(self, server_round: int, tracker: RunTracker) -> None:
         """Train, aggregate, evaluate; then log and checkpoint the round."""
@@ -213,6 +234,6 @@ class _Run:
         Checkpoint(run_id=self.run_id, fingerprint=config.fingerprint(), completed_round=server_round,
                    census=strategy.census, chain=dict(strategy.chain), anchors=list(strategy.anchors),
                    mlflow_run_id=tracker.run_id, rounds=self.rounds, privacy=strategy.privacy,
-                   contributors=strategy.contributors,
+                   contributors=strategy.contributors, evaluations=dict(strategy.evaluations),
                    rejections=[r.to_dict() for r in strategy.rejections]).save(Path(config.run_dir))
         self.notify("round", {"round": server_round, "rounds": config.rounds, **metrics})

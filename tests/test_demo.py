@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"auc_federated", "auc_centralized", "auc_oracle", "epsilon_by_hospital", "delta", "rounds",
-                "wall_seconds", "he_overhead_ratio", "dp_overhead_ratio", "ciphertext_expansion"}
+                "wall_seconds", "he_overhead_ratio", "dp_overhead_ratio", "ciphertext_expansion",
+                "auc_federated_dp", "auc_pooled", "calibration_in_the_large", "ece", "calibration", "bands"}
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +33,13 @@ def test_demo_prints_progress_and_writes_its_summary(tmp_path) -> None:
     assert summary["ciphertext_expansion"] <= 6.0
     assert summary["dp_overhead_ratio"] > 1.0 and summary["he_overhead_ratio"] > 0.9
     assert (out / "mlflow.db").is_file() and (out / "release" / "model.npz").is_file()
+    for label in ("AUC, pooled DP evaluation histogram (coordinator)", "AUC, per-hospital weighted mean (demo reference)",
+                  "AUC, pooled held-out records (demo reference)", "calibration in the large", "expected calibration error"):
+        assert label in result.stdout
+    calibration = json.loads((out / "release" / "calibration.json").read_text())
+    assert calibration["raw_sha256"] != summary["release_sha256"] and calibration["slope"] > 0  # recalibrated
+    assert 0.0 <= summary["ece"] < 0.2 and abs(summary["calibration_in_the_large"]) < 0.2
+    assert abs(summary["calibration_in_the_large"]) < abs(summary["calibration"]["calibration_in_the_large_uncalibrated"])
     assert len(list((out / "nodes").glob("*/ledger.sqlite"))) == 3
 
 

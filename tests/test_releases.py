@@ -47,7 +47,9 @@ from server.releases import (
     ReleaseRefused,
     ReleaseRegistry,
 )
+from server.calibration import CALIBRATION_TOLERANCE, fit_platt
 from server.signals.catalogue import ReleaseView
+from server.tracking import CALIBRATION_FILE
 
 APPROVER = "Dana Risk"
 EDGES = np.asarray(RISK_SCORE_BINS)
@@ -65,17 +67,23 @@ class TrainedRun:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, keys: KeyBundlePaths) -> TrainedRun:
     base = tmp_path_factory.mktemp("release-run")
-    synthesize(2, 2000, base / "data", seed=3)
+    synthesize(2, 6000, base / "data", seed=3)
     run_dir = base / "run"
     result = simulate(RunConfig(data_dir=str(base / "data"), keys_dir=str(keys.server_context.parent),
                                 run_dir=str(run_dir), num_hospitals=2, rounds=1, model="logreg", sample_rate=0.05))
     return TrainedRun(run_dir, result.run_id, result.digest)
 
 
+def _calibrated(rng: np.random.Generator, n: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of a calibrated model and labels drawn from them; `spread` sets the AUC."""
+    scores = 1.0 / (1.0 + np.exp(-rng.normal(-2.2, spread, n)))
+    return scores, rng.random(n) < scores
+
+
 def _evaluation_of(digest: str, seed: int = 5) -> DPEvaluation:
-    """DP evaluation tables (by sex) naming the model `digest`, as `fedrisk release evaluate` gives."""
+    """DP evaluation tables (by sex) of a calibrated model `digest`, as `fedrisk release evaluate` gives."""
     rng = np.random.default_rng(seed)
-    samples = {"F": _sample(rng, 3000, 1.5, 0.0), "M": _sample(rng, 3000, 1.0, 0.0)}
+    samples = {"F": _calibrated(rng, 3000, 1.5), "M": _calibrated(rng, 3000, 1.0)}
     return DPEvaluation({"sex": _dp_table("sex", samples, seed=seed)}, model_sha256=digest,
                         source="synthetic test table")
 
@@ -84,7 +92,7 @@ def _evaluation_files(directory: Path, digest: str, seed: int = 4) -> list[str]:
     """The evaluation table and its query JSON as engines.model_evaluation writes them: the
     `--evaluation` arguments of `fedrisk release create`."""
     rng = np.random.default_rng(seed)
-    table = _dp_table("sex", {"F": _sample(rng, 3000, 1.5, 0.0), "M": _sample(rng, 3000, 1.0, 0.0)}, seed=seed)
+    table = _dp_table("sex", {"F": _calibrated(rng, 3000, 1.5), "M": _calibrated(rng, 3000, 1.0)}, seed=seed)
     directory.mkdir(parents=True, exist_ok=True)
     table_file = directory / "model-evaluation-1a2b.by-sex.csv"
     table.to_csv(table_file, index=False)
@@ -151,7 +159,7 @@ def test_registry_lists_it_with_verified_model_files(trained: TrainedRun, releas
     create = [e for e in entries if e.action == "release.create"]
     assert len(create) == 1 and create[0].details == {
         "release": "r1", "run": trained.run_id, "sha256": trained.digest, "approver": APPROVER,
-        "cutoff": "2025-06-30", "dp-evaluated": True}
+        "cutoff": "2025-06-30", "dp-evaluated": True, "recalibrated": True, "calibration-override": False}
 
 
 def test_a_run_is_released_once(trained: TrainedRun, released) -> None:
@@ -326,7 +334,7 @@ def test_dp_evaluation_recovers_the_known_truth() -> None:
 
 def test_release_with_a_dp_evaluation(trained: TrainedRun, tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
-    samples = {"F": _sample(rng, 3000, 1.5, 0.0), "M": _sample(rng, 3000, 1.0, 0.0)}
+    samples = {"F": _calibrated(rng, 3000, 1.5), "M": _calibrated(rng, 3000, 1.0)}
     tables = {"sex": _dp_table("sex", samples, seed=3)}
     registry = ReleaseRegistry(trained.tracking_uri, tmp_path / "registry")
     with pytest.raises(ReleaseRefused, match="DP evaluation scored model"):
@@ -345,7 +353,7 @@ def test_release_with_a_dp_evaluation(trained: TrainedRun, tmp_path: Path) -> No
 def test_cli_release_with_evaluation_files(trained: TrainedRun, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     rng = np.random.default_rng(7)
-    table = _dp_table("sex", {"F": _sample(rng, 3000, 1.5, 0.0), "M": _sample(rng, 3000, 1.0, 0.0)}, seed=4)
+    table = _dp_table("sex", {"F": _calibrated(rng, 3000, 1.5), "M": _calibrated(rng, 3000, 1.0)}, seed=4)
     table_file = tmp_path / "model-evaluation-1a2b.by-sex.csv"  # as engines.model_evaluation writes it
     table.to_csv(table_file, index=False)
     create = ["release", "create", trained.run_id, "--run-dir", str(trained.run_dir),
@@ -398,6 +406,16 @@ def _honest_report(ledger_before: float = 0.4) -> dict:
             "neighbouring": NEIGHBOURING, "assumption": ASSUMPTION}
 
 
+def _round_histogram() -> np.ndarray:
+    """A revealed round evaluation vector (negatives, then positives per SCORE_BINS) of a model
+    that under-predicts, as DP-SGD leaves it."""
+    from federation.round_evaluation import score_histogram
+
+    rng = np.random.default_rng(2)
+    scores, labels = _calibrated(rng, 20_000, 1.2)
+    return score_histogram(labels.astype(int), scores ** 1.3) + rng.normal(0.0, 5.0, 28)
+
+
 class HandBuiltStore:
     """A tracking store laid out as `fedrisk run --out DIR` leaves it (DIR/mlflow.db), and runs in it."""
 
@@ -411,8 +429,9 @@ class HandBuiltStore:
         self.weights = np.random.default_rng(0).normal(0.0, 0.1, len(fx.FEATURE_NAMES) + 1).astype(np.float32)
         self.digest = weights_digest(self.weights)
 
-    def run(self, report: dict, aucs: tuple[float, ...] = (0.61, 0.68, 0.71)) -> str:
-        """A FINISHED run with its release artifacts and per-round federated metrics; its run id."""
+    def run(self, report: dict, aucs: tuple[float, ...] = (0.61, 0.68, 0.71), calibrated: bool = True) -> str:
+        """A FINISHED run with its release artifacts and per-round federated metrics; its run id.
+        `calibrated`: the release holds the calibration.json of a recalibrated run."""
         run_id = self.client.create_run(self.experiment_id).info.run_id
         for step, auc in enumerate(aucs, start=1):
             self.client.log_metric(run_id, "auc", auc, step=step)
@@ -423,6 +442,8 @@ class HandBuiltStore:
         (release / "model.sha256").write_text(self.digest + "\n")
         (release / "privacy_report.json").write_text(json.dumps(report, indent=2))
         (release / "run_summary.json").write_text(json.dumps({"rounds": len(aucs)}))
+        if calibrated:
+            (release / CALIBRATION_FILE).write_text(json.dumps(fit_platt(_round_histogram(), source="test").to_dict()))
         self.client.log_artifacts(run_id, str(release), artifact_path="release")
         self.client.set_tag(run_id, "release.sha256", self.digest)
         self.client.set_terminated(run_id, status="FINISHED")
@@ -609,3 +630,59 @@ def test_cli_requires_the_dp_evaluation_and_prints_each_hospitals_epsilons(
                 f"{spend.evaluation.epsilon:.4f}); ledger epsilon for {PURPOSE} after the run "
                 f"{spend.ledger_epsilon:.4f}") in out
     assert "DP federated evaluation, last round: AUC 0.7100" in out and "add/remove one patient" in out
+
+
+# --- the release's calibration check --------------------------------------------------------------
+
+def _miscalibrated_evaluation(digest: str, shift: float) -> DPEvaluation:
+    """DP evaluation tables of a model whose scores are off by `shift` on the logit scale."""
+    rng = np.random.default_rng(8)
+    samples = {}
+    for group in ("F", "M"):
+        scores, labels = _calibrated(rng, 3000, 1.2)
+        logits = np.log(scores) - np.log1p(-scores) + shift
+        samples[group] = (1.0 / (1.0 + np.exp(-logits)), labels)
+    return DPEvaluation({"sex": _dp_table("sex", samples, seed=9)}, model_sha256=digest, source="synthetic test table")
+
+
+def test_a_miscalibrated_release_is_refused_unless_the_override_goes_on_its_certificate(
+        store: HandBuiltStore, tmp_path: Path) -> None:
+    registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
+    run_id = store.run(_honest_report())
+    under = _miscalibrated_evaluation(store.digest, shift=-1.0)  # predicts about half the observed rate
+    with pytest.raises(ReleaseRefused) as refused:
+        registry.create(run_id, APPROVER, evaluation=under)
+    message = str(refused.value)
+    assert "calibration offset (observed minus predicted rate) is +0.0" in message and "--accept-miscalibration" in message
+    assert f"beyond the tolerance of {CALIBRATION_TOLERANCE:g}" in message and "\n" not in message
+    assert registry.list() == []
+    release = registry.create(run_id, APPROVER, evaluation=under, accept_miscalibration="pilot: bank recalibrates")
+    override = release.certificate.calibration_override
+    assert override["reason"] == "pilot: bank recalibrates" and override["by"] == APPROVER
+    assert any("calibration offset" in p for p in override["problems"])
+    again = ReleaseRegistry("", tmp_path / "registry").get(release.release_id)  # read back from the registry
+    assert again.certificate.calibration_override == override
+    entries = AuditLog(tmp_path / "registry" / RELEASE_AUDIT_FILE, role="auditor", identity="test").entries()
+    assert [e.details["calibration-override"] for e in entries if e.action == "release.create"] == [True]
+
+
+def test_a_run_that_was_not_recalibrated_is_refused(store: HandBuiltStore, tmp_path: Path) -> None:
+    registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
+    run_id = store.run(_honest_report(), calibrated=False)
+    with pytest.raises(ReleaseRefused, match="was not recalibrated"):
+        registry.create(run_id, APPROVER, evaluation=_evaluation_of(store.digest))
+
+
+def test_a_calibrated_release_carries_its_map_and_bands_with_observed_rates(store: HandBuiltStore,
+                                                                            tmp_path: Path) -> None:
+    registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
+    release = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest))
+    card = release.card
+    assert release.certificate.calibration_override is None
+    assert card.recalibration["method"].startswith("platt") and card.recalibration["slope"] > 0
+    assert [b["band"] for b in card.bands] == ["low", "medium", "high"]
+    for band in card.bands:  # a calibrated model's bands observe rates inside them
+        assert band["inside"] is True and band["low"] <= band["observed_rate"] < band["high"]
+    assert ModelCard.from_dict(card.to_dict()) == card
+    legacy = {k: v for k, v in card.to_dict().items() if k not in ("recalibration", "bands")}
+    assert ModelCard.from_dict(legacy).bands is None  # cards issued before recalibration still read

@@ -22,6 +22,7 @@ from typing import Any
 from federation import features as fx
 from federation.errors import FedriskError
 from privacy.ledger import GaussianMechanism, compose_epsilon
+from server.calibration import band_rates
 from server.releases.dp_evaluation import fairness_notes, json_ready
 
 NOT_EVALUATED = "not evaluated under DP for this release"
@@ -227,6 +228,8 @@ class PrivacyCertificate:
             hospitals' runs composed (what holds where `assumption` fails).
         overlap: what holds for a patient at several hospitals, in words.
         ledger_basis: what each hospital's `ledger_epsilon` is (`LEDGER_BASIS`).
+        calibration_override: None, or {"reason", "by", "problems"} when the release was approved
+            although its calibration failed the release check (`server.calibration.release_problems`).
     The last five are empty (None) only on a certificate issued before the federated evaluation was DP.
     """
 
@@ -250,6 +253,7 @@ class PrivacyCertificate:
     epsilon_all_hospitals: float | None = None
     overlap: str = ""
     ledger_basis: str = ""
+    calibration_override: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -284,7 +288,8 @@ def _hospital(spend: Mapping[str, Any]) -> HospitalPrivacy:
 
 
 def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str, privacy_report: Mapping[str, Any],
-                      cutoff: str, issued: str, evaluation: Mapping[str, Any]) -> PrivacyCertificate:
+                      cutoff: str, issued: str, evaluation: Mapping[str, Any],
+                      calibration_override: Mapping[str, Any] | None = None) -> PrivacyCertificate:
     """The certificate of a release from its run's `privacy_report.json` (see
     `server.tracking.privacy_report`; checked by `hospitals_from_report`, recomputed by
     `server.releases.run_artifacts`) and, for `records`, the release's `evaluation_from_tables` result."""
@@ -311,7 +316,8 @@ def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str,
         guarantee=str(report["guarantee"]), accountant=str(report["accountant"]),
         he_parameters=dict(report["he_parameters"]), per_hospital=per_hospital,
         neighbouring=str(report["neighbouring"]), assumption=str(report["assumption"]),
-        epsilon_all_hospitals=everywhere, overlap=overlap, ledger_basis=LEDGER_BASIS)
+        epsilon_all_hospitals=everywhere, overlap=overlap, ledger_basis=LEDGER_BASIS,
+        calibration_override=dict(calibration_override) if calibration_override else None)
 
 
 @dataclass(frozen=True)
@@ -335,6 +341,11 @@ class ModelCard:
             positives, negatives, records (`server.releases.dp_evaluation.evaluation_from_tables`).
         fairness_notes: sentences on the AUC and calibration gaps by age band and sex, with intervals.
         limitations: sentences a user of the score must know.
+        recalibration: the Platt map the run folded into the released weights
+            (`server.calibration.Calibration.to_dict`), None for a model that was not recalibrated.
+        bands: each risk band of the calibrated probability with its noised records and observed
+            rate in the DP evaluation (`server.calibration.band_rates`).
+    The last two are None on cards issued before releases were recalibrated.
     Cards issued before a DP evaluation was required may hold NOT_EVALUATED for calibration and
     fairness, and a federated_basis of the non-DP evaluation of that time.
     """
@@ -353,6 +364,8 @@ class ModelCard:
     fairness: dict[str, Any] | str
     fairness_notes: list[str] = field(default_factory=list)
     limitations: list[str] = field(default_factory=list)
+    recalibration: dict[str, Any] | None = None
+    bands: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -365,7 +378,7 @@ class ModelCard:
     def from_dict(cls, data: Mapping[str, Any]) -> ModelCard:
         """Read back `to_dict` output (raises CertificateError if a field is missing)."""
         try:
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
+            return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data or not _has_default(f)})
         except (KeyError, TypeError) as exc:
             raise CertificateError(f"not a fedrisk model card ({type(exc).__name__}: {exc})") from None
 
@@ -376,7 +389,8 @@ class ModelCard:
 
 def build_model_card(*, release_id: str, model_sha256: str, model_kind: str, n_features: int, purpose: str,
                      hospitals: int, epsilon_max: float, delta: float, federated_auc: float | None,
-                     federated_brier: float | None, evaluation: Mapping[str, Any]) -> ModelCard:
+                     federated_brier: float | None, evaluation: Mapping[str, Any],
+                     recalibration: Mapping[str, Any] | None = None) -> ModelCard:
     """The card of a release: fixed use statements, the run's DP federated evaluation of its last round
     (`FEDERATED_EVALUATION_BASIS`), and calibration and fairness from `evaluation` (the release's
     `evaluation_from_tables` result). It quotes no figure that is not DP."""
@@ -412,7 +426,9 @@ def build_model_card(*, release_id: str, model_sha256: str, model_kind: str, n_f
         release_id=release_id, model_sha256=model_sha256, model_kind=model_kind, n_features=n_features,
         intended_use=INTENDED_USE, out_of_scope_uses=list(OUT_OF_SCOPE_USES), features=features,
         federated_auc=federated_auc, federated_brier=federated_brier, federated_basis=FEDERATED_EVALUATION_BASIS,
-        calibration=calibration, fairness=fairness, fairness_notes=notes, limitations=limitations)
+        calibration=calibration, fairness=fairness, fairness_notes=notes, limitations=limitations,
+        recalibration=dict(recalibration) if recalibration else None,
+        bands=band_rates(list(evaluation["overall"]["calibration"])))
 
 
 def _summary(stats: Mapping[str, Any]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from server.releases.certificates import (
     build_model_card,
 )
 from server.releases.dp_evaluation import DPEvaluation, evaluation_from_tables
+from server.calibration import release_problems
 from server.tracking import quiet_mlflow
 from server.releases.run_artifacts import (
     DIGEST_FILE,
@@ -164,7 +165,7 @@ class ReleaseRegistry:
 
     # --- changing ----------------------------------------------------------------------------
     def create(self, mlflow_run_id: str, approved_by: str, cutoff: date | str | None = None,
-               evaluation: DPEvaluation | None = None) -> Release:
+               evaluation: DPEvaluation | None = None, accept_miscalibration: str = "") -> Release:
         """Release a finished training run. Refuses (ReleaseRefused, one line, audited) a run that is
         unknown, not FINISHED, without release artifacts, whose model.sha256 does not match its
         weights, whose privacy report shows no DP or no DP federated evaluation or does not
@@ -177,13 +178,20 @@ class ReleaseRegistry:
         `server.releases.dp_evaluation.load_evaluation`), required: they give the card's calibration and
         fairness and the certificate's record count. Tables that do not name this run's model by its
         SHA-256, or that carry no noise, are refused.
+
+        The evaluation is also the release's calibration check (`server.calibration.release_problems`):
+        a model the run did not recalibrate, a calibration offset the noise leaves undefined or beyond
+        `CALIBRATION_TOLERANCE`, or a risk band whose observed rate lies outside it is refused unless
+        `accept_miscalibration` gives the reason to release anyway; the reason, the approver and the
+        problems then go on the certificate (`calibration_override`) and into the audit log.
         """
         with self._lock():
             try:
                 if not self.tracking_uri:
                     raise ReleaseRefused("no tracking URI: say where the run's MLflow store is "
                                          "(--tracking-uri, or --run-dir for a `fedrisk run --out` directory)")
-                return self._create(str(mlflow_run_id), _text(approved_by, "approved-by"), cutoff, evaluation)
+                override = _text(accept_miscalibration, "accept-miscalibration") if accept_miscalibration else ""
+                return self._create(str(mlflow_run_id), _text(approved_by, "approved-by"), cutoff, evaluation, override)
             except FedriskError as error:
                 self.audit.refusal(error)
                 raise
@@ -214,7 +222,7 @@ class ReleaseRegistry:
 
     # --- internals ---------------------------------------------------------------------------
     def _create(self, run_id: str, approver: str, cutoff: date | str | None,
-                evaluation: DPEvaluation | None) -> Release:
+                evaluation: DPEvaluation | None, override: str) -> Release:
         staging = self.registry_dir / f".staging-{uuid.uuid4().hex}"
         try:
             run = read_run_release(self.client, run_id, staging, cutoff)
@@ -225,7 +233,13 @@ class ReleaseRegistry:
             if released:
                 raise ReleaseRefused(f"run {run_id} is already released as {release_id_of(released[0].version)} "
                                      f"({released[0].tags.get(TAG_STATUS, '?')})")
-            return self._register(run, approver, self._evaluation(evaluation, run.sha256))
+            summary = self._evaluation(evaluation, run.sha256)
+            problems = release_problems(summary["overall"], run.calibration)
+            if problems and not override:
+                raise ReleaseRefused(f"run {run_id}: {'; '.join(problems)} (to release it anyway, give the reason: "
+                                     "--accept-miscalibration REASON; it goes on the certificate)")
+            accepted = {"reason": override, "by": approver, "problems": problems} if problems else None
+            return self._register(run, approver, summary, accepted)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -253,7 +267,8 @@ class ReleaseRegistry:
         summary["source"] = evaluation.source
         return summary
 
-    def _register(self, run: RunRelease, approver: str, evaluation: dict[str, Any]) -> Release:
+    def _register(self, run: RunRelease, approver: str, evaluation: dict[str, Any],
+                  calibration_override: dict[str, Any] | None = None) -> Release:
         """Create the model version, its certificate and card, the local copy and the audit entry;
         undo the version if any later step fails."""
         from mlflow.exceptions import MlflowException
@@ -274,12 +289,13 @@ class ReleaseRegistry:
             certificate = build_certificate(
                 release_id=release_id, model_sha256=run.sha256, mlflow_run_id=run.run_id,
                 privacy_report=run.privacy_report, cutoff=run.cutoff,
-                issued=datetime.now(UTC).isoformat(timespec="seconds"), evaluation=evaluation)
+                issued=datetime.now(UTC).isoformat(timespec="seconds"), evaluation=evaluation,
+                calibration_override=calibration_override)
             card = build_model_card(
                 release_id=release_id, model_sha256=run.sha256, model_kind=run.model_kind, n_features=run.n_features,
                 purpose=certificate.purpose, hospitals=certificate.hospitals, epsilon_max=certificate.epsilon_max,
                 delta=certificate.delta, federated_auc=run.federated.get("auc"),
-                federated_brier=run.federated.get("brier"), evaluation=evaluation)
+                federated_brier=run.federated.get("brier"), evaluation=evaluation, recalibration=run.calibration)
             for tag, document in ((TAG_CERTIFICATE, certificate.to_dict()), (TAG_CARD, card.to_dict())):
                 self.client.set_model_version_tag(REGISTERED_MODEL, version.version, tag, json.dumps(document))
             shutil.rmtree(target, ignore_errors=True)
@@ -288,7 +304,8 @@ class ReleaseRegistry:
             release = self.get(release_id)
             self.audit.append(RELEASE_CREATE, purpose=certificate.purpose, details={
                 "release": release_id, "run": run.run_id, "sha256": Digest(run.sha256), "approver": approver,
-                "cutoff": run.cutoff, "dp-evaluated": True})
+                "cutoff": run.cutoff, "dp-evaluated": True, "recalibrated": run.calibration is not None,
+                "calibration-override": calibration_override is not None})
         except BaseException:
             self.client.delete_model_version(REGISTERED_MODEL, version.version)
             shutil.rmtree(target, ignore_errors=True)

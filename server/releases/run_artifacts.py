@@ -23,12 +23,14 @@ from federation.errors import FedriskError
 from federation.model import weights_digest
 from federation.round_evaluation import AUC, BRIER
 from privacy.accounting import EPSILON_TOLERANCE
+from server.tracking import CALIBRATION_FILE
 from server.releases.certificates import NEIGHBOURING, CertificateError, hospitals_from_report
 
 RELEASE_ARTIFACT_PATH = "release"
 MODEL_FILE, DIGEST_FILE, PRIVACY_FILE, SUMMARY_FILE = (
     "model.npz", "model.sha256", "privacy_report.json", "run_summary.json")
 RELEASE_FILES = (MODEL_FILE, DIGEST_FILE, PRIVACY_FILE, SUMMARY_FILE)
+"""Every release has these; a recalibrated one also CALIBRATION_FILE (`server.tracking`)."""
 RUN_SHA256_TAG = "release.sha256"  # set on the training run by server.tracking
 FEDERATED_METRICS = (AUC, BRIER)  # logged per round by the training run: the DP federated evaluation
 CUTOFF_CLOCK_SLACK = timedelta(days=1)
@@ -52,7 +54,8 @@ class RunRelease:
         run_id: the MLflow run; source: URI of its `release/` artifacts; files: local directory
         holding the downloaded files; model_kind, n_features, sha256: the model; privacy_report:
         privacy_report.json (checked); federated: the last round's DP federated AUC and Brier
-        (absent ones left out); cutoff: the data cut-off as an ISO date.
+        (absent ones left out); cutoff: the data cut-off as an ISO date; calibration: the Platt map
+        the run folded into the model (calibration.json), None for a run that did not recalibrate.
     """
 
     run_id: str
@@ -64,6 +67,7 @@ class RunRelease:
     privacy_report: dict[str, Any]
     federated: dict[str, float]
     cutoff: str
+    calibration: dict[str, Any] | None = None
 
 
 def read_run_release(client: Any, run_id: str, staging: Path, cutoff: date | str | None = None) -> RunRelease:
@@ -94,6 +98,9 @@ def read_run_release(client: Any, run_id: str, staging: Path, cutoff: date | str
             weights, kind, n_features = np.asarray(npz["weights"]), str(npz["model"]), int(npz["n_features"])
         declared = (files / DIGEST_FILE).read_text().split()[0]
         report = json.loads((files / PRIVACY_FILE).read_text())
+        calibration = json.loads((files / CALIBRATION_FILE).read_text()) if (files / CALIBRATION_FILE).is_file() else None
+        if calibration is not None and not isinstance(calibration, dict):
+            raise ValueError(CALIBRATION_FILE)
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise ReleaseRefused(f"run {run_id}: its release artifacts are unreadable ({type(exc).__name__})") from None
     digest = weights_digest(weights)
@@ -103,7 +110,7 @@ def read_run_release(client: Any, run_id: str, staging: Path, cutoff: date | str
     _check_privacy(run_id, report)
     return RunRelease(run_id=run_id, source=f"{run.info.artifact_uri.rstrip('/')}/{RELEASE_ARTIFACT_PATH}",
                       files=files, model_kind=kind, n_features=n_features, sha256=digest, privacy_report=report,
-                      federated=_last_round(client, run_id), cutoff=day)
+                      federated=_last_round(client, run_id), cutoff=day, calibration=calibration)
 
 
 def _cutoff(value: date | str | None, run_started: datetime) -> str:
