@@ -59,7 +59,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
         print(f"  {name}: run epsilon {h.run_epsilon:.4f} (DP-SGD {h.epsilon:.4f}, {h.evaluation.count} DP "
               f"evaluations {h.evaluation.epsilon:.4f}); ledger epsilon for {cert.purpose} after the run "
               f"{h.ledger_epsilon:.4f}")
-    print(f"  DP federated evaluation, last round: AUC {_number(card.federated_auc)}, "
+    print(f"  DP federated evaluation, last round: pooled DP AUC {_number(card.federated_auc)}, "
           f"Brier {_number(card.federated_brier)}; calibration and fairness: {card.calibration['source']}")
     offset = card.fairness["overall"].get("calibration_offset") if isinstance(card.fairness, dict) else None
     if card.recalibration:

@@ -8,6 +8,7 @@ the data scientist's harness, not part of either trust domain.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -25,7 +26,7 @@ from federation.he_codec import (
     ServerContext,
     check_file_mode,
 )
-from federation.round_evaluation import AUC, BRIER, LOG_LOSS
+from federation.round_evaluation import AUC, BRIER, LOG_LOSS, SE_SUFFIX
 from server.app import FederatedResult, Progress, make_server_app
 from server.tracking import ROUND_EPSILON_MAX, ROUND_SECONDS
 
@@ -35,7 +36,9 @@ def print_rounds(stream: TextIO) -> Progress:
     demo show): the DP evaluation's metrics, the largest epsilon so far and the round's time."""
     def show(event: str, data: dict[str, Any]) -> None:
         if event == "round":
-            stream.write(f"  round {data['round']}/{data['rounds']}  federated AUC {data[AUC]:.4f}  "
+            se = data.get(AUC + SE_SUFFIX)
+            spread = f" ± {se:.4f}" if isinstance(se, float) and math.isfinite(se) else ""
+            stream.write(f"  round {data['round']}/{data['rounds']}  DP pooled AUC {data[AUC]:.4f}{spread}  "
                          f"Brier {data[BRIER]:.4f}  log loss {data[LOG_LOSS]:.4f}  "
                          f"epsilon so far {data[ROUND_EPSILON_MAX]:.3f}  {data[ROUND_SECONDS]:.1f}s\n")
             stream.flush()

@@ -629,7 +629,7 @@ def test_cli_requires_the_dp_evaluation_and_prints_each_hospitals_epsilons(
         assert (f"{name}: run epsilon {spend.run_epsilon:.4f} (DP-SGD {spend.epsilon:.4f}, 4 DP evaluations "
                 f"{spend.evaluation.epsilon:.4f}); ledger epsilon for {PURPOSE} after the run "
                 f"{spend.ledger_epsilon:.4f}") in out
-    assert "DP federated evaluation, last round: AUC 0.7100" in out and "add/remove one patient" in out
+    assert "DP federated evaluation, last round: pooled DP AUC 0.7100" in out and "add/remove one patient" in out
 
 
 # --- the release's calibration check --------------------------------------------------------------

@@ -38,9 +38,11 @@ OUT_OF_SCOPE_USES = (
     "Populations other than the contributing hospitals' patients without a new evaluation.",
 )
 FEDERATED_EVALUATION_BASIS = (
-    "DP federated evaluation, last round: the hospitals' AUC and Brier score on their own held-out records, "
-    "aggregated from Gaussian-noised per-hospital results that each hospital charged to its privacy ledger "
-    "(the certificate's per-hospital evaluation); the figures carry that noise and no interval.")
+    "DP federated evaluation, last round, of the model as trained (before recalibration, which keeps its "
+    "ranking): pooled DP AUC and Brier score, read off the sum over hospitals of their Gaussian-noised score "
+    "histograms of their own held-out records (each charged to the hospital's privacy ledger: the "
+    "certificate's per-hospital evaluation). The AUC is that of the pooled binned scores, not a mean of "
+    "per-hospital AUCs; the figures carry the DP noise and no interval.")
 NEIGHBOURING = "add/remove one patient's records"
 """The neighbouring relation every epsilon here is computed for (Poisson sampling, RDP accountant)."""
 EVALUATION_MECHANISM = "gaussian"  # each round's DP federated evaluation: a plain Gaussian release
