@@ -412,8 +412,8 @@ def recompute_report(report: dict) -> list[Recomputed]:
         accountant = report_accountant(report, h)
 
         def check(key: str, logged: object, mechanisms: list[GaussianMechanism]) -> Recomputed:
-            return Recomputed(name, key, float(logged), compose_epsilon(mechanisms, delta, accountant=accountant),  # type: ignore[arg-type]
-                              accountant, tuple(mechanisms), delta)
+            recomputed = compose_epsilon(mechanisms, delta, accountant=accountant)
+            return Recomputed(name, key, float(logged), recomputed, accountant, tuple(mechanisms), delta)  # type: ignore[arg-type]
 
         dp_sgd = GaussianMechanism(float(h["sample_rate"]), float(h["noise_multiplier"]), int(h["steps"]))
         checks.append(check("epsilon", h["epsilon"], [dp_sgd]))

@@ -303,7 +303,8 @@ def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str,
     composer = report["accountant"] if report["accountant"] in ACCOUNTANTS else ACCOUNTANT  # the one it names
     everywhere = compose_epsilon([m for h in per_hospital.values() for m in h.mechanisms()], delta, accountant=composer)
     overlap = ("Where hospitals do not hold disjoint patients, a patient with records at several hospitals is "
-               f"protected by the composition of those hospitals' runs ({composer.split(' ')[0].upper()}), not by epsilon_max: "
+               f"protected by the composition of those hospitals' runs ({composer.split(' ')[0].upper()}), "
+               "not by epsilon_max: "
                f"at most epsilon {everywhere:.4g} at delta {delta:g} for a patient at all {len(per_hospital)} "
                "hospitals.")
     return PrivacyCertificate(
