@@ -10,9 +10,12 @@
 * DP evaluation, on training: DP-SGD's noise multiplier when the run's target epsilon must also
   cover its DP evaluations (a quarter of it, at most 0.5) against DP-SGD alone;
 * DP evaluation, on the figure itself: the DP AUC of a round's evaluation against the exact AUC
-  of the same scores, over repeated noise draws.
+  of the same scores, over repeated noise draws;
+* the accountant: at the demo's settings, DP-SGD's sigma (and the DP evaluation's z) calibrated
+  under RDP (the accountant before) and under PLD (the one in force), and the epsilon each pair
+  certifies under PLD, RDP and, independently, Opacus's PRV accountant.
 
-Run: `.venv/bin/python bench/privacy_costs.py [--json FILE]`.
+Run: `.venv/bin/python bench/privacy_costs.py [--json FILE] [--accountants-only]`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from federation.config import RunConfig  # noqa: E402
 from federation.he_codec import CONTRIBUTOR_UNIT, flooding_std, init_keys  # noqa: E402
 from federation.model import load_model, predict_proba  # noqa: E402
 from federation.query import CELL_CAPACITY  # noqa: E402
-from privacy.accounting import calibrate_noise  # noqa: E402
+from privacy.accounting import (ACCOUNTANT, RDP_ACCOUNTANT, GaussianMechanism, calibrate_noise,  # noqa: E402
+                                _pld_epsilon, compose_epsilon, prv_epsilon)
 
 
 def model_round(workdir: Path) -> dict[str, float]:
@@ -107,11 +111,57 @@ def evaluation_costs(epsilon: float = 1.0, delta: float = 1e-6, rounds: int = 5,
             "dp_auc_mean_error": float(np.mean(errors))}
 
 
+def accountant_costs(epsilon: float = 1.0, delta: float = 1e-6, rounds: int = 5,
+                     sample_rate: float = 0.01) -> dict[str, dict[str, float]]:
+    """The demo's plan (`fedrisk demo`: 5 rounds of 1/q steps at q = 0.01, delta 1e-6, target 1, a
+    quarter of it for the DP evaluations) calibrated under each accountant, and what each certifies."""
+    steps, budget = rounds * round(1 / sample_rate), min(epsilon / 4, 0.5)
+    figures: dict[str, dict[str, float]] = {}
+    for name, accountant in (("rdp", RDP_ACCOUNTANT), ("pld", ACCOUNTANT)):
+        began = time.perf_counter()
+        if accountant == ACCOUNTANT:  # what a node runs now
+            z = round_evaluation.evaluation_noise_multiplier(budget, delta, rounds)
+        else:  # what the RDP version's evaluation_noise_multiplier gave (the same bisection, by RDP)
+            z = calibrate_noise(target_epsilon=budget, delta=delta, sample_rate=1.0, steps=rounds, tolerance=0.005,
+                                accountant=accountant)
+        sigma = calibrate_noise(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+                                extra=((1.0, z, rounds),), accountant=accountant)
+        seconds = time.perf_counter() - began
+        mechanisms = [GaussianMechanism(sample_rate, sigma, steps), GaussianMechanism.gaussian_release(
+            noise_multiplier=z, count=rounds)]
+        _pld_epsilon.cache_clear()
+        began = time.perf_counter()
+        pld = compose_epsilon(mechanisms, delta)
+        one = time.perf_counter() - began
+        figures[name] = {"sigma": sigma, "evaluation_z": z, "calibration_seconds": seconds,
+                         "epsilon_pld": pld, "epsilon_rdp": compose_epsilon(mechanisms, delta, accountant=RDP_ACCOUNTANT),
+                         "epsilon_prv": prv_epsilon(mechanisms, delta).estimate, "pld_composition_seconds": one}
+    figures["pld"]["sigma_ratio"] = figures["pld"]["sigma"] / figures["rdp"]["sigma"]
+    return figures
+
+
+def print_accountant_costs(acc: dict[str, dict[str, float]]) -> None:
+    for name in ("rdp", "pld"):
+        f = acc[name]
+        print(f"demo noise calibrated by {name.upper()}: DP-SGD sigma {f['sigma']:.4f}, evaluation z {f['evaluation_z']:.2f} "
+              f"-> certifies epsilon {f['epsilon_pld']:.4f} by PLD, {f['epsilon_rdp']:.4f} by RDP, "
+              f"{f['epsilon_prv']:.4f} by PRV (independent); calibration {f['calibration_seconds']:.2f} s")
+    print(f"PLD sigma / RDP sigma at the demo's target: x{acc['pld']['sigma_ratio']:.3f}; one PLD composition of the "
+          f"demo run {acc['pld']['pld_composition_seconds']:.3f} s (uncached)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the figures to this file")
+    parser.add_argument("--accountants-only", action="store_true", help="only the accountant figures (seconds)")
     args = parser.parse_args()
     figures: dict[str, object] = {}
+    figures["accountants"] = acc = accountant_costs()
+    print_accountant_costs(acc)
+    if args.accountants_only:
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2))
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         figures["model_round"] = model = model_round(Path(tmp))
     print(f"flooded vs exact aggregate, 8 hospitals: AUC {model['auc_flooded']:.5f} vs {model['auc_exact']:.5f}, "

@@ -119,7 +119,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_privacy_verify(args: argparse.Namespace) -> int:
-    from privacy.accounting import recompute_report
+    from privacy.accounting import ACCOUNTANT, EPSILON_TOLERANCE, cross_check, recompute_report
 
     path = Path(args.report)
     try:
@@ -131,16 +131,33 @@ def _cmd_privacy_verify(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path} is a directory; give its release/privacy_report.json") from None
     except FedriskError as error:
         raise ConfigError(f"{path}: {error}") from None
-    except (ValueError, KeyError, TypeError):
+    except ValueError as error:
+        if "accountant" in str(error):
+            raise ConfigError(f"{path}: {error}") from None
         raise ConfigError(f"{path} is not a fedrisk privacy report") from None
+    except (KeyError, TypeError):
+        raise ConfigError(f"{path} is not a fedrisk privacy report") from None
+    crossed = cross_check(checks)
     for name, h in sorted(report["hospitals"].items()):
-        print(f"{name}: q={h['sample_rate']:g} sigma={h['noise_multiplier']:.4f} steps={h['steps']} delta={h['delta']:g}")
-        for check in (c for c in checks if c.hospital == name):
-            print(f"  {check.key} {check.recomputed:.4f} (reported {check.logged:.4f})")
+        accountant = next(c.accountant for c in checks if c.hospital == name)
+        print(f"{name}: q={h['sample_rate']:g} sigma={h['noise_multiplier']:.4f} steps={h['steps']} delta={h['delta']:g}"
+              f" ({'pld' if accountant == ACCOUNTANT else 'rdp, as logged before PLD'})")
+        for c in (c for c in crossed if c.check.hospital == name):
+            print(f"  {c.check.key} {c.check.recomputed:.4f} (reported {c.check.logged:.4f}); "
+                  f"pld {c.pld:.4f}, rdp {c.rdp:.4f}, independent prv {c.prv.estimate:.4f} "
+                  f"[{c.prv.lower:.4f}, {c.prv.upper:.4f}]")
+    print(f"accountant: {checks[0].accountant if len({c.accountant for c in checks}) == 1 else 'per hospital, above'}; "
+          "cross-checks: rdp (opacus.accountants.analysis.rdp), prv (opacus.accountants.PRVAccountant, independent)")
     worst = max((abs(c.logged - c.recomputed) for c in checks), default=0.0)
-    if worst > 1e-6:
+    if worst > EPSILON_TOLERANCE:
         raise ConfigError(f"{path}: a reported epsilon differs from its recomputation by {worst:.3g}")
-    print("every epsilon recomputes from its logged parameters")
+    under = [c for c in crossed if c.below_prv]
+    if under:
+        c = under[0]
+        raise ConfigError(f"{path}: {c.check.hospital}'s {c.check.key} {c.check.logged:.4f} is below the independent "
+                          f"PRV accountant's lower bound {c.prv.lower:.4f}: it under-counts")
+    print("every epsilon recomputes from its logged parameters by the accountant it names, "
+          "and none is below the independent PRV accountant's lower bound")
     return 0
 
 

@@ -12,7 +12,8 @@ gradients, in one of two modes:
 
 The noise multiplier is calibrated once per run for the whole planned number of steps, so
 every round uses the same sigma and the run's epsilon meets its target. After training, the
-steps Opacus's accountant recorded are checked against the steps that ran.
+steps Opacus's accountant recorded are checked against the steps that ran (only its step count
+is used: every epsilon fedrisk states is computed by `privacy.accounting`, PLD).
 """
 
 from __future__ import annotations

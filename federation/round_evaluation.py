@@ -24,9 +24,10 @@ and caps how overconfident a log loss can look (a positive scored 1e-6 counts as
 evenly in [0, 0.02]).
 
 Recommended budget: the evaluation's own share of a run's purpose, e.g. epsilon 0.5 at delta
-1e-5 over 5 rounds: `evaluation_noise_multiplier(0.5, 1e-5, releases=5)` = 17.19, each round's
-release alone epsilon 0.21. On the test's 40,000 records in 8 hospitals that gives AUC within
-0.012 (RMS; 0.023 at the 95th percentile) and Brier within 0.003 (RMS) of the exact values.
+1e-5 over 5 rounds: `evaluation_noise_multiplier(0.5, 1e-5, releases=5)` = 15.75 (PLD; RDP needed
+17.19), each round's release alone epsilon 0.21. On the test's 40,000 records in 8 hospitals
+that gives AUC within 0.012 (RMS; 0.023 at the 95th percentile) and Brier within 0.003 (RMS) of
+the exact values (measured at z = 17.19; the smaller z only narrows them).
 
 Layout of the vector (length `LENGTH`, record units): the negatives' (label 0) counts per bin, in
 bin order, then the positives' (label 1). The caller scales it into the CKKS slot range and adds
@@ -110,7 +111,7 @@ def evaluation_noise_multiplier(epsilon: float, delta: float, releases: int = 1)
 
     z is found by bisection so that `releases` Gaussian releases at L2 sensitivity 1 and noise std
     z, composed as the ledger composes them (`GaussianMechanism.gaussian_release(noise_multiplier=z,
-    count=releases).epsilon(delta)`, RDP), spend between 99.5% and 100% of `epsilon`: the ledger
+    count=releases).epsilon(delta)`, PLD), spend between 99.5% and 100% of `epsilon`: the ledger
     never refuses a charge it was calibrated for, and no more noise is added than needed.
     Calibrate once for the run's evaluation budget and its rounds (releases = rounds); each round
     is then charged `gaussian_release(noise_multiplier=z)`. Cached per (epsilon, delta, releases).

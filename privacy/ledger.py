@@ -2,9 +2,40 @@
 
 Each hospital node keeps one SQLite file. A purpose (a slug such as "credit-risk-research")
 has a total budget (epsilon_total, delta). Every charge is stored as its mechanism's parameters,
-never as an epsilon alone, so the ledger composes charges properly: it adds the Renyi-DP curves
-of all charges over `RDP_ORDERS` and converts the sum to epsilon at the budget's delta (Opacus's
-`get_privacy_spent`). That is tighter than adding per-run epsilons, and anyone can recompute it.
+never as an epsilon alone, so the ledger composes charges properly: the purpose's spent epsilon
+is the privacy loss distribution (PLD) composition of all its charges at the budget's delta
+(`privacy.accounting.compose_epsilon`, `ACCOUNTANT`: dp_accounting's PLD, pessimistic). That is
+tighter than adding per-run epsilons, and than the RDP composition fedrisk used before; anyone
+can recompute it, and Opacus's PRV accountant, an independent implementation, agrees with it.
+
+Each charge records the accountant it was admitted under (`Charge.accountant`) and the
+purpose's epsilon after it by that accountant (`epsilon_after`): the record of the decision, as
+it was made. What a purpose has spent is never read from those records: it is always the PLD
+composition of every charge's parameters, recomputed.
+
+Schema versions. 3 (this one) records each charge's accountant. 2 (RDP era) had none: opening a
+version-2 file migrates it in place, in one transaction that either completes or leaves the file
+as it was, copying every charge row (id, purpose, run, slot, identity, kind, actor, mechanism,
+epsilon_after, time) and marking each as admitted under `RDP_ACCOUNTANT`, and writes one row to
+`migrations` per purpose with its spent epsilon by RDP before and by PLD after. 1 (no identity,
+two kinds) migrates the same way.
+
+Migration may make room in a budget. PLD composition of the same charges gives a smaller epsilon
+than RDP did (about 12% less at the demo's settings), so a purpose that had room under RDP has
+more after migration and may accept charges RDP would have refused. That is legitimate only because
+both figures are upper bounds on the same mechanisms' true privacy loss, proved by different
+means: RDP converts Renyi divergences to (epsilon, delta) with a loose conversion, while the
+pessimistic PLD bounds the privacy loss distribution itself, so the PLD figure is the tighter
+valid bound (tests hold it at no less than the PRV accountant's estimate minus 2%, and never
+above RDP). Nothing is under-counted: every charge ever made is still composed, with the
+parameters it was charged with; only the arithmetic that bounds their sum is sharper. A
+charge that would take the PLD composition past epsilon_total is refused as before.
+
+A budget that was full under RDP stays full: where the RDP spend had reached epsilon_total
+(spent to the last, or closed at what was spent by a rollback recovery, `clients.anchoring`,
+because charges lost with a restored backup are unknown), the migration lowers epsilon_total to
+the PLD spend, so the room the sharper arithmetic finds is not handed to a purpose someone
+decided must stop. Both totals are in `migrations`; an operator may raise a budget deliberately.
 
 Every noisy output is charged exactly once, under one identity. A charge fills a *slot*
 (purpose, run_id, slot), e.g. "round-3" of a training run; the schema holds each slot at most
@@ -38,6 +69,8 @@ from typing import Any, TypeVar
 
 from federation.errors import PrivacyBudgetError
 from privacy.accounting import (  # noqa: F401  (the ledger's mechanisms live in accounting)
+    ACCOUNTANT,
+    RDP_ACCOUNTANT,
     RDP_ORDERS,
     BudgetParameterError,
     GaussianMechanism,
@@ -47,7 +80,7 @@ from privacy.accounting import (  # noqa: F401  (the ledger's mechanisms live in
 )
 
 KINDS = ("training", "analytics", "evaluation")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Snapshots a charge may lose to other writers before it composes under the write lock instead.
 # Each loss means another charge committed, so this bounds the extra compositions, not the wait.
 _OPTIMISTIC_ATTEMPTS = 3
@@ -62,15 +95,24 @@ _CHARGES_TABLE = f"""CREATE TABLE {{name}} (
     run_id TEXT NOT NULL, slot TEXT NOT NULL, identity TEXT NOT NULL DEFAULT '',
     kind TEXT NOT NULL CHECK (kind IN ({_KIND_CHECK})), actor TEXT NOT NULL,
     sample_rate REAL NOT NULL, noise_multiplier REAL NOT NULL, steps INTEGER NOT NULL,
-    epsilon_after REAL NOT NULL, charged_at TEXT NOT NULL,
+    epsilon_after REAL NOT NULL, charged_at TEXT NOT NULL, accountant TEXT NOT NULL,
     UNIQUE (purpose, run_id, slot))"""
 _COLUMNS = ("id, purpose, run_id, slot, identity, kind, actor, sample_rate, noise_multiplier, steps, "
-            "epsilon_after, charged_at")
-# Version 1 called the slot `idempotency_key`, had no identity and allowed two kinds; its rows
-# are copied as they are, with identity '' (unknown), which no later charge's identity matches.
-_FROM_V1 = ("INSERT INTO charges_v2 (id, purpose, run_id, slot, identity, kind, actor, sample_rate, "
-            "noise_multiplier, steps, epsilon_after, charged_at) SELECT id, purpose, run_id, idempotency_key, "
-            "'', kind, actor, sample_rate, noise_multiplier, steps, epsilon_after, charged_at FROM charges")
+            "epsilon_after, charged_at, accountant")
+_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS migrations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, from_version INTEGER NOT NULL, to_version INTEGER NOT NULL,
+    purpose TEXT NOT NULL, charges INTEGER NOT NULL, spent_before REAL NOT NULL, accountant_before TEXT NOT NULL,
+    spent_after REAL NOT NULL, accountant_after TEXT NOT NULL, epsilon_total_before REAL NOT NULL,
+    epsilon_total_after REAL NOT NULL, migrated_at TEXT NOT NULL)"""
+# What an old charges table's rows become: version 1 called the slot `idempotency_key`, had no
+# identity and allowed two kinds; its rows are copied with identity '' (unknown), which no later
+# charge's identity matches. Neither version 1 nor 2 recorded an accountant: both were RDP.
+_FROM_OLD = {
+    version: ("INSERT INTO charges_new (id, purpose, run_id, slot, identity, kind, actor, sample_rate, "
+              "noise_multiplier, steps, epsilon_after, charged_at, accountant) SELECT id, purpose, run_id, "
+              f"{slot}, {identity}, kind, actor, sample_rate, noise_multiplier, steps, epsilon_after, charged_at, "
+              "? FROM charges")
+    for version, slot, identity in ((1, "idempotency_key", "''"), (2, "slot", "identity"))}
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 _R = TypeVar("_R")
 
@@ -135,6 +177,9 @@ class Charge:
     mechanism: GaussianMechanism
     epsilon_after: float
     charged_at: str
+    accountant: str = ACCOUNTANT
+    """The accountant the charge was admitted under, which computed `epsilon_after`
+    (`RDP_ACCOUNTANT` for charges migrated from schema version 2 or 1)."""
 
     @property
     def idempotency_key(self) -> str:
@@ -159,7 +204,7 @@ class _Snapshot:
 
 def _charge_from_row(row: tuple[Any, ...]) -> Charge:
     return Charge(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
-                  GaussianMechanism(row[7], row[8], row[9]), row[10], row[11])
+                  GaussianMechanism(row[7], row[8], row[9]), row[10], row[11], row[12])
 
 
 def _is_busy(error: sqlite3.OperationalError) -> bool:
@@ -173,7 +218,7 @@ class BudgetLedger:
     """The privacy budget ledger in one SQLite file (WAL mode), safe to share between processes.
 
     `busy_timeout` is how long, in seconds, a writer waits for another process's transaction
-    before giving up with `LedgerBusy`. Opening a version-1 file migrates it in place.
+    before giving up with `LedgerBusy`. Opening a version-1 or version-2 file migrates it in place.
     """
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 30.0) -> None:
@@ -204,28 +249,59 @@ class BudgetLedger:
     def _upgrade(self, version: int) -> None:
         """Bring the schema from `version` to SCHEMA_VERSION inside the caller's transaction.
 
-        SQLite cannot alter a CHECK constraint, so version 1's charges table is rebuilt: every
-        row copied with its id, the AUTOINCREMENT counter carried over, then the old table
-        dropped. Any failure rolls the whole file back to version 1."""
+        SQLite cannot alter a CHECK constraint or add a NOT NULL column without a default, so an
+        old charges table is rebuilt: every row copied with its id (and marked RDP, the only
+        accountant before version 3), the copy counted against the original, the AUTOINCREMENT
+        counter carried over, then the old table dropped. Each purpose's spent epsilon by RDP
+        before and by PLD after goes into `migrations`. Any failure rolls the whole file back
+        to the version it had."""
         if version == SCHEMA_VERSION:
             return
         self._db.execute(_BUDGETS_TABLE)
+        self._db.execute(_MIGRATIONS_TABLE)
         if version == 0:
             self._db.execute(_CHARGES_TABLE.format(name="IF NOT EXISTS charges"))
         else:
-            self._db.execute(_CHARGES_TABLE.format(name="charges_v2"))
-            self._db.execute(_FROM_V1)
-            copied = self._db.execute("SELECT count(*) FROM charges_v2").fetchone()[0]
+            self._db.execute(_CHARGES_TABLE.format(name="charges_new"))
+            self._db.execute(_FROM_OLD[version], (RDP_ACCOUNTANT,))
+            copied = self._db.execute("SELECT count(*) FROM charges_new").fetchone()[0]
             held = self._db.execute("SELECT count(*) FROM charges").fetchone()[0]
             if copied != held:
                 raise PrivacyBudgetError(f"ledger {self.path}: migration copied {copied} of {held} charges; "
-                                         "left at schema version 1")
+                                         f"left at schema version {version}")
             row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'charges'").fetchone()
             self._db.execute("DROP TABLE charges")
-            self._db.execute("ALTER TABLE charges_v2 RENAME TO charges")
+            self._db.execute("ALTER TABLE charges_new RENAME TO charges")
             if row is not None:
                 self._db.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'charges'", row)
+            now = _now()
+            for (purpose,) in self._db.execute("SELECT purpose FROM budgets ORDER BY purpose").fetchall():
+                budget, charges = self._budget(purpose), self._charges(purpose)
+                mechanisms = [c.mechanism for c in charges]
+                before = compose_epsilon(mechanisms, budget.delta, accountant=RDP_ACCOUNTANT)
+                after = compose_epsilon(mechanisms, budget.delta)
+                total = budget.epsilon_total
+                if charges and before >= total * (1 - 1e-9):
+                    # Full under RDP (spent, or closed by a rollback recovery at what was spent):
+                    # it stays full. Only budgets that had room gain some.
+                    total = max(after, 1e-9)
+                    self._db.execute("UPDATE budgets SET epsilon_total = ?, updated_at = ? WHERE purpose = ?",
+                                     (total, now, purpose))
+                self._db.execute(
+                    "INSERT INTO migrations (from_version, to_version, purpose, charges, spent_before, "
+                    "accountant_before, spent_after, accountant_after, epsilon_total_before, epsilon_total_after, "
+                    "migrated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (version, SCHEMA_VERSION, purpose, len(charges), before, RDP_ACCOUNTANT, after, ACCOUNTANT,
+                     budget.epsilon_total, total, now))
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def migrations(self) -> list[dict[str, object]]:
+        """What each schema migration of this file found, per purpose: its charges and its spent
+        epsilon by the accountant before (RDP) and after (PLD). Empty for a file created at version 3."""
+        with self._transaction():
+            cursor = self._db.execute("SELECT * FROM migrations ORDER BY id")
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row)) for row in cursor.fetchall()]
 
     def close(self) -> None:
         self._db.close()
@@ -433,17 +509,20 @@ class BudgetLedger:
             assert snapshot.budget is not None and isinstance(after, float)
             budget = snapshot.budget
             if after > budget.epsilon_total:
-                spent = snapshot.charges[-1].epsilon_after if snapshot.charges else 0.0
+                # recomputed, not the last epsilon_after: a migrated charge's is by RDP
+                spent = _epsilon([c.mechanism for c in snapshot.charges], budget.delta)
                 raise BudgetExceeded(purpose, mechanism.epsilon(budget.delta), after, spent,
                                      budget.epsilon_total, budget.delta)
             charged_at = _now()
             cursor = self._db.execute(
                 "INSERT INTO charges (purpose, run_id, slot, identity, kind, actor, sample_rate, "
-                "noise_multiplier, steps, epsilon_after, charged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "noise_multiplier, steps, epsilon_after, charged_at, accountant) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (purpose, run_id, slot, identity, kind, actor, mechanism.sample_rate,
-                 mechanism.noise_multiplier, mechanism.steps, after, charged_at))
+                 mechanism.noise_multiplier, mechanism.steps, after, charged_at, ACCOUNTANT))
             charge_id = int(cursor.lastrowid)  # type: ignore[arg-type]  # set: the INSERT just ran
-            return Charge(charge_id, purpose, run_id, slot, identity, kind, actor, mechanism, after, charged_at)
+            return Charge(charge_id, purpose, run_id, slot, identity, kind, actor, mechanism, after, charged_at,
+                          ACCOUNTANT)
 
         try:
             return self._write_if_unchanged(purpose, plan, write)

@@ -19,7 +19,8 @@ import numpy as np
 
 from federation.config import RunConfig
 from federation.he_codec import he_parameters
-from privacy.accounting import ACCOUNTANT, RDP_ORDERS, HospitalSpend
+from privacy.accounting import (ACCOUNTANT, MIXED_ACCOUNTANTS, PRV_ACCOUNTANT, RDP_ACCOUNTANT, RDP_ORDERS,
+                                HospitalSpend)
 
 
 # The per-round metrics of a training run, beside the DP evaluation's own (AUC, BRIER, LOG_LOSS, ...
@@ -149,6 +150,7 @@ def privacy_report(config: RunConfig, spends: dict[str, HospitalSpend]) -> dict[
     Gaussian releases of multiplier z); `run_epsilon`, the two composed; and `ledger_epsilon`,
     the hospital's cumulative epsilon for the purpose."""
     hospitals = {name: spend.report_entry(config.target_epsilon) for name, spend in sorted(spends.items())}
+    accountants = sorted({spend.accountant for spend in spends.values()})
     return {
         "guarantee": "per-patient (epsilon, delta)-DP for the add/remove-one-patient relation; hospitals hold "
                      "disjoint patients, so the released model is (max_k run_epsilon_k, delta)-DP",
@@ -156,10 +158,14 @@ def privacy_report(config: RunConfig, spends: dict[str, HospitalSpend]) -> dict[
         "assumption": ASSUMPTION,
         "epsilon_max": max((h["run_epsilon"] for h in hospitals.values()), default=0.0),
         "delta": config.delta,
-        "accountant": ACCOUNTANT,
+        # each hospital's entry names its accountant too; they differ only while a node still runs the RDP version
+        "accountant": (accountants[0] if len(accountants) == 1 else ACCOUNTANT if not accountants
+                       else MIXED_ACCOUNTANTS),
+        "cross_checks": [RDP_ACCOUNTANT, PRV_ACCOUNTANT],
         "rdp_orders": list(RDP_ORDERS),
         "recompute": "fedrisk privacy verify privacy_report.json (or privacy.accounting.compose_epsilon([GaussianMechanism"
-                     "(q, sigma, steps), GaussianMechanism.gaussian_release(noise_multiplier=z, count=count)], delta))",
+                     "(q, sigma, steps), GaussianMechanism.gaussian_release(noise_multiplier=z, count=count)], delta, "
+                     "accountant=<the hospital's accountant>))",
         "he_parameters": he_parameters(),
         "purpose": config.purpose,
         "hospitals": hospitals,

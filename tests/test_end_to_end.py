@@ -20,7 +20,7 @@ from federation.config import RunConfig
 from federation.contributions import from_record
 from federation.he_codec import SERVER_CONTEXT_FILE, ServerContext
 from federation.model import weights_digest
-from privacy.accounting import calibrate_noise, epsilon_for
+from privacy.accounting import ACCOUNTANT, RDP_ACCOUNTANT, calibrate_noise, epsilon_for
 from privacy.ledger import GaussianMechanism, compose_epsilon
 from tests.test_accounting import _independent_epsilon
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 ALLOWED_REPLY_KEYS = {M.HOSPITAL, M.SPEND}
 ALLOWED_CONTRIBUTION_KEYS = {"headers", "signatures", "ciphertexts-0"}
-ALLOWED_SPEND_KEYS = {"format", "run_epsilon", "ledger_epsilon", "training", "evaluation"}
+ALLOWED_SPEND_KEYS = {"format", "accountant", "run_epsilon", "ledger_epsilon", "training", "evaluation"}
 ALLOWED_MECHANISM_KEYS = {"mechanism", "sample_rate", "noise_multiplier", "steps", "clip_norm", "delta", "epsilon",
                           "accountant"}
 
@@ -36,7 +36,7 @@ ALLOWED_MECHANISM_KEYS = {"mechanism", "sample_rate", "noise_multiplier", "steps
 def _spend_numbers(reply) -> list[float]:
     """Every number the privacy spend of a reply carries, checked to be only public accounting fields."""
     spend = json.loads(reply.content.config_records[M.REPLY][M.SPEND])
-    assert set(spend) <= ALLOWED_SPEND_KEYS
+    assert set(spend) <= ALLOWED_SPEND_KEYS and spend["accountant"] == ACCOUNTANT  # a public constant
     numbers = [spend["run_epsilon"], spend["ledger_epsilon"]]
     for part in ("training", "evaluation"):
         if spend[part] is not None:
@@ -140,7 +140,10 @@ def test_each_epsilon_is_within_target_and_recomputes_from_what_ran(run) -> None
         assert recomputed <= config.target_epsilon
         independent = _independent_epsilon(spend["sample_rate"], spend["noise_multiplier"],
                                            spend["steps"], spend["delta"])
-        assert independent <= spend["epsilon"] * 1.02
+        assert spend["epsilon"] >= 0.98 * independent  # never below Opacus's PRV accountant
+        assert spend["accountant"] == ACCOUNTANT and spend["epsilon"] <= epsilon_for(
+            sample_rate=spend["sample_rate"], noise_multiplier=spend["noise_multiplier"], steps=spend["steps"],
+            delta=spend["delta"], accountant=RDP_ACCOUNTANT)  # nor above RDP
 
 
 def test_mlflow_run_has_parameters_metrics_and_release(run) -> None:
@@ -187,7 +190,9 @@ def test_privacy_verify_recomputes_the_report_and_names_a_tampered_epsilon(run, 
     _, result, _ = run
     report = Path(result.release_dir) / "privacy_report.json"
     assert main(["privacy", "verify", str(report)]) == 0
-    assert "run_epsilon" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "run_epsilon" in out and "(pld)" in out and "independent prv" in out
+    assert json.loads(report.read_text())["accountant"] == ACCOUNTANT
     tampered = json.loads(report.read_text())
     first = sorted(tampered["hospitals"])[0]
     tampered["hospitals"][first]["run_epsilon"] *= 0.5

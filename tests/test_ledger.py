@@ -1,4 +1,5 @@
-"""Budget ledger: refuses overspending, composes by RDP, charges each noisy output once, migrates.
+"""Budget ledger: refuses overspending, composes by PLD (never below an independent accountant),
+charges each noisy output once, migrates RDP-era files without losing a charge.
 
 The multi-process races are in test_ledger_races.py."""
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from federation.errors import FedriskError, PrivacyBudgetError
-from privacy.accounting import RDP_ORDERS, epsilon_for
+from privacy.accounting import ACCOUNTANT, RDP_ACCOUNTANT, RDP_ORDERS, compose_epsilon, epsilon_for, prv_epsilon
 from privacy.ledger import (KINDS, SCHEMA_VERSION, BudgetExceeded, BudgetLedger, BudgetParameterError,
                             ChargeConflict, GaussianMechanism, LedgerBusy, UnknownPurpose)
 
@@ -30,8 +31,14 @@ RUNS = [  # three DP-SGD runs and two Gaussian releases (q = 1), as a hospital m
 ]
 
 
+def _independent(mechanisms: list[GaussianMechanism], delta: float) -> float:
+    """Opacus's PRV accountant (another implementation of numerical composition) on the same
+    mechanisms: its estimate, which the ledger's PLD figure must not fall 2% below."""
+    return prv_epsilon(mechanisms, delta).estimate
+
+
 def _dp_accounting_epsilon(mechanisms: list[GaussianMechanism], delta: float) -> float:
-    """Google's dp-accounting RDP accountant on the same mechanisms, composed."""
+    """Google's dp-accounting RDP accountant on the same mechanisms, composed (the looser bound)."""
     accountant = dp_accounting.rdp.RdpAccountant()
     for m in mechanisms:
         gaussian = dp_accounting.GaussianDpEvent(m.noise_multiplier)
@@ -82,19 +89,20 @@ def test_a_run_that_would_overspend_is_refused_and_the_ledger_is_unchanged(ledge
     assert _content(ledger.path) == content
 
 
-def test_spend_across_runs_matches_googles_dp_accounting(ledger: BudgetLedger) -> None:
+def test_spend_across_runs_is_never_below_an_independent_accountant_and_never_above_rdp(ledger: BudgetLedger) -> None:
     ledger.set_budget(PURPOSE, 100.0, DELTA)
     _charge_all(ledger)
     history = ledger.history(PURPOSE)
     for n, charge in enumerate(history, start=1):
-        theirs = _dp_accounting_epsilon([m for m, _ in RUNS[:n]], DELTA)
-        assert charge.epsilon_after == pytest.approx(theirs, rel=0.02)
-    assert ledger.spent(PURPOSE) == pytest.approx(_dp_accounting_epsilon([m for m, _ in RUNS], DELTA), rel=0.02)
+        assert charge.accountant == ACCOUNTANT
+        assert charge.epsilon_after <= _dp_accounting_epsilon([m for m, _ in RUNS[:n]], DELTA)  # Google's RDP: looser
+    prv = prv_epsilon([m for m, _ in RUNS], DELTA)
+    assert 0.98 * prv.estimate <= ledger.spent(PURPOSE) <= prv.upper  # tight, and not under PRV
     assert ledger.spent(PURPOSE) == history[-1].epsilon_after
     assert ledger.remaining(PURPOSE) == pytest.approx(100.0 - ledger.spent(PURPOSE))
 
 
-def test_rdp_composition_is_tighter_than_summing_epsilons(ledger: BudgetLedger) -> None:
+def test_composition_is_tighter_than_summing_epsilons(ledger: BudgetLedger) -> None:
     ledger.set_budget(PURPOSE, 100.0, DELTA)
     _charge_all(ledger)
     alone = [m.epsilon(DELTA) for m, _ in RUNS]
@@ -257,9 +265,9 @@ def test_the_schema_itself_holds_each_slot_once_and_knows_the_kinds(ledger: Budg
     evaluation = ledger.charge(PURPOSE, GaussianMechanism.gaussian_release(noise_multiplier=30.0), run_id="run-1",
                                kind="evaluation", actor="a", slot="eval-round-1", identity=identity("run-1", "eval"))
     assert ledger.history(PURPOSE) == [evaluation] and evaluation.kind == "evaluation"
-    row = ("run-1", "eval-round-1", "x", "evaluation", "intruder", 1.0, 30.0, 1, 0.1, "now")
+    row = ("run-1", "eval-round-1", "x", "evaluation", "intruder", 1.0, 30.0, 1, 0.1, "now", ACCOUNTANT)
     insert = ("INSERT INTO charges (purpose, run_id, slot, identity, kind, actor, sample_rate, noise_multiplier, "
-              "steps, epsilon_after, charged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+              "steps, epsilon_after, charged_at, accountant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
     with sqlite3.connect(ledger.path) as db:  # writing past the Python API
         with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
             db.execute(insert, (PURPOSE, *row))
@@ -281,7 +289,7 @@ def test_all_charges_span_purposes_in_id_order_and_run_spent_composes_one_run(le
     assert [c.id for c in everything] == sorted({c.id for c in everything})
     assert sorted(ledger.history(PURPOSE) + ledger.history(other), key=lambda c: c.id) == everything
     run_a = ledger.run_spent(PURPOSE, "run-a")
-    assert run_a == pytest.approx(_dp_accounting_epsilon([RUNS[0][0], RUNS[3][0]], DELTA), rel=0.02)
+    assert run_a == pytest.approx(_independent([RUNS[0][0], RUNS[3][0]], DELTA), rel=0.02)
     assert run_a < ledger.spent(PURPOSE)  # run-b's charge is not in it
     assert ledger.run_spent(other, "run-a") == pytest.approx(RUNS[1][0].epsilon(1e-6))  # other purpose, its delta
     assert ledger.run_spent(PURPOSE, "run-c") == 0.0
@@ -326,17 +334,18 @@ CREATE TABLE IF NOT EXISTS charges (
 """
 
 
+def _rdp_after(mechanisms: list[GaussianMechanism]) -> list[float]:
+    """The epsilon_after an RDP-era ledger wrote for each charge: the RDP composition so far."""
+    return [compose_epsilon(mechanisms[:n], DELTA, accountant=RDP_ACCOUNTANT) for n in range(1, len(mechanisms) + 1)]
+
+
 def _version_1_ledger(path: Path) -> list[tuple[object, ...]]:
     """A version-1 ledger file as the old code left it (five charges, one with an empty key, as
-    its default was); returns its charge rows."""
-    with BudgetLedger(path.with_name("scratch.sqlite")) as scratch:  # real epsilon_after values
-        scratch.set_budget(PURPOSE, 100.0, DELTA)
-        for i, (mechanism, kind) in enumerate(RUNS):
-            scratch.charge(PURPOSE, mechanism, run_id=f"run-{i // 2}", kind=kind, actor=f"user-{i}",
-                           slot=f"round-{i}" if i else "x", identity="-")
-        rows = [(c.id, c.purpose, c.run_id, "" if i == 0 else c.slot, c.kind, c.actor, c.mechanism.sample_rate,
-                 c.mechanism.noise_multiplier, c.mechanism.steps, c.epsilon_after, c.charged_at)
-                for i, c in enumerate(scratch.history(PURPOSE))]
+    its default was, and RDP epsilon_after values); returns its charge rows."""
+    after = _rdp_after([m for m, _ in RUNS])
+    rows = [(i + 1, PURPOSE, f"run-{i // 2}", "" if i == 0 else f"round-{i}", kind, f"user-{i}",
+             mechanism.sample_rate, mechanism.noise_multiplier, mechanism.steps, after[i],
+             f"2025-11-01T00:00:0{i}.000000+00:00") for i, (mechanism, kind) in enumerate(RUNS)]
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA_V1} PRAGMA user_version=1; COMMIT;")
@@ -355,30 +364,144 @@ def test_a_version_1_ledger_is_migrated_in_place_keeping_every_charge(tmp_path: 
                  c.mechanism.noise_multiplier, c.mechanism.steps, c.epsilon_after, c.charged_at)
                 for c in history] == rows
         assert [c.mechanism for c in history] == [m for m, _ in RUNS] and all(c.identity == "" for c in history)
-        assert ledger.spent(PURPOSE) == pytest.approx(rows[-1][9]) and ledger.budget(PURPOSE).epsilon_total == 100.0
+        assert all(c.accountant == RDP_ACCOUNTANT for c in history)  # admitted under RDP, and it says so
+        spent = ledger.spent(PURPOSE)
+        assert spent == compose_epsilon([m for m, _ in RUNS], DELTA) and spent < rows[-1][9]
+        assert ledger.budget(PURPOSE).epsilon_total == 100.0
         migrated = _content(path)
         assert "identity TEXT NOT NULL DEFAULT ''" in migrated and "'evaluation'" in migrated
         # the new schema is in force: a new kind, slots still unique, ids continue
         added = ledger.charge(PURPOSE, GaussianMechanism.gaussian_release(noise_multiplier=40.0), run_id="run-0",
                               kind="evaluation", actor="a", slot="eval-round-1", identity=identity("run-0", "eval"))
-        assert added.id == rows[-1][0] + 1
+        assert added.id == rows[-1][0] + 1 and added.accountant == ACCOUNTANT
         with pytest.raises(ChargeConflict):  # a migrated charge's output is unknown: no identity matches it
             ledger.charge(PURPOSE, RUNS[1][0], run_id="run-0", kind=RUNS[1][1], actor="a", slot="round-1",
                           identity=identity("run-0", 1))
         assert ledger.history(PURPOSE) == history + [added] and _content(path) != migrated
     with sqlite3.connect(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert db.execute("SELECT count(*) FROM sqlite_master WHERE name LIKE 'charges%' AND type = 'table'"
                           ).fetchone()[0] == 1
     settled = _content(path)
-    with BudgetLedger(path) as reopened:  # opening a version-2 file again changes nothing
+    with BudgetLedger(path) as reopened:  # opening a version-3 file again changes nothing
         assert reopened.history(PURPOSE) == history + [added]
     assert _content(path) == settled
 
 
-def test_a_migration_that_cannot_take_the_lock_leaves_the_version_1_file_as_it_was(tmp_path: Path) -> None:
+# The schema as fedrisk shipped it at version 2 (the RDP era), verbatim, and the INSERT its
+# `charge` ran: the migration tests build their files with them, as that code left them.
+_SCHEMA_V2 = """
+CREATE TABLE IF NOT EXISTS budgets (
+    purpose TEXT PRIMARY KEY, epsilon_total REAL NOT NULL, delta REAL NOT NULL,
+    updated_at TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS charges (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    purpose TEXT NOT NULL REFERENCES budgets(purpose),
+    run_id TEXT NOT NULL, slot TEXT NOT NULL, identity TEXT NOT NULL DEFAULT '',
+    kind TEXT NOT NULL CHECK (kind IN ('training', 'analytics', 'evaluation')), actor TEXT NOT NULL,
+    sample_rate REAL NOT NULL, noise_multiplier REAL NOT NULL, steps INTEGER NOT NULL,
+    epsilon_after REAL NOT NULL, charged_at TEXT NOT NULL,
+    UNIQUE (purpose, run_id, slot));
+"""
+_INSERT_V2 = ("INSERT INTO charges (purpose, run_id, slot, identity, kind, actor, sample_rate, "
+              "noise_multiplier, steps, epsilon_after, charged_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+# What a hospital's RDP-era ledger held: two demo-like training runs (5 rounds of 100 DP-SGD
+# steps and a DP evaluation each), three Gaussian cohort answers, and a short run at other noise.
+V2_CHARGES = ([(f"run-{r}", f"round-{i}", "training", GaussianMechanism(0.01, 1.3984375, 100))
+               for r in (1, 2) for i in range(1, 6)]
+              + [(f"run-{r}", f"eval-round-{i}", "evaluation", GaussianMechanism.gaussian_release(noise_multiplier=37.5))
+                 for r in (1, 2) for i in range(1, 6)]
+              + [(f"query-{i}", "answer", "analytics", GaussianMechanism.gaussian_release(noise_multiplier=z))
+                 for i, z in enumerate((4.4, 9.0, 20.0))]
+              + [("run-3", "round-1", "training", GaussianMechanism(0.05, 2.0, 300))])
+OTHER = "fraud-screening"
+OTHER_CHARGE = GaussianMechanism(0.02, 1.1, 150)
+
+
+def _version_2_ledger(path: Path, *, total: float | None = 100.0) -> list[tuple[object, ...]]:
+    """A version-2 ledger as the RDP version of fedrisk left it: `V2_CHARGES` on PURPOSE (budget
+    `total`; None: exactly its RDP spend, as a rollback recovery closes it) and one charge on
+    OTHER among them, each with the RDP epsilon_after that code computed. Returns the rows."""
+    after = _rdp_after([m for *_, m in V2_CHARGES])
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA_V2} PRAGMA user_version=2; COMMIT;")
+    db.execute("INSERT INTO budgets VALUES (?, ?, ?, '2026-01-01T00:00:00+00:00')",
+               (PURPOSE, after[-1] if total is None else total, DELTA))
+    db.execute("INSERT INTO budgets VALUES (?, 5.0, 1e-6, '2026-01-01T00:00:00+00:00')", (OTHER,))
+    for i, (run, slot, kind, m) in enumerate(V2_CHARGES):
+        db.execute(_INSERT_V2, (PURPOSE, run, slot, identity(run, slot), kind, f"user-{i % 3}", m.sample_rate,
+                                m.noise_multiplier, m.steps, after[i], f"2026-01-02T00:00:{i:02d}.000000+00:00"))
+        if i == 4:  # another purpose's charge in between: ids interleave
+            db.execute(_INSERT_V2, (OTHER, "run-x", "round-1", identity("run-x"), "training", "bob", 0.02, 1.1, 150,
+                                    compose_epsilon([OTHER_CHARGE], 1e-6, accountant=RDP_ACCOUNTANT),
+                                    "2026-01-02T00:00:04.500000+00:00"))
+    rows = list(db.execute("SELECT * FROM charges ORDER BY id"))
+    db.close()
+    return rows
+
+
+def test_an_rdp_era_version_2_ledger_migrates_without_losing_a_charge_and_never_under_counts(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
-    _version_1_ledger(path)
+    rows = _version_2_ledger(path)
+    with BudgetLedger(path) as ledger:
+        charges = ledger.all_charges()
+        assert [(c.id, c.purpose, c.run_id, c.slot, c.identity, c.kind, c.actor, c.mechanism.sample_rate,
+                 c.mechanism.noise_multiplier, c.mechanism.steps, c.epsilon_after, c.charged_at)
+                for c in charges] == rows  # every row, every field, as the RDP version wrote it
+        assert {c.accountant for c in charges} == {RDP_ACCOUNTANT}
+        mechanisms = [m for *_, m in V2_CHARGES]
+        spent, rdp = ledger.spent(PURPOSE), compose_epsilon(mechanisms, DELTA, accountant=RDP_ACCOUNTANT)
+        prv = prv_epsilon(mechanisms, DELTA)
+        assert spent == compose_epsilon(mechanisms, DELTA)  # the PLD composition of ALL its charges
+        assert 0.98 * prv.estimate <= spent <= prv.upper  # never under an independent accountant
+        assert spent < rdp == pytest.approx(rows[len(V2_CHARGES)][10])  # tighter than what RDP had recorded
+        assert ledger.spent(OTHER) == compose_epsilon([OTHER_CHARGE], 1e-6)
+        record = {m["purpose"]: m for m in ledger.migrations()}
+        assert record[PURPOSE]["from_version"] == 2 and record[PURPOSE]["charges"] == len(V2_CHARGES)
+        assert (record[PURPOSE]["spent_before"], record[PURPOSE]["spent_after"]) == (pytest.approx(rdp), spent)
+        assert record[PURPOSE]["accountant_before"] == RDP_ACCOUNTANT and record[OTHER]["charges"] == 1
+        assert record[PURPOSE]["epsilon_total_after"] == 100.0  # it had room: it keeps its total
+        # retrying a migrated charge is still a retry: nothing is charged twice
+        run, slot, kind, m = V2_CHARGES[0]
+        assert ledger.charge(PURPOSE, m, run_id=run, kind=kind, actor="a", slot=slot,
+                             identity=identity(run, slot)) == charges[0]
+        # an overspend is still refused, with the spent figure recomputed (not RDP's epsilon_after)
+        ledger.set_budget(PURPOSE, spent + 0.05, DELTA)
+        before = _content(path)
+        with pytest.raises(BudgetExceeded, match=f"spent {spent:.4g} of") as refused:
+            ledger.charge(PURPOSE, GaussianMechanism(0.02, 0.8, 1000), run_id="run-4", kind="training",
+                          actor="a", slot="round-1", identity=identity("run-4", 1))
+        assert refused.value.would_be > spent + 0.05 and _content(path) == before
+        added = ledger.charge(PURPOSE, GaussianMechanism.gaussian_release(noise_multiplier=60.0), run_id="query-9",
+                              kind="analytics", actor="a", slot="answer", identity=identity("query-9"))
+        assert added.id == rows[-1][0] + 1 and added.accountant == ACCOUNTANT
+        assert ledger.spent(PURPOSE) == compose_epsilon(mechanisms + [added.mechanism], DELTA) <= spent + 0.05
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_a_budget_full_under_rdp_stays_full_after_migration(tmp_path: Path) -> None:
+    """Spent to the last (or closed by a rollback recovery at what was spent) under RDP: the PLD
+    spend is lower, but the migration does not hand the difference to the purpose."""
+    path = tmp_path / "ledger.sqlite"
+    rows = _version_2_ledger(path, total=None)
+    with BudgetLedger(path) as ledger:
+        spent = ledger.spent(PURPOSE)
+        assert ledger.budget(PURPOSE).epsilon_total == spent and ledger.remaining(PURPOSE) == 0.0
+        record = {m["purpose"]: m for m in ledger.migrations()}
+        assert record[PURPOSE]["epsilon_total_before"] == rows[len(V2_CHARGES)][10] > spent
+        assert record[PURPOSE]["epsilon_total_after"] == spent
+        assert record[OTHER]["epsilon_total_after"] == 5.0  # it had room: it keeps its total
+        with pytest.raises(BudgetExceeded):
+            ledger.charge(PURPOSE, GaussianMechanism.gaussian_release(noise_multiplier=500.0), run_id="q",
+                          kind="analytics", actor="a", slot="answer", identity=identity("q"))
+
+
+@pytest.mark.parametrize("build", [_version_1_ledger, _version_2_ledger])
+def test_a_migration_that_cannot_take_the_lock_leaves_the_old_file_as_it_was(tmp_path: Path, build) -> None:
+    path = tmp_path / "ledger.sqlite"
+    build(path)
     before = _content(path)
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
@@ -389,12 +512,30 @@ def test_a_migration_that_cannot_take_the_lock_leaves_the_version_1_file_as_it_w
         holder.close()
     assert _content(path) == before
     with BudgetLedger(path) as ledger:
-        assert len(ledger.history(PURPOSE)) == len(RUNS)
+        assert len(ledger.history(PURPOSE)) == (len(RUNS) if build is _version_1_ledger else len(V2_CHARGES))
+
+
+def test_a_migration_that_fails_midway_leaves_the_version_2_file_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "ledger.sqlite"
+    _version_2_ledger(path)
+    before = _content(path)
+    import privacy.ledger as module
+
+    def broken(*args: object, **kwargs: object) -> float:
+        raise RuntimeError("accountant failed mid-migration")
+
+    monkeypatch.setattr(module, "compose_epsilon", broken)  # after the rows are copied, before the commit
+    with pytest.raises(RuntimeError, match="mid-migration"):
+        BudgetLedger(path)
+    assert _content(path) == before
+    monkeypatch.undo()
+    with BudgetLedger(path) as ledger:
+        assert len(ledger.all_charges()) == len(V2_CHARGES) + 1
 
 
 def test_a_ledger_from_a_newer_fedrisk_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ledger.sqlite"
     with sqlite3.connect(path) as db:
-        db.execute("PRAGMA user_version=3")
-    with pytest.raises(PrivacyBudgetError, match=f"{path}.*schema version 3"):
+        db.execute("PRAGMA user_version=4")
+    with pytest.raises(PrivacyBudgetError, match=f"{path}.*schema version 4"):
         BudgetLedger(path)

@@ -1,8 +1,8 @@
 """Budget ledger under attack by racing processes: one slot is charged once, a budget is never
 overspent, and every loser gets a typed refusal, never a raw SQLite error.
 
-8 processes (spawn) are started once for the module and warm their RDP code (importing Opacus
-costs seconds each); for each race every one opens the ledger and they are released together
+8 processes (spawn) are started once for the module and warm their PLD code (importing dp_accounting
+and SciPy costs seconds each); for each race every one opens the ledger and they are released together
 through one Barrier. Each child classifies its own outcome by exception type and reports it on
 a Queue, so a raw sqlite3 error would show up in the assertion by name.
 """
@@ -36,7 +36,7 @@ def identity(*parts: object) -> str:
 def _racer(index: int, tasks: Any, barrier: Any, results: Any) -> None:
     """One process: for each (ledger, slot, identity) task, open the ledger, wait for all the
     others, charge RACER and report the outcome."""
-    RACER.epsilon(DELTA)  # imports Opacus and caches RACER's curve before any race
+    RACER.epsilon(DELTA)  # imports the accountant and caches RACER's epsilon before any race
     while (task := tasks.get()) is not None:
         path, slot, output = task
         try:

@@ -122,7 +122,8 @@ def test_certificate_is_the_runs_privacy_report(trained: TrainedRun, released) -
     assert cert.model_sha256 == trained.digest and cert.mlflow_run_id == trained.run_id
     assert cert.hospitals == len(report["hospitals"]) == 2
     assert cert.epsilon_max == report["epsilon_max"] and cert.delta == report["delta"]
-    assert cert.accountant == report["accountant"] and cert.he_parameters == report["he_parameters"]
+    assert cert.accountant == report["accountant"] == ACCOUNTANT and cert.he_parameters == report["he_parameters"]
+    assert "runs (PLD)" in cert.overlap  # its all-hospitals figure is composed by the accountant it names
     assert cert.purpose == report["purpose"] and cert.data_cutoff == "2025-06-30"
     for name, logged in report["hospitals"].items():
         spend = cert.per_hospital[name]

@@ -21,6 +21,7 @@ from typing import Any
 
 from federation import features as fx
 from federation.errors import FedriskError
+from privacy.accounting import ACCOUNTANT, ACCOUNTANTS
 from privacy.ledger import GaussianMechanism, compose_epsilon
 from server.calibration import band_rates
 from server.releases.dp_evaluation import fairness_notes, json_ready
@@ -44,7 +45,7 @@ FEDERATED_EVALUATION_BASIS = (
     "certificate's per-hospital evaluation). The AUC is that of the pooled binned scores, not a mean of "
     "per-hospital AUCs; the figures carry the DP noise and no interval.")
 NEIGHBOURING = "add/remove one patient's records"
-"""The neighbouring relation every epsilon here is computed for (Poisson sampling, RDP accountant)."""
+"""The neighbouring relation every epsilon here is computed for (Poisson sampling, the certificate's accountant)."""
 EVALUATION_MECHANISM = "gaussian"  # each round's DP federated evaluation: a plain Gaussian release
 REPORT_KEYS_SINCE_DP_EVALUATION = ("evaluation", "run_epsilon", "ledger_epsilon")
 LEDGER_BASIS = (
@@ -306,9 +307,11 @@ def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str,
         delta = float(report["delta"])
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CertificateError(f"the run's privacy report or DP evaluation lacks {exc} or has it malformed") from None
-    everywhere = compose_epsilon([m for h in per_hospital.values() for m in h.mechanisms()], delta)
+    composer = report["accountant"] if report["accountant"] in ACCOUNTANTS else ACCOUNTANT  # the one it names
+    everywhere = compose_epsilon([m for h in per_hospital.values() for m in h.mechanisms()], delta, accountant=composer)
     overlap = ("Where hospitals do not hold disjoint patients, a patient with records at several hospitals is "
-               "protected by the composition of those hospitals' runs (RDP curves added), not by epsilon_max: "
+               f"protected by the composition of those hospitals' runs ({composer.split(' ')[0].upper()}), "
+               "not by epsilon_max: "
                f"at most epsilon {everywhere:.4g} at delta {delta:g} for a patient at all {len(per_hospital)} "
                "hospitals.")
     return PrivacyCertificate(
