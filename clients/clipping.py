@@ -83,12 +83,15 @@ class BookkeepingClipper:
         for p in self.params:
             self._views.append(self.flat_grad[offset:offset + p.numel()].view_as(p))
             offset += p.numel()
+        self._pairs = list(zip(self.params, self._views))
         view = dict(zip(map(id, self.params), self._views))
-        # Per layer: (weight grad view or None, bias grad view or None).
-        self._layer_views = [
+        # Per layer: weight grad view or None, bias grad view or None, and whether the clip
+        # factors scale the output gradient (out <= in) or the layer input.
+        self._plan = [
             (view.get(id(layer.weight)) if layer.weight.requires_grad else None,
              view.get(id(layer.bias)) if layer.bias is not None and layer.bias.requires_grad
-             else None)
+             else None,
+             layer.out_features <= layer.in_features)
             for layer in self.layers]
         self.per_sample_norms: torch.Tensor | None = None  # unclipped norms of the last batch
         self.ready = False
@@ -115,8 +118,9 @@ class BookkeepingClipper:
         self._captured[layer] = (inputs[0].detach(), output)
 
     def _bind(self) -> None:
-        for p, v in zip(self.params, self._views):
-            p.grad = v
+        for p, v in self._pairs:
+            if p.grad is not v:
+                p.grad = v
 
     def backward(self, loss_per_sample: torch.Tensor) -> None:
         """Set `p.grad` = sum_i c_i * grad(loss_i) for every trainable parameter.
@@ -128,36 +132,45 @@ class BookkeepingClipper:
         captured, self._captured = self._captured, {}
         if loss_per_sample.dim() == 0:
             raise ValueError("backward needs one loss per sample; use reduction='none'")
-        if loss_per_sample.shape[0] == 0:
+        rows = loss_per_sample.shape[0]
+        if rows == 0:
             self.empty_batch()
             return
         losses = (loss_per_sample if loss_per_sample.dim() == 1
-                  else loss_per_sample.reshape(loss_per_sample.shape[0], -1).sum(dim=1))
+                  else loss_per_sample.reshape(rows, -1).sum(dim=1))
         if len(captured) != len(self.layers):
             raise RuntimeError("backward needs the per-sample losses of a training forward pass "
                                "(module.train(), grad enabled) through every Linear layer")
-        activations = [captured[layer][0] for layer in self.layers]
-        if any(a.shape[0] != losses.shape[0] for a in activations):
-            raise ValueError(f"{losses.shape[0]} losses for a batch of "
-                             f"{activations[0].shape[0]} rows")
+        activations, outputs = [], []
+        for layer in self.layers:
+            a, out = captured[layer]
+            if a.shape[0] != rows:
+                raise ValueError(f"{rows} losses for a batch of {a.shape[0]} rows")
+            activations.append(a)
+            outputs.append(out)
         self.ready = False
         # Gradient of the loss SUM w.r.t. each layer output: row i is sample i's own gradient.
-        out_grads = torch.autograd.grad(losses.sum(), [captured[layer][1] for layer in self.layers])
+        out_grads = torch.autograd.grad(losses.sum(), outputs)
+        # Squared per-sample norms: sum over layers of ||g_i||^2 (||a_i||^2 [weight] + 1 [bias]).
         squared = None
-        for (weight, bias), a, g in zip(self._layer_views, activations, out_grads):
+        for (weight, bias, _), a, g in zip(self._plan, activations, out_grads):
             g_sq = torch.linalg.vector_norm(g, dim=1).square_()
-            if weight is not None:
-                a_sq = torch.linalg.vector_norm(a, dim=1).square_()
-                term = g_sq.mul_(a_sq.add_(1.0)) if bias is not None else g_sq.mul_(a_sq)
+            if weight is None:
+                squared = g_sq if squared is None else squared.add_(g_sq)
+                continue
+            a_sq = torch.linalg.vector_norm(a, dim=1).square_()
+            if squared is None:
+                squared = torch.addcmul(g_sq, g_sq, a_sq) if bias is not None else g_sq.mul_(a_sq)
             else:
-                term = g_sq
-            squared = term if squared is None else squared.add_(term)
+                squared.addcmul_(g_sq, a_sq)
+                if bias is not None:
+                    squared.add_(g_sq)
         self.per_sample_norms = norms = squared.sqrt_()
         clip = torch.div(self.max_grad_norm, norms.add(NORM_EPSILON)).clamp_(max=1.0)
         column = clip.unsqueeze(1)
-        for (weight, bias), a, g in zip(self._layer_views, activations, out_grads):
+        for (weight, bias, scale_g), a, g in zip(self._plan, activations, out_grads):
             # Scale whichever factor is narrower: (c*G)^T A == G^T (c*A).
-            if g.shape[1] <= a.shape[1]:
+            if scale_g:
                 clipped_g = g * column
                 if weight is not None:
                     torch.mm(clipped_g.t(), a, out=weight)

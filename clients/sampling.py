@@ -34,7 +34,10 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def _draw(self) -> np.ndarray:
         size = int(self.rng.binomial(self.num_records, self.sample_rate))
-        return self.rng.choice(self.num_records, size=size, replace=False).astype(np.int64, copy=False)
+        # A uniformly random `size`-subset; its order is irrelevant (the batch enters as a sum),
+        # so numpy's final shuffle of it is skipped.
+        return self.rng.choice(self.num_records, size=size, replace=False,
+                               shuffle=False).astype(np.int64, copy=False)
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
