@@ -128,7 +128,7 @@ def train_local(start: np.ndarray, features: np.ndarray, labels: np.ndarray,
                         clipper.empty_batch()  # an empty Poisson batch is still a noisy, counted step
                     else:
                         batch_x, batch_y = dataset.rows(index)
-                        clipper.backward(per_sample(model(batch_x).squeeze(-1), batch_y))
+                        clipper.backward(per_sample(clipper.forward(batch_x).squeeze(-1), batch_y))
                     private.step()
                     steps += 1
         finally:

@@ -366,3 +366,32 @@ def test_refuses_layers_it_cannot_clip() -> None:
     clipper = BookkeepingClipper(nn.Sequential(shared, nn.ReLU(), shared), 1.0)
     with pytest.raises(RuntimeError, match="twice"):
         clipper.module(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "logreg"])
+def test_the_hook_free_forward_records_what_the_hooks_record(kind: str) -> None:
+    x, y = _data(128, seed=11)
+    per_sample = nn.BCEWithLogitsLoss(reduction="none")
+    model = _model(kind, 5)
+    clipper = BookkeepingClipper(model, 0.5)
+    reference = model(x)  # through the hooks
+    out = clipper.forward(x)
+    assert torch.equal(out, reference)
+    clipper.backward(per_sample(out.squeeze(-1), y))
+    direct = clipper.flat_grad.clone()
+    clipper.backward(per_sample(model(x).squeeze(-1), y))  # through the hooks
+    assert torch.equal(direct, clipper.flat_grad)
+    with pytest.raises(RuntimeError, match="training forward pass"):
+        clipper.backward(per_sample(out.squeeze(-1), y))  # nothing recorded since the last backward
+    with torch.no_grad():  # outside training, a plain forward that records nothing
+        assert torch.equal(clipper.forward(x), model(x))
+
+
+def test_the_hook_free_forward_refuses_what_it_cannot_clip() -> None:
+    clipper = BookkeepingClipper(nn.Sequential(nn.Linear(4, 1)), 1.0)
+    with pytest.raises(UnsupportedLayerError, match="2-D"):
+        clipper.forward(torch.randn(2, 3, 4))
+    shared = nn.Linear(4, 4)
+    clipper = BookkeepingClipper(nn.Sequential(shared, nn.ReLU(), shared), 1.0)
+    with pytest.raises(RuntimeError, match="twice"):
+        clipper.forward(torch.randn(2, 4))
