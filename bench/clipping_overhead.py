@@ -68,7 +68,7 @@ def _poisson_loader(dataset: TensorBatches, sample_rate: float, seed: int) -> DP
 def _poisson_batches(dataset: TensorBatches, sample_rate: float, seed: int
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     sampler = PoissonBatchSampler(len(dataset), sample_rate, int(round(1 / sample_rate)), seed)
-    return (dataset.rows(index) for index in sampler.index_tensors())
+    return (dataset.rows(index) for index in list(sampler.index_tensors()))  # drawn up front, as train_local
 
 
 def _timed_epoch(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer,

@@ -123,7 +123,10 @@ def train_local(start: np.ndarray, features: np.ndarray, labels: np.ndarray,
         per_sample = nn.BCEWithLogitsLoss(reduction="none")
         try:
             for _ in range(plan.epochs):
-                for index in sampler.index_tensors():
+                # The epoch's batches are drawn before its first step (the same draws, in the same
+                # order, as drawing each before its step): numpy's sampler is several times
+                # slower when called between the steps' torch kernels than in one run.
+                for index in list(sampler.index_tensors()):
                     if len(index) == 0:
                         clipper.empty_batch()  # an empty Poisson batch is still a noisy, counted step
                     else:
