@@ -5,8 +5,14 @@ medians, so machine drift hits both sides alike. Run: `make bench` or
 `.venv/bin/python bench/overheads.py [--repeats 15] [--he-repeats 5] [--json FILE]`.
 
 Figures:
-* dp_overhead_ratio: one epoch of DP-SGD (Opacus, Poisson sampling, fast clipping) over one
-  plain epoch, same 40-64-32-1 MLP, 100,000 rows, same expected batch size, one thread.
+* dp_overhead_ratio: one epoch of DP-SGD over one plain epoch, same 40-64-32-1 MLP and Adam,
+  100,000 rows, one thread, at q = 0.01 and 0.04; both sides are `train_local`, timed whole.
+  DP: Poisson batches at rate q (fedrisk's sampler), book-keeping per-sample clipping, fedrisk's
+  noise step (sigma * C on one flat gradient buffer, over int(n q)), Adam. Plain: 1/q shuffled
+  batches of round(n q) rows, mean loss, `loss.backward()`, Adam. Both fetch batches by
+  index_select, no DataLoader (`experiments.overheads` says it in full). The DP side thus also
+  pays for Poisson sampling and variable batch sizes; `bench/clipping_overhead.py` also
+  compares against plain training on the same Poisson batches.
 * he_overhead_ratio: one federated round of the demo's federation (8 hospitals, 200,000
   patients): every hospital trains and packs its update, the server sums, every hospital
   decodes; CKKS against plaintext FedAvg.

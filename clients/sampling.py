@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import Sampler
 
 
@@ -31,7 +32,19 @@ class PoissonBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.steps
 
+    def _draw(self) -> np.ndarray:
+        size = int(self.rng.binomial(self.num_records, self.sample_rate))
+        # A uniformly random `size`-subset; its order is irrelevant (the batch enters as a sum),
+        # so numpy's final shuffle of it is skipped.
+        return self.rng.choice(self.num_records, size=size, replace=False,
+                               shuffle=False).astype(np.int64, copy=False)
+
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            size = int(self.rng.binomial(self.num_records, self.sample_rate))
-            yield self.rng.choice(self.num_records, size=size, replace=False).tolist()
+            yield self._draw().tolist()
+
+    def index_tensors(self) -> Iterator[torch.Tensor]:
+        """The same batches as iterating the sampler (same draws from the same generator),
+        as int64 tensors for `TensorBatches.rows`, with no round trip through Python lists."""
+        for _ in range(self.steps):
+            yield torch.from_numpy(self._draw())

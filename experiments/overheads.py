@@ -1,7 +1,13 @@
 """The three overhead figures of a run, each measured side by side in one process.
 
-* dp_overhead_ratio: one DP-SGD epoch (Opacus, Poisson sampling, fast clipping) over the same
-  non-private epoch (same model, optimiser and expected batch size).
+* dp_overhead_ratio: one DP-SGD epoch over the same non-private epoch, both
+  `clients.training.train_local` from the same start weights on the same records, timed whole
+  (model, optimiser and sampler set-up included). DP side: Poisson batches at rate q
+  (`PoissonBatchSampler`, drawn per epoch), book-keeping per-sample clipping to C, Gaussian
+  noise sigma * C = 1.0 * C on the flat gradient sum, division by int(n q), Adam. Plain side:
+  the same 40-64-32-1 MLP and Adam, 1/q batches of round(n q) rows from one shuffled
+  permutation per epoch, mean BCE loss and `loss.backward()`. Both fetch every batch with
+  `TensorBatches.rows` (index_select), neither through a DataLoader.
 * he_overhead_ratio: one federated round (every hospital replays the global model, trains,
   packs its update; the server sums) under CKKS over the same round in plaintext FedAvg.
 * ciphertext_expansion: bytes of one encrypted update over the float32 bytes of the model.
@@ -61,7 +67,8 @@ class Ratio:
 
 
 def dp_overhead(data: HospitalData, config: RunConfig, repeats: int = 3) -> Ratio:
-    """A DP-SGD epoch against the same non-private epoch on one hospital's records."""
+    """A DP-SGD epoch against the same non-private epoch on one hospital's records (what each
+    side does: the module docstring). Returns the medians of `repeats` interleaved pairs."""
     start = initial_weights(config.model, config.seed)
     plan = LocalTraining(model_kind=config.model, epochs=1, sample_rate=config.sample_rate,
                          learning_rate=config.learning_rate, clip_norm=config.clip_norm,

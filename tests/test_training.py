@@ -116,3 +116,55 @@ def test_the_start_model_does_not_depend_on_what_other_threads_draw_meanwhile() 
         stop.set()
         drawer.join()
     assert all(np.array_equal(w, expected) for w in seen)
+
+
+def test_the_same_secret_seed_trains_bit_identical_weights() -> None:
+    """The deployment engine and the simulation run this same function: one seed, one model."""
+    x, y = _data()
+    start = initial_weights("mlp", 0)
+    first = train_local(start, x, y, _plan(secret_seed=5, epochs=2))
+    second = train_local(start, x, y, _plan(secret_seed=5, epochs=2))
+    other = train_local(start, x, y, _plan(secret_seed=6, epochs=2))
+    assert np.array_equal(first.weights, second.weights)
+    assert not np.array_equal(first.weights, other.weights)
+
+
+def test_every_drawn_batch_is_a_counted_noisy_step_even_when_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Expected batch 2 out of 200 rows: some Poisson batches are empty, and each is still a step
+    of the private optimizer (noise added, counted) -- the count the ledger charges."""
+    import clients.training as training
+    from clients.clipping import PrivateOptimizer
+
+    sizes: list[int] = []
+    draws = PoissonBatchSampler.index_tensors
+
+    def recording(self):  # noqa: ANN001, ANN202
+        for index in draws(self):
+            sizes.append(len(index))
+            yield index
+
+    noisy: list[int] = []
+    step = PrivateOptimizer.step
+
+    def counting(self):  # noqa: ANN001, ANN202
+        before = self.clipper.flat_grad.clone()
+        step(self)
+        noisy.append(int(not torch.equal(before / self.expected_batch_size, self.clipper.flat_grad)))
+
+    import torch
+    monkeypatch.setattr(training.PoissonBatchSampler, "index_tensors", recording)
+    monkeypatch.setattr(PrivateOptimizer, "step", counting)
+    x, y = _data(200)
+    result = train_local(initial_weights("logreg", 0), x, y,
+                         _plan(model_kind="logreg", sample_rate=0.01, epochs=2, secret_seed=3))
+    assert 0 in sizes and result.steps == len(sizes) == 200
+    assert sum(noisy) == 200  # every step, empty or not, carried noise
+
+
+def test_the_plain_reference_trains_on_shuffled_batches_of_the_expected_size() -> None:
+    x, y = _data(1000)
+    start = initial_weights("logreg", 0)
+    plain = train_local(start, x, y, _plan(model_kind="logreg", dp=False, sample_rate=0.03))
+    assert plain.steps == 33  # 1/q steps of 30 rows (of the ceil(1000 / 30) = 34 a permutation holds)
+    again = train_local(start, x, y, _plan(model_kind="logreg", dp=False, sample_rate=0.03))
+    assert np.array_equal(plain.weights, again.weights)
