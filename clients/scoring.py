@@ -46,7 +46,9 @@ from clients.node_state import NodeState
 from federation import features as fx
 from federation.config import model_layers
 from federation.errors import ConfigError, DataError, FedriskError
-from federation.model import (
+from federation.model import (  # noqa: F401  (the band edges are part of scoring's public face)
+    LOW_BAND_UPPER,
+    MEDIUM_BAND_UPPER,
     N_FEATURES,
     load_model,
     num_parameters,
@@ -63,10 +65,6 @@ from privacy.grants import (
     GrantAuthority,
 )
 
-LOW_BAND_UPPER = 0.10
-"""A probability of 90-day delinquency below 10% is `low` risk (about the population base rate)."""
-MEDIUM_BAND_UPPER = 0.30
-"""From 10% up to 30% is `medium`; 30% and above is `high`."""
 PROBABILITY_DECIMALS = 2
 """Scores leave the node rounded to 0.01: enough for a lending decision, too coarse to follow small
 changes in an applicant's record."""

@@ -90,13 +90,14 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
         from server.calibration import Calibration
 
         released = load_model(config.model, result.weights, config.input_size)
-        test_y = np.concatenate([h.test_y for h in hospitals])
-        scores = predict_proba(released, np.concatenate([h.test_x for h in hospitals]))
+        per_hospital = [(h.test_y, predict_proba(released, h.test_x)) for h in hospitals]
+        test_y = np.concatenate([labels for labels, _ in per_hospital])
+        scores = np.concatenate([s for _, s in per_hospital])
         pooled_reference = reference.calibration_reference(test_y, scores)
         summary: dict[str, Any] = {
             # the released (calibrated) model on the same held-out records as the references (the demo
             # plays every hospital); the coordinator itself only ever sees the DP evaluation beside it
-            "auc_federated": reference.weighted_auc([(h.test_y, predict_proba(released, h.test_x)) for h in hospitals]),
+            "auc_federated": reference.weighted_auc(per_hospital),
             "auc_federated_dp": result.rounds[settings.rounds][AUC],
             "auc_federated_dp_se": result.rounds[settings.rounds].get(AUC + SE_SUFFIX),
             **pooled_reference,

@@ -19,7 +19,7 @@ from clients.deidentify import PSEUDONYM
 from clients.evaluation import risk_metrics
 from clients.node_state import NodeState, test_split
 from federation import features as fx
-from federation.model import build_model, predict_proba
+from federation.model import RISK_BANDS, build_model, predict_proba
 
 
 def weighted_auc(parts: list[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -52,16 +52,14 @@ def calibration_reference(labels: np.ndarray, scores: np.ndarray) -> dict[str, f
             "calibration_in_the_large": float(scores.mean() - labels.mean()), "ece": ece}
 
 
-def band_reference(labels: np.ndarray, scores: np.ndarray, probabilities_out: np.ndarray | None = None
-                   ) -> dict[str, dict[str, float]]:
+def band_reference(labels: np.ndarray, scores: np.ndarray) -> dict[str, dict[str, float]]:
     """Per risk band of the scoring service (on the probability as a node returns it, rounded):
     share of records, mean predicted and observed rate. Demo-only, on pooled held-out records."""
     from clients.scoring import risk_band, round_probability
 
-    rounded = np.array([round_probability(p) for p in scores]) if probabilities_out is None else probabilities_out
-    bands = np.array([risk_band(p) for p in rounded])
+    bands = np.array([risk_band(round_probability(p)) for p in scores])
     out = {}
-    for band in ("low", "medium", "high"):
+    for band, _, _ in RISK_BANDS:
         mask = bands == band
         out[band] = {"share": float(mask.mean()),
                      "mean_predicted": float(scores[mask].mean()) if mask.any() else None,

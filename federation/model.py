@@ -24,6 +24,17 @@ PRIOR_RATE = 0.10
 the first rounds are calibrated without looking at any hospital's label rate."""
 
 
+LOW_BAND_UPPER = 0.10
+"""A probability of 90-day delinquency below 10% is `low` risk (about the population base rate)."""
+MEDIUM_BAND_UPPER = 0.30
+"""From 10% up to 30% is `medium`; 30% and above is `high`."""
+RISK_BANDS: tuple[tuple[str, float, float], ...] = (
+    ("low", 0.0, LOW_BAND_UPPER), ("medium", LOW_BAND_UPPER, MEDIUM_BAND_UPPER), ("high", MEDIUM_BAND_UPPER, 1.0))
+"""The risk bands of a released model's probability, as (name, lower, upper): the node's scorer
+assigns them (`clients.scoring.risk_band`) and a release is checked against them
+(`server.calibration.band_rates`)."""
+
+
 def build_model(kind: str, n_features: int = N_FEATURES) -> nn.Module:
     """`mlp`: n-64-32-1 with ReLU (`mlp:W1,W2,...` for other hidden widths); `logreg`: n-1
     (n = 40 for the standard contract). All output one logit."""

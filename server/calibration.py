@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from federation.errors import FedriskError
-from federation.model import model_layers, num_parameters, weights_digest
+from federation.model import RISK_BANDS, model_layers, num_parameters, weights_digest
 from federation.round_evaluation import BINS, LENGTH, SCORE_BINS
 
 METHOD = "platt (weighted logistic regression on the logit of each bin's midpoint score)"
@@ -53,11 +53,6 @@ class CalibrationError(FedriskError):
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))
-
-
-def _edges_logit(edges: np.ndarray) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.log(edges) - np.log1p(-edges)  # -inf at 0, +inf at 1
 
 
 def bin_logits(edges: tuple[float, ...] | np.ndarray = SCORE_BINS) -> np.ndarray:
@@ -165,11 +160,10 @@ def calibrated_weights(kind: str, weights: np.ndarray, n_features: int, calibrat
     The last layer is nn.Linear(width, 1) and its parameters close the flat vector (its weights,
     then its bias), so scaling them by the slope and adding the intercept to the bias turns the
     logit z into slope * z + intercept exactly."""
-    model_layers(kind)
+    _, hidden = model_layers(kind)
     flat = np.array(weights, dtype=np.float32, copy=True).reshape(-1)
     if flat.size != num_parameters(kind, n_features):
         raise CalibrationError(f"{flat.size} weights do not fit model {kind!r} with {n_features} inputs")
-    _, hidden = model_layers(kind)
     width = hidden[-1] if hidden else n_features
     last = flat[-(width + 1):].astype(np.float64)
     last *= calibration.slope
@@ -202,8 +196,6 @@ def calibrate_release(kind: str, weights: np.ndarray, n_features: int, summed: n
 CALIBRATION_TOLERANCE = 0.02
 """Largest |observed minus mean predicted rate| a release may show on its DP evaluation without an
 explicit, recorded override (probability units)."""
-BANDS: tuple[tuple[str, float, float], ...] = (("low", 0.0, 0.10), ("medium", 0.10, 0.30), ("high", 0.30, 1.0))
-"""The scoring service's risk bands on the calibrated probability (`clients.scoring.risk_band`)."""
 MIN_BAND_RECORDS = 100.0
 """A band with fewer noised records is reported but not held to its range (the noise dominates)."""
 
@@ -213,7 +205,7 @@ def band_rates(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     calibration rows (per score bin: bin_low, bin_high, positives, negatives, noised and clipped
     at 0), and whether the observed rate lies inside the band. Bins must not straddle a band edge."""
     out = []
-    for name, low, high in BANDS:
+    for name, low, high in RISK_BANDS:
         inside = [r for r in rows if float(r["bin_low"]) >= low - 1e-12 and float(r["bin_high"]) <= high + 1e-12]
         straddle = [r for r in rows if float(r["bin_low"]) < high - 1e-12 and float(r["bin_high"]) > high + 1e-12]
         if straddle:
@@ -224,7 +216,7 @@ def band_rates(rows: list[dict[str, object]]) -> list[dict[str, object]]:
         rate = positives / records if records > 0 else None
         out.append({"band": name, "low": low, "high": high, "records": records, "positives": positives,
                     "observed_rate": rate, "held_to_range": records >= MIN_BAND_RECORDS,
-                    "inside": None if rate is None else bool(low <= rate < high or (high == 1.0 and rate <= 1.0))})
+                    "inside": None if rate is None else bool(low <= rate < high or rate == high == 1.0)})
     return out
 
 

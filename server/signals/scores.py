@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 
+from federation.model import RISK_BANDS
 from privacy.audit import Digest
 from privacy.grants import (
     EXPIRED,
@@ -51,7 +52,7 @@ MAX_DETAIL_CHARS = 200
 RELAYED_STATUSES = frozenset({400, 403, 404, 409, 410, 429})
 """A hospital's refusals the bank may see as they are (a 422 becomes 400: the request was
 malformed in the hospital's eyes); anything else (401: this service's token; 5xx) is a 502."""
-BANDS = ("low", "medium", "high")
+BANDS = tuple(name for name, _, _ in RISK_BANDS)
 PROBABILITY_DECIMALS = 2
 """The node rounds probabilities to 0.01 (clients.scoring.PROBABILITY_DECIMALS); a finer one is
 out of contract and never reaches a bank."""
