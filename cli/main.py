@@ -56,7 +56,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(data_dir=args.data or "", nodes_dir=args.nodes or "", keys_dir=args.keys, run_dir=args.out,
                      num_hospitals=args.hospitals, rounds=args.rounds, local_epochs=args.local_epochs,
                      sample_rate=args.sample_rate, clip_norm=args.clip_norm,
-                     learning_rate=args.learning_rate, target_epsilon=args.epsilon, delta=args.delta,
+                     learning_rate=args.learning_rate, server_momentum=args.server_momentum,
+                     server_learning_rate=args.server_learning_rate, target_epsilon=args.epsilon, delta=args.delta,
                      model=args.model, seed=args.seed, purpose=args.purpose,
                      tracking_uri=args.tracking_uri or "", min_contributors=args.min_contributors,
                      features=args.features, n_features=args.n_features, schema_file=args.schema or "")
@@ -220,13 +221,23 @@ def _add_training_options(parser: argparse.ArgumentParser, *, demo: bool) -> Non
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: SQLite under --out)")
     if demo:
         return
-    parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs)
+    parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs,
+                        help=f"DP-SGD epochs per hospital per round (default {defaults.local_epochs})")
     parser.add_argument("--sample-rate", type=float, default=defaults.sample_rate,
                         help="Poisson sampling rate q, 1/k (default 0.01)")
-    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--purpose", default=defaults.purpose)
-    parser.add_argument("--min-contributors", type=int, default=2)
+    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm,
+                        help=f"per-sample gradient L2 clip C (default {defaults.clip_norm:g})")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate,
+                        help=f"local Adam step size (default {defaults.learning_rate:g})")
+    parser.add_argument("--server-momentum", type=float, default=defaults.server_momentum,
+                        help="FedAvgM momentum on the decrypted round aggregates, replayed at every hospital "
+                             f"(post-processing, no budget; default {defaults.server_momentum:g})")
+    parser.add_argument("--server-learning-rate", type=float, default=defaults.server_learning_rate,
+                        help=f"FedAvgM step size (default {defaults.server_learning_rate:g})")
+    parser.add_argument("--purpose", default=defaults.purpose,
+                        help=f"the consent purpose the run's records must consent to (default {defaults.purpose})")
+    parser.add_argument("--min-contributors", type=int, default=2,
+                        help="fewest hospitals whose updates make a round (default 2)")
     parser.add_argument("--features", choices=("standard", "schema"), default="standard",
                         help="model inputs: the standard 40-input contract, or encoded from the schema")
     parser.add_argument("--n-features", type=int, default=0, help="model inputs of a --features schema run")

@@ -282,9 +282,13 @@ class HospitalNode:
     # --- global model -------------------------------------------------------------------------
     def global_weights(self, chain: Mapping[int, Sequence[SignedContribution]], run_id: str,
                        through: int) -> np.ndarray:
-        """The global model after round `through`: the public initial model plus each round's
-        verified, decrypted aggregate divided by its summed record share."""
-        weights = initial_weights(self.config.model, self.config.seed, self.config.input_size)
+        """The global model after round `through`: the public initial model moved by each round's
+        verified, decrypted aggregate divided by its summed record share (the FedAvg step),
+        through server momentum when the run sets it (FedAvgM: m = beta * m + step,
+        w = w + eta * m). Every hospital replays the same public steps, so all agree."""
+        cfg = self.config
+        weights = initial_weights(cfg.model, cfg.seed, cfg.input_size)
+        momentum = np.zeros_like(weights)
         for server_round in range(1, through + 1):
             if server_round not in chain:
                 self._refuse(ProtocolError(f"{self.name}: the server sent no contributions for round {server_round}"))
@@ -293,7 +297,8 @@ class HospitalNode:
             share = values[-2]
             if share <= 0:
                 self._refuse(ProtocolError(f"{self.name}: round {server_round} aggregate carries no records"))
-            weights = weights + values[:self.length] / share
+            momentum = cfg.server_momentum * momentum + values[:self.length] / share
+            weights = weights + cfg.server_learning_rate * momentum
         return weights
 
     # --- train --------------------------------------------------------------------------------

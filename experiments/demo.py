@@ -103,6 +103,8 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
             **pooled_reference,
             "calibration": {"method": result.calibration["method"], "slope": result.calibration["slope"],
                             "intercept": result.calibration["intercept"],
+                            "mean_se": result.calibration.get("mean_se"),
+                            "problem": result.calibration.get("problem", ""),
                             "calibration_in_the_large_uncalibrated": float(
                                 Calibration(**result.calibration).invert(scores).mean() - test_y.mean())},
             "bands": reference.band_reference(test_y, scores),
@@ -156,6 +158,8 @@ def render_summary(summary: dict[str, Any]) -> str:
          + (f" (trained model before calibration {calibration['calibration_in_the_large_uncalibrated']:+.4f})"
             if "calibration_in_the_large_uncalibrated" in calibration else "")),
         ("expected calibration error (10 bins)", fmt(summary.get("ece"), ".4f")),
+        ("recalibration", f"not applied: {calibration['problem']}" if calibration.get("problem")
+         else f"Platt map from the last DP evaluation (its bootstrap spread {fmt(calibration.get('mean_se'), '.4f')})"),
         ("epsilon per hospital (max)", f"{max(eps.values()):.3f} at delta={summary['delta']:g}"),
         ("rounds", str(summary["rounds"])),
         ("training wall time", f"{summary['wall_seconds']:.1f} s"),

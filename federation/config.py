@@ -63,6 +63,10 @@ class RunConfig:
             reveals nothing about a hospital's size (default 0.01: 100 steps per epoch).
         clip_norm: per-sample gradient L2 clip C (default 1.0).
         learning_rate: local optimiser step size (default 0.005, Adam).
+        server_momentum: FedAvgM momentum beta applied, at every hospital, to the sequence of
+            decrypted round aggregates (post-processing of DP outputs: it costs no budget);
+            0 is plain FedAvg.
+        server_learning_rate: FedAvgM step size eta on that momentum (default 1.0).
         target_epsilon: epsilon each hospital may spend on the whole run (default 1.0).
         delta: delta of the (epsilon, delta) guarantee; must be below 1/n at each hospital.
         model: "mlp" (inputs-64-32-1), "mlp:W1,W2,..." (other hidden widths) or "logreg".
@@ -107,6 +111,8 @@ class RunConfig:
     sample_rate: float = 0.01
     clip_norm: float = 1.0
     learning_rate: float = 0.005
+    server_momentum: float = 0.0
+    server_learning_rate: float = 1.0
     target_epsilon: float = 1.0
     delta: float = 1e-5
     model: str = "mlp"
@@ -149,6 +155,10 @@ class RunConfig:
             raise ConfigError(f"clip-norm must be positive, got {self.clip_norm!r}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning-rate must be positive, got {self.learning_rate!r}")
+        if not (0.0 <= self.server_momentum < 1.0):
+            raise ConfigError(f"server-momentum must lie in [0, 1), got {self.server_momentum!r}")
+        if not (0.0 < self.server_learning_rate <= 10.0):
+            raise ConfigError(f"server-learning-rate must lie in (0, 10], got {self.server_learning_rate!r}")
         for name in ("rounds", "local_epochs", "num_hospitals", "min_contributors"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

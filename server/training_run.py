@@ -8,6 +8,7 @@ engine and the deployment engine (`server.app` wires it into the ServerApp).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from federation.contributions import SignedContribution, to_record
 from federation.he_codec import ServerContext
 from federation.run_dir import SERVER_AUDIT_FILE
 from federation.model import num_parameters, weights_digest
-from federation.round_evaluation import AUC
+from federation.round_evaluation import AUC, evaluation_noise_multiplier
 from privacy.audit import (
     RELEASE,
     REPLY_REJECTED,
@@ -61,6 +62,9 @@ class FederatedResult:
     calibration: dict[str, object] = field(default_factory=dict)
     """The Platt map folded into `weights` (`server.calibration.Calibration.to_dict`): its
     `raw_sha256` is the model the hospitals trained and released, `digest` the calibrated one's."""
+    chain: dict[int, list[SignedContribution]] = field(default_factory=dict)
+    """The signed, encrypted updates each round accepted: what the coordinator holds (and relayed).
+    Only a key holder can replay the global model of any round from it (`HospitalNode.global_weights`)."""
 
     @property
     def round_seconds(self) -> dict[int, float]:
@@ -194,7 +198,7 @@ class _Run:
         return FederatedResult(run_id=tracker.run_id, weights=weights, digest=digest, rounds=self.rounds,
                                privacy=report, release_dir=str(release_dir), fedrisk_run_id=self.run_id,
                                contributors=dict(strategy.contributors), rejections=rejections,
-                               calibration=calibration.to_dict())
+                               calibration=calibration.to_dict(), chain=dict(strategy.chain))
 
     def _calibrate(self, weights: np.ndarray) -> tuple[np.ndarray, Calibration]:
         """The trained model recalibrated on the last round's revealed DP evaluation, which scored
@@ -203,8 +207,10 @@ class _Run:
         if last not in self.strategy.evaluations:
             raise ProtocolError(f"no revealed DP evaluation of round {last} to calibrate the release with")
         hospitals = int(self.rounds.get(last, {}).get(ROUND_HOSPITALS, 0)) or len(self.strategy.contributors.get(last, []))
+        z = evaluation_noise_multiplier(config.evaluation_budget, config.delta, config.rounds)
         return calibrate_release(config.model, weights, config.input_size, np.asarray(self.strategy.evaluations[last]),
-                                 source=f"DP evaluation of round {last} ({hospitals} hospitals' held-out records)")
+                                 source=f"DP evaluation of round {last} ({hospitals} hospitals' held-out records)",
+                                 noise_sd=math.sqrt(max(hospitals, 1)) * z)
 
     def _round(self, server_round: int, tracker: RunTracker) -> None:
         """Train, aggregate, evaluate; then log and checkpoint the round."""

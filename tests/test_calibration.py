@@ -49,6 +49,40 @@ def test_the_fit_on_a_noised_histogram_calibrates_fresh_records() -> None:
     assert calibration.slope > 0 and abs(calibration.after["calibration_in_the_large"]) < 1e-6
 
 
+def test_a_fit_the_noise_makes_a_gamble_is_declined_and_one_it_allows_is_applied() -> None:
+    """Twenty small federations (1,800 held-out records, 3 hospitals' noise): the map is applied
+    only where its correction stands out of its own noise, and then it improves the release on
+    fresh records on average; a demo-sized evaluation (40,000 records, 8 hospitals) is always
+    applied and leaves less than the tolerance."""
+    fresh_risk, fresh_labels = _population(np.random.default_rng(2), 200_000)
+    raw = abs(calibration_reference(fresh_labels, _squeezed(fresh_risk))["calibration_in_the_large"])
+    weights = initial_weights("logreg", seed=0)
+    outcomes = []
+    for trial in range(20):
+        rng = np.random.default_rng(100 + trial)
+        risk, labels = _population(rng, 1_800)
+        noised = score_histogram(labels, _squeezed(risk)) + rng.normal(0.0, 43.0, LENGTH)
+        kept, calibration = calibrate_release("logreg", weights, 40, noised, source="round 2", noise_sd=43.0)
+        if calibration.problem:
+            assert "too large to calibrate" in calibration.problem or "needs at least" in calibration.problem
+            np.testing.assert_array_equal(kept, weights.astype(np.float32))
+            outcomes.append(None)
+        else:
+            fixed = calibration_reference(fresh_labels, calibration.apply(_squeezed(fresh_risk)))
+            outcomes.append(abs(fixed["calibration_in_the_large"]))
+    applied = [o for o in outcomes if o is not None]
+    assert 0 < outcomes.count(None) < 20 and applied  # both decisions happen at this size
+    assert float(np.mean(applied)) < 0.75 * raw  # better on average, though noise can overshoot one
+    for trial in range(5):
+        rng = np.random.default_rng(200 + trial)
+        risk, labels = _population(rng, 40_000)
+        noised = score_histogram(labels, _squeezed(risk)) + rng.normal(0.0, 97.0, LENGTH)
+        _, calibration = calibrate_release("logreg", weights, 40, noised, source="round 5", noise_sd=97.0)
+        assert not calibration.problem and 0.0 < calibration.mean_se < 0.01
+        fixed = calibration_reference(fresh_labels, calibration.apply(_squeezed(fresh_risk)))
+        assert abs(fixed["calibration_in_the_large"]) < CALIBRATION_TOLERANCE
+
+
 @pytest.mark.parametrize("kind", ["logreg", "mlp", "mlp:8,4"])
 def test_the_map_folded_into_the_weights_is_the_map(kind: str) -> None:
     weights = initial_weights(kind, seed=3) * 3.0

@@ -38,9 +38,18 @@ def test_demo_prints_progress_and_writes_its_summary(tmp_path) -> None:
                   "AUC, pooled held-out records (demo reference)", "calibration in the large", "expected calibration error"):
         assert label in result.stdout
     calibration = json.loads((out / "release" / "calibration.json").read_text())
-    assert calibration["raw_sha256"] != summary["release_sha256"] and calibration["slope"] > 0  # recalibrated
     assert 0.0 <= summary["ece"] < 0.2 and abs(summary["calibration_in_the_large"]) < 0.2
-    assert abs(summary["calibration_in_the_large"]) < abs(summary["calibration"]["calibration_in_the_large_uncalibrated"])
+    # On a federation this small the last DP evaluation (~1,800 records, 3 hospitals) may be too
+    # noisy to calibrate with: either the map was applied, and moved the mean by over twice its own
+    # noise, or the model was released as trained and the demo says why (tests/test_calibration.py
+    # checks both decisions on fixed noise).
+    if calibration["problem"]:
+        assert calibration["raw_sha256"] == summary["release_sha256"] and calibration["slope"] == 1.0
+        assert "recalibration" in result.stdout and "not applied" in result.stdout
+    else:
+        assert calibration["raw_sha256"] != summary["release_sha256"] and calibration["slope"] > 0
+        correction = abs(calibration["before"]["calibration_in_the_large"] - calibration["after"]["calibration_in_the_large"])
+        assert correction >= 2.0 * calibration["mean_se"] > 0.0
     assert len(list((out / "nodes").glob("*/ledger.sqlite"))) == 3
 
 
