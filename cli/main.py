@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -252,24 +253,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the main job: synthesise, train (DP + HE), compare")
     demo.add_argument("--out", help="output directory (default runs/<timestamp>/)")
-    demo.add_argument("--hospitals", type=int, default=8)
-    demo.add_argument("--patients", type=int, default=200_000)
+    demo.add_argument("--hospitals", type=int, default=8, help="synthetic hospitals (default 8)")
+    demo.add_argument("--patients", type=int, default=200_000, help="synthetic patients across them (default 200,000)")
     demo.add_argument("--no-overheads", action="store_true", help="skip the overhead measurements")
     _add_training_options(demo, demo=True)
     demo.set_defaults(handler=_cmd_demo)
 
     data = commands.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
     synth = data.add_parser("synth", help="write synthetic hospital exports")
-    synth.add_argument("--hospitals", type=int, required=True)
-    synth.add_argument("--patients", type=int, required=True)
-    synth.add_argument("--out", required=True)
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--hospitals", type=int, required=True, help="how many hospital export files to write")
+    synth.add_argument("--patients", type=int, required=True, help="patients across all hospitals")
+    synth.add_argument("--out", required=True, help="directory for the exports and the ground-truth file")
+    synth.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     synth.set_defaults(handler=_cmd_data_synth)
 
     cancer = data.add_parser("breast-cancer", help="scikit-learn's breast-cancer data as hospital exports")
-    cancer.add_argument("--out", required=True)
-    cancer.add_argument("--hospitals", type=int, default=3)
-    cancer.add_argument("--seed", type=int, default=0)
+    cancer.add_argument("--out", required=True, help="directory for the exports and their schema")
+    cancer.add_argument("--hospitals", type=int, default=3, help="hospitals to split the 569 patients over (default 3)")
+    cancer.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     cancer.set_defaults(handler=_cmd_data_breast_cancer)
 
     keys = commands.add_parser("keys", help="CKKS key material").add_subparsers(dest="keys_command", required=True)
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="directory of hospital_*.parquet|csv files: provision nodes for a simulation")
     run.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
     run.add_argument("--out", required=True, help="run directory (MLflow store, release)")
-    run.add_argument("--hospitals", type=int, default=3)
+    run.add_argument("--hospitals", type=int, default=3, help="hospitals that take part; the run waits for this many "
+                     "nodes (default 3)")
     run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     _add_training_options(run, demo=False)
     run.set_defaults(handler=_cmd_run)
@@ -298,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                                help="with --data: epsilon budget of provisioned nodes for the query's purpose")
     analytics_run.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
     analytics_run.add_argument("--out", required=True, help="run directory (tables under queries/, MLflow store)")
-    analytics_run.add_argument("--hospitals", type=int, default=3)
+    analytics_run.add_argument("--hospitals", type=int, default=3, help="hospitals that answer (default 3)")
     analytics_run.add_argument("--run-id", default="", help="name of this query run (default: name and digest of the "
                                "query; the same run on the same records repeats its answer at no new cost)")
     analytics_run.add_argument("--table", help="also write the table here (.csv or .parquet)")
@@ -306,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     analytics_run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     analytics_run.set_defaults(handler=_cmd_analytics_run)
     analytics_check = analytics.add_parser("check", help="validate a query and show its noise; touches no data")
-    analytics_check.add_argument("query")
-    analytics_check.add_argument("--hospitals", type=int, default=3)
+    analytics_check.add_argument("query", help="query file (YAML; format in federation/query.py)")
+    analytics_check.add_argument("--hospitals", type=int, default=3,
+                                 help="hospitals whose noise the shown standard errors sum (default 3)")
     analytics_check.set_defaults(handler=_cmd_analytics_check)
 
     node = cli_node.register(commands)  # fedrisk node init|provision|check|budget|revoke|policy|enrol|anchor
@@ -343,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     privacy = commands.add_parser("privacy", help="privacy reports").add_subparsers(dest="privacy_command", required=True)
     verify = privacy.add_parser("verify", help="recompute every epsilon of a privacy report")
-    verify.add_argument("report")
+    verify.add_argument("report", help="a release's privacy_report.json")
     verify.set_defaults(handler=_cmd_privacy_verify)
     return parser
 
@@ -359,6 +362,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedrisk: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`fedrisk ... | head`): stop quietly, as Unix tools do. Python
+        # would otherwise fail again flushing stdout at exit, so point it at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from pathlib import Path
 from federation.errors import ConfigError
 from privacy.audit import CONSENT_REVOKE, NODE_ENROL
 
+NODE_DIR_HELP = "the node's state directory (made by `fedrisk node init --dir`)"
+
 
 def _budgets(values: list[str], delta: float) -> dict[str, tuple[float, float]]:
     budgets: dict[str, tuple[float, float]] = {}
@@ -82,6 +84,22 @@ def _cmd_node_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _record_keys(data_file: Path, column: str) -> set[str]:
+    """The text form of every record key in a node's export (the form pseudonyms hash)."""
+    import pandas as pd
+
+    from federation.errors import DataError
+
+    try:
+        if data_file.suffix.lower() == ".parquet":
+            values = pd.read_parquet(data_file, columns=[column])[column]
+        else:
+            values = pd.read_csv(data_file, usecols=[column], dtype=str, encoding="utf-8")[column]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DataError(f"cannot read column {column!r} of {data_file}: {type(exc).__name__}") from None
+    return {str(v).strip() for v in values.dropna()}
+
+
 def _cmd_node_revoke(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -89,7 +107,17 @@ def _cmd_node_revoke(args: argparse.Namespace) -> int:
     from privacy.audit import Digest
 
     state = NodeState.load(Path(args.dir))
-    pseudonym = state.pseudonym_key().pseudonymise(pd.Series([args.record_key])).iloc[0]
+    schema = state.schema()
+    purposes = sorted({c.purpose for c in schema.columns if c.role == "consent" and c.purpose})
+    if args.purpose not in purposes:
+        raise ConfigError(f"--purpose {args.purpose!r}: no consent column of this node's schema covers it "
+                          f"(purposes: {', '.join(purposes)})")
+    keys = _record_keys(state.data_file, schema.record_key)
+    if str(args.record_key).strip() not in keys:
+        # the typed key is not echoed: error messages may be pasted into tickets
+        raise ConfigError(f"--record-key: no record of {state.data_file.name} has that record key "
+                          f"(column {schema.record_key!r}); nothing was revoked")
+    pseudonym = state.pseudonym_key().pseudonymise(pd.Series([str(args.record_key).strip()])).iloc[0]
     state.revocations().revoke(pseudonym, args.purpose)
     state.audit().append(CONSENT_REVOKE, purpose=args.purpose, details={"pseudonym": Digest(pseudonym)})
     print(f"consent for {args.purpose} withdrawn for one record: excluded from the next run or query, "
@@ -138,10 +166,10 @@ def _add_node_policy(node: argparse._SubParsersAction) -> None:
     policy = node.add_parser("policy", help="this hospital's policy: the last word on what its node does")
     commands = policy.add_subparsers(dest="policy_command", required=True)
     show = commands.add_parser("show", help="print the policy in force (defaults filled in); writes nothing")
-    show.add_argument("--dir", required=True)
+    show.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     show.set_defaults(handler=_cmd_node_policy_show)
     change = commands.add_parser("set", help="change policy fields (validated; audited as policy.set)")
-    change.add_argument("--dir", required=True)
+    change.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     change.add_argument("assignments", nargs="+", metavar="KEY=VALUE",
                         help="e.g. min_contributors=3 max_epsilon_per_run=1.0 "
                              "purposes=credit-risk-research,cohort-research")
@@ -197,12 +225,12 @@ def _add_node_federation(node: argparse._SubParsersAction) -> None:
                        help="instead, install this federation_manifest.json received from the federation")
     enrol.set_defaults(handler=_cmd_node_enrol)
     key = node.add_parser("signing-key", help="print this node's public signing key, for enrolment")
-    key.add_argument("--dir", required=True)
+    key.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     key.set_defaults(handler=_cmd_node_signing_key)
     anchor = node.add_parser("anchor", help="recover a node found behind its anchored ledger head")
     anchor_commands = anchor.add_subparsers(dest="anchor_command", required=True)
     accept = anchor_commands.add_parser("accept", help="accept the rollback: new epoch, budgets closed, audited")
-    accept.add_argument("--dir", required=True)
+    accept.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     accept.set_defaults(handler=_cmd_node_anchor_accept)
 
 
@@ -225,21 +253,22 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
     node_provision.add_argument("--key", required=True, help="the federation's hospital CKKS context")
     node_provision.add_argument("--out", required=True, help="directory to hold the node directories")
     node_provision.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
-    node_provision.add_argument("--budget", action="append", default=[], metavar="PURPOSE=EPSILON")
-    node_provision.add_argument("--delta", type=float, default=1e-5)
+    node_provision.add_argument("--budget", action="append", default=[], metavar="PURPOSE=EPSILON",
+                                help="total epsilon for a purpose at every node (repeatable)")
+    node_provision.add_argument("--delta", type=float, default=1e-5, help="delta of every budget (default 1e-5)")
     node_provision.set_defaults(handler=_cmd_node_provision)
     node_check = node.add_parser("check", help="validate an export against its schema; writes nothing")
-    node_check.add_argument("file")
+    node_check.add_argument("file", help="the hospital's export (Parquet or CSV)")
     node_check.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
     node_check.set_defaults(handler=_cmd_node_check)
     node_budget = node.add_parser("budget", help="privacy budget: spent, left, history")
-    node_budget.add_argument("--dir", required=True)
-    node_budget.add_argument("--purpose")
+    node_budget.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    node_budget.add_argument("--purpose", help="show one purpose only (default: every purpose)")
     node_budget.set_defaults(handler=_cmd_node_budget)
     node_revoke = node.add_parser("revoke", help="withdraw a patient's consent for a purpose")
-    node_revoke.add_argument("--dir", required=True)
+    node_revoke.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     node_revoke.add_argument("--record-key", required=True, help="the patient's record key in the export")
-    node_revoke.add_argument("--purpose", required=True)
+    node_revoke.add_argument("--purpose", required=True, help="the purpose the consent is withdrawn for")
     node_revoke.set_defaults(handler=_cmd_node_revoke)
     _add_node_policy(node)  # fedrisk node policy show|set
     _add_node_federation(node)  # fedrisk node enrol | signing-key | anchor accept

@@ -28,10 +28,12 @@ DEFAULT_REGISTRY_DIR = "releases"
 from federation.run_dir import MLFLOW_DB as RUN_STORE_FILE  # what `fedrisk run --out DIR` writes
 
 
-def _registry(args: argparse.Namespace, tracking_uri: str = ""):  # -> server.releases.ReleaseRegistry
+def _registry(args: argparse.Namespace, tracking_uri: str = "", *, read_only: bool = False):
+    """The registry of --registry (a server.releases.ReleaseRegistry); `read_only` commands refuse
+    a registry that does not exist instead of creating it."""
     from server.releases import ReleaseRegistry
 
-    return ReleaseRegistry(tracking_uri, Path(args.registry))
+    return ReleaseRegistry(tracking_uri, Path(args.registry), must_exist=read_only)
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
@@ -96,7 +98,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_withdraw(args: argparse.Namespace) -> int:
-    release = _registry(args).withdraw(args.release_id, args.by, args.reason)
+    release = _registry(args, read_only=True).withdraw(args.release_id, args.by, args.reason)
     print(f"withdrew {release.release_id} (run {release.run_id}): {release.withdrawn_reason}")
     print(f"each hospital node stops scoring with it: fedrisk node release withdraw --dir NODE "
           f"--release-id {release.release_id}")
@@ -104,7 +106,7 @@ def _cmd_withdraw(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    releases = _registry(args).list()
+    releases = _registry(args, read_only=True).list()
     if args.json:
         print(json.dumps([r.to_dict() for r in releases], indent=2))
         return 0
@@ -117,7 +119,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    print(json.dumps(_registry(args).get(args.release_id).to_dict(), indent=2))
+    print(json.dumps(_registry(args, read_only=True).get(args.release_id).to_dict(), indent=2))
     return 0
 
 
@@ -165,7 +167,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--run-dir", required=True, help="the run directory (`fedrisk run --out`)")
     evaluate.add_argument("--nodes", required=True, help="directory of hospital node directories")
     evaluate.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
-    evaluate.add_argument("--hospitals", type=int, default=3)
+    evaluate.add_argument("--hospitals", type=int, default=3, help="hospitals that evaluate (default 3)")
     evaluate.add_argument("--epsilon", type=float, default=0.5,
                           help="epsilon each hospital spends on the evaluation (default 0.5)")
     evaluate.add_argument("--out", help="where the evaluation run writes (default RUN_DIR/evaluation)")
@@ -182,5 +184,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     listing.set_defaults(handler=_cmd_list)
 
     show = with_registry(release.add_parser("show", help="a release's privacy certificate and model card (JSON)"))
-    show.add_argument("release_id", metavar="RELEASE_ID")
+    show.add_argument("release_id", metavar="RELEASE_ID", help="e.g. r3 (from `fedrisk release list`)")
     show.set_defaults(handler=_cmd_show)

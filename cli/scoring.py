@@ -19,6 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from cli.node import NODE_DIR_HELP
 from federation.errors import ConfigError
 
 DEFAULT_GRANT_HOURS, MAX_GRANT_HOURS = 24, 30 * 24
@@ -156,20 +157,20 @@ def register(node_commands: argparse._SubParsersAction) -> None:
                           help=f"validity in days instead (at most {MAX_GRANT_HOURS // 24})")
     issue.set_defaults(handler=_cmd_grant_issue)
     revoke = grant.add_parser("revoke", help="revoke a grant: the next score request with it is refused")
-    revoke.add_argument("--dir", required=True)
+    revoke.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     revoke.add_argument("--grant", required=True, help="the grant id (printed when it was issued)")
     revoke.set_defaults(handler=_cmd_grant_revoke)
 
     release = node_commands.add_parser("release", help="released models installed for scoring").add_subparsers(
         dest="release_command", required=True)
     install = release.add_parser("install", help="install a training release (model.npz + model.sha256)")
-    install.add_argument("--dir", required=True)
+    install.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     install.add_argument("--release-dir", required=True, help="the release directory, e.g. <run>/release")
     install.add_argument("--release-id", required=True, help="the release's id in the registry")
     install.set_defaults(handler=_cmd_release_install)
     withdraw = release.add_parser("withdraw", help="withdraw an installed release: scoring with it stops at once")
-    withdraw.add_argument("--dir", required=True)
-    withdraw.add_argument("--release-id", required=True)
+    withdraw.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    withdraw.add_argument("--release-id", required=True, help="the installed release's id (e.g. r3)")
     withdraw.set_defaults(handler=_cmd_release_withdraw)
 
     token = node_commands.add_parser("service-token", help="create the signals service's token for this node")
@@ -178,7 +179,7 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     token.set_defaults(handler=_cmd_service_token)
 
     serve = node_commands.add_parser("serve", help="run the node service: federation socket and/or scoring endpoint")
-    serve.add_argument("--dir", required=True)
+    serve.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     serve.add_argument("--federation-socket", metavar="PATH",
                        help="answer the SuperNode's relay ClientApp on this Unix socket")
     serve.add_argument("--relay-user", action="append", default=[], metavar="USER",

@@ -113,7 +113,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                        "server.signals.auth.DEFAULT_BURST)")
     serve.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve HTTPS directly (or put a TLS proxy in front)")
     serve.add_argument("--ssl-keyfile", help="TLS private key (PEM) for --ssl-certfile")
-    serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                       help="uvicorn's log level (default warning)")
     serve.set_defaults(handler=_cmd_serve)
     manage = serve.add_subparsers(dest="serve_command", required=False, metavar="{keys,hospitals}")
 
@@ -129,7 +130,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _db_option(listing, top=False)
     listing.set_defaults(handler=_cmd_keys_list)
     revoke = keys.add_parser("revoke", help="revoke a key by its id (from `keys list`)")
-    revoke.add_argument("key_id")
+    revoke.add_argument("key_id", help="the key's id, as `fedrisk serve keys list` shows it")
     _db_option(revoke, top=False)
     revoke.set_defaults(handler=_cmd_keys_revoke)
 

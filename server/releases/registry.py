@@ -139,14 +139,18 @@ class ReleaseRegistry:
     the module docstring). registry_uri: the MLflow Model Registry; default SQLite in registry_dir.
     """
 
-    def __init__(self, tracking_uri: str, registry_dir: Path, registry_uri: str = "") -> None:
+    def __init__(self, tracking_uri: str, registry_dir: Path, registry_uri: str = "", *,
+                 must_exist: bool = False) -> None:
+        self.registry_dir = Path(registry_dir).resolve()
+        if must_exist and not registry_uri and not (self.registry_dir / REGISTRY_DB).is_file():
+            raise ReleaseError(f"--registry {registry_dir}: no release registry there (it has no {REGISTRY_DB}; "
+                               "`fedrisk release create` makes one)")
         quiet_mlflow()
         from mlflow.tracking import MlflowClient  # slow to import: only here
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri
-        self.registry_dir = Path(registry_dir).resolve()
         self.registry_dir.mkdir(parents=True, exist_ok=True)
         self.registry_uri = registry_uri or f"sqlite:///{self.registry_dir / REGISTRY_DB}"
         self.client = MlflowClient(tracking_uri=tracking_uri or self.registry_uri, registry_uri=self.registry_uri)

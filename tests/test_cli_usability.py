@@ -1,0 +1,81 @@
+"""The command line as a new user meets it: help on every flag, no traceback for a closed pipe,
+and read commands that write nothing."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from cli.main import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flags_without_help(parser: argparse.ArgumentParser, path: list[str]) -> list[str]:
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                missing += _flags_without_help(sub, [*path, name])
+        elif not isinstance(action, argparse._HelpAction) and not action.help:
+            missing.append(" ".join([*path, "/".join(action.option_strings) or action.dest]))
+    return missing
+
+
+def test_every_flag_and_argument_of_every_command_has_help() -> None:
+    assert _flags_without_help(build_parser(), ["fedrisk"]) == []
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """`fedrisk ... | head`: the pipe closes before the command writes; no traceback."""
+    process = subprocess.Popen([sys.executable, "-m", "cli.main", "analytics", "check",
+                                str(ROOT / "experiments" / "queries" / "delinquency_by_age_insurance.yaml")],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # type: ignore[union-attr]
+    stderr = process.stderr.read().decode()  # type: ignore[union-attr]
+    assert process.wait(timeout=300) == 141
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+
+
+def test_reading_a_registry_that_is_not_there_creates_nothing(tmp_path: Path) -> None:
+    typo = tmp_path / "relaeses"
+    for command in (["list"], ["show", "r1"], ["withdraw", "r1", "--reason", "x"]):
+        result = subprocess.run([sys.executable, "-m", "cli.main", "release", *command, "--registry", str(typo)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        assert f"--registry {typo}: no release registry there" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert not typo.exists()
+
+
+def test_a_revocation_names_a_record_and_a_purpose_the_node_has(tmp_path: Path) -> None:
+    """A misspelt purpose or a record key that is not in the export is refused, and nothing is
+    recorded; a real one is revoked."""
+    import pandas as pd
+
+    from clients.node_state import NodeState
+    from engines.provisioning import provision_nodes
+    from experiments.synthetic import synthesize
+    from federation.he_codec import init_keys
+
+    synthesize(1, 600, tmp_path / "data", seed=1)
+    keys = init_keys(tmp_path / "keys")
+    state = provision_nodes(tmp_path / "data", keys.hospital_context, tmp_path / "nodes",
+                            purposes={"credit-risk-research": (1.0, 1e-5)})[0]
+    key = str(pd.read_parquet(state.data_file)[state.schema().record_key].iloc[0])
+
+    def revoke(record_key: str, purpose: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cli.main", "node", "revoke", "--dir", str(state.directory),
+                               "--record-key", record_key, "--purpose", purpose],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    misspelt = revoke(key, "credit-risk-reserch")
+    assert misspelt.returncode == 2 and "no consent column of this node's schema covers it" in misspelt.stderr
+    unknown = revoke("MRN-00000000-not-here", "credit-risk-research")
+    assert unknown.returncode == 2 and "has that record key" in unknown.stderr
+    assert "MRN-00000000-not-here" not in unknown.stderr  # what was typed is not echoed
+    assert NodeState.load(state.directory).revocations().entries() == []
+    assert revoke(key, "credit-risk-research").returncode == 0
+    assert len(NodeState.load(state.directory).revocations().entries()) == 1
