@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 
 from clients.data import hospital_files
-from clients.node_state import NodeState, enrol
+from clients.node_state import TEST_FRACTION, NodeState, enrol
 from clients.policy import NodePolicy
-from federation.errors import ConfigError
+from federation.errors import ConfigError, warn_user
 
 
 def provision_nodes(data_dir: Path, key_file: Path, nodes_dir: Path, *, purposes: dict[str, tuple[float, float]],
@@ -25,6 +25,9 @@ def provision_nodes(data_dir: Path, key_file: Path, nodes_dir: Path, *, purposes
     if count is not None:
         if len(files) < count:
             raise ConfigError(f"num-hospitals is {count} but {data_dir} holds {len(files)} hospital files")
+        if len(files) > count:
+            warn_user(f"{data_dir} holds {len(files)} hospital files; using the first {count} "
+                      f"({', '.join(p.name for p in files[:count])}); pass --hospitals {len(files)} to use all")
         files = files[:count]
     nodes_dir = Path(nodes_dir)
     if nodes_dir.exists() and any(nodes_dir.iterdir()):
@@ -46,4 +49,33 @@ def load_nodes(nodes_dir: Path, count: int) -> list[NodeState]:
     states = NodeState.discover(Path(nodes_dir))
     if len(states) < count:
         raise ConfigError(f"num-hospitals is {count} but {nodes_dir} holds {len(states)} fedrisk nodes")
+    if len(states) > count:
+        warn_user(f"{nodes_dir} holds {len(states)} fedrisk nodes; using the first {count} "
+                  f"({', '.join(s.hospital for s in states[:count])}); pass --hospitals {len(states)} to use all")
     return states[:count]
+
+
+MIN_EXPECTED_BATCH = 10.0
+"""Below this many records in an expected DP-SGD batch (records x sample rate), a hospital is warned of."""
+
+
+def export_rows(path: Path) -> int:
+    """Rows of a hospital export, read from its metadata (Parquet) or by counting lines (CSV)."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    with open(path, "rb") as handle:
+        return max(sum(1 for _ in handle) - 1, 0)
+
+
+def warn_small_hospitals(states: list[NodeState], sample_rate: float) -> None:
+    """Warn (never refuse: the hospital's policy decides) of a hospital whose export is so small that
+    the DP-SGD noise will swamp its update and its held-out split cannot evaluate a model."""
+    for state in states:
+        rows = export_rows(state.data_file)
+        if rows * sample_rate < MIN_EXPECTED_BATCH:
+            warn_user(f"{state.hospital} has {rows:,} records: at sample rate {sample_rate:g} its expected DP-SGD batch "
+                      f"is {rows * sample_rate:.1f} records, so noise will dominate its update, and its held-out "
+                      f"split (about {int(rows * TEST_FRACTION):,} records) is too small to evaluate with")

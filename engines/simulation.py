@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from clients.app import make_client_app
 from clients.validation import validate_export
-from engines.provisioning import load_nodes, provision_nodes
+from engines.provisioning import load_nodes, provision_nodes, warn_small_hospitals
 from federation.config import RunConfig
 from federation.errors import FedriskError, KeyMaterialError, ProtocolError
 from federation.he_codec import (
@@ -62,11 +62,13 @@ def preflight(config: RunConfig) -> RunConfig:
         for state in states:
             validate_export(state.data_file, state.schema())
         _enrolled(states)
+        warn_small_hospitals(states, config.sample_rate)
         return config
     nodes_dir = Path(config.run_dir) / "nodes"
-    provision_nodes(Path(config.data_dir), key_path, nodes_dir, count=config.num_hospitals,
-                    purposes={config.purpose: (config.provision_budget, config.delta)},
-                    schema_file=Path(config.schema_file) if config.schema_file else None)
+    states = provision_nodes(Path(config.data_dir), key_path, nodes_dir, count=config.num_hospitals,
+                             purposes={config.purpose: (config.provision_budget, config.delta)},
+                             schema_file=Path(config.schema_file) if config.schema_file else None)
+    warn_small_hospitals(states, config.sample_rate)
     return config.replace(nodes_dir=str(nodes_dir))
 
 

@@ -33,3 +33,11 @@ class PrivacyBudgetError(FedriskError):
 
 class ProtocolError(FedriskError):
     """A federation message is malformed, or a round could not gather enough replies."""
+
+
+def warn_user(message: str) -> None:
+    """Tell the person running fedrisk something they need to know that is not an error (one line
+    on stderr, `fedrisk: warning: ...`). Never carries record values: callers pass counts and names."""
+    import sys
+
+    print(f"fedrisk: warning: {message}", file=sys.stderr, flush=True)

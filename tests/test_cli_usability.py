@@ -79,3 +79,22 @@ def test_a_revocation_names_a_record_and_a_purpose_the_node_has(tmp_path: Path) 
     assert NodeState.load(state.directory).revocations().entries() == []
     assert revoke(key, "credit-risk-research").returncode == 0
     assert len(NodeState.load(state.directory).revocations().entries()) == 1
+
+
+def test_preflight_warns_of_files_left_out_and_of_a_hospital_too_small_to_train(tmp_path: Path, capsys) -> None:
+    from engines.simulation import preflight
+    from experiments.synthetic import synthesize
+    from federation.config import RunConfig
+    from federation.he_codec import init_keys
+
+    synthesize(3, 3_000, tmp_path / "data", seed=2)
+    init_keys(tmp_path / "keys")
+    config = RunConfig(data_dir=str(tmp_path / "data"), keys_dir=str(tmp_path / "keys"), run_dir=str(tmp_path / "run"),
+                       num_hospitals=2, sample_rate=0.01)
+    preflight(config)
+    err = capsys.readouterr().err
+    assert "holds 3 hospital files; using the first 2" in err and "pass --hospitals 3" in err
+    assert "expected DP-SGD batch" in err  # 3,000 patients over 3 hospitals: at q = 0.01 a batch of < 10
+    assert "MRN-" not in err  # counts and names only
+    preflight(config.replace(run_dir=str(tmp_path / "run2"), num_hospitals=3, sample_rate=0.5))
+    assert capsys.readouterr().err == ""  # nothing to warn of
