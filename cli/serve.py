@@ -139,7 +139,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     hadd = hospitals.add_parser("add", help="register (or update) a hospital's scoring endpoint")
     hadd.add_argument("--hospital", required=True, help="the hospital's name (as in its grant tokens)")
     hadd.add_argument("--url", required=True, help="base URL of its endpoint, e.g. http://127.0.0.1:8101")
-    hadd.add_argument("--grant-key", required=True, help="its grant key PEM (GET /v1/grant-key on the node)")
+    hadd.add_argument("--grant-key", required=True, help="its grant key: the reply of GET /v1/grant-key on the node saved to a file (JSON), "
+                      "or the PEM inside it")
     hadd.add_argument("--token-file", required=True,
                       help="file holding the service token the node accepts (from `fedrisk node service-token`)")
     _db_option(hadd, top=False)

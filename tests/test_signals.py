@@ -398,6 +398,16 @@ def test_registering_a_hospital_refuses_the_wrong_files(dep: Deployment, tmp_pat
         assert words in err and "\n" not in err
     assert main([*base, "--grant-key", str(hospital.grant_key_file), "--token-file",
                  str(hospital.service_token_file)]) == 0
+    # what the node's own endpoint returns, saved as it came (JSON), is accepted as it is
+    import httpx
+
+    reply = tmp_path / "grant-key.json"
+    reply.write_text(httpx.get(f"{dep.node.base_url}/v1/grant-key", timeout=60).text)
+    assert main([*base, "--grant-key", str(reply), "--token-file", str(hospital.service_token_file)]) == 0
+    reply.write_text('{"hospital": "hospital_00"}')
+    capsys.readouterr()
+    assert main([*base, "--grant-key", str(reply), "--token-file", str(hospital.service_token_file)]) == EXIT_USER_ERROR
+    assert "not a hospital's /v1/grant-key reply" in capsys.readouterr().err
 
 
 def test_a_score_refusal_is_audited_in_full_when_its_references_are_all_digits(tmp_path: Path) -> None:

@@ -107,9 +107,18 @@ class HospitalDirectory:
 
 
 def _read_grant_key(path: Path) -> str:
-    """The PEM text of an Ed25519 public key file (what the hospital's /v1/grant-key publishes)."""
+    """The PEM text of an Ed25519 public key file: the PEM itself, or the JSON the hospital's
+    `GET /v1/grant-key` returns (saved as it came, `{"public_key_pem": ...}`)."""
     try:
         pem = path.read_text(encoding="utf-8")
+        if pem.lstrip().startswith("{"):
+            import json
+
+            try:
+                pem = str(json.loads(pem)["public_key_pem"])
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"{path} is JSON but not a hospital's /v1/grant-key reply "
+                                  "(it has no public_key_pem)") from None
         key = load_pem_public_key(pem.encode())
     except OSError:
         raise ConfigError(f"grant key file not readable: {path}") from None
