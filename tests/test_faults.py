@@ -84,6 +84,31 @@ def test_a_round_without_one_hospital_is_the_weighted_mean_of_the_others(keys, n
     assert np.max(np.abs(replayed - expected)) < 1e-5  # within the decryption's flooding
 
 
+def test_server_momentum_is_replayed_from_the_same_aggregates_at_every_hospital(keys, nodes) -> None:
+    """FedAvgM is post-processing of the decrypted aggregates: with momentum beta, round 2's global
+    model is w1 + eta * (beta * step1 + step2), where step r is what plain FedAvg would add, and
+    every hospital replays the same model from the same chain."""
+    beta, eta = 0.5, 0.8
+    config = _config(keys, nodes, nodes.parent / "run", rounds=2, server_momentum=beta, server_learning_rate=eta)
+    plain = _config(keys, nodes, nodes.parent / "run", rounds=2)
+    hospitals = [HospitalNode(config, NodeState.load(d)) for d in sorted(nodes.iterdir())]
+    run = "momentum"
+    census = [node.census(run, node.check_rollback([])) for node in hospitals]
+    chain = {1: [node.train(1, census, {}, run, node.check_rollback([])).contribution for node in hospitals]}
+    chain[2] = [node.train(2, census, chain, run, node.check_rollback([])).contribution for node in hospitals]
+    start = hospitals[0].global_weights({}, run, 0)
+    replayer = HospitalNode(plain, NodeState.load(sorted(nodes.iterdir())[0]))  # same decryptions, no momentum
+    step1 = replayer.global_weights(chain, run, 1) - start
+    step2 = replayer.global_weights(chain, run, 2) - replayer.global_weights(chain, run, 1)
+    expected = start + eta * step1 + eta * (beta * step1 + step2)
+    replayed = hospitals[0].global_weights(chain, run, 2)
+    assert np.max(np.abs(replayed - expected)) < 1e-9 and np.max(np.abs(step2)) > 1e-4
+    others = [h.global_weights(chain, run, 2) for h in hospitals[1:]]
+    assert all(np.max(np.abs(o - replayed)) < 1e-5 for o in others)  # each hospital floods its own decryption
+    with pytest.raises(ConfigError, match="server-momentum"):
+        plain.replace(server_momentum=1.0)
+
+
 def test_retraining_a_round_from_the_same_model_repeats_it_and_is_charged_once(keys, nodes) -> None:
     config = _config(keys, nodes, nodes.parent / "run", rounds=2)
     states = [NodeState.load(d) for d in sorted(nodes.iterdir())]
