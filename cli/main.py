@@ -51,6 +51,20 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_count(args: argparse.Namespace) -> int:
+    """--n-features of a schema run: derived from the schema; a typed value must agree with it."""
+    if args.features != "schema":
+        return args.n_features
+    from engines.provisioning import schema_input_count
+
+    derived = schema_input_count(args.purpose, schema_file=Path(args.schema) if args.schema else None,
+                                 nodes_dir=Path(args.nodes) if args.nodes else None, count=args.hospitals)
+    if args.n_features and args.n_features != derived:
+        raise ConfigError(f"--n-features {args.n_features} disagrees with the schema, whose inputs number {derived} "
+                          "(leave --n-features out: it is derived)")
+    return derived
+
+
 def _run_config(args: argparse.Namespace) -> RunConfig:
     if not args.data and not args.nodes:
         raise ConfigError("give --nodes (initialised hospital nodes) or --data (provision them for a simulation)")
@@ -61,7 +75,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
                      server_learning_rate=args.server_learning_rate, target_epsilon=args.epsilon, delta=args.delta,
                      model=args.model, seed=args.seed, purpose=args.purpose,
                      tracking_uri=args.tracking_uri or "", min_contributors=args.min_contributors,
-                     features=args.features, n_features=args.n_features, schema_file=args.schema or "")
+                     features=args.features, n_features=_input_count(args), schema_file=args.schema or "")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -241,7 +255,9 @@ def _add_training_options(parser: argparse.ArgumentParser, *, demo: bool) -> Non
                         help="fewest hospitals whose updates make a round (default 2)")
     parser.add_argument("--features", choices=("standard", "schema"), default="standard",
                         help="model inputs: the standard 40-input contract, or encoded from the schema")
-    parser.add_argument("--n-features", type=int, default=0, help="model inputs of a --features schema run")
+    parser.add_argument("--n-features", type=int, default=0,
+                        help="optional check: the model inputs of a --features schema run are derived from the "
+                             "schema (`fedrisk node check --dir NODE --features schema` lists them)")
     parser.add_argument("--schema", help="export schema for nodes provisioned from --data")
 
 

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from federation.config import RunConfig
 from federation.errors import ConfigError
 from privacy.audit import CONSENT_REVOKE, NODE_ENROL
 
@@ -50,10 +51,58 @@ def _cmd_node_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_config(args: argparse.Namespace) -> RunConfig:
+    from federation.config import RunConfig
+
+    defaults = RunConfig()
+    return RunConfig(purpose=args.purpose or defaults.purpose, target_epsilon=args.epsilon, delta=args.delta,
+                     rounds=args.rounds, model=args.model, sample_rate=args.sample_rate, features=args.features,
+                     n_features=1 if args.features == "schema" else 0, min_contributors=args.min_contributors)
+
+
+def _cmd_node_readiness(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+    from clients.readiness import check_readiness
+
+    state = NodeState.load(Path(args.dir))
+    config = _check_config(args)
+    report = check_readiness(state, config)
+    print(f"{state.hospital}: a {config.features}-feature {config.model} run for {config.purpose}, epsilon "
+          f"{config.target_epsilon:g} at delta {config.delta:g}, {config.rounds} rounds, sample rate {config.sample_rate:g}")
+    if report.records:
+        print(f"  records: {report.records:,} in {state.data_file.name}; {report.usable:,} usable for {config.purpose} "
+              f"({report.train_records:,} to train on, {report.test_records:,} held out)")
+        excluded = {k: v for k, v in report.excluded.items() if v}
+        print(f"  excluded: {', '.join(f'{v:,} {k}' for k, v in excluded.items()) or 'none'}")
+    if report.inputs:
+        print(f"  model inputs: {len(report.inputs)} ({', '.join(report.inputs)})")
+    for column, why in report.withheld.items():
+        print(f"  not an input: {column} ({why})")
+    if report.epsilon_after is not None:
+        print(f"  budget {config.purpose}: spent {report.epsilon_spent:.3f} of {report.budget:g}; after this run "
+              f"{report.epsilon_after:.3f} (privacy loss composes: a run adds at most its own epsilon, "
+              "often less, to what is spent)")
+    for warning in report.warnings:
+        print(f"  WARNING: {warning}")
+    for problem in report.problems:
+        print(f"  PROBLEM: {problem}")
+    if report.problems:
+        raise ConfigError(f"{state.hospital}: {len(report.problems)} problem(s) a run would meet; "
+                          "fix them before training (listed above)")
+    print("  ready: a run with these settings passes every check this node makes before training")
+    return 0
+
+
 def _cmd_node_check(args: argparse.Namespace) -> int:
     from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
     from clients.validation import validate_export
 
+    if args.dir:
+        if args.file or args.schema:
+            raise ConfigError("give either --dir NODE (checks the node's own export and schema) or FILE [--schema]")
+        return _cmd_node_readiness(args)
+    if not args.file:
+        raise ConfigError("give an export FILE to validate, or --dir NODE to check a node for a run")
     schema = ExportSchema.load(Path(args.schema) if args.schema else SHIPPED_SYNTHETIC_SCHEMA)
     validated = validate_export(Path(args.file), schema)
     print(f"{args.file}: {len(validated.table):,} records, valid against {schema.source}")
@@ -257,9 +306,23 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
                                 help="total epsilon for a purpose at every node (repeatable)")
     node_provision.add_argument("--delta", type=float, default=1e-5, help="delta of every budget (default 1e-5)")
     node_provision.set_defaults(handler=_cmd_node_provision)
-    node_check = node.add_parser("check", help="validate an export against its schema; writes nothing")
-    node_check.add_argument("file", help="the hospital's export (Parquet or CSV)")
+    node_check = node.add_parser("check", help="validate an export against its schema, or (--dir) make every check "
+                                 "a run would make at a node; writes nothing")
+    node_check.add_argument("file", nargs="?", help="the hospital's export (Parquet or CSV)")
     node_check.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
+    node_check.add_argument("--dir", help="a node directory: check it for a run with the settings below instead")
+    defaults = RunConfig()
+    node_check.add_argument("--purpose", help=f"the run's purpose (default {defaults.purpose})")
+    node_check.add_argument("--epsilon", type=float, default=defaults.target_epsilon,
+                            help=f"the run's target epsilon (default {defaults.target_epsilon:g})")
+    node_check.add_argument("--delta", type=float, default=defaults.delta, help=f"the run's delta (default {defaults.delta:g})")
+    node_check.add_argument("--rounds", type=int, default=defaults.rounds, help=f"rounds (default {defaults.rounds})")
+    node_check.add_argument("--model", default=defaults.model, help=f"model (default {defaults.model})")
+    node_check.add_argument("--sample-rate", type=float, default=defaults.sample_rate,
+                            help=f"DP-SGD sampling rate q (default {defaults.sample_rate:g})")
+    node_check.add_argument("--features", choices=("standard", "schema"), default=defaults.features,
+                            help="the standard 40-input contract or the schema's own inputs (default standard)")
+    node_check.add_argument("--min-contributors", type=int, default=2, help="the run's min-contributors (default 2)")
     node_check.set_defaults(handler=_cmd_node_check)
     node_budget = node.add_parser("budget", help="privacy budget: spent, left, history")
     node_budget.add_argument("--dir", required=True, help=NODE_DIR_HELP)

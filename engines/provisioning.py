@@ -79,3 +79,21 @@ def warn_small_hospitals(states: list[NodeState], sample_rate: float) -> None:
             warn_user(f"{state.hospital} has {rows:,} records: at sample rate {sample_rate:g} its expected DP-SGD batch "
                       f"is {rows * sample_rate:.1f} records, so noise will dominate its update, and its held-out "
                       f"split (about {int(rows * TEST_FRACTION):,} records) is too small to evaluate with")
+
+
+def schema_input_count(purpose: str, *, schema_file: Path | None = None, nodes_dir: Path | None = None,
+                       count: int | None = None) -> int:
+    """How many model inputs a `features = "schema"` run has: derived from the export schema (the
+    one given, else every node's, which must agree), never typed by hand."""
+    from clients import encoding
+    from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
+
+    if nodes_dir:
+        states = load_nodes(Path(nodes_dir), count or 1)
+        widths = {state.hospital: len(encoding.feature_names(state.schema(), purpose)) for state in states}
+        if len(set(widths.values())) != 1:
+            raise ConfigError("the nodes' schemas encode to different numbers of model inputs: "
+                              + ", ".join(f"{h} {w}" for h, w in sorted(widths.items())))
+        return next(iter(widths.values()))
+    schema = ExportSchema.load(Path(schema_file) if schema_file else SHIPPED_SYNTHETIC_SCHEMA)
+    return len(encoding.feature_names(schema, purpose))

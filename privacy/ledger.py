@@ -466,6 +466,10 @@ class BudgetLedger:
         """The ledger's epsilon if `mechanism` were charged now (nothing is written)."""
         return self._composed(purpose, [mechanism])
 
+    def would_spend_all(self, purpose: str, mechanisms: list[GaussianMechanism]) -> float:
+        """The ledger's epsilon if all of `mechanisms` were charged now (nothing is written)."""
+        return self._composed(purpose, list(mechanisms))
+
     def _composed(self, purpose: str, extra: list[GaussianMechanism]) -> float:
         with self._transaction():
             budget = self._budget(purpose)
