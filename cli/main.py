@@ -177,19 +177,79 @@ def _cmd_privacy_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    from privacy.audit import AuditLog, format_verification
-
-    path = Path(args.log)
+def _audit_path(value: str) -> Path:
+    path = Path(value)
     if path.is_dir():
         from federation.run_dir import NODE_AUDIT_FILE, SERVER_AUDIT_FILE
 
         path = path / NODE_AUDIT_FILE if (path / NODE_AUDIT_FILE).exists() else path / SERVER_AUDIT_FILE
     if not path.is_file():
         raise ConfigError(f"audit log not found: {path}")
-    result = AuditLog(path, role="auditor", identity="fedrisk-cli").verify()
+    return path
+
+
+def _cmd_audit_verify(args: argparse.Namespace) -> int:
+    from privacy.audit import AuditLog, format_verification
+
+    result = AuditLog(_audit_path(args.log), role="auditor", identity="fedrisk-cli").verify()
     print(format_verification(result))
     return 0 if result.ok else 1
+
+
+def _when(value: str | None, flag: str) -> str | None:
+    """An ISO date or date-time, normalised to compare with the log's UTC timestamps."""
+    if not value:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(f"{flag} takes a date or date-time such as 2026-12-01 or 2026-12-01T09:30, "
+                          f"got {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat()
+
+
+def _cmd_audit_show(args: argparse.Namespace) -> int:
+    import csv
+
+    from privacy.audit import AuditLog
+
+    log = AuditLog(_audit_path(args.log), role="auditor", identity="fedrisk-cli")
+    verification = log.verify()
+    since, until = _when(args.since, "--since"), _when(args.until, "--until")
+    rows = [e for e in log.entries()
+            if (not args.action or e.action in args.action) and (not args.purpose or e.purpose == args.purpose)
+            and (since is None or e.ts >= since) and (until is None or e.ts < until)]
+    if args.limit:
+        rows = rows[-args.limit:]
+    header = ("seq", "time_utc", "actor", "action", "purpose", "epsilon", "details")
+
+    def record(e) -> tuple:
+        return (e.seq, e.ts[:19].replace("T", " "), f"{e.role}:{e.identity}", e.action, e.purpose or "",
+                "" if e.epsilon is None else f"{e.epsilon:.4f}", e.details_json)
+
+    if args.csv:
+        handle = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")
+        try:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(record(e) for e in rows)
+        finally:
+            if handle is not sys.stdout:
+                handle.close()
+        if args.csv != "-":
+            print(f"{len(rows)} entries written to {args.csv}")
+    else:
+        print(("chain verified: " if verification.ok else "WARNING, the chain does NOT verify (`fedrisk audit "
+               "verify` says where): ") + f"{len(log.entries())} entries; showing {len(rows)}")
+        for e in rows:
+            seq, ts, actor, action, purpose, eps, details = record(e)
+            extra = " ".join(x for x in (purpose, f"epsilon {eps}" if eps else "", details if details != "{}" else "") if x)
+            print(f"{seq:>6}  {ts}  {actor:<28} {action:<22} {extra}")
+    return 0 if verification.ok else 1
 
 
 def _cmd_certs_init(args: argparse.Namespace) -> int:
@@ -335,6 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify = audit.add_parser("verify", help="check a hash-chained audit log; exit 1 if tampered")
     audit_verify.add_argument("log", help="audit.sqlite, server_audit.sqlite, or a node/run directory")
     audit_verify.set_defaults(handler=_cmd_audit_verify)
+    audit_show = audit.add_parser("show", help="read an audit log: filter, print or export as CSV; writes nothing "
+                                  "to the log (exit 1 if its chain does not verify)")
+    audit_show.add_argument("log", help="audit.sqlite, server_audit.sqlite, or a node/run directory")
+    audit_show.add_argument("--action", action="append", metavar="ACTION",
+                            help="only entries of this action, e.g. consent.revoke (repeatable)")
+    audit_show.add_argument("--purpose", help="only entries of this purpose")
+    audit_show.add_argument("--since", metavar="WHEN", help="only entries at or after this UTC date or date-time")
+    audit_show.add_argument("--until", metavar="WHEN", help="only entries before this UTC date or date-time")
+    audit_show.add_argument("--limit", type=int, default=0, help="only the last N matching entries")
+    audit_show.add_argument("--csv", metavar="FILE", help="write the matching entries as CSV to FILE ('-': stdout)")
+    audit_show.set_defaults(handler=_cmd_audit_show)
 
     certs = commands.add_parser("certs", help="TLS and SuperNode credentials for Flower's deployment engine")
     certs_commands = certs.add_subparsers(dest="certs_command", required=True)

@@ -174,6 +174,23 @@ def _cmd_node_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node_revocations(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    wanted = None
+    if args.record_key:
+        wanted = state.pseudonym_key().pseudonymise(pd.Series([str(args.record_key).strip()])).iloc[0]
+    rows = [(p, purpose, when) for p, purpose, when in state.revocations().entries()
+            if (wanted is None or p == wanted) and (not args.purpose or purpose == args.purpose)]
+    print(f"{state.hospital}: {len(rows)} consent withdrawal(s)")
+    for pseudonym, purpose, when in rows:
+        print(f"  {when}  {purpose:<24} pseudonym {pseudonym[:12]}…")
+    return 0
+
+
 # --- fedrisk node policy show|set: the hospital's own policy (clients/policy.py) ---------------
 def _cmd_node_policy_show(args: argparse.Namespace) -> int:
     from clients.node_state import NodeState
@@ -333,6 +350,12 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
     node_revoke.add_argument("--record-key", required=True, help="the patient's record key in the export")
     node_revoke.add_argument("--purpose", required=True, help="the purpose the consent is withdrawn for")
     node_revoke.set_defaults(handler=_cmd_node_revoke)
+    node_revocations = node.add_parser("revocations", help="every consent withdrawal recorded at this node "
+                                       "(pseudonym prefix, purpose, when); writes nothing")
+    node_revocations.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    node_revocations.add_argument("--record-key", help="only this patient's withdrawals (looked up by pseudonym)")
+    node_revocations.add_argument("--purpose", help="only withdrawals for this purpose")
+    node_revocations.set_defaults(handler=_cmd_node_revocations)
     _add_node_policy(node)  # fedrisk node policy show|set
     _add_node_federation(node)  # fedrisk node enrol | signing-key | anchor accept
     return node

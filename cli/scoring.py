@@ -65,6 +65,32 @@ def _cmd_grant_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grant_list(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+    from privacy.grants import list_grants
+
+    state = NodeState.load(Path(args.dir))
+    grants = [g for g in list_grants(state.directory) if not args.state or g.state() == args.state]
+    print(f"{state.hospital}: {len(grants)} grant(s)" + (f" {args.state}" if args.state else ""))
+    for g in grants:
+        print(f"  {g.grant_id}  {g.state():<8} bank {g.bank:<16} release {g.release or '-':<6} "
+              f"uses {g.uses_spent}/{g.uses_allowed}  issued {g.issued}  expires {g.expires}"
+              + (f"  revoked {g.revoked_at}" if g.revoked_at else ""))
+    return 0
+
+
+def _cmd_release_list(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+    from clients.scoring import installed_releases
+
+    state = NodeState.load(Path(args.dir))
+    releases = installed_releases(state.directory)
+    print(f"{state.hospital}: {len(releases)} installed release(s)")
+    for r in releases:
+        print(f"  {r.release_id:<8} {r.status:<10} {r.model_kind} ({r.n_features} inputs)  sha256 {r.sha256}")
+    return 0
+
+
 def _cmd_release_install(args: argparse.Namespace) -> int:
     from clients.scoring import install_release
 
@@ -161,8 +187,17 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     revoke.add_argument("--grant", required=True, help="the grant id (printed when it was issued)")
     revoke.set_defaults(handler=_cmd_grant_revoke)
 
+    listing = grant.add_parser("list", help="every grant this node issued: bank, release, uses, expiry, state "
+                               "(never the patient); writes nothing")
+    listing.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    listing.add_argument("--state", choices=("active", "revoked", "expired", "used-up"), help="only grants in this state")
+    listing.set_defaults(handler=_cmd_grant_list)
+
     release = node_commands.add_parser("release", help="released models installed for scoring").add_subparsers(
         dest="release_command", required=True)
+    release_list = release.add_parser("list", help="the releases installed at this node and their status; writes nothing")
+    release_list.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    release_list.set_defaults(handler=_cmd_release_list)
     install = release.add_parser("install", help="install a training release (model.npz + model.sha256)")
     install.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     install.add_argument("--release-dir", required=True, help="the release directory, e.g. <run>/release")

@@ -261,6 +261,20 @@ def install_release(node_dir: Path, release_dir: Path, release_id: str) -> Insta
     return read_release(releases, release_id)
 
 
+def installed_releases(node_dir: Path) -> list[InstalledRelease]:
+    """Every release installed at the node (withdrawn ones included), by id; reads only."""
+    releases = Path(node_dir) / RELEASES_DIR
+    if not releases.is_dir():
+        return []
+    out = []
+    for path in sorted(p for p in releases.iterdir() if (p / RELEASE_FILE).is_file()):
+        try:
+            out.append(read_release(releases, path.name))
+        except ScoringRefused:
+            continue  # a damaged entry is refused when scored; a listing shows what reads
+    return out
+
+
 def withdraw_release(node_dir: Path, release_id: str) -> InstalledRelease:
     """Mark an installed release withdrawn: every later score with it is refused. Audited."""
     state = NodeState.load(Path(node_dir))

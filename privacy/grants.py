@@ -251,6 +251,44 @@ def _check_use(grant_id: str, allowed: int, spent: int, last_use: float | None, 
                                grant_id, retry_after=wait)
 
 
+@dataclass(frozen=True)
+class GrantRecord:
+    """What a hospital operator sees of one grant (never its pseudonym)."""
+
+    grant_id: str
+    bank: str
+    purpose: str
+    release: str
+    issued: str
+    expires: str
+    uses_spent: int
+    uses_allowed: int
+    revoked_at: str | None
+
+    def state(self, now: datetime | None = None) -> str:
+        """active, revoked, expired or used-up."""
+        now = now or datetime.now(UTC)
+        if self.revoked_at:
+            return "revoked"
+        if datetime.fromisoformat(self.expires) <= now:
+            return "expired"
+        if self.uses_spent >= self.uses_allowed:
+            return "used-up"
+        return "active"
+
+
+def list_grants(node_dir: Path) -> list[GrantRecord]:
+    """Every grant a node has issued, oldest first, read without writing (no key is made, no table
+    created): an empty list when the node has issued none."""
+    path = Path(node_dir) / GRANTS_FILE
+    if not path.is_file():
+        return []
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)) as db:
+        rows = db.execute("SELECT grant_id, bank, purpose, COALESCE(release, ''), issued, expires, uses_spent, "
+                          "uses_allowed, revoked_at FROM grants ORDER BY issued, grant_id").fetchall()
+    return [GrantRecord(*row) for row in rows]
+
+
 class GrantAuthority:
     """A hospital node's grants: issues, revokes, verifies tokens and counts their uses.
 

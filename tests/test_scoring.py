@@ -235,6 +235,26 @@ def test_consent_revocation_and_grant_revocation_apply_to_the_next_request(
     assert refused_grant.value.kind == REVOKED
     assert fed.state.audit().entries()[-1].details["kind"] == REVOKED
 
+    # what the operator can list afterwards: the grants by state, the withdrawal, the installed
+    # release, and the audit trail of both revocations, never a record key or a full pseudonym
+    node = str(fed.state.directory)
+    code, out, _ = _cli(capsys, "node", "grant", "list", "--dir", node, "--state", "revoked")
+    assert code == 0 and grant_id in out and f"bank {BANK}" in out and "uses 1/2" in out
+    assert peek_payload(token).grant_id not in out  # still active, filtered out
+    code, out, _ = _cli(capsys, "node", "revocations", "--dir", node, "--record-key", first)
+    assert code == 0 and "1 consent withdrawal(s)" in out and "applicant-scoring" in out
+    assert _cli(capsys, "node", "revocations", "--dir", node, "--record-key", second)[1].startswith(
+        f"{fed.state.hospital}: 0 consent withdrawal(s)")
+    code, out, _ = _cli(capsys, "node", "release", "list", "--dir", node)
+    assert code == 0 and f"{RELEASE}" in out
+    code, out, _ = _cli(capsys, "audit", "show", node, "--action", "consent.revoke", "--action", "grant.revoke",
+                        "--csv", "-")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("seq,time_utc") and len(lines) >= 3
+    assert {"consent.revoke", "grant.revoke"} <= {line.split(",")[3] for line in lines[1:]}
+    for listing in (out, _cli(capsys, "node", "grant", "list", "--dir", node)[1]):
+        assert first not in listing and second not in listing
+
 
 def test_withdrawn_or_tampered_release_is_refused_at_once(fed: Federation, capsys: pytest.CaptureFixture[str],
                                                           tmp_path: Path) -> None:
