@@ -127,6 +127,9 @@ def _cmd_node_budget(args: argparse.Namespace) -> int:
             spent = ledger.spent(purpose)
             print(f"{state.hospital} / {purpose}: spent epsilon {spent:.4f} of {budget.epsilon_total:g} "
                   f"(left {ledger.remaining(purpose):.4f}) at delta {budget.delta:g}")
+            print("  'spent' is every charge composed (PLD accounting), which is less than their sum: a run of "
+                  "epsilon e adds at most e, often less, so a run larger than 'left' may still fit. "
+                  "`fedrisk node check --dir DIR --epsilon E` says what a run would bring it to.")
             for charge in ledger.history(purpose):
                 print(f"  {charge.charged_at}  {charge.kind:<10} run {charge.run_id} {charge.slot}  "
                       f"{charge.mechanism.describe()}  -> epsilon {charge.epsilon_after:.4f}")

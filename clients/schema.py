@@ -190,8 +190,11 @@ def _column(name: Any, spec: Any, fail_for) -> ColumnSpec:
         raise fail(f"bounds are reversed: min {minimum:g} > max {maximum:g}")
     categories = spec.get("categories")
     if categories is not None:
-        if not isinstance(categories, list) or not categories or not all(isinstance(c, str) for c in categories):
-            raise fail("'categories' must be a non-empty list of text values (quote words such as 'yes' or 'no')")
+        if not isinstance(categories, list) or not categories or \
+                not all(isinstance(c, str) or (isinstance(c, int) and not isinstance(c, bool)) for c in categories):
+            raise fail("'categories' must be a non-empty list of text values or whole numbers (quote words such as "
+                       "'yes' or 'no', which YAML reads as true/false)")
+        categories = [str(c).strip() for c in categories]  # an integer-coded column's 1 is its category "1"
         if len(set(categories)) != len(categories):
             raise fail("'categories' lists a value twice")
     generalisation = None

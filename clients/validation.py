@@ -80,16 +80,38 @@ def as_date(series: pd.Series) -> pd.Series:
     return pd.to_datetime(text, errors="coerce", format="ISO8601").astype("datetime64[ns]")
 
 
-def is_text(series: pd.Series) -> pd.Series:
-    """True where a value is text (missing values count as text; nullability is checked apart)."""
+def category_text(series: pd.Series) -> pd.Series:
+    """A categorical column's values as the text its categories are declared in: text as it is
+    (stripped), whole numbers as their digits (an integer-coded column, 1 -> "1", also when a
+    missing value made the column float). Anything else (1.5, True) becomes missing, which the
+    "not text or a whole number" check reports."""
     if isinstance(series.dtype, pd.CategoricalDtype):
-        return series.astype("object").map(lambda v: isinstance(v, str) or pd.isna(v)).astype(bool)
-    if pd.api.types.is_string_dtype(series) and series.dtype != object:
-        return pd.Series(True, index=series.index)
-    if series.dtype == object:
-        return series.map(lambda v: isinstance(v, str) or v is None or v is pd.NA
-                          or (isinstance(v, float) and np.isnan(v))).astype(bool)
-    return series.isna()
+        series = series.astype("object")
+    if pd.api.types.is_bool_dtype(series):
+        return pd.Series(pd.NA, index=series.index, dtype="string")
+    if pd.api.types.is_numeric_dtype(series):
+        whole = series.notna() & (series % 1 == 0)
+        out = pd.Series(pd.NA, index=series.index, dtype="string")
+        out[whole] = series[whole].astype("int64").astype(str)
+        return out
+
+    def one(value: object) -> object:
+        if isinstance(value, bool):
+            return pd.NA
+        if isinstance(value, (int, np.integer)):
+            return str(int(value))
+        if isinstance(value, (float, np.floating)):
+            return str(int(value)) if np.isfinite(value) and value % 1 == 0 else pd.NA
+        if isinstance(value, str):
+            return value.strip()
+        return pd.NA
+
+    return series.map(one).astype("string")
+
+
+def _is_category(series: pd.Series) -> pd.Series:
+    """True where a value is text or a whole number, or missing (nullability is checked apart)."""
+    return category_text(series).notna() | series.isna()
 
 
 def _check(test: Callable[[pd.Series], pd.Series], message: str) -> pa.Check:
@@ -115,10 +137,10 @@ def _checks(spec: ColumnSpec) -> list[pa.Check]:
     if kind == "date":
         return [_check(lambda s: as_date(s).notna(), "not a date (use YYYY-MM-DD)")]
     if kind == "categorical":
-        checks = [_check(is_text, "not text")]
+        checks = [_check(_is_category, "not text or a whole number")]
         if spec.categories:
             allowed = list(spec.categories)
-            checks.append(_check(lambda s: s.astype("string").isin(allowed) | s.isna(),
+            checks.append(_check(lambda s: category_text(s).isin(allowed).fillna(False) | s.isna(),
                                  "not one of the declared categories"))
         return checks
     if kind != "numeric":
@@ -225,7 +247,7 @@ def _typed(frame: pd.DataFrame, schema: ExportSchema) -> pd.DataFrame:
         elif spec.role == "record-key":
             typed[spec.name] = values.astype("string").str.strip()
         elif kind == "categorical":
-            typed[spec.name] = values.astype("string")
+            typed[spec.name] = category_text(values)
         elif kind == "numeric":
             number = as_number(values)
             typed[spec.name] = number.astype("int64") if spec.integer and not number.isna().any() else number

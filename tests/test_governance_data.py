@@ -274,8 +274,10 @@ BAD_DATA = [
     ("flag-not-boolean", _parquet(_set("diabetes", [2], "maybe", as_text=True)), "diabetes", [2], ["true/false"]),
     ("flag-not-boolean-csv", _parquet(_set(fx.CONSENT_CREDIT_RISK_RESEARCH, [9], "perhaps"), ".csv"),
      fx.CONSENT_CREDIT_RISK_RESEARCH, [9], ["true/false"]),
-    ("category-as-number", _parquet(lambda f: f.assign(sex=np.where(f["sex"] == "F", 1, 2))), "sex", [0, 1, 2],
-     ["not text"]),
+    ("category-coded-but-undeclared", _parquet(lambda f: f.assign(sex=np.where(f["sex"] == "F", 1, 2))), "sex",
+     [0, 1, 2], ["not one of the declared categories"]),
+    ("category-as-fraction", _parquet(lambda f: f.assign(sex=np.where(f["sex"] == "F", 1.5, 2.5))), "sex",
+     [0, 1, 2], ["not text or a whole number"]),
     ("date-unparseable", _parquet(_set(fx.CONSENT_RECORDED_ON, [4, 9], "2024-13-45", as_text=True)),
      fx.CONSENT_RECORDED_ON, [4, 9], ["not a date"]),
     ("date-as-number", _parquet(lambda f: f.assign(**{fx.ENCOUNTER_DATE: np.arange(len(f)) + 20_000})),
@@ -469,3 +471,37 @@ def test_mapped_schema_yields_the_same_model_inputs(exports, schema, key, tmp_pa
     assert np.array_equal(fx.encode_labels(other.table), fx.encode_labels(standard.table))
     assert other.table[PSEUDONYM].equals(standard.table[PSEUDONYM])
     assert list(fx.encode_features(standard.table).shape) == [len(standard.table), len(fx.FEATURE_NAMES)]
+
+
+@pytest.mark.parametrize("kind", ["parquet-int", "parquet-with-missing", "csv"])
+def test_integer_coded_categories_validate_and_encode(tmp_path: Path, kind: str) -> None:
+    """A hospital's tumour grade coded 1/2/3: declared unquoted, read from an integer column (or a
+    float one, as one missing value makes it, or CSV text), one-hot encoded like any category."""
+    from clients import encoding
+    from experiments.breast_cancer import PURPOSE, export_breast_cancer
+
+    files, schema_path = export_breast_cancer(tmp_path / "data", hospitals=2, seed=0)
+    schema_text = schema_path.read_text().replace("columns:\n", "columns:\n  grade:\n    role: feature\n"
+                                                  "    class: diagnosis-treatment\n    type: categorical\n"
+                                                  "    nullable: true\n    categories: [1, 2, 3]\n", 1)
+    schema_path.write_text(schema_text)
+    schema = ExportSchema.load(schema_path)
+    assert schema.column("grade").categories == ("1", "2", "3")
+    frame = pd.read_csv(files[0], dtype=str)
+    grades = np.resize([1, 2, 3], len(frame))
+    if kind == "csv":
+        frame["grade"] = grades.astype(str)
+        path = tmp_path / "export.csv"
+        frame.to_csv(path, index=False)
+    else:
+        frame["grade"] = grades if kind == "parquet-int" else np.where(np.arange(len(frame)) == 0, np.nan, grades)
+        path = tmp_path / "export.parquet"
+        frame.to_parquet(path)
+    validated = validate_export(path, schema)
+    assert validated.table["grade"].iloc[1] == "2"
+    names = encoding.feature_names(schema, PURPOSE)
+    assert [n for n in names if n.startswith("grade=")] == ["grade=1", "grade=2", "grade=3"]
+    frame["grade"] = np.resize([1, 4], len(frame)) if kind != "csv" else np.resize(["1", "4"], len(frame))
+    frame.to_csv(path, index=False) if kind == "csv" else frame.to_parquet(path)
+    with pytest.raises(ValidationFailed, match="grade.*not one of the declared categories"):
+        validate_export(path, schema)
