@@ -5,7 +5,8 @@ A federation with other data (the breast-cancer walkthrough, a new registry) ins
 one export schema, and every hospital encodes the schema's training columns the same way,
 using only what the schema publishes, never statistics of its own data:
 
-* numeric: scaled from the declared [min, max] onto [-1, 1] (clipped); missing -> 0;
+* numeric: scaled from the declared `scale` (or, without one, the validation bounds [min, max])
+  onto [-1, 1], on log(1 + x) when the scale says `log`, clipped; missing -> 0;
 * boolean: 0 / 1; missing -> 0;
 * categorical: one-hot over the declared `categories`; unknown -> all zeros.
 
@@ -18,13 +19,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from clients.schema import ColumnSpec, ExportSchema
+from clients.schema import ColumnSpec, ExportSchema, Scaling
 from federation.errors import DataError
 
 
 def _encodable(spec: ColumnSpec) -> None:
-    if spec.type == "numeric" and (spec.minimum is None or spec.maximum is None):
-        raise DataError(f"{spec.name}: numeric features of a schema-encoded run need min and max")
+    if spec.type == "numeric" and spec.scale is None and (spec.minimum is None or spec.maximum is None):
+        raise DataError(f"{spec.name}: numeric features of a schema-encoded run need min and max "
+                        "(or a 'scale: {min: A, max: B}' for the model)")
     if spec.type == "categorical" and not spec.categories:
         raise DataError(f"{spec.name}: categorical features of a schema-encoded run need categories")
     if spec.type not in ("numeric", "boolean", "categorical"):
@@ -56,8 +58,11 @@ def encode(table: pd.DataFrame, schema: ExportSchema, purpose: str) -> np.ndarra
     for spec in input_columns(schema, purpose):
         column = table[spec.target]
         if spec.type == "numeric":
-            low, high = float(spec.minimum), float(spec.maximum)
+            scale = spec.scale or Scaling(float(spec.minimum), float(spec.maximum))
             values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
+            low, high = scale.low, scale.high
+            if scale.log:
+                values, low, high = np.log1p(np.maximum(values, low)), np.log1p(low), np.log1p(high)
             scaled = np.clip(2.0 * (values - low) / max(high - low, 1e-12) - 1.0, -1.0, 1.0)
             parts.append(np.nan_to_num(scaled, nan=0.0)[:, None])
         elif spec.type == "boolean":

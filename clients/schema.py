@@ -20,7 +20,10 @@ A hospital describes its export once, in YAML, and every run reads it before tou
 
 Every column has a `role` (`ROLES`) and a sensitivity `class` (`SENSITIVITY_CLASSES`).
 Features and quasi-identifiers have a `type` (numeric, categorical, date, boolean); numeric ones
-may bound their values (`min`, `max`, `integer: true`), categorical ones may list `categories`,
+may bound their values (`min`, `max`, `integer: true`: what validation accepts) and declare how a
+model scales them (`scale: {min: A, max: B, log: true}`: inputs are mapped from [A, B], on a
+log(1 + x) scale if `log`, onto [-1, 1] and clipped; without `scale` the validation bounds are
+used), categorical ones may list `categories` (text or whole numbers, for integer-coded columns),
 any may be `nullable: true` (default false). A quasi-identifier states how it is coarsened before
 training: `{age-band: N}` (years, to the band's lower bound), `{prefix: K}` (first K characters),
 `month` (a date to the first of its month) or `none`. A `consent` column (true/false) names its
@@ -56,14 +59,15 @@ TYPES = ("numeric", "categorical", "date", "boolean")
 SHIPPED_SYNTHETIC_SCHEMA = Path(__file__).resolve().parent / "schemas" / "synthetic_export.yaml"
 
 _TOP_KEYS = {"version", "description", "consent-validity-days", "columns"}
-_DATA_KEYS = {"type", "min", "max", "integer", "nullable", "categories", "maps-to", "allow-for-purposes"}
+_DATA_KEYS = {"type", "min", "max", "integer", "nullable", "categories", "maps-to", "allow-for-purposes", "scale"}
 _ROLE_KEYS: dict[str, set[str]] = {
     "direct-identifier": set(), "record-key": set(), "ignore": set(), "label": {"maps-to"},
     "feature": _DATA_KEYS, "quasi-identifier": _DATA_KEYS | {"generalise"},
     "consent": {"purpose", "nullable"}, "consent-date": {"purpose", "nullable"},
     "consent-expiry": {"purpose", "nullable"},
 }
-_TYPE_ONLY_KEYS = {"min": "numeric", "max": "numeric", "integer": "numeric", "categories": "categorical"}
+_TYPE_ONLY_KEYS = {"min": "numeric", "max": "numeric", "integer": "numeric", "categories": "categorical",
+                   "scale": "numeric"}
 _GENERALISATION_TYPE = {"age-band": "numeric", "prefix": "categorical", "month": "date"}
 _KIND_TYPE = {"i": "numeric", "f": "numeric", "b": "boolean", "O": "categorical", "M": "date"}
 MAPPABLE_COLUMNS: dict[str, str] = {
@@ -104,6 +108,27 @@ class Generalisation:
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """How a schema-encoded model reads a numeric input: [low, high] (on log(1 + x) if `log`) onto [-1, 1]."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+def _scaling(raw: Any, fail) -> Scaling:
+    if not isinstance(raw, dict) or not {"min", "max"} <= set(raw) or set(raw) - {"min", "max", "log"}:
+        raise fail("'scale' is a mapping {min: A, max: B} with an optional 'log: true'")
+    low, high = _number(raw["min"], "scale min", fail), _number(raw["max"], "scale max", fail)
+    log = _flag(raw.get("log", False), "scale log", fail)
+    if not low < high:
+        raise fail(f"scale bounds must satisfy min < max, got {low:g} and {high:g}")
+    if log and low <= -1.0:
+        raise fail(f"a log scale needs min > -1 (it reads log(1 + x)), got {low:g}")
+    return Scaling(low, high, log)
+
+
+@dataclass(frozen=True)
 class ColumnSpec:
     """One export column as the schema declares it (see the module docstring for each key)."""
 
@@ -120,6 +145,7 @@ class ColumnSpec:
     purpose: str | None = None
     allow_for_purposes: tuple[str, ...] = ()
     maps_to: str | None = None
+    scale: Scaling | None = None
 
     @property
     def target(self) -> str:
@@ -225,7 +251,8 @@ def _column(name: Any, spec: Any, fail_for) -> ColumnSpec:
         integer=_flag(spec.get("integer", False), "integer", fail),
         nullable=_flag(spec.get("nullable", False), "nullable", fail),
         categories=tuple(categories) if categories else None, generalisation=generalisation, purpose=purpose,
-        allow_for_purposes=tuple(_slug(p, fail) for p in allow), maps_to=maps_to)
+        allow_for_purposes=tuple(_slug(p, fail) for p in allow), maps_to=maps_to,
+        scale=_scaling(spec["scale"], fail) if "scale" in spec else None)
 
 
 @dataclass(frozen=True)

@@ -505,3 +505,33 @@ def test_integer_coded_categories_validate_and_encode(tmp_path: Path, kind: str)
     frame.to_csv(path, index=False) if kind == "csv" else frame.to_parquet(path)
     with pytest.raises(ValidationFailed, match="grade.*not one of the declared categories"):
         validate_export(path, schema)
+
+
+def test_a_models_scale_is_declared_apart_from_what_validation_accepts(tmp_path: Path) -> None:
+    """A skewed lab value validated on [0, 5000] but read by the model on log(1 + x) over [1, 500]:
+    typical values spread over [-1, 1] instead of a sliver of it; a bad scale is refused."""
+    from clients import encoding
+    from experiments.breast_cancer import PURPOSE, export_breast_cancer
+
+    _, schema_path = export_breast_cancer(tmp_path / "data", hospitals=2, seed=0)
+    text = schema_path.read_text()
+    assert "  mean_area:\n" in text
+    scaled = re.sub(r"(  mean_area:\n(?:    .*\n)*?    max: [0-9.]+\n)",
+                    r"\1    scale: {min: 100, max: 3000, log: true}\n", text, count=1)
+    assert scaled != text
+    schema_path.write_text(scaled)
+    schema = ExportSchema.load(schema_path)
+    spec = schema.column("mean_area")
+    assert spec.scale is not None and spec.scale.log and spec.maximum is not None
+    index = encoding.feature_names(schema, PURPOSE).index("mean_area")
+    table = pd.DataFrame({c.target: [0.0] * 3 for c in encoding.input_columns(schema, PURPOSE)})
+    table["mean_area"] = [143.5, 551.0, 2501.0]  # the data's smallest, median and largest area
+    x = encoding.encode(table, schema, PURPOSE)[:, index]
+    linear = 2.0 * (table["mean_area"].to_numpy() - spec.minimum) / (spec.maximum - spec.minimum) - 1.0
+    assert np.ptp(x) > 1.5 and x[1] > -0.1  # the median sits near the middle, not at the bottom edge
+    assert linear[1] < -0.5  # what the validation bounds alone gave
+    for bad, words in (("{min: 10, max: 5}", "min < max"), ("{min: -2, max: 5, log: true}", "min > -1"),
+                       ("[1, 2]", "is a mapping")):
+        schema_path.write_text(scaled.replace("{min: 100, max: 3000, log: true}", bad))
+        with pytest.raises(SchemaError, match=re.escape(words)):
+            ExportSchema.load(schema_path)
