@@ -116,6 +116,22 @@ def _cmd_node_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node_schema_init(args: argparse.Namespace) -> int:
+    from clients.schema_draft import write_draft
+
+    schema = write_draft([Path(p) for p in args.data], Path(args.out), label=args.label,
+                         record_key=args.record_key, purpose=args.purpose)
+    roles: dict[str, int] = {}
+    for column in schema.columns:
+        roles[column.role] = roles.get(column.role, 0) + 1
+    print(f"draft schema written to {args.out}: {len(schema.columns)} columns "
+          f"({', '.join(f'{n} {r}' for r, n in roles.items())}); consent purposes: "
+          f"{', '.join(schema.consent_policy().purposes) or 'none'}")
+    print("review it: every class, every REVIEW bound (observed here: replace with clinical or domain bounds "
+          "before sharing), the categories; then `fedrisk node check FILE --schema` it")
+    return 0
+
+
 def _cmd_node_budget(args: argparse.Namespace) -> int:
     from clients.node_state import NodeState
 
@@ -359,6 +375,16 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
     node_revocations.add_argument("--record-key", help="only this patient's withdrawals (looked up by pseudonym)")
     node_revocations.add_argument("--purpose", help="only withdrawals for this purpose")
     node_revocations.set_defaults(handler=_cmd_node_revocations)
+    schema = node.add_parser("schema", help="export schemas: draft one from an export").add_subparsers(
+        dest="schema_command", required=True)
+    schema_init = schema.add_parser("init", help="draft a schema from an export (or several) for a person to review")
+    schema_init.add_argument("--data", action="append", required=True, metavar="FILE",
+                             help="the export (CSV or Parquet); repeat to draft one schema for several hospitals' files")
+    schema_init.add_argument("--label", required=True, help="the column the model predicts (0/1)")
+    schema_init.add_argument("--record-key", help="the column that identifies a record (default: guessed)")
+    schema_init.add_argument("--purpose", help="the purpose a lone consent_* column stands for")
+    schema_init.add_argument("--out", required=True, help="where to write the draft (never overwritten)")
+    schema_init.set_defaults(handler=_cmd_node_schema_init)
     _add_node_policy(node)  # fedrisk node policy show|set
     _add_node_federation(node)  # fedrisk node enrol | signing-key | anchor accept
     return node

@@ -1,0 +1,177 @@
+"""Draft an export schema from a hospital's own export, for a person to review before anyone uses it.
+
+`fedrisk node schema init --data FILE --label COL --out schema.yaml` reads the export at the
+node and writes a schema that `ExportSchema.load` accepts: every column with a guessed role, class
+and type, so that `fedrisk node check` and a run can proceed once a person has reviewed it.
+
+What is guessed, and why each guess needs review:
+* roles: the `--label` and `--record-key` columns as given; columns whose names look like direct
+  identifiers (name, phone, e-mail, address, national id, ...) as `direct-identifier`; boolean
+  columns named `consent_*` as `consent` for the purpose in their name, and a date column named
+  like `consent_*_on`/`consent_date` as `consent-date`; every other column as `feature`.
+* classes: `identity` for identifiers and consent bookkeeping, else `diagnosis-treatment`, the
+  most cautious unrestricted guess; restricted classes (genetic, psych-social) are never guessed.
+* bounds: numeric bounds are the observed range, rounded outward to two significant figures. They
+  are this hospital's data: a schema is shared with the federation, so replace them with bounds
+  from clinical or domain knowledge before sharing (the draft says so beside each).
+* categories: a text column with at most `MAX_CATEGORIES` distinct values gets them, sorted;
+  one with more is left without categories (not encodable as a model input until reviewed).
+
+Nothing is read but the export; nothing is written but the draft (refused if it exists).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from clients.schema import ExportSchema
+from federation.errors import ConfigError
+
+MAX_CATEGORIES = 20
+_IDENTIFIER = re.compile(r"(^|_)(name|first_?name|last_?name|surname|phone|mobile|email|e_mail|address|street|"
+                         r"ssn|national_?id|passport|mrn|insurance_?number|account_?number|ip_?address)($|_)", re.I)
+_CONSENT = re.compile(r"^consent_(?P<purpose>[a-z0-9_]+)$", re.I)
+_CONSENT_DATE = re.compile(r"^consent(_[a-z0-9_]+)?_(on|date|recorded_on|given_on)$", re.I)
+
+
+def _outward(value: float, up: bool) -> float:
+    """`value` rounded away from the data to two significant figures."""
+    if value == 0 or not math.isfinite(value):
+        return 0.0
+    step = 10 ** (math.floor(math.log10(abs(value))) - 1)
+    return float((math.ceil if up else math.floor)(value / step) * step)
+
+
+def _as_number(series: pd.Series) -> pd.Series:
+    return pd.to_numeric(series, errors="coerce")
+
+
+def _kind(series: pd.Series) -> str:
+    """numeric, boolean, date or categorical, from the column's type (Parquet) or its text (CSV)."""
+    if pd.api.types.is_bool_dtype(series):
+        return "boolean"
+    if pd.api.types.is_datetime64_any_dtype(series):
+        return "date"
+    if pd.api.types.is_numeric_dtype(series):
+        return "numeric"
+    present = series.dropna()
+    if present.empty:
+        return "categorical"
+    text = present.astype(str).str.strip().str.lower()
+    if text.isin(["true", "false", "yes", "no"]).all():
+        return "boolean"
+    if _as_number(present).notna().all():
+        return "numeric"
+    if pd.to_datetime(present.astype(str), errors="coerce", format="%Y-%m-%d").notna().all():
+        return "date"
+    return "categorical"
+
+
+def _read(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise ConfigError(f"--data {path}: no such export file")
+    if path.suffix.lower() == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix.lower() == ".csv":
+        return pd.read_csv(path, dtype=str, encoding="utf-8")
+    raise ConfigError(f"--data {path}: use a .csv or .parquet export")
+
+
+def draft_schema(data: Path | list[Path], *, label: str, record_key: str | None = None,
+                 purpose: str | None = None) -> str:
+    """The YAML text of a reviewed-to-be schema for the export(s) at `data` (see the module
+    docstring). Several files (one federation's exports, in a simulation) are read as one table,
+    so the draft's ranges and categories cover them all. With `purpose`, a lone consent column is
+    taken to be that purpose's."""
+    files = [Path(p) for p in (data if isinstance(data, list) else [data])]
+    frame = pd.concat([_read(p) for p in files], ignore_index=True)
+    data = files[0]
+    if label not in frame.columns:
+        raise ConfigError(f"--label {label!r} is not a column of {Path(data).name} "
+                          f"(columns: {', '.join(map(str, frame.columns[:12]))}{' ...' if len(frame.columns) > 12 else ''})")
+    if record_key is None:
+        unique = [c for c in frame.columns if c != label and frame[c].notna().all() and frame[c].is_unique
+                  and _kind(frame[c]) in ("categorical", "numeric")
+                  and (re.search(r"(^|_)(id|key|mrn|number)$", str(c), re.I) or _kind(frame[c]) == "categorical")]
+        if not unique:
+            raise ConfigError(f"no column of {Path(data).name} is a unique key; name it with --record-key")
+        record_key = unique[0]
+    elif record_key not in frame.columns:
+        raise ConfigError(f"--record-key {record_key!r} is not a column of {Path(data).name}")
+    consent_purposes = [m["purpose"].replace("_", "-").lower() for c in frame.columns
+                        if (m := _CONSENT.match(str(c))) and not _CONSENT_DATE.match(str(c))
+                        and _kind(frame[c]) == "boolean"]
+    lines = [f"# DRAFT schema for {Path(data).name}, written by `fedrisk node schema init`: review every column",
+             "# before use. Bounds marked REVIEW are this hospital's observed range (rounded outward):",
+             "# replace them with clinical or domain bounds before the schema is shared with anyone.",
+             "version: 1", "columns:"]
+    for column in frame.columns:
+        name, series = str(column), frame[column]
+        kind = _kind(series)
+        nullable = bool(series.isna().any())
+        if name == record_key:
+            body = ["role: record-key", "class: identity"]
+        elif name == label:
+            body = ["role: label", "class: diagnosis-treatment"]
+        elif _IDENTIFIER.search(name):
+            body = ["role: direct-identifier", "class: identity"]
+        elif (m := _CONSENT.match(name)) and kind == "boolean" and not _CONSENT_DATE.match(name):
+            guessed = m["purpose"].replace("_", "-").lower()
+            if purpose and len(consent_purposes) == 1 and guessed != purpose:
+                body = ["role: consent", "class: identity", f"purpose: {purpose}  # REVIEW: from --purpose"]
+                consent_purposes = [purpose]
+            else:
+                body = ["role: consent", "class: identity", f"purpose: {guessed}"]
+        elif _CONSENT_DATE.match(name) and kind == "date":
+            body = ["role: consent-date", "class: identity"]
+        else:
+            body = ["role: feature", "class: diagnosis-treatment  # REVIEW: the column's sensitivity class",
+                    f"type: {kind}"]
+            if kind == "numeric":
+                values = _as_number(series).dropna()
+                whole = bool((values % 1 == 0).all())
+                if whole:
+                    body.append("integer: true")
+                body += [f"min: {_outward(float(values.min()), up=False):g}  # REVIEW: observed range here",
+                         f"max: {_outward(float(values.max()), up=True):g}  # REVIEW: observed range here"]
+            elif kind == "categorical":
+                distinct = sorted({str(v).strip() for v in series.dropna()})
+                if len(distinct) <= MAX_CATEGORIES:
+                    quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in distinct)
+                    body.append(f"categories: [{quoted}]  # REVIEW: the full list of values")
+                else:
+                    body.append(f"# {len(distinct)} distinct values: give 'categories' (or role ignore) to use it")
+            if nullable:
+                body.append("nullable: true")
+        if nullable and body[0] in ("role: consent", "role: consent-date"):
+            body.append("nullable: true")
+        lines.append(f"  {name}:")
+        lines += [f"    {item}" for item in body]
+    if not consent_purposes:
+        lines.insert(3, "# No consent_<purpose> column was found: a run needs one consent column per purpose.")
+    if purpose and purpose not in consent_purposes:
+        lines.insert(3, f"# No consent column covers {purpose!r}: add consent_{purpose.replace('-', '_')} to the export.")
+    return "\n".join(lines) + "\n"
+
+
+def write_draft(data: Path | list[Path], out: Path, *, label: str, record_key: str | None = None,
+                purpose: str | None = None) -> ExportSchema:
+    """Write the draft to `out` (refusing to overwrite) and return it as loaded, so a draft that
+    does not load is never left behind."""
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"--out {out} exists; a draft never overwrites a schema")
+    text = draft_schema(data, label=label, record_key=record_key, purpose=purpose)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        ExportSchema.load(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    return ExportSchema.load(out)
