@@ -52,6 +52,7 @@ from server.signals.catalogue import ReleaseView
 from server.tracking import CALIBRATION_FILE
 
 APPROVER = "Dana Risk"
+UNAUDITED = "test of the release rules; the membership audit is tested in test_membership_audit.py"
 EDGES = np.asarray(RISK_SCORE_BINS)
 
 
@@ -106,7 +107,7 @@ def _evaluation_files(directory: Path, digest: str, seed: int = 4) -> list[str]:
 def released(trained: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> tuple[ReleaseRegistry, object]:
     registry = ReleaseRegistry(trained.tracking_uri, tmp_path_factory.mktemp("registry"))
     return registry, registry.create(trained.run_id, APPROVER, cutoff="2025-06-30",
-                                     evaluation=_evaluation_of(trained.digest))
+                                     evaluation=_evaluation_of(trained.digest), unaudited=UNAUDITED)
 
 
 def _metric(trained: TrainedRun, key: str) -> float | None:
@@ -214,7 +215,8 @@ def test_an_unknown_run_is_refused_in_one_line(released) -> None:
 
 def test_withdraw_is_immediate_and_audited(trained: TrainedRun, tmp_path: Path) -> None:
     registry = ReleaseRegistry(trained.tracking_uri, tmp_path / "registry")
-    release = registry.create(trained.run_id, APPROVER, evaluation=_evaluation_of(trained.digest))
+    release = registry.create(trained.run_id, APPROVER, evaluation=_evaluation_of(trained.digest),
+                              unaudited=UNAUDITED)
     withdrawn = registry.withdraw(release.release_id, "Sam Audit", "calibration drift in the 80-89 band")
     assert withdrawn.status == STATUS_WITHDRAWN == registry.get(release.release_id).status
     assert ReleaseRegistry("", tmp_path / "registry").get(release.release_id).status == STATUS_WITHDRAWN
@@ -341,7 +343,7 @@ def test_release_with_a_dp_evaluation(trained: TrainedRun, tmp_path: Path) -> No
     with pytest.raises(ReleaseRefused, match="DP evaluation scored model"):
         registry.create(trained.run_id, APPROVER, evaluation=DPEvaluation(tables, model_sha256="b" * 64))
     release = registry.create(trained.run_id, APPROVER, evaluation=DPEvaluation(
-        tables, model_sha256=trained.digest, source="synthetic test table"))
+        tables, model_sha256=trained.digest, source="synthetic test table"), unaudited=UNAUDITED)
     evaluation = evaluation_from_tables(tables)
     assert release.certificate.records == round(evaluation["overall"]["records"])
     assert release.card.calibration["overall"] == evaluation["overall"]["calibration"]
@@ -358,7 +360,8 @@ def test_cli_release_with_evaluation_files(trained: TrainedRun, tmp_path: Path,
     table_file = tmp_path / "model-evaluation-1a2b.by-sex.csv"  # as engines.model_evaluation writes it
     table.to_csv(table_file, index=False)
     create = ["release", "create", trained.run_id, "--run-dir", str(trained.run_dir),
-              "--registry", str(tmp_path / "registry"), "--evaluation", str(table_file)]
+              "--registry", str(tmp_path / "registry"), "--evaluation", str(table_file),
+              "--no-audit", UNAUDITED]
     for sha256, code in (("b" * 64, EXIT_USER_ERROR), (trained.digest, 0)):
         query = _evaluation_query("sex", sha256)
         (tmp_path / "model-evaluation-1a2b.json").write_text(json.dumps({
@@ -570,7 +573,7 @@ def test_an_honest_run_is_released_with_run_and_ledger_epsilon_per_hospital(
     report = _honest_report(ledger_before=0.4)
     run_id = store.run(report, aucs=(0.61, 0.68, 0.71))
     registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
-    release = registry.create(run_id, APPROVER, evaluation=_evaluation_of(store.digest))
+    release = registry.create(run_id, APPROVER, evaluation=_evaluation_of(store.digest), unaudited=UNAUDITED)
     cert = release.certificate
     for name, logged in report["hospitals"].items():
         spend = cert.per_hospital[name]
@@ -601,7 +604,8 @@ def test_an_honest_run_is_released_with_run_and_ledger_epsilon_per_hospital(
 
 def test_a_certificate_stored_before_dp_evaluation_still_reads(store: HandBuiltStore, tmp_path: Path) -> None:
     registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
-    cert = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest)).certificate
+    cert = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest),
+                           unaudited=UNAUDITED).certificate
     old = cert.to_dict()
     for key in ("neighbouring", "assumption", "epsilon_all_hospitals", "overlap", "ledger_basis"):
         del old[key]
@@ -657,7 +661,8 @@ def test_a_miscalibrated_release_is_refused_unless_the_override_goes_on_its_cert
     assert "calibration offset (observed minus predicted rate) is +0.0" in message and "--accept-miscalibration" in message
     assert f"beyond the tolerance of {CALIBRATION_TOLERANCE:g}" in message and "\n" not in message
     assert registry.list() == []
-    release = registry.create(run_id, APPROVER, evaluation=under, accept_miscalibration="pilot: bank recalibrates")
+    release = registry.create(run_id, APPROVER, evaluation=under, accept_miscalibration="pilot: bank recalibrates",
+                              unaudited=UNAUDITED)
     override = release.certificate.calibration_override
     assert override["reason"] == "pilot: bank recalibrates" and override["by"] == APPROVER
     assert any("calibration offset" in p for p in override["problems"])
@@ -677,7 +682,8 @@ def test_a_run_that_was_not_recalibrated_is_refused(store: HandBuiltStore, tmp_p
 def test_a_calibrated_release_carries_its_map_and_bands_with_observed_rates(store: HandBuiltStore,
                                                                             tmp_path: Path) -> None:
     registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
-    release = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest))
+    release = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest),
+                              unaudited=UNAUDITED)
     card = release.card
     assert release.certificate.calibration_override is None
     assert card.recalibration["method"].startswith("platt") and card.recalibration["slope"] > 0
