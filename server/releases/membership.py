@@ -174,8 +174,8 @@ def _rate_bounds(counts: np.ndarray, var: np.ndarray, alpha: float) -> tuple[np.
             out[ok] = stats.beta.ppf(1.0 - tail, k[ok] + 1.0, n[ok] - k[ok])
         return np.nan_to_num(out, nan=0.0 if lower else 1.0)
 
-    low_above, high_above = np.clip(above - z * above_sd, 0.0, None), above + z * above_sd
-    low_below, high_below = np.clip(below - z * below_sd, 0.0, None), below + z * below_sd
+    low_above, high_above = np.clip(above - z * above_sd, 0.0, None), np.clip(above + z * above_sd, 0.0, None)
+    low_below, high_below = np.clip(below - z * below_sd, 0.0, None), np.clip(below + z * below_sd, 0.0, None)
     return (share(low_above, low_above + high_below, lower=True),
             share(high_above, high_above + low_below, lower=False))
 
