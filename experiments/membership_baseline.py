@@ -187,7 +187,7 @@ def markdown(frame: pd.DataFrame, args: argparse.Namespace) -> str:
              f"{args.patients:,} patients, {args.rounds} rounds of {args.local_epochs} local epochs)", "",
              "Rerun: `.venv/bin/python -m experiments.membership_baseline " + " ".join(_argv(args)) + "`", ""]
     lines += [f"The DP audit (`auc_dp_audit`) is noised at epsilon {AUDIT_EPSILON:g} per hospital; on a federation this "
-              "small its standard error is of the order of the effect, and it shrinks in proportion to the number of "
+              "small its standard error is of the order of the effect, and it shrinks as one over the number of "
               "held-out records. Everything else is read off exact histograms.", ""]
     lines += [f"* `{name}`: {meaning}" for name, meaning in COLUMNS.items()]
     lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

@@ -42,6 +42,10 @@ def test_demo_prints_progress_and_writes_its_summary(tmp_path) -> None:
     assert 0.0 <= summary["ece"] < 0.2 and abs(summary["calibration_in_the_large"]) < 0.2
     assert abs(summary["calibration_in_the_large"]) < abs(summary["calibration"]["calibration_in_the_large_uncalibrated"])
     assert len(list((out / "nodes").glob("*/ledger.sqlite"))) == 3
+    audit = summary["privacy_audit"]  # the release's DP membership audit, charged at every hospital
+    assert "membership attack AUC (DP audit of the release)" in result.stdout
+    assert 0.4 < audit["auc"] < 0.6 and audit["query_epsilon"] == 0.5 and Path(audit["table"]).is_file()
+    assert 0.0 <= audit["epsilon_lower_bound"] <= audit["accounted_epsilon"] == max(summary["epsilon_by_hospital"].values())
 
 
 def test_demo_refuses_a_used_output_directory(tmp_path) -> None:
