@@ -23,6 +23,7 @@ from engines.simulation import simulate
 from experiments.synthetic import synthesize
 from federation import features as fx
 from cli.main import EXIT_USER_ERROR, main
+from clients.node_state import NodeState
 from federation.config import RunConfig
 from federation.he_codec import KeyBundlePaths, he_parameters
 from federation.model import weights_digest
@@ -59,8 +60,8 @@ EDGES = np.asarray(RISK_SCORE_BINS)
 class TrainedRun:
     """The module's finished run: where its store is, its MLflow id, and what it logged."""
 
-    def __init__(self, run_dir: Path, mlflow_run_id: str, digest: str) -> None:
-        self.run_dir, self.run_id, self.digest = run_dir, mlflow_run_id, digest
+    def __init__(self, run_dir: Path, mlflow_run_id: str, digest: str, keys_dir: Path) -> None:
+        self.run_dir, self.run_id, self.digest, self.keys_dir = run_dir, mlflow_run_id, digest, keys_dir
         self.tracking_uri = f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
         self.report = json.loads((run_dir / "release" / "privacy_report.json").read_text())
 
@@ -72,7 +73,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, keys: KeyBundlePaths) -> T
     run_dir = base / "run"
     result = simulate(RunConfig(data_dir=str(base / "data"), keys_dir=str(keys.server_context.parent),
                                 run_dir=str(run_dir), num_hospitals=2, rounds=1, model="logreg", sample_rate=0.05))
-    return TrainedRun(run_dir, result.run_id, result.digest)
+    return TrainedRun(run_dir, result.run_id, result.digest, keys.server_context.parent)
 
 
 def _calibrated(rng: np.random.Generator, n: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +162,8 @@ def test_registry_lists_it_with_verified_model_files(trained: TrainedRun, releas
     create = [e for e in entries if e.action == "release.create"]
     assert len(create) == 1 and create[0].details == {
         "release": "r1", "run": trained.run_id, "sha256": trained.digest, "approver": APPROVER,
-        "cutoff": "2025-06-30", "dp-evaluated": True, "recalibrated": True, "calibration-override": False}
+        "cutoff": "2025-06-30", "dp-evaluated": True, "recalibrated": True, "calibration-override": False,
+        "privacy-audited": False}
 
 
 def test_a_run_is_released_once(trained: TrainedRun, released) -> None:
@@ -232,10 +234,32 @@ def test_withdraw_is_immediate_and_audited(trained: TrainedRun, tmp_path: Path) 
     assert log.verify().ok
 
 
+def test_release_audit_measures_the_runs_model_under_dp_and_its_table_goes_on_the_certificate(
+        trained: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nodes, keys = trained.run_dir / "nodes", trained.keys_dir
+    audit = ["release", "audit", "--run-dir", str(trained.run_dir), "--nodes", str(nodes), "--keys", str(keys),
+             "--hospitals", "2", "--epsilon", "0.5", "--out", str(tmp_path / "audit")]
+    assert main(audit) == 0
+    printed = capsys.readouterr().out
+    assert "epsilon 0.500 charged to each hospital's ledger" in printed and "loss-threshold attack AUC" in printed
+    assert f"beside the run's accounted epsilon {trained.report['epsilon_max']:.3f}" in printed
+    table = printed.split("release it with: --audit ")[1].strip()
+    assert main(["release", "create", trained.run_id, "--run-dir", str(trained.run_dir), "--registry",
+                 str(tmp_path / "registry"), "--approved-by", APPROVER, *_evaluation_files(tmp_path, trained.digest),
+                 "--audit", table]) == 0
+    section = ReleaseRegistry("", tmp_path / "registry").get("r1").certificate.privacy_audit
+    assert section["audited"] is True and section["query_epsilon"] == pytest.approx(0.5, rel=0.01)
+    assert 0.4 < section["auc"] < 0.6 and section["epsilon_lower_bound"] <= trained.report["epsilon_max"]
+    for node in sorted(nodes.iterdir()):  # charged at every hospital, as an analytics query
+        with NodeState.load(node).ledger() as ledger:
+            assert any(c.kind == "analytics" and c.run_id.startswith("membership-audit-") for c in ledger.all_charges())
+
+
 def test_cli(trained: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     registry = str(tmp_path / "registry")
     create = ["release", "create", trained.run_id, "--run-dir", str(trained.run_dir), "--registry", registry,
-              "--approved-by", APPROVER, "--cutoff", "2025-06-30", *_evaluation_files(tmp_path, trained.digest)]
+              "--approved-by", APPROVER, "--cutoff", "2025-06-30", *_evaluation_files(tmp_path, trained.digest),
+              "--no-audit", UNAUDITED]
     assert main(create) == 0
     assert "released r1 (active)" in capsys.readouterr().out
     assert main(create) == EXIT_USER_ERROR
@@ -627,7 +651,7 @@ def test_cli_requires_the_dp_evaluation_and_prints_each_hospitals_epsilons(
     assert main(create) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.startswith("fedrisk: error: a release needs a DP evaluation of its model") and err.count("\n") == 1
-    assert main([*create, *_evaluation_files(tmp_path / "evaluation", store.digest)]) == 0
+    assert main([*create, *_evaluation_files(tmp_path / "evaluation", store.digest), "--no-audit", UNAUDITED]) == 0
     out = capsys.readouterr().out
     cert = ReleaseRegistry("", tmp_path / "registry").get("r1").certificate
     for name, spend in cert.per_hospital.items():
