@@ -1,7 +1,7 @@
 """The membership audit query against a malicious coordinator, through the real relay and node
 service: it reads the training split, so it must be exactly as guarded as any other DP answer —
 the model it names checked, `split` refused anywhere else, charged before it is computed and
-within budget, refused by the node's own policy, and noised."""
+within budget, refused by the node's own policy (`max_audit_epsilon`: 0 answers none), and noised."""
 
 from __future__ import annotations
 
@@ -81,6 +81,7 @@ def test_the_audit_is_charged_before_it_is_computed_and_a_repeat_beyond_budget_i
     def fail(*_args, **_kwargs):
         raise RuntimeError("the computation failed after the charge")
 
+    NodePolicy.load(node.directory).with_changes(max_audit_epsilon=5.0).save(node.directory)  # the hospital's call
     monkeypatch.setattr(clients.analytics, "local_statistics", fail)
     assert coordinator.error(_ask(coordinator, node, _audit(epsilon=5.0), "m3")) is not None
     (charge,) = _analytics(node)  # nothing left the node, yet the ledger already holds the charge
@@ -98,23 +99,29 @@ def test_the_audit_is_charged_before_it_is_computed_and_a_repeat_beyond_budget_i
 
 def test_the_nodes_policy_refuses_an_audit_it_does_not_allow(coordinator) -> None:
     node = coordinator.nodes[0]
-    NodePolicy.load(node.directory).with_changes(max_epsilon_per_run=0.25).save(node.directory)
+    policy = NodePolicy.load(node.directory)
+    assert policy.max_audit_epsilon == 1.0  # a new node's default: half its budget, at most 1
+    error = coordinator.error(_ask(coordinator, node, _audit(epsilon=1.5), "m4"))
+    assert error == "policy max_audit_epsilon: membership audit epsilon 1.5 is over the cap of 1", error
+    policy.with_changes(max_audit_epsilon=0.0).save(node.directory)  # this hospital answers no audit at all
     error = coordinator.error(_ask(coordinator, node, _audit(epsilon=0.5), "m4"))
-    assert error is not None and "max_epsilon_per_run" in error and "\n" not in error
-    NodePolicy.load(node.directory).with_changes(max_epsilon_per_run=2.0, purposes=["applicant-scoring"]) \
-        .save(node.directory)
+    assert error is not None and "answers no membership audit" in error and "\n" not in error
+    count = {"name": "count-by-sex", "purpose": "credit-risk-research", "epsilon": 0.5, "measure": "count",
+             "group-by": ["sex"]}
+    assert coordinator.error(_ask(coordinator, node, count, "m4-count", None)) is None  # other queries still served
+    policy.with_changes(purposes=["applicant-scoring"]).save(node.directory)
     error = coordinator.error(_ask(coordinator, node, _audit(epsilon=0.5), "m4"))
     assert error is not None and "purposes" in error
-    assert _analytics(node) == []
+    assert [c.run_id for c in _analytics(node)] == ["m4-count"]
 
 
 def test_the_answer_is_noised_at_its_declared_scale_and_a_retry_repeats_it(coordinator) -> None:
     node = coordinator.nodes[1]
-    query = _audit(epsilon=2.0)
+    query = _audit(epsilon=1.0)
     first, again, second = (_decrypted(coordinator, node, _ask(coordinator, node, query, run))
                             for run in ("m5", "m5", "m5-fresh"))
     np.testing.assert_allclose(first, again, atol=1e-3)  # the same run on the same records: the same noise
-    z = audit_query(weights_digest(WEIGHTS), "logreg", epsilon=2.0).noise_multiplier()
+    z = audit_query(weights_digest(WEIGHTS), "logreg", epsilon=1.0).noise_multiplier()
     difference = (first - second) / (np.sqrt(2.0) * z)  # two independent draws of N(0, z^2) per cell
     assert np.abs(difference).max() > 0.05 and 0.6 < difference.std() < 1.5
     assert len(_analytics(node)) == 2
