@@ -103,7 +103,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_audit(args: argparse.Namespace) -> int:
     from engines.membership_audit import audit_model
-    from server.releases.membership import load_audit, certificate_section
+    from server.releases.membership import certificate_section, epsilon_with_audit, load_audit
 
     release_dir = Path(args.run_dir) / "release"
     model_file, report_file = release_dir / "model.npz", release_dir / "privacy_report.json"
@@ -118,7 +118,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
                          run_dir=Path(args.out or Path(args.run_dir) / "audit"), num_hospitals=args.hospitals,
                          epsilon=args.epsilon)
     table = Path(result.files[0])
-    section = certificate_section(load_audit(table), accounted_epsilon=accounted, delta=delta)
+    audit = load_audit(table)
+    section = certificate_section(audit, accounted_epsilon=accounted, delta=delta,
+                                  with_audit=epsilon_with_audit(report, audit))
     auc = "n/a" if section["auc"] is None else f"{section['auc']:.3f}"
     se = f" ± {section['auc_se']:.3f}" if section["auc_se"] is not None else ""
     print(f"DP membership-inference audit of {model_file} on {len(result.hospitals)} hospitals' training and "
@@ -126,7 +128,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
           f"{result.query.purpose})")
     print(f"  loss-threshold attack AUC {auc}{se} (DP noise; chance is 0.5), advantage {section['advantage']:.3f}, "
           f"empirical epsilon lower bound {section['epsilon_lower_bound']:.3f} ({section['confidence']:.0%}) beside "
-          f"the run's accounted epsilon {accounted:.3f} at delta {delta:g}")
+          f"the run's accounted epsilon {accounted:.3f} at delta {delta:g} ({section['epsilon_with_audit']:.3f} with "
+          "the audit composed)")
     print(f"release it with: --audit {table}")
     return 0
 

@@ -272,24 +272,42 @@ def load_audit(path: Path) -> AuditTable:
         raise AuditTableError(f"{meta_path}: not the JSON of a membership_score query by split") from None
 
 
-def certificate_section(audit: AuditTable, *, accounted_epsilon: float, delta: float) -> dict[str, Any]:
-    """The certificate's `privacy_audit` section for an audit table (refusing none; see the registry
-    for what it refuses)."""
+def epsilon_with_audit(privacy_report: Mapping[str, Any], audit: AuditTable) -> float:
+    """Epsilon at the report's delta of each hospital's run (DP-SGD and its DP evaluations) composed
+    with the audit query, the largest over hospitals: what a patient has spent on the release once
+    it is audited (the audit is charged to the ledgers, but is not part of the run's epsilon)."""
+    from privacy.accounting import compose_epsilon
+    from privacy.ledger import GaussianMechanism
+    from server.releases.certificates import hospitals_from_report
+
+    query = GaussianMechanism.gaussian_release(noise_multiplier=audit.noise_multiplier)
+    delta = float(privacy_report["delta"])
+    return max(compose_epsilon([*h.mechanisms(), query], delta)
+               for h in hospitals_from_report(privacy_report).values())
+
+
+def certificate_section(audit: AuditTable, *, accounted_epsilon: float, delta: float,
+                        with_audit: float | None = None) -> dict[str, Any]:
+    """The certificate's `privacy_audit` section for an audit table (refusing none; see
+    `release_section` for what a release refuses). `with_audit`: `epsilon_with_audit`, if known."""
     figures = audit_from_table(audit.table, delta=delta, source=audit.source)
     auc = "n/a" if figures.auc is None else f"{figures.auc:.3f}"
     statement = (f"A loss-threshold membership-inference attack, run on the training and held-out records at "
                  f"each hospital under DP, reached AUC {auc} (0.5 is chance) and advantage {figures.advantage:.3f}; "
                  f"the privacy loss it demonstrates is at least epsilon {figures.epsilon_lower_bound:.3f} "
                  f"({figures.confidence:.0%} confidence), against the accounted epsilon {accounted_epsilon:.3f}. "
-                 "It is an average-case lower bound, not a guarantee; the guarantee is the accounted epsilon.")
+                 "It is an average-case lower bound, not a guarantee; the guarantee is the accounted epsilon"
+                 + (f", {with_audit:.3f} with the audit query composed." if with_audit is not None else "."))
     return {"audited": True, "attack": figures.attack, "auc": figures.auc, "auc_se": figures.auc_se,
             "auc_sampling_se": figures.auc_sampling_se, "advantage": figures.advantage,
             "epsilon_lower_bound": figures.epsilon_lower_bound, "confidence": figures.confidence,
             "delta": delta, "accounted_epsilon": accounted_epsilon, "members": figures.members,
             "non_members": figures.non_members, "bins": figures.bins,
-            "query_epsilon": audit.epsilon, "query_noise_multiplier": audit.noise_multiplier,
-            "charged": "the audit query's epsilon was charged to each hospital's privacy ledger before it was "
-                       "computed; it is not part of the accounted epsilon of the run",
+            "query_epsilon": audit.epsilon, "query_noise_multiplier": audit.noise_multiplier, "charged": True,
+            "charge_basis": "the audit query's epsilon was charged to each hospital's privacy ledger before it was "
+                            "computed; it is not part of the run's accounted epsilon, and epsilon_with_audit "
+                            "composes the two",
+            "epsilon_with_audit": with_audit,
             "source": audit.source, "meaning": MEANING, "statement": statement}
 
 
@@ -299,7 +317,7 @@ def unaudited_section(reason: str, by: str) -> dict[str, Any]:
 
 
 def release_section(audit: AuditTable | None, unaudited_reason: str, *, approver: str, model_sha256: str,
-                    accounted_epsilon: float, delta: float) -> dict[str, Any]:
+                    privacy_report: Mapping[str, Any]) -> dict[str, Any]:
     """The `privacy_audit` section of a new release, or ReleaseRefused (one line): a release without
     an audit and without a reason to go without one, with both, with an audit of another model or
     whose counts carry no DP noise, or whose empirical lower bound exceeds the accounted epsilon
@@ -323,8 +341,10 @@ def release_section(audit: AuditTable | None, unaudited_reason: str, *, approver
     if not (pd.to_numeric(audit.table.get("se", pd.Series(dtype=float)), errors="coerce") > 0.0).all() \
             or not audit.noise_multiplier > 0.0:
         raise ReleaseRefused("privacy audit table: a count without a positive se carries no DP noise")
+    accounted_epsilon, delta = float(privacy_report["epsilon_max"]), float(privacy_report["delta"])
     try:
-        section = certificate_section(audit, accounted_epsilon=accounted_epsilon, delta=delta)
+        section = certificate_section(audit, accounted_epsilon=accounted_epsilon, delta=delta,
+                                      with_audit=epsilon_with_audit(privacy_report, audit))
     except AuditTableError as error:
         raise ReleaseRefused(str(error)) from None
     if section["epsilon_lower_bound"] > accounted_epsilon:

@@ -250,8 +250,7 @@ class ReleaseRegistry:
                                      "--accept-miscalibration REASON; it goes on the certificate)")
             accepted = {"reason": override, "by": approver, "problems": problems} if problems else None
             audited = release_section(audit, waiver, approver=approver, model_sha256=run.sha256,
-                                      accounted_epsilon=float(run.privacy_report["epsilon_max"]),
-                                      delta=float(run.privacy_report["delta"]))
+                                      privacy_report=run.privacy_report)
             return self._register(run, approver, summary, accepted, audited)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
