@@ -82,6 +82,26 @@ def local_statistics(table: pd.DataFrame, query: CohortQuery) -> np.ndarray:
     return np.bincount(cell, minlength=cells).astype(float)
 
 
+def scored_records(query: CohortQuery, used: pd.DataFrame, model: Any) -> pd.DataFrame:
+    """The records a scored query reads, each with its score under `model` (the query's, checked).
+
+    risk_score: the held-out test split only (records no training round used), scored with the
+    model's probability of delinquency. membership_score: every consented record, the training
+    split and the held-out split as training drew them (`test_split`, a hash of the pseudonym,
+    so each record's split is a function of the record alone), each with `split` and p(y | x),
+    the probability the model gives the record's true label."""
+    from federation.model import predict_proba
+
+    held_out = test_split(used[PSEUDONYM])
+    if query.field == RISK_SCORE:
+        scored = used.loc[held_out].reset_index(drop=True)
+        return scored.assign(**{RISK_SCORE: predict_proba(model, fx.encode_features(scored)).astype(float)})
+    probability = predict_proba(model, fx.encode_features(used)).astype(float)
+    label = fx.encode_labels(used).astype(float)
+    return used.assign(**{SPLIT: np.where(held_out, SPLITS[1], SPLITS[0]),
+                          MEMBERSHIP_SCORE: np.where(label == 1.0, probability, 1.0 - probability)})
+
+
 _USABLE_CACHE: dict[tuple, tuple[pd.DataFrame, dict[str, int]]] = {}
 _CACHE_LIMIT = 16
 
@@ -136,26 +156,6 @@ class HospitalAnalytics:
             self._refuse(ProtocolError(f"{self.name}: the model sent with query {query.name!r} does not match "
                                        f"its SHA-256 {sha256[:12]}"), query.purpose)
         return load_model(kind, np.asarray(weights, dtype=np.float32), len(fx.FEATURE_NAMES))
-
-    def _scored_records(self, query: CohortQuery, used: pd.DataFrame, weights: np.ndarray | None) -> pd.DataFrame:
-        """The records a scored query reads, each with its score.
-
-        risk_score: the held-out test split only (records no training round used), scored with the
-        model's probability of delinquency. membership_score: every consented record, the training
-        split and the held-out split as training drew them (`test_split`, a hash of the pseudonym,
-        so each record's split is a function of the record alone), each with `split` and p(y | x),
-        the probability the model gives the record's true label."""
-        from federation.model import predict_proba
-
-        model = self._query_model(query, weights)
-        held_out = test_split(used[PSEUDONYM])
-        if query.field == RISK_SCORE:
-            scored = used.loc[held_out].reset_index(drop=True)
-            return scored.assign(**{RISK_SCORE: predict_proba(model, fx.encode_features(scored)).astype(float)})
-        probability = predict_proba(model, fx.encode_features(used)).astype(float)
-        label = fx.encode_labels(used).astype(float)
-        return used.assign(**{SPLIT: np.where(held_out, SPLITS[1], SPLITS[0]),
-                              MEMBERSHIP_SCORE: np.where(label == 1.0, probability, 1.0 - probability)})
 
     def _check_fields(self, query: CohortQuery) -> None:
         """Refuse a query for a purpose no consent covers, or that reads a field this hospital's
@@ -213,7 +213,7 @@ class HospitalAnalytics:
         self._check_fields(query)
         used, excluded = consented_records(self.state, query.purpose)
         if query.field in SCORED_FIELDS:
-            used = self._scored_records(query, used, model_weights)
+            used = scored_records(query, used, self._query_model(query, model_weights))
         if policy is not None:
             try:
                 policy.check_records(delta=query.delta, records=len(used))

@@ -65,17 +65,17 @@ COLUMNS = {
 def _audit_frame(nodes: list, weights: np.ndarray, kind: str, delta: float) -> tuple[dict[str, Any], np.ndarray,
                                                                                      np.ndarray]:
     """The attack on exact tables built by each hospital's own code, summed; and the raw scores."""
-    from clients.analytics import HospitalAnalytics, consented_records, local_statistics
+    from clients.analytics import consented_records, local_statistics, scored_records
     from engines.membership_audit import audit_query
-    from federation.he_codec import HospitalKey
-    from federation.model import weights_digest
+    from federation.features import FEATURE_NAMES
+    from federation.model import load_model, weights_digest
     from server.releases.membership import audit_from_table
 
     query = audit_query(weights_digest(weights), kind)
+    model = load_model(kind, weights, len(FEATURE_NAMES))
     sums, scores, splits = 0.0, [], []
     for node in nodes:
-        analytics = HospitalAnalytics(node, HospitalKey.load(node.key_file))
-        used = analytics._scored_records(query, consented_records(node, query.purpose)[0], weights)
+        used = scored_records(query, consented_records(node, query.purpose)[0], model)
         sums = sums + local_statistics(used, query)
         scores.append(used["membership_score"].to_numpy(float))
         splits.append(used["split"].to_numpy())

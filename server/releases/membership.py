@@ -47,7 +47,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +107,6 @@ class MembershipAudit:
     non_members: float
     bins: list[float]
     roc: list[tuple[float, float, float]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
 
 
 def _split_counts(table: pd.DataFrame, source: str) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
