@@ -221,7 +221,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     audit.add_argument("--run-dir", required=True, help="the run directory (`fedrisk run --out`)")
     audit.add_argument("--nodes", required=True, help="directory of hospital node directories")
     audit.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
-    audit.add_argument("--hospitals", type=int, default=3)
+    audit.add_argument("--hospitals", type=int, default=3, help="hospitals that audit (default 3)")
     audit.add_argument("--epsilon", type=float, default=0.5,
                        help="epsilon each hospital spends on the audit (default 0.5)")
     audit.add_argument("--out", help="where the audit run writes (default RUN_DIR/audit)")
