@@ -4,9 +4,11 @@ After `fedrisk run --out runs/x` (MLflow store `sqlite:///runs/x/mlflow.db`, run
 end), a data scientist releases the run with
 
     fedrisk release evaluate --run-dir runs/x --nodes runs/x/nodes --keys keys   # DP calibration/fairness
-    fedrisk release create <MLflow run id> --run-dir runs/x --evaluation ... [--registry releases]
+    fedrisk release audit --run-dir runs/x --nodes runs/x/nodes --keys keys      # DP membership-inference audit
+    fedrisk release create <MLflow run id> --run-dir runs/x --evaluation ... --audit ... [--registry releases]
 
-The `--evaluation` tables are required: a release rests on a DP evaluation of its model.
+The `--evaluation` tables are required: a release rests on a DP evaluation of its model. So is the
+`--audit` table, unless `--no-audit REASON` says why not (the reason goes on the certificate).
 
 `--run-dir` derives the tracking URI from a run directory; `--tracking-uri` names any other MLflow
 store (e.g. a tracking server). One of the two is required: a release must come from the store that
@@ -48,10 +50,13 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 
 def _cmd_create(args: argparse.Namespace) -> int:
     from server.releases.dp_evaluation import load_evaluation
+    from server.releases.membership import describe, load_audit
 
     evaluation = load_evaluation([Path(p) for p in args.evaluation]) if args.evaluation else None
+    audit = load_audit(Path(args.audit)) if args.audit else None
     release = _registry(args, _tracking_uri(args)).create(args.run_id, args.approved_by, args.cutoff, evaluation,
-                                                          args.accept_miscalibration or "")
+                                                          args.accept_miscalibration or "", audit=audit,
+                                                          unaudited=args.no_audit or "")
     cert, card = release.certificate, release.card
     print(f"released {release.release_id} ({release.status}): run {release.run_id}, sha256 {release.sha256}")
     print(f"  epsilon max {cert.epsilon_max:.4f} at delta {cert.delta:g} per patient ({cert.neighbouring}) over "
@@ -74,6 +79,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
     if cert.calibration_override:
         print(f"  RELEASED DESPITE: {'; '.join(cert.calibration_override['problems'])} "
               f"(accepted by {cert.calibration_override['by']}: {cert.calibration_override['reason']})")
+    print(f"  {describe(cert.privacy_audit)}")
     print(f"  model files: {release.model_dir}")
     print(f"each hospital installs it: fedrisk node release install --dir NODE --release-dir {release.model_dir} "
           f"--release-id {release.release_id}")
@@ -94,6 +100,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"DP evaluation of {model_file} on {len(result.hospitals)} hospitals' held-out records: "
           f"epsilon {result.epsilon:.3f} charged to each hospital's ledger (purpose {result.query.purpose})")
     print("release it with: " + " ".join(f"--evaluation {p}" for p in tables))
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from engines.membership_audit import audit_model
+    from server.releases.membership import certificate_section, epsilon_with_audit, load_audit
+
+    release_dir = Path(args.run_dir) / "release"
+    model_file, report_file = release_dir / "model.npz", release_dir / "privacy_report.json"
+    if not model_file.is_file() or not report_file.is_file():
+        raise ConfigError(f"no released model at {model_file}: give the directory of a finished `fedrisk run`")
+    try:
+        report = json.loads(report_file.read_text())
+        accounted, delta = float(report["epsilon_max"]), float(report["delta"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{report_file}: not a fedrisk privacy report") from None
+    result = audit_model(model_file, nodes_dir=Path(args.nodes), keys_dir=Path(args.keys),
+                         run_dir=Path(args.out or Path(args.run_dir) / "audit"), num_hospitals=args.hospitals,
+                         epsilon=args.epsilon)
+    table = Path(result.files[0])
+    audit = load_audit(table)
+    section = certificate_section(audit, accounted_epsilon=accounted, delta=delta,
+                                  with_audit=epsilon_with_audit(report, audit))
+    auc = "n/a" if section["auc"] is None else f"{section['auc']:.3f}"
+    se = f" ± {section['auc_se']:.3f}" if section["auc_se"] is not None else ""
+    print(f"DP membership-inference audit of {model_file} on {len(result.hospitals)} hospitals' training and "
+          f"held-out records: epsilon {result.epsilon:.3f} charged to each hospital's ledger (purpose "
+          f"{result.query.purpose})")
+    print(f"  loss-threshold attack AUC {auc}{se} (DP noise; chance is 0.5), advantage {section['advantage']:.3f}, "
+          f"empirical epsilon lower bound {section['epsilon_lower_bound']:.3f} ({section['confidence']:.0%}) beside "
+          f"the run's accounted epsilon {accounted:.3f} at delta {delta:g} ({section['epsilon_with_audit']:.3f} with "
+          "the audit composed)")
+    print(f"release it with: --audit {table}")
     return 0
 
 
@@ -136,8 +175,8 @@ def _number(value: float | None) -> str:
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    """Add `fedrisk release evaluate|create|withdraw|list|show` to the `fedrisk` parser."""
-    release = commands.add_parser("release", help="released models: create, withdraw, list, show").add_subparsers(
+    """Add `fedrisk release evaluate|audit|create|withdraw|list|show` to the `fedrisk` parser."""
+    release = commands.add_parser("release", help="released models: evaluate, audit, create, withdraw, list, show").add_subparsers(
         dest="release_command", required=True)
     user = _login_name()
 
@@ -160,6 +199,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--accept-miscalibration", metavar="REASON",
                         help="release although the calibration check fails (not recalibrated, offset beyond "
                              "tolerance, a band observing a rate outside it); the reason goes on the certificate")
+    create.add_argument("--audit", metavar="TABLE",
+                        help="the membership-inference audit table of the model (from `fedrisk release audit`, its "
+                             "query JSON beside it); required unless --no-audit gives the reason")
+    create.add_argument("--no-audit", metavar="REASON",
+                        help="release without a privacy audit; the reason goes on the certificate")
     create.set_defaults(handler=_cmd_create)
 
     evaluate = release.add_parser("evaluate", help="DP evaluation of a run's model across the hospitals "
@@ -172,6 +216,18 @@ def register(commands: argparse._SubParsersAction) -> None:
                           help="epsilon each hospital spends on the evaluation (default 0.5)")
     evaluate.add_argument("--out", help="where the evaluation run writes (default RUN_DIR/evaluation)")
     evaluate.set_defaults(handler=_cmd_evaluate)
+
+    audit = release.add_parser("audit", help="DP membership-inference audit of a run's model across the hospitals "
+                               "(simulation engine): the attack's AUC and an empirical epsilon lower bound for its "
+                               "certificate")
+    audit.add_argument("--run-dir", required=True, help="the run directory (`fedrisk run --out`)")
+    audit.add_argument("--nodes", required=True, help="directory of hospital node directories")
+    audit.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
+    audit.add_argument("--hospitals", type=int, default=3, help="hospitals that audit (default 3)")
+    audit.add_argument("--epsilon", type=float, default=0.5,
+                       help="epsilon each hospital spends on the audit (default 0.5)")
+    audit.add_argument("--out", help="where the audit run writes (default RUN_DIR/audit)")
+    audit.set_defaults(handler=_cmd_audit)
 
     withdraw = with_registry(release.add_parser("withdraw", help="withdraw a release: it must not be used any more"))
     withdraw.add_argument("release_id", metavar="RELEASE_ID", help="e.g. r3")

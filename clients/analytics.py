@@ -29,7 +29,7 @@ from federation import features as fx
 from federation.errors import DataError, FedriskError, PrivacyBudgetError, ProtocolError
 from federation.he_codec import CONTRIBUTOR_UNIT, HospitalKey
 from federation.model import weights_digest
-from federation.query import FIELDS, RISK_SCORE, CohortQuery
+from federation.query import FIELDS, MEMBERSHIP_SCORE, RISK_SCORE, SCORED_FIELDS, SPLIT, SPLITS, CohortQuery
 from privacy.audit import ANALYTICS_ANSWER, Digest
 from privacy.consent import ConsentError
 from privacy.ledger import GaussianMechanism
@@ -82,6 +82,26 @@ def local_statistics(table: pd.DataFrame, query: CohortQuery) -> np.ndarray:
     return np.bincount(cell, minlength=cells).astype(float)
 
 
+def scored_records(query: CohortQuery, used: pd.DataFrame, model: Any) -> pd.DataFrame:
+    """The records a scored query reads, each with its score under `model` (the query's, checked).
+
+    risk_score: the held-out test split only (records no training round used), scored with the
+    model's probability of delinquency. membership_score: every consented record, the training
+    split and the held-out split as training drew them (`test_split`, a hash of the pseudonym,
+    so each record's split is a function of the record alone), each with `split` and p(y | x),
+    the probability the model gives the record's true label."""
+    from federation.model import predict_proba
+
+    held_out = test_split(used[PSEUDONYM])
+    if query.field == RISK_SCORE:
+        scored = used.loc[held_out].reset_index(drop=True)
+        return scored.assign(**{RISK_SCORE: predict_proba(model, fx.encode_features(scored)).astype(float)})
+    probability = predict_proba(model, fx.encode_features(used)).astype(float)
+    label = fx.encode_labels(used).astype(float)
+    return used.assign(**{SPLIT: np.where(held_out, SPLITS[1], SPLITS[0]),
+                          MEMBERSHIP_SCORE: np.where(label == 1.0, probability, 1.0 - probability)})
+
+
 _USABLE_CACHE: dict[tuple, tuple[pd.DataFrame, dict[str, int]]] = {}
 _CACHE_LIMIT = 16
 
@@ -121,24 +141,21 @@ class HospitalAnalytics:
     def _mechanism(self, query: CohortQuery) -> GaussianMechanism:
         return GaussianMechanism.gaussian_release(noise_multiplier=query.noise_multiplier())
 
-    def _scored_test_split(self, query: CohortQuery, used: pd.DataFrame, weights: np.ndarray | None) -> pd.DataFrame:
-        """The held-out test split (records no training round used), with each record's risk score."""
-        from federation.model import load_model, predict_proba
+    def _query_model(self, query: CohortQuery, weights: np.ndarray | None) -> Any:
+        """The model a scored query names, from the weights sent with it: refused (audited) unless
+        they are of the named kind's size and hash to the query's SHA-256."""
+        from federation.model import load_model, num_parameters
 
         sha256, kind = query.model  # type: ignore[misc]
         if weights is not None:
             weights = np.asarray(weights, dtype=np.float32).ravel()
-            from federation.model import num_parameters
-
             if weights.size != num_parameters(kind, len(fx.FEATURE_NAMES)):
                 self._refuse(ProtocolError(f"{self.name}: the model sent with query {query.name!r} has the wrong "
                                            "number of weights"), query.purpose)
         if weights is None or weights_digest(weights) != sha256:
             self._refuse(ProtocolError(f"{self.name}: the model sent with query {query.name!r} does not match "
                                        f"its SHA-256 {sha256[:12]}"), query.purpose)
-        held_out = used.loc[test_split(used[PSEUDONYM])].reset_index(drop=True)
-        model = load_model(kind, np.asarray(weights, dtype=np.float32), len(fx.FEATURE_NAMES))
-        return held_out.assign(**{RISK_SCORE: predict_proba(model, fx.encode_features(held_out)).astype(float)})
+        return load_model(kind, np.asarray(weights, dtype=np.float32), len(fx.FEATURE_NAMES))
 
     def _check_fields(self, query: CohortQuery) -> None:
         """Refuse a query for a purpose no consent covers, or that reads a field this hospital's
@@ -150,8 +167,10 @@ class HospitalAnalytics:
         released = {c.target for c in schema.columns
                     if c.role in ("feature", "quasi-identifier", "label") and c.allowed_for(query.purpose)}
         needed = [g.field for g in query.group_by] + ([query.field] if query.field else [])
-        if query.field == RISK_SCORE:  # the model reads every standard input
-            needed = [f for f in needed if f != RISK_SCORE] + list(fx.RAW_FEATURE_COLUMNS)
+        if query.field in SCORED_FIELDS:  # the model reads every standard input (and p(y | x) the label)
+            needed = [f for f in needed if f not in (query.field, SPLIT)] + list(fx.RAW_FEATURE_COLUMNS)
+            if query.field == MEMBERSHIP_SCORE:
+                needed.append(fx.LABEL)
         for field in needed:
             if field not in released:
                 self._refuse(DataError(f"{self.name}: field {field!r} is not released for purpose "
@@ -189,12 +208,12 @@ class HospitalAnalytics:
         manifest, never the coordinator's word; each cell's statistic is clamped so that that
         many fit the slot range (a data-independent bound, so nothing about the data shows in a
         refusal). `model_weights` are the model a `risk_score` query scores with (checked against
-        its digest). `policy` (the node's `NodePolicy`) caps delta at 1/(10 n) and the query run's
+        its digest); a `membership_score` query reads the training split too. `policy` (the node's `NodePolicy`) caps delta at 1/(10 n) and the query run's
         composed epsilon. The budget is enforced by the ledger's atomic charge."""
         self._check_fields(query)
         used, excluded = consented_records(self.state, query.purpose)
-        if query.field == RISK_SCORE:
-            used = self._scored_test_split(query, used, model_weights)
+        if query.field in SCORED_FIELDS:
+            used = scored_records(query, used, self._query_model(query, model_weights))
         if policy is not None:
             try:
                 policy.check_records(delta=query.delta, records=len(used))

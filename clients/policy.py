@@ -13,7 +13,9 @@ record is read (`check_run`, `check_query`), and once more when the records' cou
      "purposes": [],                   purposes served; [] = every purpose the ledger has a budget for
      "max_model_parameters": 2000000,  cap on the size of the model a run trains
      "federation": "",                 CKKS key id of the federation served; "" = this node's own key's id
-     "max_evaluation_epsilon": 0.5}    cap on a run's DP evaluation epsilon (0: no DP evaluation)
+     "max_evaluation_epsilon": 0.5,    cap on a run's DP evaluation epsilon (0: no DP evaluation)
+     "max_audit_epsilon": 0.5}         cap on a membership audit query's epsilon (0: no membership audit;
+                                       it is the only query that reads the training split)
 
 An absent file means these defaults; a present file must be valid in full (unknown or
 out-of-range fields are a ConfigError naming the file and the field, never silently ignored).
@@ -111,6 +113,7 @@ _VALIDATORS = {
     "max_model_parameters": lambda f, v: _whole(f, v, 1),
     "federation": _federation,
     "max_evaluation_epsilon": lambda f, v: _positive(f, v, zero=True),
+    "max_audit_epsilon": lambda f, v: _positive(f, v, zero=True),
 }
 
 
@@ -135,6 +138,7 @@ class NodePolicy:
     max_model_parameters: int = 2_000_000
     federation: str = ""
     max_evaluation_epsilon: float = 0.5
+    max_audit_epsilon: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -148,6 +152,7 @@ class NodePolicy:
         at its default. The operator tightens it with `fedrisk node policy set`."""
         epsilon = max(e for e, _ in budgets.values())
         return cls(max_epsilon_per_run=float(epsilon), max_evaluation_epsilon=float(min(epsilon / 2, 1.0)),
+                   max_audit_epsilon=float(min(epsilon / 2, 1.0)),
                    max_delta=float(max(d for _, d in budgets.values())))
 
     @classmethod
@@ -231,12 +236,18 @@ class NodePolicy:
             raise _refusal("max_delta", f"delta {delta!r} is over 1/(10 n) for this node's n records")
 
     def check_query(self, *, purpose: str, epsilon: float, delta: float, federation: str, key_id: str,
-                    ledger_purposes: list[str], ledger_delta: float | None) -> None:
+                    ledger_purposes: list[str], ledger_delta: float | None, membership: bool = False) -> None:
         """Before any record is read: refuse a cohort query the policy forbids (arguments as in
-        `check_run`; `epsilon` is what the query spends at this node). Raises PolicyRefusal."""
+        `check_run`; `epsilon` is what the query spends at this node; `membership`: the query is a
+        membership audit, over the training split too, capped by `max_audit_epsilon`). Raises
+        PolicyRefusal."""
         self._check_federation(federation, key_id)
         self._check_purpose(purpose, ledger_purposes)
         self._check_epsilon("max_epsilon_per_run", "query epsilon", epsilon, self.max_epsilon_per_run)
+        if membership:
+            if self.max_audit_epsilon == 0:
+                raise _refusal("max_audit_epsilon", "this node answers no membership audit (max_audit_epsilon 0)")
+            self._check_epsilon("max_audit_epsilon", "membership audit epsilon", epsilon, self.max_audit_epsilon)
         self._check_delta(delta, purpose, ledger_delta)
 
     def effective_min_contributors(self, requested: int) -> int:

@@ -38,7 +38,7 @@ from federation.config import RUN_ID_PATTERN, RunConfig
 from federation.contributions import REVEALABLE_STEPS, SignedContribution, from_record, from_relay_record, to_record
 from federation.errors import ConfigError, FedriskError, ProtocolError
 from federation.node_channel import ChannelError, NodeRequest, Peer, peer_of, read_request, refusal, write_reply
-from federation.query import CohortQuery, QueryError
+from federation.query import MEMBERSHIP_SCORE, CohortQuery, QueryError
 from privacy.accounting import HospitalSpend
 from privacy.audit import RELAY_REFUSED, RELAY_REQUEST
 
@@ -159,7 +159,8 @@ def _admit_query(node: HospitalNode, request: NodeRequest, query: CohortQuery) -
     try:
         node.policy.check_query(purpose=query.purpose, epsilon=query.epsilon, delta=query.delta,
                                 federation=str(_config(request).get(M.FEDERATION, "")), key_id=node.key.key_id,
-                                ledger_purposes=purposes, ledger_delta=delta)
+                                ledger_purposes=purposes, ledger_delta=delta,
+                                membership=query.field == MEMBERSHIP_SCORE)
     except PolicyRefusal as error:
         node._refuse(error)
 

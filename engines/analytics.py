@@ -31,8 +31,8 @@ def run_query(query: CohortQuery | str | Path, *, nodes_dir: str | Path = "", da
               provision_budget: float = 10.0, model_file: str | Path = "", verbose: bool = False) -> QueryResult:
     """Answer `query` (a CohortQuery, a query file, or inline JSON) across the hospital nodes
     in `nodes_dir` (or nodes provisioned under `run_dir` from the exports in `data_dir`, each
-    with `provision_budget` for the query's purpose). A `risk_score` query scores with the
-    release `model_file` (model.npz). Raises FedriskError, one line, on a
+    with `provision_budget` for the query's purpose). A `risk_score` or `membership_score` query
+    scores with the release `model_file` (model.npz). Raises FedriskError, one line, on a
     malformed query, a refusal at any hospital, or a failure; then nothing is released."""
     if not isinstance(query, CohortQuery):
         query = load_query(str(query))

@@ -1,8 +1,10 @@
 """`fedrisk demo`: the main job on embedded defaults.
 
 Synthesise hospitals, create the federation's CKKS key, train in Flower's simulation engine
-with DP-SGD and HE aggregation, then put the result next to its reference points
-(centralized non-private model, oracle) and the three overhead figures.
+with DP-SGD and HE aggregation, audit the release with one DP membership-inference query (as
+`fedrisk release audit` does; its table is left under `<out>/audit/queries/` for
+`release create --audit`), then put the result next to its reference points (centralized
+non-private model, oracle) and the three overhead figures.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from typing import Any, TextIO
 from federation.config import RunConfig
 from federation.errors import ConfigError
 from federation.round_evaluation import AUC, SE_SUFFIX
+
+AUDIT_EPSILON = 0.5
+"""What each hospital spends on the demo's membership audit (the `release audit` default)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,11 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
             "release_sha256": result.digest,
             "release_dir": result.release_dir,
         }
+        stream.write(f"  auditing the release: one DP membership-inference query at every hospital "
+                     f"(epsilon {AUDIT_EPSILON:g}, charged to each ledger)...\n")
+        stream.flush()
+        summary["privacy_audit"] = membership_audit(nodes, keys, out / "audit", result, config,
+                                                    accounted=max(summary["epsilon_by_hospital"].values()))
         if settings.overheads:
             stream.write("  measuring overheads side by side (DP vs plain epoch, HE vs plaintext round)...\n")
             stream.flush()
@@ -138,6 +148,31 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
         raise
     stream.write(render_summary(summary))
     return summary
+
+
+def membership_audit(nodes: list, keys: Any, out: Path, result: Any, config: RunConfig,
+                     accounted: float) -> dict[str, Any]:
+    """The release's membership audit: the audit query answered by every hospital's own code (charge,
+    both splits, noise, CKKS) and decrypted once, in this process as the demo plays every party;
+    its table is written as `fedrisk release audit` writes it, and the certificate's figures returned."""
+    from engines.analytics import answer_in_process
+    from engines.membership_audit import audit_query
+    from federation.he_codec import HospitalKey, ServerContext
+    from privacy.ledger import GaussianMechanism
+    from server.analytics import QueryResult, write_result
+    from server.releases.membership import certificate_section, load_audit
+
+    query = audit_query(result.digest, config.model, epsilon=AUDIT_EPSILON, purpose=config.purpose)
+    run_id = query.default_run_id()
+    table = answer_in_process(nodes, HospitalKey.load(keys.hospital_context), ServerContext.load(config.keys_dir),
+                              query, run_id, result.weights)
+    z = query.noise_multiplier()
+    answered = QueryResult(query, run_id, table, [n.hospital for n in nodes], z,
+                           GaussianMechanism.gaussian_release(noise_multiplier=z).epsilon(query.delta))
+    path = write_result(answered, out / "queries" / f"{run_id}.csv")[0]
+    section = certificate_section(load_audit(path), accounted_epsilon=accounted, delta=config.delta)
+    keep = ("auc", "auc_se", "advantage", "epsilon_lower_bound", "confidence", "query_epsilon", "accounted_epsilon")
+    return {**{k: section[k] for k in keep}, "table": str(path)}
 
 
 def render_summary(summary: dict[str, Any]) -> str:
@@ -161,6 +196,7 @@ def render_summary(summary: dict[str, Any]) -> str:
         ("recalibration", f"not applied: {calibration['problem']}" if calibration.get("problem")
          else f"Platt map from the last DP evaluation (its bootstrap spread {fmt(calibration.get('mean_se'), '.4f')})"),
         ("epsilon per hospital (max)", f"{max(eps.values()):.3f} at delta={summary['delta']:g}"),
+        ("membership attack AUC (DP audit of the release)", _audit_line(summary.get("privacy_audit"))),
         ("rounds", str(summary["rounds"])),
         ("training wall time", f"{summary['wall_seconds']:.1f} s"),
         ("DP overhead (DP-SGD epoch / plain epoch)", fmt(summary["dp_overhead_ratio"], ".2f") + "x"),
@@ -177,3 +213,13 @@ def render_summary(summary: dict[str, Any]) -> str:
               f"release sha256: {summary['release_sha256']}",
               f"MLflow: {summary['tracking_uri']} (run {summary['mlflow_run_id']})", ""]
     return "\n".join(lines)
+
+
+def _audit_line(audit: dict[str, Any] | None) -> str:
+    if not audit:
+        return "n/a"
+    auc = "n/a" if audit["auc"] is None else f"{audit['auc']:.4f}"
+    se = f" ± {audit['auc_se']:.4f}" if audit.get("auc_se") is not None else ""
+    return (f"{auc}{se}, advantage {audit['advantage']:.3f}, epsilon lower bound "
+            f"{audit['epsilon_lower_bound']:.3f} ({audit['confidence']:.0%}) vs accounted "
+            f"{audit['accounted_epsilon']:.3f}")

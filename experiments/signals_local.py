@@ -145,6 +145,9 @@ LOCAL_CALIBRATION_OVERRIDE = ("local signals stack: a one-round run on a small s
                               "evaluation is too noisy to check calibration; for exercising scoring, not for banks")
 """The reason the local stack's releases carry on their certificates (when the calibration check
 fails, as it does at this size): the override is recorded, never implied."""
+LOCAL_AUDIT_WAIVER = ("local signals stack: releases for exercising scoring, not for banks; no membership audit "
+                      "is spent on them")
+"""Why the local stack's releases carry no privacy audit (on each certificate's `privacy_audit`)."""
 
 
 def create_release(registry_dir: Path, hospital: LocalHospital, run: TrainedRun) -> str:
@@ -155,7 +158,7 @@ def create_release(registry_dir: Path, hospital: LocalHospital, run: TrainedRun)
     evaluation = dp_evaluation(hospital, run)  # a release needs its DP evaluation
     release = ReleaseRegistry(run.tracking_uri, registry_dir).create(
         run.run_id, "dana-data-scientist", evaluation=evaluation,  # type: ignore[arg-type]
-        accept_miscalibration=LOCAL_CALIBRATION_OVERRIDE)
+        accept_miscalibration=LOCAL_CALIBRATION_OVERRIDE, unaudited=LOCAL_AUDIT_WAIVER)
     install_release(hospital.state.directory, release.model_dir, release.release_id)
     return release.release_id
 

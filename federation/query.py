@@ -14,13 +14,24 @@ come from the federation's public contract, never from the data:
     quantiles: [0.25, 0.5, 0.75]           # quantiles only
     group-by: [age, {insurance_type: [private, medicaid]}]   # optional; a subset of a domain
     suppress-below: 20                     # cells whose noised record count is below it are withheld (0: none)
-    model: {sha256: <64 hex>, kind: mlp}   # only with field risk_score: the model to score with
+    model: {sha256: <64 hex>, kind: mlp}   # only with risk_score or membership_score: the model to score with
 
 `risk_score` is the probability a model gives each record. A query over it names the model by
 its SHA-256 (the weights travel with the query and each hospital checks the digest) and reads
 only each hospital's held-out test split, the records the model was not trained on. A histogram
 of `risk_score` grouped by a group field and `delinquent_90d_12m` is a DP evaluation of the
 model: calibration, AUC and fairness by group follow from it by post-processing.
+
+`membership_score` is, per record, the probability the named model gives the record's true label,
+p(y | x): a monotone function of the record's loss, so a threshold on it is the loss-threshold
+membership-inference attack. Unlike `risk_score` it reads both the training split and the
+held-out split of the consented records (exactly the splits training used,
+`clients.node_state.test_split`), and the pseudo-field `split` ("train" / "held-out") may group
+it; `split` is refused with any other field. A histogram of `membership_score` by `split` is the
+release's empirical privacy audit (`server.releases.membership`). Its sensitivity is that of any
+histogram: a record's split is a function of the record's own pseudonym, so adding or removing
+one patient moves one count in one cell by 1, and the model is a fixed input of the query (a DP
+output the query composes with).
 
 The hospital and the server both parse the same file with `CohortQuery.from_mapping`, so a
 hospital never trusts the server's reading of a query. `layout` fixes the vector a hospital
@@ -66,6 +77,12 @@ _SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _KEYS = {"name", "purpose", "epsilon", "delta", "measure", "field", "bounds", "bins", "quantiles",
          "group-by", "suppress-below", "description", "model"}
 RISK_SCORE = "risk_score"
+MEMBERSHIP_SCORE = "membership_score"
+SPLIT = "split"
+SPLITS = ("train", "held-out")
+"""The groups of `SPLIT`: the records training used, and the held-out test split it never saw."""
+SCORED_FIELDS = (RISK_SCORE, MEMBERSHIP_SCORE)
+"""Fields a model computes at the hospital: a query over one names the model (`model`)."""
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 AGE_BANDS = tuple(range(0, 100, 10))
 """Lower bounds of the public age bands ("0-9" ... "80-89", "90+")."""
@@ -81,7 +98,8 @@ class FieldSpec:
 
     `kind` is "categorical" (fixed category list), "boolean", "binary" (0/1 integer), "age"
     (numeric, grouped into public 10-year bands), "numeric", "score" (a model's probability, see
-    `RISK_SCORE`) or "free-text" (no public domain).
+    `RISK_SCORE` and `MEMBERSHIP_SCORE`), "split" (`SPLIT`, the training or held-out split, only
+    with `MEMBERSHIP_SCORE`) or "free-text" (no public domain).
     """
 
     name: str
@@ -134,6 +152,8 @@ def _contract() -> dict[str, FieldSpec]:
         "age": FieldSpec("age", "age", tuple(_age_label(b) for b in AGE_BANDS)),
         "zip3": FieldSpec("zip3", "free-text"),
         RISK_SCORE: FieldSpec(RISK_SCORE, "score"),
+        MEMBERSHIP_SCORE: FieldSpec(MEMBERSHIP_SCORE, "score"),
+        SPLIT: FieldSpec(SPLIT, "split", SPLITS),
         fx.LABEL: FieldSpec(fx.LABEL, "binary", ("no", "yes")),
         "on_payment_plan": FieldSpec("on_payment_plan", "boolean", ("no", "yes")),
     }
@@ -187,7 +207,7 @@ class CohortQuery:
     quantiles: tuple[float, ...] | None
     group_by: tuple[GroupBy, ...]
     suppress_below: float
-    model: tuple[str, str] | None = None  # (sha256, kind) of the model a risk_score query scores with
+    model: tuple[str, str] | None = None  # (sha256, kind) of the model a risk_score or membership_score query scores with
 
     # --- reading ----------------------------------------------------------------------------
     @classmethod
@@ -249,6 +269,8 @@ class CohortQuery:
         if measure == "quantiles":
             quantiles = _quantiles(data, fail)
         group_by = _group_by(data.get("group-by", []), field, fail)
+        if field != MEMBERSHIP_SCORE and any(g.field == SPLIT for g in group_by):
+            raise fail(f"group-by {SPLIT!r} applies only to field {MEMBERSHIP_SCORE!r} (a membership audit)")
         model = _model(data, field, fail)
         query = cls(name, purpose, epsilon, delta, measure, field, bounds, bins, quantiles, group_by, suppress, model)
         if query.layout().length > MAX_VECTOR_LENGTH:
@@ -366,6 +388,8 @@ def _measured_field(data: Mapping, measure: str, fail) -> str | None:
     if "field" not in data:
         raise fail(f"measure {measure!r} needs a 'field'")
     spec = _field_spec(data["field"], "field", fail)
+    if spec.name == SPLIT:
+        raise fail(f"field {SPLIT!r} is the training or held-out split; it can only group {MEMBERSHIP_SCORE!r}")
     if measure == "rate" and spec.kind not in ("boolean", "binary"):
         raise fail(f"measure 'rate' needs a yes/no field; {spec.name!r} is {spec.kind}")
     if not spec.measurable:
@@ -375,12 +399,12 @@ def _measured_field(data: Mapping, measure: str, fail) -> str | None:
 
 def _model(data: Mapping, field: str | None, fail) -> tuple[str, str] | None:
     raw = data.get("model")
-    if field != RISK_SCORE:
+    if field not in SCORED_FIELDS:
         if raw is not None:
-            raise fail(f"'model' applies only to field {RISK_SCORE!r}")
+            raise fail(f"'model' applies only to fields {' and '.join(map(repr, SCORED_FIELDS))}")
         return None
     if not isinstance(raw, Mapping) or set(map(str, raw)) != {"sha256", "kind"}:
-        raise fail(f"field {RISK_SCORE!r} needs 'model: {{sha256: <64 hex>, kind: mlp|logreg|mlp:W1,...}}'")
+        raise fail(f"field {field!r} needs 'model: {{sha256: <64 hex>, kind: mlp|logreg|mlp:W1,...}}'")
     digest, kind = str(raw["sha256"]), str(raw["kind"])
     if not _SHA256.match(digest):
         raise fail(f"model sha256 must be 64 lowercase hex characters, got {digest!r}")

@@ -228,8 +228,8 @@ def write_result(result: QueryResult, out: Path) -> list[Path]:
 
 
 def _query_model(config: RunConfig, query: CohortQuery) -> np.ndarray | None:
-    """The weights a risk_score query scores with: `config.model_file` (a release's model.npz),
-    which must match the SHA-256 the query names."""
+    """The weights a risk_score or membership_score query scores with: `config.model_file` (a
+    release's model.npz), which must match the SHA-256 the query names."""
     if query.model is None:
         return None
     if not config.model_file:

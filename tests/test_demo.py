@@ -51,6 +51,10 @@ def test_demo_prints_progress_and_writes_its_summary(tmp_path) -> None:
         correction = abs(calibration["before"]["calibration_in_the_large"] - calibration["after"]["calibration_in_the_large"])
         assert correction >= 2.0 * calibration["mean_se"] > 0.0
     assert len(list((out / "nodes").glob("*/ledger.sqlite"))) == 3
+    audit = summary["privacy_audit"]  # the release's DP membership audit, charged at every hospital
+    assert "membership attack AUC (DP audit of the release)" in result.stdout
+    assert 0.4 < audit["auc"] < 0.6 and audit["query_epsilon"] == pytest.approx(0.5, rel=0.01) and Path(audit["table"]).is_file()
+    assert 0.0 <= audit["epsilon_lower_bound"] <= audit["accounted_epsilon"] == max(summary["epsilon_by_hospital"].values())
 
 
 def test_demo_refuses_a_used_output_directory(tmp_path) -> None:

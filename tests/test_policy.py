@@ -62,7 +62,7 @@ def test_defaults_without_a_policy_file(tmp_path: Path) -> None:
     assert policy == NodePolicy()
     assert policy.to_dict() == {"min_contributors": 2, "max_epsilon_per_run": 2.0, "max_rounds": 50,
                                 "max_delta": 1e-5, "purposes": [], "max_model_parameters": 2_000_000,
-                                "federation": "", "max_evaluation_epsilon": 0.5}
+                                "federation": "", "max_evaluation_epsilon": 0.5, "max_audit_epsilon": 0.5}
     assert list(tmp_path.iterdir()) == [], "loading the defaults wrote something"
     assert not {"dp", "he"} & {f.name for f in fields(NodePolicy)}, "DP and HE have no switch"
 
@@ -318,3 +318,15 @@ def test_cli_bad_first_set_writes_no_file(node: Node, capsys: pytest.CaptureFixt
     actions = node.audit_actions()
     assert main(["node", "policy", "set", "--dir", node.dir, "purposes=123456789"]) == EXIT_USER_ERROR
     assert not node.policy_file.exists() and node.audit_actions() == actions
+
+
+def test_a_membership_audit_is_capped_by_its_own_field_and_zero_refuses_every_one() -> None:
+    policy = NodePolicy(max_epsilon_per_run=2.0, max_audit_epsilon=0.5)
+    assert policy.check_query(**honest_query(epsilon=1.0)) is None  # any other query: the per-run cap
+    assert policy.check_query(**honest_query(epsilon=0.5, membership=True)) is None
+    with pytest.raises(PolicyRefusal, match="^policy max_audit_epsilon: membership audit epsilon 1 is over the cap of 0.5$"):
+        policy.check_query(**honest_query(epsilon=1.0, membership=True))
+    with pytest.raises(PolicyRefusal, match="answers no membership audit") as refused:
+        policy.with_changes(max_audit_epsilon=0.0).check_query(**honest_query(epsilon=0.1, membership=True))
+    assert refused.value.field == "max_audit_epsilon"
+    assert NodePolicy.for_budgets({RESEARCH: (6.0, 1e-5)}).max_audit_epsilon == 1.0

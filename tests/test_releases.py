@@ -23,6 +23,7 @@ from engines.simulation import simulate
 from experiments.synthetic import synthesize
 from federation import features as fx
 from cli.main import EXIT_USER_ERROR, main
+from clients.node_state import NodeState
 from federation.config import RunConfig
 from federation.he_codec import KeyBundlePaths, he_parameters
 from federation.model import weights_digest
@@ -52,14 +53,15 @@ from server.signals.catalogue import ReleaseView
 from server.tracking import CALIBRATION_FILE
 
 APPROVER = "Dana Risk"
+UNAUDITED = "test of the release rules; the membership audit is tested in test_membership_audit.py"
 EDGES = np.asarray(RISK_SCORE_BINS)
 
 
 class TrainedRun:
     """The module's finished run: where its store is, its MLflow id, and what it logged."""
 
-    def __init__(self, run_dir: Path, mlflow_run_id: str, digest: str) -> None:
-        self.run_dir, self.run_id, self.digest = run_dir, mlflow_run_id, digest
+    def __init__(self, run_dir: Path, mlflow_run_id: str, digest: str, keys_dir: Path) -> None:
+        self.run_dir, self.run_id, self.digest, self.keys_dir = run_dir, mlflow_run_id, digest, keys_dir
         self.tracking_uri = f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
         self.report = json.loads((run_dir / "release" / "privacy_report.json").read_text())
 
@@ -71,7 +73,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, keys: KeyBundlePaths) -> T
     run_dir = base / "run"
     result = simulate(RunConfig(data_dir=str(base / "data"), keys_dir=str(keys.server_context.parent),
                                 run_dir=str(run_dir), num_hospitals=2, rounds=1, model="logreg", sample_rate=0.05))
-    return TrainedRun(run_dir, result.run_id, result.digest)
+    return TrainedRun(run_dir, result.run_id, result.digest, keys.server_context.parent)
 
 
 def _calibrated(rng: np.random.Generator, n: int, spread: float) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +108,7 @@ def _evaluation_files(directory: Path, digest: str, seed: int = 4) -> list[str]:
 def released(trained: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> tuple[ReleaseRegistry, object]:
     registry = ReleaseRegistry(trained.tracking_uri, tmp_path_factory.mktemp("registry"))
     return registry, registry.create(trained.run_id, APPROVER, cutoff="2025-06-30",
-                                     evaluation=_evaluation_of(trained.digest))
+                                     evaluation=_evaluation_of(trained.digest), unaudited=UNAUDITED)
 
 
 def _metric(trained: TrainedRun, key: str) -> float | None:
@@ -160,7 +162,8 @@ def test_registry_lists_it_with_verified_model_files(trained: TrainedRun, releas
     create = [e for e in entries if e.action == "release.create"]
     assert len(create) == 1 and create[0].details == {
         "release": "r1", "run": trained.run_id, "sha256": trained.digest, "approver": APPROVER,
-        "cutoff": "2025-06-30", "dp-evaluated": True, "recalibrated": True, "calibration-override": False}
+        "cutoff": "2025-06-30", "dp-evaluated": True, "recalibrated": True, "calibration-override": False,
+        "privacy-audited": False}
 
 
 def test_a_run_is_released_once(trained: TrainedRun, released) -> None:
@@ -214,7 +217,8 @@ def test_an_unknown_run_is_refused_in_one_line(released) -> None:
 
 def test_withdraw_is_immediate_and_audited(trained: TrainedRun, tmp_path: Path) -> None:
     registry = ReleaseRegistry(trained.tracking_uri, tmp_path / "registry")
-    release = registry.create(trained.run_id, APPROVER, evaluation=_evaluation_of(trained.digest))
+    release = registry.create(trained.run_id, APPROVER, evaluation=_evaluation_of(trained.digest),
+                              unaudited=UNAUDITED)
     withdrawn = registry.withdraw(release.release_id, "Sam Audit", "calibration drift in the 80-89 band")
     assert withdrawn.status == STATUS_WITHDRAWN == registry.get(release.release_id).status
     assert ReleaseRegistry("", tmp_path / "registry").get(release.release_id).status == STATUS_WITHDRAWN
@@ -230,10 +234,32 @@ def test_withdraw_is_immediate_and_audited(trained: TrainedRun, tmp_path: Path) 
     assert log.verify().ok
 
 
+def test_release_audit_measures_the_runs_model_under_dp_and_its_table_goes_on_the_certificate(
+        trained: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    nodes, keys = trained.run_dir / "nodes", trained.keys_dir
+    audit = ["release", "audit", "--run-dir", str(trained.run_dir), "--nodes", str(nodes), "--keys", str(keys),
+             "--hospitals", "2", "--epsilon", "0.5", "--out", str(tmp_path / "audit")]
+    assert main(audit) == 0
+    printed = capsys.readouterr().out
+    assert "epsilon 0.500 charged to each hospital's ledger" in printed and "loss-threshold attack AUC" in printed
+    assert f"beside the run's accounted epsilon {trained.report['epsilon_max']:.3f}" in printed
+    table = printed.split("release it with: --audit ")[1].strip()
+    assert main(["release", "create", trained.run_id, "--run-dir", str(trained.run_dir), "--registry",
+                 str(tmp_path / "registry"), "--approved-by", APPROVER, *_evaluation_files(tmp_path, trained.digest),
+                 "--audit", table]) == 0
+    section = ReleaseRegistry("", tmp_path / "registry").get("r1").certificate.privacy_audit
+    assert section["audited"] is True and section["query_epsilon"] == pytest.approx(0.5, rel=0.01)
+    assert 0.4 < section["auc"] < 0.6 and section["epsilon_lower_bound"] <= trained.report["epsilon_max"]
+    for node in sorted(nodes.iterdir()):  # charged at every hospital, as an analytics query
+        with NodeState.load(node).ledger() as ledger:
+            assert any(c.kind == "analytics" and c.run_id.startswith("membership-audit-") for c in ledger.all_charges())
+
+
 def test_cli(trained: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     registry = str(tmp_path / "registry")
     create = ["release", "create", trained.run_id, "--run-dir", str(trained.run_dir), "--registry", registry,
-              "--approved-by", APPROVER, "--cutoff", "2025-06-30", *_evaluation_files(tmp_path, trained.digest)]
+              "--approved-by", APPROVER, "--cutoff", "2025-06-30", *_evaluation_files(tmp_path, trained.digest),
+              "--no-audit", UNAUDITED]
     assert main(create) == 0
     assert "released r1 (active)" in capsys.readouterr().out
     assert main(create) == EXIT_USER_ERROR
@@ -341,7 +367,7 @@ def test_release_with_a_dp_evaluation(trained: TrainedRun, tmp_path: Path) -> No
     with pytest.raises(ReleaseRefused, match="DP evaluation scored model"):
         registry.create(trained.run_id, APPROVER, evaluation=DPEvaluation(tables, model_sha256="b" * 64))
     release = registry.create(trained.run_id, APPROVER, evaluation=DPEvaluation(
-        tables, model_sha256=trained.digest, source="synthetic test table"))
+        tables, model_sha256=trained.digest, source="synthetic test table"), unaudited=UNAUDITED)
     evaluation = evaluation_from_tables(tables)
     assert release.certificate.records == round(evaluation["overall"]["records"])
     assert release.card.calibration["overall"] == evaluation["overall"]["calibration"]
@@ -358,7 +384,8 @@ def test_cli_release_with_evaluation_files(trained: TrainedRun, tmp_path: Path,
     table_file = tmp_path / "model-evaluation-1a2b.by-sex.csv"  # as engines.model_evaluation writes it
     table.to_csv(table_file, index=False)
     create = ["release", "create", trained.run_id, "--run-dir", str(trained.run_dir),
-              "--registry", str(tmp_path / "registry"), "--evaluation", str(table_file)]
+              "--registry", str(tmp_path / "registry"), "--evaluation", str(table_file),
+              "--no-audit", UNAUDITED]
     for sha256, code in (("b" * 64, EXIT_USER_ERROR), (trained.digest, 0)):
         query = _evaluation_query("sex", sha256)
         (tmp_path / "model-evaluation-1a2b.json").write_text(json.dumps({
@@ -570,7 +597,7 @@ def test_an_honest_run_is_released_with_run_and_ledger_epsilon_per_hospital(
     report = _honest_report(ledger_before=0.4)
     run_id = store.run(report, aucs=(0.61, 0.68, 0.71))
     registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
-    release = registry.create(run_id, APPROVER, evaluation=_evaluation_of(store.digest))
+    release = registry.create(run_id, APPROVER, evaluation=_evaluation_of(store.digest), unaudited=UNAUDITED)
     cert = release.certificate
     for name, logged in report["hospitals"].items():
         spend = cert.per_hospital[name]
@@ -601,7 +628,8 @@ def test_an_honest_run_is_released_with_run_and_ledger_epsilon_per_hospital(
 
 def test_a_certificate_stored_before_dp_evaluation_still_reads(store: HandBuiltStore, tmp_path: Path) -> None:
     registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
-    cert = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest)).certificate
+    cert = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest),
+                           unaudited=UNAUDITED).certificate
     old = cert.to_dict()
     for key in ("neighbouring", "assumption", "epsilon_all_hospitals", "overlap", "ledger_basis"):
         del old[key]
@@ -623,7 +651,7 @@ def test_cli_requires_the_dp_evaluation_and_prints_each_hospitals_epsilons(
     assert main(create) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.startswith("fedrisk: error: a release needs a DP evaluation of its model") and err.count("\n") == 1
-    assert main([*create, *_evaluation_files(tmp_path / "evaluation", store.digest)]) == 0
+    assert main([*create, *_evaluation_files(tmp_path / "evaluation", store.digest), "--no-audit", UNAUDITED]) == 0
     out = capsys.readouterr().out
     cert = ReleaseRegistry("", tmp_path / "registry").get("r1").certificate
     for name, spend in cert.per_hospital.items():
@@ -657,7 +685,8 @@ def test_a_miscalibrated_release_is_refused_unless_the_override_goes_on_its_cert
     assert "calibration offset (observed minus predicted rate) is +0.0" in message and "--accept-miscalibration" in message
     assert f"beyond the tolerance of {CALIBRATION_TOLERANCE:g}" in message and "\n" not in message
     assert registry.list() == []
-    release = registry.create(run_id, APPROVER, evaluation=under, accept_miscalibration="pilot: bank recalibrates")
+    release = registry.create(run_id, APPROVER, evaluation=under, accept_miscalibration="pilot: bank recalibrates",
+                              unaudited=UNAUDITED)
     override = release.certificate.calibration_override
     assert override["reason"] == "pilot: bank recalibrates" and override["by"] == APPROVER
     assert any("calibration offset" in p for p in override["problems"])
@@ -677,7 +706,8 @@ def test_a_run_that_was_not_recalibrated_is_refused(store: HandBuiltStore, tmp_p
 def test_a_calibrated_release_carries_its_map_and_bands_with_observed_rates(store: HandBuiltStore,
                                                                             tmp_path: Path) -> None:
     registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
-    release = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest))
+    release = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest),
+                              unaudited=UNAUDITED)
     card = release.card
     assert release.certificate.calibration_override is None
     assert card.recalibration["method"].startswith("platt") and card.recalibration["slope"] > 0

@@ -233,6 +233,11 @@ class PrivacyCertificate:
         ledger_basis: what each hospital's `ledger_epsilon` is (`LEDGER_BASIS`).
         calibration_override: None, or {"reason", "by", "problems"} when the release was approved
             although its calibration failed the release check (`server.calibration.release_problems`).
+        privacy_audit: the release's empirical privacy audit (`server.releases.membership`): the
+            membership-inference attack's AUC, advantage and epsilon lower bound beside the accounted
+            epsilon, the audit query's epsilon and that it was charged, and a sentence of what it means;
+            or {"audited": False, "statement": "not audited for this release", "reason", "by"}. None
+            only on certificates issued before releases were audited.
     The last five are empty (None) only on a certificate issued before the federated evaluation was DP.
     """
 
@@ -257,6 +262,7 @@ class PrivacyCertificate:
     overlap: str = ""
     ledger_basis: str = ""
     calibration_override: dict[str, Any] | None = None
+    privacy_audit: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -292,10 +298,12 @@ def _hospital(spend: Mapping[str, Any]) -> HospitalPrivacy:
 
 def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str, privacy_report: Mapping[str, Any],
                       cutoff: str, issued: str, evaluation: Mapping[str, Any],
-                      calibration_override: Mapping[str, Any] | None = None) -> PrivacyCertificate:
+                      calibration_override: Mapping[str, Any] | None = None,
+                      privacy_audit: Mapping[str, Any] | None = None) -> PrivacyCertificate:
     """The certificate of a release from its run's `privacy_report.json` (see
     `server.tracking.privacy_report`; checked by `hospitals_from_report`, recomputed by
-    `server.releases.run_artifacts`) and, for `records`, the release's `evaluation_from_tables` result."""
+    `server.releases.run_artifacts`), for `records`, the release's `evaluation_from_tables` result,
+    and its `privacy_audit` section (`server.releases.membership.release_section`)."""
     per_hospital = hospitals_from_report(privacy_report)
     try:
         report = {key: privacy_report[key] for key in ("epsilon_max", "delta", "guarantee", "accountant",
@@ -322,7 +330,8 @@ def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str,
         he_parameters=dict(report["he_parameters"]), per_hospital=per_hospital,
         neighbouring=str(report["neighbouring"]), assumption=str(report["assumption"]),
         epsilon_all_hospitals=everywhere, overlap=overlap, ledger_basis=LEDGER_BASIS,
-        calibration_override=dict(calibration_override) if calibration_override else None)
+        calibration_override=dict(calibration_override) if calibration_override else None,
+        privacy_audit=dict(privacy_audit) if privacy_audit else None)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from server.releases.certificates import (
     build_model_card,
 )
 from server.releases.dp_evaluation import DPEvaluation, evaluation_from_tables
+from server.releases.membership import AuditTable, release_section
 from server.calibration import release_problems
 from server.tracking import quiet_mlflow
 from server.releases.run_artifacts import (
@@ -169,7 +170,8 @@ class ReleaseRegistry:
 
     # --- changing ----------------------------------------------------------------------------
     def create(self, mlflow_run_id: str, approved_by: str, cutoff: date | str | None = None,
-               evaluation: DPEvaluation | None = None, accept_miscalibration: str = "") -> Release:
+               evaluation: DPEvaluation | None = None, accept_miscalibration: str = "",
+               audit: AuditTable | None = None, unaudited: str = "") -> Release:
         """Release a finished training run. Refuses (ReleaseRefused, one line, audited) a run that is
         unknown, not FINISHED, without release artifacts, whose model.sha256 does not match its
         weights, whose privacy report shows no DP or no DP federated evaluation or does not
@@ -188,6 +190,12 @@ class ReleaseRegistry:
         `CALIBRATION_TOLERANCE`, or a risk band whose observed rate lies outside it is refused unless
         `accept_miscalibration` gives the reason to release anyway; the reason, the approver and the
         problems then go on the certificate (`calibration_override`) and into the audit log.
+
+        audit: the release's empirical privacy audit (`fedrisk release audit`, read by
+        `server.releases.membership.load_audit`); required unless `unaudited` gives the reason to
+        release without one, which then goes on the certificate. An audit of another model, without
+        noise, or whose epsilon lower bound exceeds the accounted epsilon is refused
+        (`server.releases.membership.release_section`).
         """
         with self._lock():
             try:
@@ -195,7 +203,9 @@ class ReleaseRegistry:
                     raise ReleaseRefused("no tracking URI: say where the run's MLflow store is "
                                          "(--tracking-uri, or --run-dir for a `fedrisk run --out` directory)")
                 override = _text(accept_miscalibration, "accept-miscalibration") if accept_miscalibration else ""
-                return self._create(str(mlflow_run_id), _text(approved_by, "approved-by"), cutoff, evaluation, override)
+                waiver = _text(unaudited, "no-audit") if unaudited else ""
+                return self._create(str(mlflow_run_id), _text(approved_by, "approved-by"), cutoff, evaluation, override,
+                                    audit, waiver)
             except FedriskError as error:
                 self.audit.refusal(error)
                 raise
@@ -226,7 +236,7 @@ class ReleaseRegistry:
 
     # --- internals ---------------------------------------------------------------------------
     def _create(self, run_id: str, approver: str, cutoff: date | str | None,
-                evaluation: DPEvaluation | None, override: str) -> Release:
+                evaluation: DPEvaluation | None, override: str, audit: AuditTable | None, waiver: str) -> Release:
         staging = self.registry_dir / f".staging-{uuid.uuid4().hex}"
         try:
             run = read_run_release(self.client, run_id, staging, cutoff)
@@ -243,7 +253,9 @@ class ReleaseRegistry:
                 raise ReleaseRefused(f"run {run_id}: {'; '.join(problems)} (to release it anyway, give the reason: "
                                      "--accept-miscalibration REASON; it goes on the certificate)")
             accepted = {"reason": override, "by": approver, "problems": problems} if problems else None
-            return self._register(run, approver, summary, accepted)
+            audited = release_section(audit, waiver, approver=approver, model_sha256=run.sha256,
+                                      privacy_report=run.privacy_report)
+            return self._register(run, approver, summary, accepted, audited)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -272,7 +284,7 @@ class ReleaseRegistry:
         return summary
 
     def _register(self, run: RunRelease, approver: str, evaluation: dict[str, Any],
-                  calibration_override: dict[str, Any] | None = None) -> Release:
+                  calibration_override: dict[str, Any] | None, privacy_audit: dict[str, Any]) -> Release:
         """Create the model version, its certificate and card, the local copy and the audit entry;
         undo the version if any later step fails."""
         from mlflow.exceptions import MlflowException
@@ -294,7 +306,7 @@ class ReleaseRegistry:
                 release_id=release_id, model_sha256=run.sha256, mlflow_run_id=run.run_id,
                 privacy_report=run.privacy_report, cutoff=run.cutoff,
                 issued=datetime.now(UTC).isoformat(timespec="seconds"), evaluation=evaluation,
-                calibration_override=calibration_override)
+                calibration_override=calibration_override, privacy_audit=privacy_audit)
             card = build_model_card(
                 release_id=release_id, model_sha256=run.sha256, model_kind=run.model_kind, n_features=run.n_features,
                 purpose=certificate.purpose, hospitals=certificate.hospitals, epsilon_max=certificate.epsilon_max,
@@ -309,7 +321,8 @@ class ReleaseRegistry:
             self.audit.append(RELEASE_CREATE, purpose=certificate.purpose, details={
                 "release": release_id, "run": run.run_id, "sha256": Digest(run.sha256), "approver": approver,
                 "cutoff": run.cutoff, "dp-evaluated": True, "recalibrated": run.calibration is not None,
-                "calibration-override": calibration_override is not None})
+                "calibration-override": calibration_override is not None,
+                "privacy-audited": bool(privacy_audit["audited"])})
         except BaseException:
             self.client.delete_model_version(REGISTERED_MODEL, version.version)
             shutil.rmtree(target, ignore_errors=True)

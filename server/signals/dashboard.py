@@ -227,6 +227,15 @@ def _releases(releases: list[ReleaseView]) -> str:
                     "Each release is a DP-trained model; its privacy certificate states the guarantee per patient.")
 
 
+def _audit_text(audit: dict | None) -> str:
+    """The certificate's membership audit in one sentence (or why there is none)."""
+    if not audit:
+        return "none: certificate issued before releases were audited"
+    if audit.get("audited"):
+        return str(audit.get("statement", ""))
+    return f"{audit.get('statement', '')} (reason: {audit.get('reason', '')})"
+
+
 def _release(release: ReleaseView) -> str:
     cert, card = release.certificate, release.card
     ident = escape(release.release_id)
@@ -246,7 +255,7 @@ def _release(release: ReleaseView) -> str:
                    f"<p>{escape(cert.guarantee)}</p>" + _table(["field", "value"], [
                        ["model SHA-256", cert.model_sha256], ["training run", cert.mlflow_run_id],
                        ["issued", cert.issued], ["records", cert.records], ["records basis", cert.records_basis],
-                       ["accountant", cert.accountant],
+                       ["accountant", cert.accountant], ["privacy audit", _audit_text(cert.privacy_audit)],
                        ["HE parameters", ", ".join(f"{k} {v}" for k, v in cert.he_parameters.items())]])
                    + per_hospital + "</details>")
     return head + '<div class="charts">' + _card_charts(card) + "</div>" + certificate + _card_text(card) + "</article>"
