@@ -94,7 +94,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"no released model at {model_file}: give the directory of a finished `fedrisk run`")
     result, _ = evaluate_model(model_file, nodes_dir=Path(args.nodes), keys_dir=Path(args.keys),
                                run_dir=Path(args.out or Path(args.run_dir) / "evaluation"),
-                               num_hospitals=args.hospitals, epsilon=args.epsilon)
+                               num_hospitals=args.hospitals, epsilon=args.epsilon, purpose=args.purpose or "")
     table = Path(result.files[0])
     tables = sorted(table.parent.glob(f"{table.stem}.by-*.csv"))
     print(f"DP evaluation of {model_file} on {len(result.hospitals)} hospitals' held-out records: "
@@ -118,7 +118,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         raise ConfigError(f"{report_file}: not a fedrisk privacy report") from None
     result = audit_model(model_file, nodes_dir=Path(args.nodes), keys_dir=Path(args.keys),
                          run_dir=Path(args.out or Path(args.run_dir) / "audit"), num_hospitals=args.hospitals,
-                         epsilon=args.epsilon)
+                         epsilon=args.epsilon, purpose=args.purpose or "")
     table = Path(result.files[0])
     audit = load_audit(table)
     section = certificate_section(audit, accounted_epsilon=accounted, delta=delta,
@@ -214,6 +214,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--hospitals", type=int, default=3, help="hospitals that evaluate (default 3)")
     evaluate.add_argument("--epsilon", type=float, default=0.5,
                           help="epsilon each hospital spends on the evaluation (default 0.5)")
+    evaluate.add_argument("--purpose", help="the consent purpose the hospitals answer under (default: the run's)")
     evaluate.add_argument("--out", help="where the evaluation run writes (default RUN_DIR/evaluation)")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
@@ -226,6 +227,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     audit.add_argument("--hospitals", type=int, default=3, help="hospitals that audit (default 3)")
     audit.add_argument("--epsilon", type=float, default=0.5,
                        help="epsilon each hospital spends on the audit (default 0.5)")
+    audit.add_argument("--purpose", help="the consent purpose the hospitals answer under (default: the run's)")
     audit.add_argument("--out", help="where the audit run writes (default RUN_DIR/audit)")
     audit.set_defaults(handler=_cmd_audit)
 

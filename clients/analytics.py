@@ -82,7 +82,26 @@ def local_statistics(table: pd.DataFrame, query: CohortQuery) -> np.ndarray:
     return np.bincount(cell, minlength=cells).astype(float)
 
 
-def scored_records(query: CohortQuery, used: pd.DataFrame, model: Any) -> pd.DataFrame:
+def _model_inputs(query: CohortQuery, table: pd.DataFrame, schema: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of `table` as the query's model reads them: the standard contract, or the
+    hospital's own schema encoding for the query's purpose (and its schema's label)."""
+    if query.model_features == "schema":
+        from clients import encoding
+
+        return encoding.encode(table, schema, query.purpose), encoding.labels(table, schema)
+    return fx.encode_features(table), fx.encode_labels(table)
+
+
+def model_input_count(query: CohortQuery, schema: Any) -> int:
+    """How many inputs the query's model has at this hospital."""
+    if query.model_features == "schema":
+        from clients import encoding
+
+        return len(encoding.feature_names(schema, query.purpose))
+    return len(fx.FEATURE_NAMES)
+
+
+def scored_records(query: CohortQuery, used: pd.DataFrame, model: Any, schema: Any = None) -> pd.DataFrame:
     """The records a scored query reads, each with its score under `model` (the query's, checked).
 
     risk_score: the held-out test split only (records no training round used), scored with the
@@ -95,10 +114,12 @@ def scored_records(query: CohortQuery, used: pd.DataFrame, model: Any) -> pd.Dat
     held_out = test_split(used[PSEUDONYM])
     if query.field == RISK_SCORE:
         scored = used.loc[held_out].reset_index(drop=True)
-        return scored.assign(**{RISK_SCORE: predict_proba(model, fx.encode_features(scored)).astype(float)})
-    probability = predict_proba(model, fx.encode_features(used)).astype(float)
-    label = fx.encode_labels(used).astype(float)
-    return used.assign(**{SPLIT: np.where(held_out, SPLITS[1], SPLITS[0]),
+        x, y = _model_inputs(query, scored, schema)
+        return scored.assign(**{RISK_SCORE: predict_proba(model, x).astype(float), fx.LABEL: y.astype(int)})
+    x, y = _model_inputs(query, used, schema)
+    probability = predict_proba(model, x).astype(float)
+    label = y.astype(float)
+    return used.assign(**{SPLIT: np.where(held_out, SPLITS[1], SPLITS[0]), fx.LABEL: y.astype(int),
                           MEMBERSHIP_SCORE: np.where(label == 1.0, probability, 1.0 - probability)})
 
 
@@ -147,15 +168,16 @@ class HospitalAnalytics:
         from federation.model import load_model, num_parameters
 
         sha256, kind = query.model  # type: ignore[misc]
+        inputs = model_input_count(query, self.state.schema())
         if weights is not None:
             weights = np.asarray(weights, dtype=np.float32).ravel()
-            if weights.size != num_parameters(kind, len(fx.FEATURE_NAMES)):
+            if weights.size != num_parameters(kind, inputs):
                 self._refuse(ProtocolError(f"{self.name}: the model sent with query {query.name!r} has the wrong "
                                            "number of weights"), query.purpose)
         if weights is None or weights_digest(weights) != sha256:
             self._refuse(ProtocolError(f"{self.name}: the model sent with query {query.name!r} does not match "
                                        f"its SHA-256 {sha256[:12]}"), query.purpose)
-        return load_model(kind, np.asarray(weights, dtype=np.float32), len(fx.FEATURE_NAMES))
+        return load_model(kind, np.asarray(weights, dtype=np.float32), inputs)
 
     def _check_fields(self, query: CohortQuery) -> None:
         """Refuse a query for a purpose no consent covers, or that reads a field this hospital's
@@ -167,7 +189,18 @@ class HospitalAnalytics:
         released = {c.target for c in schema.columns
                     if c.role in ("feature", "quasi-identifier", "label") and c.allowed_for(query.purpose)}
         needed = [g.field for g in query.group_by] + ([query.field] if query.field else [])
-        if query.field in SCORED_FIELDS:  # the model reads every standard input (and p(y | x) the label)
+        if query.field in SCORED_FIELDS and query.model_features == "schema":
+            # the model reads the schema's own inputs for the purpose (their release was checked
+            # when the schema was loaded) and its label, which the contract's label field then names
+            from clients import encoding
+
+            try:
+                encoding.input_columns(schema, query.purpose)
+            except DataError as error:
+                self._refuse(error, query.purpose)
+            released |= {fx.LABEL} if schema.columns_by_role("label") else set()
+            needed = [f for f in needed if f not in (query.field, SPLIT)]
+        elif query.field in SCORED_FIELDS:  # the model reads every standard input (and p(y | x) the label)
             needed = [f for f in needed if f not in (query.field, SPLIT)] + list(fx.RAW_FEATURE_COLUMNS)
             if query.field == MEMBERSHIP_SCORE:
                 needed.append(fx.LABEL)
@@ -213,7 +246,7 @@ class HospitalAnalytics:
         self._check_fields(query)
         used, excluded = consented_records(self.state, query.purpose)
         if query.field in SCORED_FIELDS:
-            used = scored_records(query, used, self._query_model(query, model_weights))
+            used = scored_records(query, used, self._query_model(query, model_weights), self.state.schema())
         if policy is not None:
             try:
                 policy.check_records(delta=query.delta, records=len(used))

@@ -58,7 +58,7 @@ RESTRICTED_CLASSES = ("genetic-biosample", "psych-social")
 TYPES = ("numeric", "categorical", "date", "boolean")
 SHIPPED_SYNTHETIC_SCHEMA = Path(__file__).resolve().parent / "schemas" / "synthetic_export.yaml"
 
-_TOP_KEYS = {"version", "description", "consent-validity-days", "columns"}
+_TOP_KEYS = {"version", "description", "consent-validity-days", "columns", "intended-use", "label-description"}
 _DATA_KEYS = {"type", "min", "max", "integer", "nullable", "categories", "maps-to", "allow-for-purposes", "scale"}
 _ROLE_KEYS: dict[str, set[str]] = {
     "direct-identifier": set(), "record-key": set(), "ignore": set(), "label": {"maps-to"},
@@ -262,6 +262,10 @@ class ExportSchema:
     columns: tuple[ColumnSpec, ...]
     consent_validity_days: dict[str, int] = field(default_factory=dict)
     source: str = "<schema>"
+    intended_use: str = ""
+    """What a model trained on this export is for (`intended-use`), printed on its model card."""
+    label_description: str = ""
+    """What the label means (`label-description`), e.g. "malignant tumour (1) or benign (0)"."""
 
     @classmethod
     def load(cls, path: Path) -> ExportSchema:
@@ -335,7 +339,14 @@ class ExportSchema:
                 raise fail(f"consent-validity-days: no consent column has purpose '{purpose}'")
             if isinstance(days, bool) or not isinstance(days, int) or days <= 0:
                 raise fail(f"consent-validity-days: '{purpose}' must be a positive number of days")
-        return cls(columns=columns, consent_validity_days=dict(validity), source=source)
+        texts = {}
+        for key in ("intended-use", "label-description"):
+            value = data.get(key, "")
+            if not isinstance(value, str) or len(value) > 1000:
+                raise fail(f"key '{key}' must be one line of text (at most 1000 characters)")
+            texts[key] = " ".join(value.split())
+        return cls(columns=columns, consent_validity_days=dict(validity), source=source,
+                   intended_use=texts["intended-use"], label_description=texts["label-description"])
 
     def column(self, name: str) -> ColumnSpec:
         """The spec of export column `name`."""

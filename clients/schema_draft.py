@@ -108,7 +108,9 @@ def draft_schema(data: Path | list[Path], *, label: str, record_key: str | None 
     lines = [f"# DRAFT schema for {Path(data).name}, written by `fedrisk node schema init`: review every column",
              "# before use. Bounds marked REVIEW are this hospital's observed range (rounded outward):",
              "# replace them with clinical or domain bounds before the schema is shared with anyone.",
-             "version: 1", "columns:"]
+             "version: 1",
+             "intended-use: ''  # REVIEW: what a model trained on this export is for (printed on its model card)",
+             "label-description: ''  # REVIEW: what the label's 1 and 0 mean", "columns:"]
     for column in frame.columns:
         name, series = str(column), frame[column]
         kind = _kind(series)

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 
 from engines.analytics import run_query
-from federation.model import weights_digest
 from federation.query import MEMBERSHIP_SCORE, SPLIT, CohortQuery
 from server.analytics import QueryResult
 from server.releases.membership import MEMBERSHIP_BINS
@@ -25,21 +23,24 @@ DEFAULT_AUDIT_EPSILON = 0.5
 
 
 def audit_query(sha256: str, kind: str, *, epsilon: float = DEFAULT_AUDIT_EPSILON,
-                purpose: str = "credit-risk-research", name: str = "membership-audit") -> CohortQuery:
+                purpose: str = "credit-risk-research", name: str = "membership-audit",
+                features: str = "standard") -> CohortQuery:
     """The membership audit query for the model with this SHA-256 and kind."""
     return CohortQuery.from_mapping({
         "name": name, "purpose": purpose, "epsilon": epsilon, "measure": "histogram", "field": MEMBERSHIP_SCORE,
-        "bins": list(MEMBERSHIP_BINS), "model": {"sha256": sha256, "kind": kind}, "suppress-below": 0,
-        "group-by": [SPLIT]}, source=name)
+        "bins": list(MEMBERSHIP_BINS), "model": {"sha256": sha256, "kind": kind, "features": features},
+        "suppress-below": 0, "group-by": [SPLIT]}, source=name)
 
 
 def audit_model(model_file: Path, *, nodes_dir: Path, keys_dir: Path, run_dir: Path, num_hospitals: int,
-                epsilon: float = DEFAULT_AUDIT_EPSILON, kind: str = "mlp", tracking_uri: str = "") -> QueryResult:
+                epsilon: float = DEFAULT_AUDIT_EPSILON, kind: str = "mlp", tracking_uri: str = "",
+                purpose: str = "") -> QueryResult:
     """Run the audit query for `model_file` (a release's model.npz) in the simulation engine; its
     table is `result.files[0]` (its query JSON beside it), what `release create --audit` takes."""
-    with np.load(model_file) as archive:
-        weights = archive["weights"]
-        kind = str(archive["model"]) if "model" in archive else kind
-    query = audit_query(weights_digest(weights), kind, epsilon=epsilon)
+    from engines.model_evaluation import ReleasedModel
+
+    model = ReleasedModel.load(model_file, kind)
+    query = audit_query(model.sha256, model.kind, epsilon=epsilon, purpose=purpose or model.purpose,
+                        features=model.features)
     return run_query(query, nodes_dir=nodes_dir, keys_dir=keys_dir, run_dir=run_dir, num_hospitals=num_hospitals,
                      tracking_uri=tracking_uri, model_file=model_file)

@@ -97,3 +97,33 @@ def schema_input_count(purpose: str, *, schema_file: Path | None = None, nodes_d
         return next(iter(widths.values()))
     schema = ExportSchema.load(Path(schema_file) if schema_file else SHIPPED_SYNTHETIC_SCHEMA)
     return len(encoding.feature_names(schema, purpose))
+
+
+
+
+def record_release_inputs(config, mlflow_run_id: str) -> None:
+    """After a schema run: write beside its release what the model reads and predicts (input names,
+    label, what it means, intended use; from the run's schema file, else the first node's schema)
+    and log it to the run's release artifacts, so the release's model card names them. A run whose
+    inputs the schema does not describe (another width) gets nothing, and its card numbers them."""
+    import json
+
+    from clients import encoding
+    from clients.schema import ExportSchema
+    from server.tracking import INPUTS_FILE, quiet_mlflow
+
+    if config.features != "schema":
+        return
+    if config.schema_file:
+        schema = ExportSchema.load(Path(config.schema_file))
+    elif config.nodes_dir and NodeState.discover(Path(config.nodes_dir)):
+        schema = NodeState.discover(Path(config.nodes_dir))[0].schema()
+    else:
+        return
+    names = encoding.feature_names(schema, config.purpose)
+    if len(names) != config.input_size:
+        return
+    path = Path(config.run_dir) / "release" / INPUTS_FILE
+    path.write_text(json.dumps({"features": names, "label": schema.label, "label_description": schema.label_description,
+                                "intended_use": schema.intended_use, "purpose": config.purpose}, indent=2))
+    quiet_mlflow().tracking.MlflowClient(config.mlflow_uri).log_artifact(mlflow_run_id, str(path), "release")

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from clients.app import make_client_app
 from clients.validation import validate_export
-from engines.provisioning import load_nodes, provision_nodes, warn_small_hospitals
+from engines.provisioning import load_nodes, provision_nodes, warn_small_hospitals, record_release_inputs
 from federation.config import RunConfig
 from federation.errors import FedriskError, KeyMaterialError, ProtocolError
 from federation.he_codec import (
@@ -62,14 +62,17 @@ def preflight(config: RunConfig) -> RunConfig:
         for state in states:
             validate_export(state.data_file, state.schema())
         _enrolled(states)
-        warn_small_hospitals(states, config.sample_rate)
+        if not config.query:  # a query draws no DP-SGD batches
+            warn_small_hospitals(states, config.sample_rate)
         return config
     nodes_dir = Path(config.run_dir) / "nodes"
     states = provision_nodes(Path(config.data_dir), key_path, nodes_dir, count=config.num_hospitals,
                              purposes={config.purpose: (config.provision_budget, config.delta)},
                              schema_file=Path(config.schema_file) if config.schema_file else None)
-    warn_small_hospitals(states, config.sample_rate)
-    return config.replace(nodes_dir=str(nodes_dir))
+    config = config.replace(nodes_dir=str(nodes_dir))
+    if not config.query:
+        warn_small_hospitals(states, config.sample_rate)
+    return config
 
 
 def _enrolled(states: list) -> None:
@@ -101,7 +104,10 @@ def simulate(config: RunConfig, progress: Progress | None = None, verbose: bool 
     provisioned = not config.nodes_dir
     config = preflight(config)
     try:
-        return _run(config, progress, verbose, run_simulation)
+        result = _run(config, progress, verbose, run_simulation)
+        if not config.query:
+            record_release_inputs(config, result.run_id)
+        return result
     except BaseException:
         if provisioned and not run_dir_existed:
             shutil.rmtree(config.run_dir, ignore_errors=True)

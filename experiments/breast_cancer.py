@@ -61,5 +61,8 @@ def export_breast_cancer(out_dir: Path, hospitals: int = 3, seed: int = 0) -> tu
     schema = out_dir / SCHEMA_FILE
     schema.write_text("# Export schema of the breast-cancer walkthrough (experiments/breast_cancer.py).\n"
                       + yaml.safe_dump({"version": 1, "consent-validity-days": {PURPOSE: 3650},
+                                        "intended-use": ("Research on tumour classification from fine-needle "
+                                                         "aspirate measurements; not a diagnostic device."),
+                                        "label-description": "the tumour was malignant (1) or benign (0)",
                                         "columns": columns}, sort_keys=False))
     return files, schema

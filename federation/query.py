@@ -208,6 +208,9 @@ class CohortQuery:
     group_by: tuple[GroupBy, ...]
     suppress_below: float
     model: tuple[str, str] | None = None  # (sha256, kind) of the model a risk_score or membership_score query scores with
+    model_features: str = "standard"
+    """What the scored model reads: the standard 40-input contract, or ("schema") the inputs each
+    hospital encodes from its export schema for the query's purpose (and its schema's label)."""
 
     # --- reading ----------------------------------------------------------------------------
     @classmethod
@@ -272,7 +275,9 @@ class CohortQuery:
         if field != MEMBERSHIP_SCORE and any(g.field == SPLIT for g in group_by):
             raise fail(f"group-by {SPLIT!r} applies only to field {MEMBERSHIP_SCORE!r} (a membership audit)")
         model = _model(data, field, fail)
-        query = cls(name, purpose, epsilon, delta, measure, field, bounds, bins, quantiles, group_by, suppress, model)
+        features = str(data["model"].get("features", "standard")) if model else "standard"
+        query = cls(name, purpose, epsilon, delta, measure, field, bounds, bins, quantiles, group_by, suppress, model,
+                    features)
         if query.layout().length > MAX_VECTOR_LENGTH:
             raise fail(f"{len(query.layout().cells)} cells of {query.layout().per_cell} statistics is more than "
                        f"{MAX_VECTOR_LENGTH} values; group by fewer fields or use fewer bins")
@@ -295,6 +300,8 @@ class CohortQuery:
         out["suppress-below"] = self.suppress_below
         if self.model is not None:
             out["model"] = {"sha256": self.model[0], "kind": self.model[1]}
+            if self.model_features != "standard":  # standard queries keep the digest they always had
+                out["model"]["features"] = self.model_features
         return out
 
     def to_json(self) -> str:
@@ -403,8 +410,12 @@ def _model(data: Mapping, field: str | None, fail) -> tuple[str, str] | None:
         if raw is not None:
             raise fail(f"'model' applies only to fields {' and '.join(map(repr, SCORED_FIELDS))}")
         return None
-    if not isinstance(raw, Mapping) or set(map(str, raw)) != {"sha256", "kind"}:
-        raise fail(f"field {field!r} needs 'model: {{sha256: <64 hex>, kind: mlp|logreg|mlp:W1,...}}'")
+    if not isinstance(raw, Mapping) or not {"sha256", "kind"} <= set(map(str, raw)) \
+            or set(map(str, raw)) - {"sha256", "kind", "features"}:
+        raise fail(f"field {field!r} needs 'model: {{sha256: <64 hex>, kind: mlp|logreg|mlp:W1,..., "
+                   "features: standard|schema (optional)}}'")
+    if str(raw.get("features", "standard")) not in ("standard", "schema"):
+        raise fail(f"model features must be 'standard' or 'schema', got {raw.get('features')!r}")
     digest, kind = str(raw["sha256"]), str(raw["kind"])
     if not _SHA256.match(digest):
         raise fail(f"model sha256 must be 64 lowercase hex characters, got {digest!r}")

@@ -87,7 +87,8 @@ class RunTracker:
         release = Path(self.config.run_dir) / "release"
         release.mkdir(parents=True, exist_ok=True)
         np.savez(release / "model.npz", weights=np.asarray(weights, dtype=np.float32),
-                 model=self.config.model, n_features=self.config.input_size)
+                 model=self.config.model, n_features=self.config.input_size, features=self.config.features,
+                 purpose=self.config.purpose)
         (release / "model.sha256").write_text(digest + "\n")
         (release / "privacy_report.json").write_text(json.dumps(privacy_report, indent=2))
         (release / "run_summary.json").write_text(json.dumps(summary, indent=2, default=float))
@@ -191,3 +192,10 @@ def track_query(config: RunConfig, result: Any, files: list[Path]) -> str:
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="query")
     return run.info.run_id
+
+
+
+
+INPUTS_FILE = "inputs.json"
+"""A schema run's release: what its model reads and predicts, from the federation's export schema
+(written beside the release by whoever started the run and held the schema, `engines`)."""

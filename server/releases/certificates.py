@@ -404,18 +404,32 @@ class ModelCard:
 def build_model_card(*, release_id: str, model_sha256: str, model_kind: str, n_features: int, purpose: str,
                      hospitals: int, epsilon_max: float, delta: float, federated_auc: float | None,
                      federated_brier: float | None, evaluation: Mapping[str, Any],
-                     recalibration: Mapping[str, Any] | None = None) -> ModelCard:
+                     recalibration: Mapping[str, Any] | None = None,
+                     inputs: Mapping[str, Any] | None = None) -> ModelCard:
     """The card of a release: fixed use statements, the run's DP federated evaluation of its last round
     (`FEDERATED_EVALUATION_BASIS`), and calibration and fairness from `evaluation` (the release's
     `evaluation_from_tables` result). It quotes no figure that is not DP."""
-    standard = n_features == len(fx.FEATURE_NAMES)
-    groups = FEATURE_GROUPS if standard else {"schema-encoded inputs": tuple(f"input_{i}" for i in range(n_features))}
+    standard = n_features == len(fx.FEATURE_NAMES) and not inputs
+    names = [str(n) for n in inputs["features"]] if inputs else [f"input_{i}" for i in range(n_features)]
+    groups = FEATURE_GROUPS if standard else {"schema-encoded inputs": tuple(names)}
     features = [{"group": group, "inputs": list(names)} for group, names in groups.items()]
+    if standard:
+        label_line = "The label is 90-day medical-bill delinquency within 12 months; it is not general credit default."
+        intended_use, out_of_scope = INTENDED_USE, list(OUT_OF_SCOPE_USES)
+    else:
+        label = str((inputs or {}).get("label") or "the schema's label")
+        meaning = str((inputs or {}).get("label_description") or "")
+        label_line = (f"The label is the export column {label!r}" + (f": {meaning}." if meaning else
+                      " (the schema gives no label-description: ask the hospitals what it means)."))
+        intended_use = str((inputs or {}).get("intended_use") or "") or (
+            f"Not stated: the hospitals' export schema declares no intended-use for this model of {label!r}.")
+        out_of_scope = [OUT_OF_SCOPE_USES[0], OUT_OF_SCOPE_USES[1],
+                        f"Predicting anything other than {label!r} as the schema defines it.", *OUT_OF_SCOPE_USES[3:]]
     limitations = [
         (f"Trained with DP-SGD and evaluated under DP each round at (epsilon {epsilon_max:.3g}, delta {delta:g}) "
          f"per patient on records of {hospitals} hospitals whose patients consented to {purpose}; the DP noise "
          "costs accuracy, and performance on other populations is unknown."),
-        "The label is 90-day medical-bill delinquency within 12 months; it is not general credit default.",
+        label_line,
         FEDERATED_EVALUATION_BASIS,
     ]
     if not standard:
@@ -438,7 +452,7 @@ def build_model_card(*, release_id: str, model_sha256: str, model_kind: str, n_f
         *notes]
     return ModelCard(
         release_id=release_id, model_sha256=model_sha256, model_kind=model_kind, n_features=n_features,
-        intended_use=INTENDED_USE, out_of_scope_uses=list(OUT_OF_SCOPE_USES), features=features,
+        intended_use=intended_use, out_of_scope_uses=out_of_scope, features=features,
         federated_auc=federated_auc, federated_brier=federated_brier, federated_basis=FEDERATED_EVALUATION_BASIS,
         calibration=calibration, fairness=fairness, fairness_notes=notes, limitations=limitations,
         recalibration=dict(recalibration) if recalibration else None,

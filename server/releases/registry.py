@@ -311,7 +311,8 @@ class ReleaseRegistry:
                 release_id=release_id, model_sha256=run.sha256, model_kind=run.model_kind, n_features=run.n_features,
                 purpose=certificate.purpose, hospitals=certificate.hospitals, epsilon_max=certificate.epsilon_max,
                 delta=certificate.delta, federated_auc=run.federated.get("auc"),
-                federated_brier=run.federated.get("brier"), evaluation=evaluation, recalibration=run.calibration)
+                federated_brier=run.federated.get("brier"), evaluation=evaluation, recalibration=run.calibration,
+                inputs=run.inputs)
             for tag, document in ((TAG_CERTIFICATE, certificate.to_dict()), (TAG_CARD, card.to_dict())):
                 self.client.set_model_version_tag(REGISTERED_MODEL, version.version, tag, json.dumps(document))
             shutil.rmtree(target, ignore_errors=True)

@@ -23,7 +23,7 @@ from federation.errors import FedriskError
 from federation.model import weights_digest
 from federation.round_evaluation import AUC, BRIER
 from privacy.accounting import EPSILON_TOLERANCE
-from server.tracking import CALIBRATION_FILE
+from server.tracking import CALIBRATION_FILE, INPUTS_FILE
 from server.releases.certificates import NEIGHBOURING, CertificateError, hospitals_from_report
 
 RELEASE_ARTIFACT_PATH = "release"
@@ -68,6 +68,8 @@ class RunRelease:
     federated: dict[str, float]
     cutoff: str
     calibration: dict[str, Any] | None = None
+    inputs: dict[str, Any] | None = None
+    """A schema run's inputs.json (input names, label, its meaning, intended use), if it has one."""
 
 
 def read_run_release(client: Any, run_id: str, staging: Path, cutoff: date | str | None = None) -> RunRelease:
@@ -101,6 +103,10 @@ def read_run_release(client: Any, run_id: str, staging: Path, cutoff: date | str
         calibration = json.loads((files / CALIBRATION_FILE).read_text()) if (files / CALIBRATION_FILE).is_file() else None
         if calibration is not None and not isinstance(calibration, dict):
             raise ValueError(CALIBRATION_FILE)
+        inputs = json.loads((files / INPUTS_FILE).read_text()) if (files / INPUTS_FILE).is_file() else None
+        if inputs is not None and not (isinstance(inputs, dict) and isinstance(inputs.get("features"), list)
+                                       and len(inputs["features"]) == n_features):
+            inputs = None  # a description that does not fit the model is not printed on its card
     except (OSError, ValueError, KeyError, IndexError) as exc:
         raise ReleaseRefused(f"run {run_id}: its release artifacts are unreadable ({type(exc).__name__})") from None
     digest = weights_digest(weights)
@@ -110,7 +116,7 @@ def read_run_release(client: Any, run_id: str, staging: Path, cutoff: date | str
     _check_privacy(run_id, report)
     return RunRelease(run_id=run_id, source=f"{run.info.artifact_uri.rstrip('/')}/{RELEASE_ARTIFACT_PATH}",
                       files=files, model_kind=kind, n_features=n_features, sha256=digest, privacy_report=report,
-                      federated=_last_round(client, run_id), cutoff=day, calibration=calibration)
+                      federated=_last_round(client, run_id), cutoff=day, calibration=calibration, inputs=inputs)
 
 
 def _cutoff(value: date | str | None, run_started: datetime) -> str:
