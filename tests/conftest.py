@@ -24,7 +24,7 @@ no long-lived process."""
 
 E2E_TIER = frozenset({
     "test_demo.py", "test_deployment.py", "test_dashboard_browser.py", "test_end_to_end.py",
-    "test_flwr_run.py", "test_notebooks.py"})
+    "test_flwr_run.py", "test_notebooks.py", "test_new_user.py"})
 """Test files of the end-to-end tier (`make test-e2e`, `pytest -m e2e`): a whole user path as the
 user starts it: `fedrisk demo`/`run` subprocesses, `flwr run`, SuperLink and SuperNode processes
 on loopback, the notebooks, the dashboard in Chromium. Every other file, the adversarial suite's

@@ -190,7 +190,7 @@ def _gap(values: dict[str, float | None], draws: dict[str, np.ndarray]) -> dict[
 
 
 METRICS = ("auc", "calibration_offset")
-CALIBRATION_OFFSET_WORDS = "calibration offset (observed minus predicted delinquency rate)"
+CALIBRATION_OFFSET_WORDS = "calibration offset (observed minus predicted rate of the label)"
 
 
 def evaluation_from_tables(tables: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
