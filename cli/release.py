@@ -174,6 +174,18 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _scored_query_options(parser: argparse.ArgumentParser, verb: str, noun: str) -> None:
+    """The flags `release evaluate` and `release audit` share: both run one DP query of a run's model."""
+    parser.add_argument("--run-dir", required=True, help="the run directory (`fedrisk run --out`)")
+    parser.add_argument("--nodes", required=True, help="directory of hospital node directories")
+    parser.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
+    parser.add_argument("--hospitals", type=int, default=3, help=f"hospitals that {verb} (default 3)")
+    parser.add_argument("--epsilon", type=float, default=0.5,
+                        help=f"epsilon each hospital spends on the {noun} (default 0.5)")
+    parser.add_argument("--purpose", help="the consent purpose the hospitals answer under (default: the run's)")
+    parser.add_argument("--out", help=f"where the {noun} run writes (default RUN_DIR/{noun})")
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `fedrisk release evaluate|audit|create|withdraw|list|show` to the `fedrisk` parser."""
     release = commands.add_parser("release", help="released models: evaluate, audit, create, withdraw, list, show").add_subparsers(
@@ -208,27 +220,13 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     evaluate = release.add_parser("evaluate", help="DP evaluation of a run's model across the hospitals "
                                   "(simulation engine): calibration and fairness tables for its model card")
-    evaluate.add_argument("--run-dir", required=True, help="the run directory (`fedrisk run --out`)")
-    evaluate.add_argument("--nodes", required=True, help="directory of hospital node directories")
-    evaluate.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
-    evaluate.add_argument("--hospitals", type=int, default=3, help="hospitals that evaluate (default 3)")
-    evaluate.add_argument("--epsilon", type=float, default=0.5,
-                          help="epsilon each hospital spends on the evaluation (default 0.5)")
-    evaluate.add_argument("--purpose", help="the consent purpose the hospitals answer under (default: the run's)")
-    evaluate.add_argument("--out", help="where the evaluation run writes (default RUN_DIR/evaluation)")
+    _scored_query_options(evaluate, "evaluate", "evaluation")
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     audit = release.add_parser("audit", help="DP membership-inference audit of a run's model across the hospitals "
                                "(simulation engine): the attack's AUC and an empirical epsilon lower bound for its "
                                "certificate")
-    audit.add_argument("--run-dir", required=True, help="the run directory (`fedrisk run --out`)")
-    audit.add_argument("--nodes", required=True, help="directory of hospital node directories")
-    audit.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
-    audit.add_argument("--hospitals", type=int, default=3, help="hospitals that audit (default 3)")
-    audit.add_argument("--epsilon", type=float, default=0.5,
-                       help="epsilon each hospital spends on the audit (default 0.5)")
-    audit.add_argument("--purpose", help="the consent purpose the hospitals answer under (default: the run's)")
-    audit.add_argument("--out", help="where the audit run writes (default RUN_DIR/audit)")
+    _scored_query_options(audit, "audit", "audit")
     audit.set_defaults(handler=_cmd_audit)
 
     withdraw = with_registry(release.add_parser("withdraw", help="withdraw a release: it must not be used any more"))
