@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cli import node as cli_node, release as cli_release, scoring as cli_scoring, serve as cli_serve
+from cli import bank as cli_bank, node as cli_node, release as cli_release, scoring as cli_scoring, serve as cli_serve
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
 
@@ -430,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_scoring.register(node)  # fedrisk node grant|serve|release
     cli_release.register(commands)  # fedrisk release
     cli_serve.register(commands)  # fedrisk serve
+    cli_bank.register(commands)  # fedrisk bank score
 
     privacy = commands.add_parser("privacy", help="privacy reports").add_subparsers(dest="privacy_command", required=True)
     verify = privacy.add_parser("verify", help="recompute every epsilon of a privacy report")

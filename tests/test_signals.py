@@ -492,3 +492,37 @@ def test_the_service_passes_on_no_node_answer_finer_than_the_contract() -> None:
                 {**good, "reasons": [{"feature": "late-payments", "phrase": 0.05}]}):
         with pytest.raises(ValueError):
             _result(bad, "r1")
+
+
+def test_a_bank_scores_a_batch_each_row_with_its_own_grant(dep: Deployment, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`fedrisk bank score`: CSV in, CSV out, one request per row; a refused row carries its reason
+    and the batch goes on; the output never holds a grant."""
+    import csv
+
+    consenting = dep.hospital.consenting()
+    good = [dep.hospital.issue(consenting[i], BANK_A) for i in (3, 4)]
+    foreign = dep.hospital.issue(consenting[5], BANK_B)  # another bank's grant
+    batch = tmp_path / "applicants.csv"
+    with open(batch, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["reference", "grant"])
+        writer.writerows([["app-1", good[0]], ["app-2", foreign], ["app-3", good[1]], ["app-4", good[0]]])
+    key_file = tmp_path / "bank-a.key"
+    key_file.write_text(dep.keys["bank-a-analyst"] + "\n")
+    out = tmp_path / "scores.csv"
+    argv = ["bank", "score", "--service", dep.service.base_url, "--key-file", str(key_file),
+            "--input", str(batch), "--output", str(out), "--release", "r1"]
+    assert main(argv) == 0
+    assert "2 scored, 2 refused" in capsys.readouterr().out
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert [r["reference"] for r in rows] == ["app-1", "app-2", "app-3", "app-4"]
+    assert [r["status"] for r in rows] == ["scored", "refused", "scored", "refused"]  # app-4: a spent one-use grant
+    assert rows[0]["band"] in ("low", "medium", "high") and 0.0 <= float(rows[0]["probability"]) <= 1.0
+    assert rows[1]["http_status"] == "403" and rows[1]["error"]
+    text = out.read_text()
+    assert all(g not in text for g in (*good, foreign))  # grants are credentials: never written out
+    assert main(argv) == EXIT_USER_ERROR and "exists" in capsys.readouterr().err  # never overwrites
+    batch.write_text("reference,token\napp-1,x\n")
+    assert main([*argv[:-4], "--input", str(batch), "--output", str(tmp_path / "new.csv")]) == EXIT_USER_ERROR
+    assert "needs a 'grant' column" in capsys.readouterr().err and not (tmp_path / "new.csv").exists()
