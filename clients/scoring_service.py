@@ -2,6 +2,7 @@
 
     POST /v1/score      {grant, bank, release} -> {probability, band, reasons, release}
                         (probability rounded to 0.01; reasons are categories and phrases only)
+    GET  /v1/releases   the releases installed here and their status (service token)
     GET  /v1/health     liveness and which hospital this is
     GET  /v1/grant-key  the hospital's Ed25519 grant-verification key (PEM), public
 
@@ -150,6 +151,13 @@ class Problem(BaseModel):
     detail: str
 
 
+class InstalledReleaseView(BaseModel):
+    """A release installed at this node and whether it may score (what the signals service shows banks)."""
+
+    release: str
+    status: str
+
+
 class _Unauthorised(Exception):
     """Raised by the bearer check; turned into a 401."""
 
@@ -201,6 +209,14 @@ def make_app(node_dir: Path, service_token_hash: str, *,
             return _problem(STATUS_BY_KIND.get(refusal.kind, 403), str(refusal), headers)
         return ScoreResponse(probability=result.probability, band=result.band, release=result.release_id,
                              reasons=[Reason(feature=r.feature, phrase=r.phrase) for r in result.reasons])
+
+    @app.get("/v1/releases", response_model=list[InstalledReleaseView], responses={401: {"model": Problem}},
+             dependencies=[Depends(_service)])
+    def releases() -> list[InstalledReleaseView]:
+        """The releases installed here and their status (active or withdrawn), read now: what the
+        signals service tells banks a release can still score with at this hospital."""
+        return [InstalledReleaseView(release=r.release_id, status=r.status)
+                for r in scoring.installed_releases(state.directory)]
 
     @app.get("/v1/health", response_model=Health)
     def health() -> Health:

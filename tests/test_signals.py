@@ -249,6 +249,27 @@ def test_bad_grants_are_refused_clearly_and_audited_at_both_ends(
     assert (node_entry.action, node_entry.details["kind"]) == ("grant.refused", node_kind)
 
 
+def test_a_release_withdrawn_at_its_node_is_shown_as_not_scorable_there(dep: Deployment) -> None:
+    """The hospital withdraws a release at its node (`fedrisk node release withdraw`), not at the
+    registry: the service's listing follows the node instead of promising scores that all fail."""
+    from clients.scoring import withdraw_release
+
+    _, other = dep.withdrawable
+    listed = {r["release_id"]: r for r in dep.call("GET", "/v1/releases", "bank-a-analyst").json()}
+    assert listed["r1"]["at_hospitals"] == {"hospital_00": "active"} and listed["r1"]["scorable"] is True
+    assert listed[other]["at_hospitals"] == {"hospital_00": "active"}
+    grant = dep.hospital.issue(dep.hospital.consenting()[6], BANK_A, release=other)  # issued before the withdrawal
+    withdraw_release(dep.hospital.state.directory, other)
+    refused = dep.score("bank-a-analyst", grant, other)
+    assert refused.status_code == 409 and "withdrawn" in refused.json()["detail"]
+    listed = {r["release_id"]: r for r in dep.call("GET", "/v1/releases", "bank-a-analyst").json()}
+    assert listed[other]["at_hospitals"] == {"hospital_00": "withdrawn"} and listed[other]["scorable"] is False
+    assert listed[other]["status"] == "active"  # the registry's own state is unchanged
+    detail = dep.call("GET", f"/v1/releases/{other}", "bank-a-analyst").json()
+    assert detail["scorable"] is False and detail["at_hospitals"] == {"hospital_00": "withdrawn"}
+    assert listed["r1"]["scorable"] is True
+
+
 def test_withdrawn_release_is_gone_for_banks_at_once(dep: Deployment) -> None:
     release, other = dep.withdrawable
     grant = dep.hospital.issue(dep.hospital.consenting()[5], BANK_A)

@@ -42,6 +42,7 @@ from server.signals.auth import (
     Principal,
     RateLimiter,
 )
+from server.releases import STATUS_ACTIVE
 from server.signals.catalogue import ReleaseCatalogue, ReleaseGone, ReleaseNotFound
 from server.signals.cohorts import (
     COHORT_ID_PATTERN,
@@ -178,6 +179,14 @@ ReleaseId = Annotated[str, PathParam(pattern=RELEASE_ID_PATTERN, description="a 
 CohortId = Annotated[str, PathParam(pattern=COHORT_ID_PATTERN, description="a cohort table's run id")]
 
 
+async def _with_node_states(request: Request, summary: ReleaseSummary) -> ReleaseSummary:
+    """`summary` with each registered hospital's state of the release (withdrawn at the registry:
+    no hospital may score with it, whatever a node says)."""
+    states = await request.app.state.router.release_states(summary.release_id)
+    scorable = summary.status == STATUS_ACTIVE and any(v == "active" for v in states.values())
+    return summary.model_copy(update={"at_hospitals": states, "scorable": scorable})
+
+
 def make_app(settings: ServiceSettings) -> FastAPI:
     """The service over the state `settings` names (created on first use)."""
     keys = KeyStore(Path(settings.db))
@@ -267,14 +276,19 @@ def make_app(settings: ServiceSettings) -> FastAPI:
             raise HTTPException(410, f"release {release_id} was withdrawn and is no longer served") from None
 
     @app.get("/v1/releases", response_model=list[ReleaseSummary], tags=["releases"], **allow(*READERS))
-    def list_releases(caller: Caller) -> list[ReleaseSummary]:
-        """Active releases (a bank never sees a withdrawn one); other readers see every status."""
-        return [r.summary() for r in catalogue.list(for_bank=caller.role == ROLE_BANK)]
+    async def list_releases(request: Request, caller: Caller) -> list[ReleaseSummary]:
+        """Active releases (a bank never sees a withdrawn one); other readers see every status. Each
+        says where it can score now: its state at every registered hospital, as the node reports it."""
+        views = await run_in_threadpool(catalogue.list, for_bank=caller.role == ROLE_BANK)
+        return [await _with_node_states(request, v.summary()) for v in views]
 
     @app.get("/v1/releases/{release_id}", response_model=ReleaseDetail, tags=["releases"], **allow(*READERS, errors=(404, 410)))
-    def get_release(release_id: ReleaseId, request: Request, caller: Caller) -> ReleaseDetail:
-        """A release with its privacy certificate and model card (410 for a bank once withdrawn)."""
-        return _release(request, caller, release_id).detail()
+    async def get_release(release_id: ReleaseId, request: Request, caller: Caller) -> ReleaseDetail:
+        """A release with its privacy certificate and model card (410 for a bank once withdrawn), and
+        its state at every registered hospital."""
+        view = await run_in_threadpool(_release, request, caller, release_id)
+        summary = await _with_node_states(request, view.summary())
+        return view.detail().model_copy(update={"at_hospitals": summary.at_hospitals, "scorable": summary.scorable})
 
     @app.get("/v1/releases/{release_id}/certificate", response_model=Certificate, tags=["releases"],
              **allow(*READERS, errors=(404, 410)))

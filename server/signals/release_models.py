@@ -28,6 +28,10 @@ class ReleaseSummary(BaseModel):
     federated_auc: float | None
     federated_brier: float | None
     withdrawn_reason: str | None = Field(default=None, description="why it was withdrawn (not shown to banks)")
+    at_hospitals: dict[str, str] = Field(default_factory=dict, description=(
+        "each registered hospital's state of the release, as its node reports it (asked at most every 30 s): "
+        "active, withdrawn, not-installed or unreachable"))
+    scorable: bool = Field(default=False, description="whether any registered hospital can score with it now")
 
 
 class ReleaseDetail(ReleaseSummary):

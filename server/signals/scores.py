@@ -22,6 +22,7 @@ match it to its own records, while the service's log holds no usable grant.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -46,6 +47,7 @@ from privacy.grants import (
 from server.signals.hospitals import HospitalDirectory, HospitalUnavailable
 
 SCORE_PATH = "/v1/score"
+RELEASES_PATH = "/v1/releases"  # the node's installed releases and their status
 DEFAULT_HOSPITAL_TIMEOUT_S = 10.0
 GRANT_REF_HEX = 16
 MAX_DETAIL_CHARS = 200
@@ -99,11 +101,50 @@ def grant_ref(grant_id: str) -> str:
     return hashlib.sha256(grant_id.encode()).hexdigest()[:GRANT_REF_HEX]
 
 
+NODE_STATE_TTL_S = 30.0
+"""How long the service trusts what a node said about its installed releases before asking again
+(a score refused because a node withdrew the release forgets it at once)."""
+RELEASE_STATES = ("active", "withdrawn", "not-installed", "unreachable")
+
+
 class ScoreRouter:
-    """Checks and forwards score requests; one shared HTTP client for connection reuse."""
+    """Checks and forwards score requests; one shared HTTP client for connection reuse. Also knows,
+    per registered hospital, the state of each release there (`release_states`), so a release a
+    node withdrew is not shown to banks as usable while every score with it fails."""
 
     def __init__(self, hospitals: HospitalDirectory, client: httpx.AsyncClient) -> None:
         self.hospitals, self.client = hospitals, client
+        self._node_states: dict[str, tuple[float, dict[str, str] | None]] = {}
+
+    async def _installed(self, hospital: str) -> dict[str, str] | None:
+        """release -> status at `hospital` (None: unreachable), cached NODE_STATE_TTL_S."""
+        cached = self._node_states.get(hospital)
+        if cached is not None and time.monotonic() - cached[0] < NODE_STATE_TTL_S:
+            return cached[1]
+        endpoint = self.hospitals.get(hospital)
+        states: dict[str, str] | None = None
+        if endpoint is not None:
+            try:
+                reply = await self.client.get(f"{endpoint.url}{RELEASES_PATH}",
+                                              headers={"Authorization": f"Bearer {endpoint.service_token()}"})
+                if reply.status_code == 200:
+                    states = {str(r["release"]): str(r["status"]) for r in reply.json()}
+            except (httpx.HTTPError, HospitalUnavailable, ValueError, KeyError, TypeError):
+                states = None
+        self._node_states[hospital] = (time.monotonic(), states)
+        return states
+
+    def forget(self, hospital: str) -> None:
+        """Ask `hospital` afresh next time (it just refused a score for its release's state)."""
+        self._node_states.pop(hospital, None)
+
+    async def release_states(self, release: str) -> dict[str, str]:
+        """Each registered hospital's state of `release`: active, withdrawn, not-installed or unreachable."""
+        out = {}
+        for endpoint in self.hospitals.list():
+            installed = await self._installed(endpoint.hospital)
+            out[endpoint.hospital] = "unreachable" if installed is None else installed.get(release, "not-installed")
+        return out
 
     def check(self, token: str, bank: str, release: str, context: ScoreContext,
               now: datetime | None = None) -> tuple[GrantPayload, str, str]:
@@ -159,6 +200,8 @@ class ScoreRouter:
             raise ScoreRefused(502, f"{payload.hospital}'s scoring endpoint is unreachable") from None
         if reply.status_code != 200:
             context.kind = f"hospital-{reply.status_code}"
+            if reply.status_code in (404, 409):  # perhaps the release's state there changed
+                self.forget(payload.hospital)
             if reply.status_code in RELAYED_STATUSES or reply.status_code == 422:
                 status = 400 if reply.status_code == 422 else reply.status_code
                 raise ScoreRefused(status, f"{payload.hospital}: {_detail(reply)}",
