@@ -46,6 +46,7 @@ class Site:
     base_url: str
     bank_key: str
     operator_key: str
+    hospital: local.LocalHospital
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,12 @@ def site(tmp_path_factory: pytest.TempPathFactory, signals_federation) -> Iterat
     bank_key = store.add("bank-analyst", "acme-risk-team", bank="bank-a")[1]
     scientist_key = store.add("data-scientist", "dana")[1]
     operator_key = store.add("hospital-operator", "hank", hospital="hospital_00")[1]
-    service = local.start_signals_service(db, root / "registry", root / "logs")
+    node = local.start_node_service(hospital, root / "logs", wait=False)
+    service = local.start_signals_service(db, root / "registry", root / "logs", wait=False)
     try:
+        node.wait_ready()
+        service.wait_ready()
+        local.register_hospital(db, hospital, node)
         query = load_query(str(QUERY))
         cells = (query.layout().length - 1) // 2
         table = estimate(query, [v for _ in range(cells) for v in (300.0, -90.0)], query.noise_multiplier(), 3)
@@ -68,9 +73,10 @@ def site(tmp_path_factory: pytest.TempPathFactory, signals_federation) -> Iterat
         approved = httpx.post(f"{service.base_url}/v1/cohorts", headers={"X-API-Key": scientist_key},
                               json={"result": json.loads(meta.read_text()), "table_csv": csv.read_text()})
         assert approved.status_code == 201, approved.text
-        yield Site(service.base_url, bank_key, operator_key)
+        yield Site(service.base_url, bank_key, operator_key, hospital)
     finally:
         service.stop()
+        node.stop()
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +174,27 @@ def test_the_key_lasts_for_the_tab_and_a_bad_key_is_explained(browser: WebDriver
     wait.until(ec.text_to_be_present_in_element((By.ID, "error"), "not accepted"))
     assert browser.find_element(By.ID, "sign-in").is_displayed()
     assert browser.execute_script("return sessionStorage.getItem('fedrisk.apiKey')") is None
+
+
+def test_a_bank_analyst_scores_a_grant_through_the_form(browser: WebDriver, site: Site) -> None:
+    """The dashboard's form: paste the applicant's grant, pick the release, get the hospital's score
+    with what its band means; a spent grant is refused with the hospital's reason."""
+    wait = WebDriverWait(browser, WAIT_S)
+    browser.get_log("browser")  # what earlier tests left in the log (a refused key) is theirs
+    _sign_in(browser, site, site.bank_key)
+    form = wait.until(ec.visibility_of_element_located((By.ID, "score-form")))
+    grant = site.hospital.issue(site.hospital.consenting()[0], "bank-a")
+    form.find_element(By.ID, "grant").send_keys(grant)
+    form.find_element(By.ID, "score-submit").click()
+    value = wait.until(ec.visibility_of_element_located((By.ID, "score-value")))
+    assert value.text.startswith("Probability ") and "release r1" in value.text
+    probability = float(value.text.split()[1].rstrip(","))
+    band = "low" if probability < 0.10 else "medium" if probability < 0.30 else "high"
+    assert f"band {band}" in value.text
+    assert browser.find_element(By.ID, "grant").get_attribute("value") == ""  # not left on screen
+    assert "never as its sole basis" in browser.find_element(By.ID, "score").text
+    browser.find_element(By.ID, "grant").send_keys(grant)  # the one-use grant again
+    browser.find_element(By.ID, "score-submit").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "score-result"), "Not scored (403)"))
+    problems = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "/v1/scores" not in e["message"]]
+    assert not problems, problems  # no CSP violation (the refused POST itself is logged as a failed request)

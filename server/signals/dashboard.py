@@ -86,6 +86,27 @@ $("key-form").addEventListener("submit", (event) => {
 $("sign-out").addEventListener("click", () => {
   sessionStorage.removeItem(KEY); $("panels").innerHTML = ""; show(false);
 });
+document.addEventListener("submit", async (event) => {
+  if (event.target.id !== "score-form") return;
+  event.preventDefault();
+  const out = $("score-result");
+  const grant = $("grant").value.trim();
+  out.textContent = "Scoring...";
+  const reply = await fetch("/v1/scores", {method: "POST",
+    headers: {"X-API-Key": sessionStorage.getItem(KEY) || "", "Content-Type": "application/json"},
+    body: JSON.stringify({grant: grant, release: $("release").value})});
+  const body = await reply.json().catch(() => ({}));
+  out.replaceChildren();
+  const line = (text, cls) => { const p = document.createElement("p"); p.textContent = text;
+    if (cls) p.className = cls; out.appendChild(p); return p; };
+  if (!reply.ok) { line(`Not scored (${reply.status}): ${body.detail || "refused"}`, "bad"); return; }
+  $("grant").value = "";
+  const score = line(`Probability ${body.probability.toFixed(2)}, band ${body.band} (release ${body.release}).`, "ok");
+  score.id = "score-value";
+  const list = document.createElement("ul");
+  for (const r of body.reasons) { const li = document.createElement("li"); li.textContent = r.phrase; list.appendChild(li); }
+  out.appendChild(list);
+});
 load();
 """
 
@@ -150,6 +171,8 @@ def panels(caller: Principal, catalogue: ReleaseCatalogue, cohorts: CohortStore,
     intro = (f'<section id="who"><h2>Signed in as {escape(caller.label)}</h2><p>Role <b id="role">'
              f"{escape(caller.role)}</b>{f' for <b>{who}</b>' if who else ''}. {_ROLE_HELP[caller.role]}</p></section>")
     parts = [intro]
+    if caller.role == ROLE_BANK:
+        parts.append(_score_form(catalogue.list(for_bank=True)))
     if caller.role in (ROLE_BANK, ROLE_DATA_SCIENTIST, ROLE_AUDITOR):
         parts.append(_releases(catalogue.list(for_bank=caller.role == ROLE_BANK)))
         parts.append(_cohorts(cohorts.list()))
@@ -183,6 +206,34 @@ _ROLE_HELP = {
     ROLE_AUDITOR: "You see everything readable and the whole service audit log with its chain checked.",
     ROLE_HOSPITAL: "You see the score requests routed to your hospital.",
 }
+
+
+BAND_MEANING = {
+    "low": "below 10%: of 100 applicants scored low, about 5 fell 90 days behind on a medical bill within a year",
+    "medium": "10% to 30%: about 1 in 5 such applicants did",
+    "high": "30% and above: about 1 in 2 or more did",
+}
+SCORE_USE = ("A score is the probability, from the release's calibrated model, that this applicant falls 90 "
+             "days behind on a medical bill within 12 months. Use it as one input to a decision a person "
+             "reviews, never as its sole basis; never to infer the applicant's health; and only for the "
+             "applicant whose grant you hold. The reasons are the categories that raised the score most.")
+
+
+def _score_form(releases: list[ReleaseView]) -> str:
+    """The bank's form: one grant, one release, POST /v1/scores from the page (the key never leaves
+    the tab's sessionStorage); the answer is shown with what its band means and how it may be used."""
+    options = "".join(f'<option value="{escape(r.release_id)}">{escape(r.release_id)}</option>' for r in releases)
+    if not options:
+        return _section("score", "Score an applicant", "<p>No active release to score with.</p>")
+    body = ('<form id="score-form"><label for="grant">The applicant\'s grant</label><br>'
+            '<textarea id="grant" name="grant" rows="3" cols="60" autocomplete="off" required></textarea><br>'
+            f'<label for="release">Release</label> <select id="release" name="release">{options}</select> '
+            '<button type="submit" id="score-submit">Score</button></form>'
+            '<div id="score-result" aria-live="polite"></div>'
+            f'<p class="muted">{escape(SCORE_USE)}</p><ul class="muted">'
+            + "".join(f"<li><b>{escape(b)}</b>: {escape(m)}</li>" for b, m in BAND_MEANING.items()) + "</ul>")
+    return _section("score", "Score an applicant", body,
+                    "The hospital that issued the grant scores it; a grant allows one score (or a few) and expires.")
 
 
 def _section(ident: str, title: str, body: str, note: str = "") -> str:
