@@ -151,7 +151,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 channel.start()
                 print(f"federation socket ready: {channel.path}", flush=True)
             serve(Path(args.dir), host=args.host, port=args.port, token_file=Path(args.token_file),
-                  grant_interval_s=args.grant_interval)
+                  grant_interval_s=args.grant_interval, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile)
         else:
             assert channel is not None
             stopped = threading.Event()
@@ -226,4 +226,6 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--grant-interval", type=float, default=DEFAULT_GRANT_INTERVAL_S, metavar="SECONDS",
                        help=f"least time between two scores with one grant (default {DEFAULT_GRANT_INTERVAL_S:g}; "
                             "0 disables the per-grant rate limit)")
+    serve.add_argument("--ssl-certfile", help="TLS certificate (PEM) of the scoring endpoint: serve HTTPS")
+    serve.add_argument("--ssl-keyfile", help="TLS private key (PEM) for --ssl-certfile")
     serve.set_defaults(handler=_cmd_serve)

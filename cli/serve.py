@@ -36,8 +36,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("give both --ssl-certfile and --ssl-keyfile to serve over TLS")
 
     limits = {k: v for k, v in (("rate_per_second", args.rate), ("burst", args.burst)) if v is not None}
+    if args.hospital_ca and not Path(args.hospital_ca).is_file():
+        raise ConfigError(f"--hospital-ca {args.hospital_ca}: no such file")
     settings = ServiceSettings(db=_db(args), registry_dir=Path(args.registry), tracking_uri=args.tracking_uri,
-                               **limits)
+                               hospital_ca=args.hospital_ca or "", **limits)
     app = make_app(settings)
     print(f"fedrisk signals service on http://{args.host}:{args.port}/ (dashboard), API docs at /docs; "
           f"state {settings.db}, audit {settings.audit_path}", flush=True)
@@ -113,6 +115,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                        "server.signals.auth.DEFAULT_BURST)")
     serve.add_argument("--ssl-certfile", help="TLS certificate (PEM): serve HTTPS directly (or put a TLS proxy in front)")
     serve.add_argument("--ssl-keyfile", help="TLS private key (PEM) for --ssl-certfile")
+    serve.add_argument("--hospital-ca", metavar="PEM",
+                       help="CA certificates that hospitals' HTTPS scoring endpoints are checked against "
+                            "(default: the system's trust store)")
     serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                        help="uvicorn's log level (default warning)")
     serve.set_defaults(handler=_cmd_serve)

@@ -232,13 +232,21 @@ def make_app(node_dir: Path, service_token_hash: str, *,
 
 
 def serve(node_dir: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token_file: Path | None = None,
-          grant_interval_s: float = grants.DEFAULT_GRANT_INTERVAL_S) -> None:
-    """Run the node's scoring app with uvicorn until interrupted (`grant_interval_s`: see make_app)."""
+          grant_interval_s: float = grants.DEFAULT_GRANT_INTERVAL_S, ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None) -> None:
+    """Run the node's scoring app with uvicorn until interrupted (`grant_interval_s`: see make_app),
+    over TLS when given a certificate and its key (PEM)."""
     import torch
     import uvicorn
 
     if token_file is None:
         raise ConfigError("the scoring service needs --token-file (create it: fedrisk node service-token)")
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise ConfigError("give both --ssl-certfile and --ssl-keyfile to serve scoring over TLS")
+    for flag, path in (("--ssl-certfile", ssl_certfile), ("--ssl-keyfile", ssl_keyfile)):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
     app = make_app(Path(node_dir), read_service_token_file(Path(token_file)), grant_interval_s=grant_interval_s)
     torch.set_num_threads(1)  # a score is one 31-row batch: extra intra-op threads only contend
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, ssl_certfile=ssl_certfile,
+                ssl_keyfile=ssl_keyfile)

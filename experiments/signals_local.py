@@ -171,6 +171,8 @@ class Service:
     process: subprocess.Popen
     base_url: str
     log: Path
+    ca: str = ""
+    """The CA bundle an HTTPS service's certificate verifies with ("" for plain HTTP)."""
 
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> Service:
         """Block until /v1/health answers 200; raises (after stopping it) if it dies or times out."""
@@ -179,7 +181,7 @@ class Service:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}: {self.log.read_text()[-2000:]}")
             try:
-                if httpx.get(f"{self.base_url}/v1/health", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.base_url}/v1/health", timeout=1.0, verify=self.ca or True).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -198,30 +200,37 @@ class Service:
                 self.process.wait(timeout=5)
 
 
-def _start(name: str, argv: list[str], log: Path, port: int, wait: bool) -> Service:
-    """Start `python -m cli.main <argv>` (logging to `log`); with `wait`, until it answers."""
+def _start(name: str, argv: list[str], log: Path, port: int, wait: bool, ca: str = "") -> Service:
+    """Start `python -m cli.main <argv>` (logging to `log`); with `wait`, until it answers. `ca`:
+    the service serves HTTPS with a certificate this CA bundle verifies."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as sink:
         process = subprocess.Popen([sys.executable, "-m", "cli.main", *argv], cwd=ROOT, stdout=sink,
                                    stderr=subprocess.STDOUT)
-    service = Service(name, process, f"http://127.0.0.1:{port}", log)
+    service = Service(name, process, f"{'https' if ca else 'http'}://127.0.0.1:{port}", log, ca)
     return service.wait_ready() if wait else service
 
 
-def start_node_service(hospital: LocalHospital, log_dir: Path, *, wait: bool = True) -> Service:
-    """`fedrisk node serve` for the hospital, on a free loopback port."""
+def start_node_service(hospital: LocalHospital, log_dir: Path, *, wait: bool = True,
+                       tls: tuple[Path, Path, Path] | None = None) -> Service:
+    """`fedrisk node serve` for the hospital, on a free loopback port; `tls` = (certificate, key,
+    CA bundle) serves it over HTTPS."""
     port = free_port()
+    extra = ["--ssl-certfile", str(tls[0]), "--ssl-keyfile", str(tls[1])] if tls else []
     return _start(f"scoring node {hospital.state.hospital}", [
         "node", "serve", "--dir", str(hospital.state.directory), "--port", str(port),
-        "--token-file", str(hospital.node_token_file)], log_dir / "node.log", port, wait)
+        "--token-file", str(hospital.node_token_file), *extra], log_dir / "node.log", port, wait,
+        str(tls[2]) if tls else "")
 
 
 def start_signals_service(db: Path, registry_dir: Path, log_dir: Path, *, rate: float = 1000.0,
-                          burst: int = 1000, wait: bool = True) -> Service:
-    """`fedrisk serve` on a free loopback port (generous rate limits unless told otherwise)."""
+                          burst: int = 1000, wait: bool = True, hospital_ca: Path | None = None) -> Service:
+    """`fedrisk serve` on a free loopback port (generous rate limits unless told otherwise);
+    `hospital_ca`: the CA bundle hospitals' HTTPS scoring endpoints are checked against."""
     port = free_port()
+    extra = ["--hospital-ca", str(hospital_ca)] if hospital_ca else []
     return _start("signals service", ["serve", "--port", str(port), "--db", str(db), "--registry",
-                                      str(registry_dir), "--rate", str(rate), "--burst", str(burst)],
+                                      str(registry_dir), "--rate", str(rate), "--burst", str(burst), *extra],
                   log_dir / "signals.log", port, wait)
 
 

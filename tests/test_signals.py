@@ -547,3 +547,36 @@ def test_a_bank_scores_a_batch_each_row_with_its_own_grant(dep: Deployment, tmp_
     batch.write_text("reference,token\napp-1,x\n")
     assert main([*argv[:-4], "--input", str(batch), "--output", str(tmp_path / "new.csv")]) == EXIT_USER_ERROR
     assert "needs a 'grant' column" in capsys.readouterr().err and not (tmp_path / "new.csv").exists()
+
+
+def test_a_score_travels_to_a_hospital_over_tls(tmp_path: Path, signals_federation) -> None:
+    """`fedrisk node serve --ssl-certfile/--ssl-keyfile` and `fedrisk serve --hospital-ca`: the
+    service reaches the node's scoring endpoint over HTTPS, checking its certificate; a client
+    that does not trust the CA, or speaks plain HTTP, gets nothing from the node."""
+    from engines.credentials import init_credentials
+
+    creds = init_credentials(tmp_path / "certs", ["hospital_00"], ["127.0.0.1"], days=2)
+    hospital = local.build_hospital(tmp_path / "hospital", signals_federation)
+    assert local.create_release(tmp_path / "registry", hospital, signals_federation.runs[0]) == "r1"
+    db = tmp_path / "service" / "signals.sqlite"
+    key = KeyStore(db).add("bank-analyst", "bank-a-analyst", bank=BANK_A)[1]
+    node = local.start_node_service(hospital, tmp_path / "logs", wait=False,
+                                    tls=(creds.superlink_certificate, creds.superlink_key, creds.ca_certificate))
+    service = local.start_signals_service(db, tmp_path / "registry", tmp_path / "logs", wait=False,
+                                          hospital_ca=creds.ca_certificate)
+    try:
+        node.wait_ready()
+        service.wait_ready()
+        assert node.base_url.startswith("https://")
+        local.register_hospital(db, hospital, node)
+        grant = hospital.issue(hospital.consenting()[0], BANK_A)
+        scored = httpx.post(f"{service.base_url}/v1/scores", headers={"X-API-Key": key},
+                            json={"grant": grant, "release": "r1"}, timeout=60)
+        assert scored.status_code == 200, scored.text
+        with pytest.raises(httpx.ConnectError):  # the test CA is nobody else's trust anchor
+            httpx.get(f"{node.base_url}/v1/health", timeout=30)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(node.base_url.replace("https://", "http://") + "/v1/health", timeout=30)
+    finally:
+        service.stop()
+        node.stop()

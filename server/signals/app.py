@@ -101,7 +101,9 @@ class ServiceSettings:
     db: `signals.sqlite` (principals, hospitals, approved cohorts); audit: the request audit log
     (default `signals_audit.sqlite` beside db); registry_dir and tracking_uri: the release
     registry (`server.releases.ReleaseRegistry`); rate_per_second and burst: each caller's
-    token bucket; hospital_timeout_s: how long a hospital may take to score.
+    token bucket; hospital_timeout_s: how long a hospital may take to score; hospital_ca: a PEM bundle
+    of the CAs whose certificates hospitals' HTTPS scoring endpoints may present (empty: the
+    system's trust store).
     """
 
     db: Path
@@ -111,6 +113,7 @@ class ServiceSettings:
     rate_per_second: float = DEFAULT_RATE_PER_SECOND
     burst: int = DEFAULT_BURST
     hospital_timeout_s: float = DEFAULT_HOSPITAL_TIMEOUT_S
+    hospital_ca: str = ""
 
     @property
     def audit_path(self) -> Path:
@@ -199,7 +202,12 @@ def make_app(settings: ServiceSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(lambda: catalogue.registry)  # open MLflow now, not on the first request
-        async with httpx.AsyncClient(timeout=settings.hospital_timeout_s) as client:
+        verify: Any = True
+        if settings.hospital_ca:
+            import ssl
+
+            verify = ssl.create_default_context(cafile=settings.hospital_ca)
+        async with httpx.AsyncClient(timeout=settings.hospital_timeout_s, verify=verify) as client:
             app.state.router = ScoreRouter(hospitals, client)
             yield
 
