@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cli import bank as cli_bank, node as cli_node, release as cli_release, scoring as cli_scoring, serve as cli_serve
+from cli.progress import starting
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
 
@@ -82,6 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from engines.simulation import print_rounds, simulate
 
     config = _run_config(args)
+    starting(f"{config.num_hospitals} hospitals, {config.rounds} rounds")
     result = simulate(config, progress=print_rounds(sys.stdout), verbose=args.verbose)
     print(f"release: {result.release_dir}  sha256 {result.digest}")
     print(f"epsilon max {result.privacy['epsilon_max']:.3f} at delta {config.delta:g}; MLflow run {result.run_id}")
@@ -112,6 +114,7 @@ def _cmd_analytics_run(args: argparse.Namespace) -> int:
     if not args.data and not args.nodes:
         raise ConfigError("give --nodes (initialised hospital nodes) or --data (provision them for a simulation)")
     query = load_query(args.query)
+    starting(f"query {query.name} at {args.hospitals} hospitals")
     result = run_query(query, nodes_dir=args.nodes or "", data_dir=args.data or "", keys_dir=args.keys,
                        run_dir=args.out, num_hospitals=args.hospitals, run_id=args.run_id,
                        tracking_uri=args.tracking_uri or "", provision_budget=args.budget, verbose=args.verbose)

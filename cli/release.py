@@ -92,6 +92,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model_file = Path(args.run_dir) / "release" / "model.npz"
     if not model_file.is_file():
         raise ConfigError(f"no released model at {model_file}: give the directory of a finished `fedrisk run`")
+    from cli.progress import starting
+
+    starting(f"DP evaluation of {model_file} at {args.hospitals} hospitals")
     result, _ = evaluate_model(model_file, nodes_dir=Path(args.nodes), keys_dir=Path(args.keys),
                                run_dir=Path(args.out or Path(args.run_dir) / "evaluation"),
                                num_hospitals=args.hospitals, epsilon=args.epsilon, purpose=args.purpose or "")
@@ -116,6 +119,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         accounted, delta = float(report["epsilon_max"]), float(report["delta"])
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{report_file}: not a fedrisk privacy report") from None
+    from cli.progress import starting
+
+    starting(f"DP membership audit of {model_file} at {args.hospitals} hospitals")
     result = audit_model(model_file, nodes_dir=Path(args.nodes), keys_dir=Path(args.keys),
                          run_dir=Path(args.out or Path(args.run_dir) / "audit"), num_hospitals=args.hospitals,
                          epsilon=args.epsilon, purpose=args.purpose or "")
