@@ -198,7 +198,11 @@ class HospitalAnalytics:
                 encoding.input_columns(schema, query.purpose)
             except DataError as error:
                 self._refuse(error, query.purpose)
-            released |= {fx.LABEL} if schema.columns_by_role("label") else set()
+            if schema.column(schema.label).allowed_for(query.purpose):  # a withheld label stays withheld
+                released.add(fx.LABEL)
+            elif query.field == MEMBERSHIP_SCORE:  # p(y | x) reads the label
+                self._refuse(DataError(f"{self.name}: the label is not released for purpose {query.purpose!r} by "
+                                       "this hospital's schema"), query.purpose)
             needed = [f for f in needed if f not in (query.field, SPLIT)]
         elif query.field in SCORED_FIELDS:  # the model reads every standard input (and p(y | x) the label)
             needed = [f for f in needed if f not in (query.field, SPLIT)] + list(fx.RAW_FEATURE_COLUMNS)

@@ -32,8 +32,31 @@ from clients.schema import ExportSchema
 from federation.errors import ConfigError
 
 MAX_CATEGORIES = 20
-_IDENTIFIER = re.compile(r"(^|_)(name|first_?name|last_?name|surname|phone|mobile|email|e_mail|address|street|"
-                         r"ssn|national_?id|passport|mrn|insurance_?number|account_?number|ip_?address)($|_)", re.I)
+MIN_ROWS_PER_CATEGORY = 10
+"""A text column's values are drafted as its categories only if each is held by this many rows
+(a rarer value could be a person's name or a free-text note, and a schema is shared)."""
+_IDENTIFIER = re.compile(r"(^|_)(name|first_?name|last_?name|full_?name|surname|phone|mobile|fax|email|e_?mail|"
+                         r"address|street|city|zip|zip_?code|postcode|post_?code|ssn|national_?id|passport|mrn|"
+                         r"nhs_?number|dob|date_?of_?birth|birth_?date|insurance_?number|account_?number|"
+                         r"ip_?address|url|device_?id|licen[cs]e|plate)($|_)", re.I)
+_KEY_LIKE = re.compile(r"(^|_)(id|key|no|num|number|code|ref)$", re.I)
+
+
+def _snake(name: str) -> str:
+    """camelCase and other spellings as snake_case, for the identifier patterns."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).replace("-", "_").replace(" ", "_").lower()
+
+
+def _looks_like_identifier(name: str, series: pd.Series) -> bool:
+    """Named like a direct identifier, named like a key, or unique per row (a key by another name)."""
+    snake = _snake(name)
+    if _IDENTIFIER.search(snake) or _KEY_LIKE.search(snake):
+        return True
+    if len(series) < 2 or not series.notna().all() or not series.is_unique:
+        return False
+    numbers = _as_number(series)
+    measured = numbers.notna().all() and not (numbers % 1 == 0).all()  # unique fractions: a measurement
+    return not measured
 _CONSENT = re.compile(r"^consent_(?P<purpose>[a-z0-9_]+)$", re.I)
 _CONSENT_DATE = re.compile(r"^consent(_[a-z0-9_]+)?_(on|date|recorded_on|given_on)$", re.I)
 
@@ -42,8 +65,22 @@ def _outward(value: float, up: bool) -> float:
     """`value` rounded away from the data to two significant figures."""
     if value == 0 or not math.isfinite(value):
         return 0.0
-    step = 10 ** (math.floor(math.log10(abs(value))) - 1)
-    return float((math.ceil if up else math.floor)(value / step) * step)
+    exponent = math.floor(math.log10(abs(value))) - 1
+    step = 10.0 ** exponent
+    rounded = (math.ceil if up else math.floor)(value / step) * step
+    return float(round(rounded, -exponent)) if exponent < 0 else float(rounded)  # 0.35, not 0.35000000000000003
+
+
+def _yaml_number(value: float) -> str:
+    """`value` as YAML reads back a number: whole numbers as digits, others with a decimal point
+    in the mantissa (PyYAML reads 1e-05 as text, 1.0e-05 as a number)."""
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    text = repr(float(value))
+    mantissa, _, exponent = text.partition("e")
+    if exponent and "." not in mantissa:
+        text = f"{mantissa}.0e{exponent}"
+    return text
 
 
 def _as_number(series: pd.Series) -> pd.Series:
@@ -95,10 +132,10 @@ def draft_schema(data: Path | list[Path], *, label: str, record_key: str | None 
                           f"(columns: {', '.join(map(str, frame.columns[:12]))}{' ...' if len(frame.columns) > 12 else ''})")
     if record_key is None:
         unique = [c for c in frame.columns if c != label and frame[c].notna().all() and frame[c].is_unique
-                  and _kind(frame[c]) in ("categorical", "numeric")
-                  and (re.search(r"(^|_)(id|key|mrn|number)$", str(c), re.I) or _kind(frame[c]) == "categorical")]
+                  and _KEY_LIKE.search(_snake(str(c))) and not _IDENTIFIER.search(_snake(str(c)))]
         if not unique:
-            raise ConfigError(f"no column of {Path(data).name} is a unique key; name it with --record-key")
+            raise ConfigError(f"no column of {Path(data).name} is named and unique like a record key "
+                              "(e.g. patient_id, mrn); name it with --record-key")
         record_key = unique[0]
     elif record_key not in frame.columns:
         raise ConfigError(f"--record-key {record_key!r} is not a column of {Path(data).name}")
@@ -115,12 +152,17 @@ def draft_schema(data: Path | list[Path], *, label: str, record_key: str | None 
         name, series = str(column), frame[column]
         kind = _kind(series)
         nullable = bool(series.isna().any())
+        body: list[str] = []
         if name == record_key:
             body = ["role: record-key", "class: identity"]
         elif name == label:
             body = ["role: label", "class: diagnosis-treatment"]
-        elif _IDENTIFIER.search(name):
-            body = ["role: direct-identifier", "class: identity"]
+        elif _CONSENT.match(name) or _CONSENT_DATE.match(name):
+            pass  # decided below
+        elif _looks_like_identifier(name, series):
+            body = ["role: direct-identifier", "class: identity  # REVIEW: named or unique like an identifier"]
+        if body:
+            pass
         elif (m := _CONSENT.match(name)) and kind == "boolean" and not _CONSENT_DATE.match(name):
             guessed = m["purpose"].replace("_", "-").lower()
             if purpose and len(consent_purposes) == 1 and guessed != purpose:
@@ -138,15 +180,17 @@ def draft_schema(data: Path | list[Path], *, label: str, record_key: str | None 
                 whole = bool((values % 1 == 0).all())
                 if whole:
                     body.append("integer: true")
-                body += [f"min: {_outward(float(values.min()), up=False):g}  # REVIEW: observed range here",
-                         f"max: {_outward(float(values.max()), up=True):g}  # REVIEW: observed range here"]
+                body += [f"min: {_yaml_number(_outward(float(values.min()), up=False))}  # REVIEW: observed range here",
+                         f"max: {_yaml_number(_outward(float(values.max()), up=True))}  # REVIEW: observed range here"]
             elif kind == "categorical":
-                distinct = sorted({str(v).strip() for v in series.dropna()})
-                if len(distinct) <= MAX_CATEGORIES:
+                counts = series.dropna().astype(str).str.strip().value_counts()
+                distinct = sorted(counts.index)
+                if len(distinct) <= MAX_CATEGORIES and (counts >= MIN_ROWS_PER_CATEGORY).all():
                     quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in distinct)
                     body.append(f"categories: [{quoted}]  # REVIEW: the full list of values")
                 else:
-                    body.append(f"# {len(distinct)} distinct values: give 'categories' (or role ignore) to use it")
+                    body.append(f"# {len(distinct)} distinct values, some rare: give 'categories' (or role ignore) "
+                                "to use it")
             if nullable:
                 body.append("nullable: true")
         if nullable and body[0] in ("role: consent", "role: consent-date"):

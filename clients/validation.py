@@ -13,6 +13,8 @@ zeros and a typo in a number is reported rather than silently turned into a miss
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -103,7 +105,9 @@ def category_text(series: pd.Series) -> pd.Series:
         if isinstance(value, (float, np.floating)):
             return str(int(value)) if np.isfinite(value) and value % 1 == 0 else pd.NA
         if isinstance(value, str):
-            return value.strip()
+            text = value.strip()
+            # an integer-coded column with a missing value, written to CSV by pandas, reads "1.0"
+            return text.split(".")[0] if re.fullmatch(r"-?\d+\.0+", text) else text
         return pd.NA
 
     return series.map(one).astype("string")

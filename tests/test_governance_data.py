@@ -473,7 +473,7 @@ def test_mapped_schema_yields_the_same_model_inputs(exports, schema, key, tmp_pa
     assert list(fx.encode_features(standard.table).shape) == [len(standard.table), len(fx.FEATURE_NAMES)]
 
 
-@pytest.mark.parametrize("kind", ["parquet-int", "parquet-with-missing", "csv"])
+@pytest.mark.parametrize("kind", ["parquet-int", "parquet-with-missing", "csv", "csv-with-missing"])
 def test_integer_coded_categories_validate_and_encode(tmp_path: Path, kind: str) -> None:
     """A hospital's tumour grade coded 1/2/3: declared unquoted, read from an integer column (or a
     float one, as one missing value makes it, or CSV text), one-hot encoded like any category."""
@@ -493,6 +493,11 @@ def test_integer_coded_categories_validate_and_encode(tmp_path: Path, kind: str)
         frame["grade"] = grades.astype(str)
         path = tmp_path / "export.csv"
         frame.to_csv(path, index=False)
+    elif kind == "csv-with-missing":  # pandas writes such a column as 1.0, 2.0, ... and an empty cell
+        frame["grade"] = np.where(np.arange(len(frame)) == 0, np.nan, grades)
+        path = tmp_path / "export.csv"
+        frame.to_csv(path, index=False)
+        assert "2.0" in path.read_text()
     else:
         frame["grade"] = grades if kind == "parquet-int" else np.where(np.arange(len(frame)) == 0, np.nan, grades)
         path = tmp_path / "export.parquet"
@@ -501,8 +506,8 @@ def test_integer_coded_categories_validate_and_encode(tmp_path: Path, kind: str)
     assert validated.table["grade"].iloc[1] == "2"
     names = encoding.feature_names(schema, PURPOSE)
     assert [n for n in names if n.startswith("grade=")] == ["grade=1", "grade=2", "grade=3"]
-    frame["grade"] = np.resize([1, 4], len(frame)) if kind != "csv" else np.resize(["1", "4"], len(frame))
-    frame.to_csv(path, index=False) if kind == "csv" else frame.to_parquet(path)
+    frame["grade"] = np.resize([1, 4], len(frame)) if not kind.startswith("csv") else np.resize(["1", "4"], len(frame))
+    frame.to_csv(path, index=False) if kind.startswith("csv") else frame.to_parquet(path)
     with pytest.raises(ValidationFailed, match="grade.*not one of the declared categories"):
         validate_export(path, schema)
 

@@ -16,7 +16,7 @@ from clients.readiness import check_readiness
 from engines.provisioning import provision_nodes
 from experiments.breast_cancer import PURPOSE, export_breast_cancer
 from federation.config import RunConfig
-from federation.errors import ConfigError
+from federation.errors import ConfigError, FedriskError
 from federation.he_codec import init_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +99,31 @@ def test_the_input_count_of_a_schema_run_is_derived_and_a_wrong_one_is_refused(c
     assert _run_config(build_parser().parse_args([*argv[:3], "--nodes", str(work / "nodes"), *argv[5:]])).input_size == 30
     with pytest.raises(ConfigError, match="--n-features 26 disagrees with the schema, whose inputs number 30"):
         _run_config(build_parser().parse_args([*argv, "--n-features", "26"]))
+
+
+def test_a_scored_schema_query_cannot_read_a_label_the_schema_withholds(cancer, tmp_path: Path) -> None:
+    """The coordinator asks for a risk_score histogram grouped by the label, or a membership audit,
+    of a schema-feature model at a hospital whose schema puts the label in a restricted class:
+    refused before any record is read, as the same query of a standard model is."""
+    from clients.analytics import HospitalAnalytics
+    from federation.he_codec import HospitalKey
+    from federation.query import CohortQuery
+    from privacy.ledger import BudgetLedger
+
+    work, schema, keys = cancer
+    restricted = tmp_path / "schema.yaml"
+    restricted.write_text(schema.read_text().replace("  malignant:\n    role: label\n    class: diagnosis-treatment\n",
+                                                     "  malignant:\n    role: label\n    class: psych-social\n", 1))
+    state = provision_nodes(work / "data", keys / "hospital.ckks", tmp_path / "nodes",
+                            purposes={PURPOSE: (5.0, 2e-4)}, schema_file=restricted)[0]
+    analytics = HospitalAnalytics(state, HospitalKey.load(keys / "hospital.ckks"))
+    model = {"sha256": "0" * 64, "kind": "logreg", "features": "schema"}
+    for field, groups, bins in (("risk_score", ["delinquent_90d_12m"], [0, 0.5, 1]),
+                                ("membership_score", ["split"], [0, 0.5, 1])):
+        query = CohortQuery.from_mapping({"name": "probe", "purpose": PURPOSE, "epsilon": 0.1, "measure": "histogram",
+                                          "field": field, "bins": bins, "model": model, "suppress-below": 0,
+                                          "group-by": groups})
+        with pytest.raises(FedriskError, match="not released for purpose"):
+            analytics.check(query, "probe-run")
+    with BudgetLedger(state.ledger_path) as ledger:
+        assert ledger.history(PURPOSE) == []  # nothing charged
