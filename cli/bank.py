@@ -31,6 +31,12 @@ def _api_key(args: argparse.Namespace) -> str:
 def _cmd_bank_score(args: argparse.Namespace) -> int:
     from server.signals.client import score_file
 
+    from urllib.parse import urlparse
+
+    url = urlparse(args.service)
+    if url.scheme != "https" and url.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(f"--service {args.service}: the API key would travel unencrypted; use https:// "
+                          "(plain http is accepted on loopback only)")
     counts = score_file(Path(args.input), Path(args.output), args.service, _api_key(args),
                         default_release=args.release or "")
     print(f"{counts['scored']} scored, {counts['refused']} refused (each with its reason): {args.output}")

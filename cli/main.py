@@ -446,7 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fedrisk` command."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()  # a reader gone at the final flush is a closed pipe too, not an exit-time error
+        return code
     except FedriskError as exc:
         print(f"fedrisk: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -6,26 +6,33 @@ against its schema, consent for the purpose (expired and withdrawn consents excl
 records left for training and for the held-out split, delta against 1/(10 n), that every model
 input can be encoded (schema runs), and what the run would bring the purpose's budget to under
 the ledger's own composition. Problems are collected, not raised one at a time, so a hospital
-fixes them in one pass; nothing is written (no audit entry, no ledger charge, no noise cache).
+fixes them in one pass; nothing is written (no audit entry, no ledger charge, no noise cache; the
+ledger is read through a private copy). The budget check composes the run's training and its DP
+evaluations, as the run's own epsilon does; the node's start-of-run check counts training only.
 
 What it reports is the hospital's to read: counts and column names, never a record value.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date
+from pathlib import Path
 
 from clients.node_state import TEST_FRACTION, NodeState, test_split
 from clients.policy import NodePolicy
 from federation import features as fx
 from federation.config import RunConfig
-from federation.errors import FedriskError
+from federation.errors import ConfigError, FedriskError
 from federation.he_codec import HospitalKey
 from federation.model import num_parameters
 from federation.round_evaluation import evaluation_noise_multiplier
 from privacy.accounting import calibrate_noise
-from privacy.ledger import GaussianMechanism
+from privacy.ledger import BudgetLedger, GaussianMechanism
 
 
 @dataclass
@@ -78,12 +85,29 @@ def _inputs(state: NodeState, config: RunConfig, out: Readiness) -> None:
         out.inputs = list(fx.FEATURE_NAMES)
 
 
+@contextmanager
+def _ledger_copy(state: NodeState) -> Iterator[BudgetLedger]:
+    """The node's ledger, read through a private copy: opening a BudgetLedger may create, migrate
+    or checkpoint its file, and a check must write nothing. Refuses a node without a ledger."""
+    if not state.ledger_path.is_file():
+        raise ConfigError(f"{state.directory} has no budget ledger ({state.ledger_path.name}); "
+                          "`fedrisk node init` makes one")
+    with tempfile.TemporaryDirectory(prefix="fedrisk-check-") as tmp:
+        copy = Path(tmp) / state.ledger_path.name
+        for suffix in ("", "-wal", "-shm"):  # committed WAL pages are part of the ledger too
+            source = Path(f"{state.ledger_path}{suffix}")
+            if source.is_file():
+                shutil.copyfile(source, Path(f"{copy}{suffix}"))
+        with BudgetLedger(copy) as ledger:
+            yield ledger
+
+
 def check_readiness(state: NodeState, config: RunConfig, today: date | None = None) -> Readiness:
     """Every check a training run of `config` makes at this node, without running it."""
     out = Readiness(hospital=state.hospital, purpose=config.purpose)
     policy = NodePolicy.load(state.directory)
     key_id = HospitalKey.load(state.key_file).key_id
-    with state.ledger() as ledger:
+    with _ledger_copy(state) as ledger:
         purposes = ledger.purposes()
         ledger_delta = ledger.budget(config.purpose).delta if config.purpose in purposes else None
     consent_purposes = state.schema().consent_policy().purposes
@@ -120,8 +144,23 @@ def check_readiness(state: NodeState, config: RunConfig, today: date | None = No
     except FedriskError as error:
         out.problems.append(f"{error} (n = {out.train_records:,} training records here: delta must be at most "
                             f"{1.0 / (10 * max(out.train_records, 1)):.2g})")
+    used = clean.loc[mask].reset_index(drop=True)
+    try:  # the encoding the run will do, on the same records (nothing is kept)
+        if config.features == "schema":
+            from clients import encoding
+
+            encoding.encode(used, state.schema(), config.purpose)
+            encoding.labels(used, state.schema())
+        else:
+            fx.encode_features(used)
+            fx.encode_labels(used)
+    except (FedriskError, KeyError, ValueError, TypeError) as error:
+        out.problems.append(f"the records do not encode as the model reads them ({type(error).__name__}: {error})")
     expected_batch = out.train_records * config.sample_rate
-    if expected_batch < 10:
+    if expected_batch < 1.0:
+        out.problems.append(f"too few consented records for sample-rate {config.sample_rate:g}: an expected "
+                            f"DP-SGD batch of {expected_batch:.2f} records (the run refuses below 1)")
+    elif expected_batch < 10:
         out.warnings.append(f"at sample rate {config.sample_rate:g} the expected DP-SGD batch is {expected_batch:.1f} "
                             "records: the noise will dominate this hospital's update (a larger --sample-rate helps)")
     if config.purpose in purposes:
@@ -133,7 +172,7 @@ def check_readiness(state: NodeState, config: RunConfig, today: date | None = No
         except ValueError as error:
             out.problems.append(f"epsilon {config.target_epsilon:g}: {error}")
             return out
-        with state.ledger() as ledger:
+        with _ledger_copy(state) as ledger:
             out.budget = ledger.budget(config.purpose).epsilon_total
             out.epsilon_spent = ledger.spent(config.purpose)
             run = GaussianMechanism(sample_rate=config.sample_rate, noise_multiplier=sigma, steps=config.planned_steps)

@@ -105,13 +105,19 @@ def simulate(config: RunConfig, progress: Progress | None = None, verbose: bool 
     config = preflight(config)
     try:
         result = _run(config, progress, verbose, run_simulation)
-        if not config.query:
-            record_release_inputs(config, result.run_id)
-        return result
     except BaseException:
         if provisioned and not run_dir_existed:
             shutil.rmtree(config.run_dir, ignore_errors=True)
         raise
+    if not config.query:  # after the run: a failure here must not undo a finished, charged run
+        try:
+            record_release_inputs(config, result.run_id)
+        except Exception as error:  # noqa: BLE001 - the card then numbers the inputs; say why
+            from federation.errors import warn_user
+
+            warn_user(f"the release's input names were not recorded ({type(error).__name__}: {error}); "
+                      "its model card will number the inputs")
+    return result
 
 
 def _run(config: RunConfig, progress: Progress | None, verbose: bool, run_simulation) -> FederatedResult:

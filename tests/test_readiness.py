@@ -58,6 +58,9 @@ def test_a_node_ready_for_the_walkthrough_run_lists_its_inputs_and_writes_nothin
     assert 0.0 == report.epsilon_spent < report.epsilon_after <= 4.0 + 1e-6
     assert any("expected DP-SGD batch" in w for w in report.warnings)  # ~60 training records at q = 0.05
     assert _tree_digest(node) == before  # no audit entry, no ledger row, no noise cache
+    starved = check_readiness(NodeState.load(node), _config(sample_rate=0.01))  # ~60 records: a batch of 0.6
+    assert any("too few consented records for sample-rate 0.01" in p for p in starved.problems)
+    assert _tree_digest(node) == before
 
 
 def test_every_problem_a_run_would_meet_is_listed_at_once(cancer, tmp_path: Path) -> None:

@@ -544,6 +544,16 @@ def test_a_bank_scores_a_batch_each_row_with_its_own_grant(dep: Deployment, tmp_
     text = out.read_text()
     assert all(g not in text for g in (*good, foreign))  # grants are credentials: never written out
     assert main(argv) == EXIT_USER_ERROR and "exists" in capsys.readouterr().err  # never overwrites
+    (tmp_path / "wrong.key").write_text("fr_" + "x" * 32)
+    cut = tmp_path / "cut.csv"
+    assert main([*argv[:4], "--key-file", str(tmp_path / "wrong.key"), "--input", str(batch), "--output", str(cut),
+                 "--release", "r1"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "stopped after 0 of 4 rows" in err and "API key (401)" in err and not cut.exists()
+    assert (tmp_path / "cut.csv.partial").read_text().startswith("row,reference")  # kept: rows done stay done
+    assert main(["bank", "score", "--service", "http://signals.example", "--key-file", str(key_file),
+                 "--input", str(batch), "--output", str(tmp_path / "plain.csv")]) == EXIT_USER_ERROR
+    assert "would travel unencrypted" in capsys.readouterr().err
     batch.write_text("reference,token\napp-1,x\n")
     assert main([*argv[:-4], "--input", str(batch), "--output", str(tmp_path / "new.csv")]) == EXIT_USER_ERROR
     assert "needs a 'grant' column" in capsys.readouterr().err and not (tmp_path / "new.csv").exists()

@@ -98,6 +98,9 @@ def _one(client: httpx.Client, number: int, reference: str, release: str, grant:
     for attempt in range(MAX_RETRIES_429 + 1):
         try:
             reply = client.post("/v1/scores", json={"grant": grant, "release": release})
+        except httpx.TimeoutException:
+            return ScoredRow(number, reference, release, "refused", 0,
+                             error="no answer in time (the hospital may have used the grant)")
         except httpx.HTTPError as exc:
             return ScoredRow(number, reference, release, "refused", 0, error=f"service unreachable: {type(exc).__name__}")
         if reply.status_code == 429 and attempt < MAX_RETRIES_429:
@@ -115,32 +118,44 @@ def _one(client: httpx.Client, number: int, reference: str, release: str, grant:
     except ValueError:
         body = {}
     if reply.status_code == 200:
-        reasons = "; ".join(str(r.get("phrase", "")) for r in body.get("reasons", []))
-        return ScoredRow(number, reference, str(body.get("release", release)), "scored", 200,
-                         probability=float(body["probability"]), band=str(body.get("band", "")), reasons=reasons)
+        try:
+            reasons = "; ".join(str(r.get("phrase", "")) for r in body.get("reasons", []))
+            return ScoredRow(number, reference, str(body.get("release", release)), "scored", 200,
+                             probability=float(body["probability"]), band=str(body.get("band", "")), reasons=reasons)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return ScoredRow(number, reference, release, "refused", 200,
+                             error="the service's answer was malformed (the grant may have been used)")
     detail = " ".join(str(body.get("detail", reply.reason_phrase)).split()) if isinstance(body, dict) else ""
     return ScoredRow(number, reference, release, "refused", reply.status_code, error=detail[:300])
 
 
 def score_file(input_path: Path, output_path: Path, service: str, api_key: str, *, default_release: str = "",
                sleep: Callable[[float], None] = time.sleep) -> dict[str, int]:
-    """Score every row of `input_path` into `output_path` (written whole, or not at all if the
-    batch cannot start); returns counts by status."""
+    """Score every row of `input_path` into `output_path`; returns counts by status.
+
+    Rows are written and flushed as they are scored, to `<output>.partial` until the batch is done.
+    A batch cut short (the key revoked mid-way, an interrupt) keeps the `.partial` file: the grants
+    its rows used are spent, so their scores cannot be had again, and the error says how many rows
+    it holds."""
     rows = read_rows(input_path, default_release)
     output_path = Path(output_path)
-    if output_path.exists():
-        raise ConfigError(f"--output {output_path} exists; choose a new file")
     tmp = output_path.with_name(output_path.name + ".partial")
+    for path in (output_path, tmp):
+        if path.exists():
+            raise ConfigError(f"--output: {path} exists; choose a new file")
     counts = {"scored": 0, "refused": 0}
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(OUTPUT_COLUMNS)
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(OUTPUT_COLUMNS)
+        try:
             for scored in score_rows(rows, service, api_key, sleep=sleep):
                 writer.writerow(scored.as_csv())
+                handle.flush()
                 counts[scored.status] += 1
-        tmp.replace(output_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        except BaseException as error:
+            handle.flush()
+            done = counts["scored"] + counts["refused"]
+            raise ConfigError(f"the batch stopped after {done} of {len(rows)} rows ({type(error).__name__}: "
+                              f"{error}); the rows done are in {tmp} (their grants are spent: keep it)") from None
+    tmp.replace(output_path)
     return counts
