@@ -79,6 +79,7 @@ from server.signals.scores import (
     ScoreContext,
     ScoreRefused,
     ScoreRouter,
+    release_states,
 )
 from server.signals.trail import UNMATCHED, RequestTrail, entry_view
 
@@ -182,10 +183,10 @@ ReleaseId = Annotated[str, PathParam(pattern=RELEASE_ID_PATTERN, description="a 
 CohortId = Annotated[str, PathParam(pattern=COHORT_ID_PATTERN, description="a cohort table's run id")]
 
 
-async def _with_node_states(request: Request, summary: ReleaseSummary) -> ReleaseSummary:
-    """`summary` with each registered hospital's state of the release (withdrawn at the registry:
-    no hospital may score with it, whatever a node says)."""
-    states = await request.app.state.router.release_states(summary.release_id)
+def _with_node_states(summary: ReleaseSummary, nodes: dict[str, dict[str, str] | None]) -> ReleaseSummary:
+    """`summary` with each registered hospital's state of the release (`ScoreRouter.node_states`;
+    withdrawn at the registry: no hospital may score with it, whatever a node says)."""
+    states = release_states(nodes, summary.release_id)
     scorable = summary.status == STATUS_ACTIVE and any(v == "active" for v in states.values())
     return summary.model_copy(update={"at_hospitals": states, "scorable": scorable})
 
@@ -288,14 +289,15 @@ def make_app(settings: ServiceSettings) -> FastAPI:
         """Active releases (a bank never sees a withdrawn one); other readers see every status. Each
         says where it can score now: its state at every registered hospital, as the node reports it."""
         views = await run_in_threadpool(catalogue.list, for_bank=caller.role == ROLE_BANK)
-        return [await _with_node_states(request, v.summary()) for v in views]
+        nodes = await request.app.state.router.node_states() if views else {}
+        return [_with_node_states(v.summary(), nodes) for v in views]
 
     @app.get("/v1/releases/{release_id}", response_model=ReleaseDetail, tags=["releases"], **allow(*READERS, errors=(404, 410)))
     async def get_release(release_id: ReleaseId, request: Request, caller: Caller) -> ReleaseDetail:
         """A release with its privacy certificate and model card (410 for a bank once withdrawn), and
         its state at every registered hospital."""
         view = await run_in_threadpool(_release, request, caller, release_id)
-        summary = await _with_node_states(request, view.summary())
+        summary = _with_node_states(view.summary(), await request.app.state.router.node_states())
         return view.detail().model_copy(update={"at_hospitals": summary.at_hospitals, "scorable": summary.scorable})
 
     @app.get("/v1/releases/{release_id}/certificate", response_model=Certificate, tags=["releases"],

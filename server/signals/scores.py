@@ -21,6 +21,7 @@ match it to its own records, while the service's log holds no usable grant.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from starlette.concurrency import run_in_threadpool
 
 from federation.model import RISK_BANDS
 from privacy.audit import Digest
@@ -44,7 +46,7 @@ from privacy.grants import (
     peek_payload,
     verify_signature,
 )
-from server.signals.hospitals import HospitalDirectory, HospitalUnavailable
+from server.signals.hospitals import HospitalDirectory, HospitalEndpoint, HospitalUnavailable
 
 SCORE_PATH = "/v1/score"
 RELEASES_PATH = "/v1/releases"  # the node's installed releases and their status
@@ -105,6 +107,8 @@ NODE_STATE_TTL_S = 30.0
 """How long the service trusts what a node said about its installed releases before asking again
 (a score refused because a node withdrew the release forgets it at once)."""
 RELEASE_STATES = ("active", "withdrawn", "not-installed", "unreachable")
+NODE_STATE_TIMEOUT_S = 5.0
+"""How long a listing waits for one node's answer about its releases (nodes are asked at once)."""
 
 
 class ScoreRouter:
@@ -116,35 +120,37 @@ class ScoreRouter:
         self.hospitals, self.client = hospitals, client
         self._node_states: dict[str, tuple[float, dict[str, str] | None]] = {}
 
-    async def _installed(self, hospital: str) -> dict[str, str] | None:
-        """release -> status at `hospital` (None: unreachable), cached NODE_STATE_TTL_S."""
-        cached = self._node_states.get(hospital)
+    async def _installed(self, endpoint: HospitalEndpoint) -> dict[str, str] | None:
+        """release -> status at the hospital (None: unreachable), cached NODE_STATE_TTL_S. A status
+        the node sends that is not one it may send counts as unreachable."""
+        cached = self._node_states.get(endpoint.hospital)
         if cached is not None and time.monotonic() - cached[0] < NODE_STATE_TTL_S:
             return cached[1]
-        endpoint = self.hospitals.get(hospital)
         states: dict[str, str] | None = None
-        if endpoint is not None:
-            try:
-                reply = await self.client.get(f"{endpoint.url}{RELEASES_PATH}",
-                                              headers={"Authorization": f"Bearer {endpoint.service_token()}"})
-                if reply.status_code == 200:
-                    states = {str(r["release"]): str(r["status"]) for r in reply.json()}
-            except (httpx.HTTPError, HospitalUnavailable, ValueError, KeyError, TypeError):
-                states = None
-        self._node_states[hospital] = (time.monotonic(), states)
+        try:
+            token = await run_in_threadpool(endpoint.service_token)
+            reply = await self.client.get(f"{endpoint.url}{RELEASES_PATH}", headers={"Authorization": f"Bearer {token}"},
+                                          timeout=NODE_STATE_TIMEOUT_S)
+            if reply.status_code == 200:
+                states = {str(r["release"]): str(r["status"]) for r in reply.json()}
+                if any(v not in ("active", "withdrawn") for v in states.values()):
+                    states = None
+        except (httpx.HTTPError, HospitalUnavailable, ValueError, KeyError, TypeError):
+            states = None
+        self._node_states[endpoint.hospital] = (time.monotonic(), states)
         return states
 
     def forget(self, hospital: str) -> None:
         """Ask `hospital` afresh next time (it just refused a score for its release's state)."""
         self._node_states.pop(hospital, None)
 
-    async def release_states(self, release: str) -> dict[str, str]:
-        """Each registered hospital's state of `release`: active, withdrawn, not-installed or unreachable."""
-        out = {}
-        for endpoint in self.hospitals.list():
-            installed = await self._installed(endpoint.hospital)
-            out[endpoint.hospital] = "unreachable" if installed is None else installed.get(release, "not-installed")
-        return out
+    async def node_states(self) -> dict[str, dict[str, str] | None]:
+        """Every registered hospital's installed releases and their status (None: unreachable),
+        asked of all hospitals at once."""
+        endpoints = await run_in_threadpool(self.hospitals.list)
+        answers = await asyncio.gather(*(self._installed(e) for e in endpoints))
+        return {e.hospital: a for e, a in zip(endpoints, answers)}
+
 
     def check(self, token: str, bank: str, release: str, context: ScoreContext,
               now: datetime | None = None) -> tuple[GrantPayload, str, str]:
@@ -247,3 +253,10 @@ def _result(body: Any, release: str) -> ScoreResult:
             raise ValueError("reason out of contract")
         reasons.append({"feature": reason["feature"], "phrase": reason["phrase"]})
     return ScoreResult(probability, str(body["band"]), reasons, release)
+
+
+def release_states(nodes: dict[str, dict[str, str] | None], release: str) -> dict[str, str]:
+    """Each hospital's state of `release` (from `ScoreRouter.node_states`): active, withdrawn,
+    not-installed or unreachable."""
+    return {h: "unreachable" if installed is None else installed.get(release, "not-installed")
+            for h, installed in nodes.items()}
