@@ -34,7 +34,7 @@ from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
 from clients.validation import validate_export
 from federation import features as fx
 from federation.contributions import SIGNING_KEY_FILE, FederationManifest, SigningKey
-from federation.errors import ConfigError
+from federation.errors import ConfigError, DataError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
 from privacy.audit import DATA_LOAD, NODE_ENROL, NODE_INIT, REFUSAL, ROLE_HOSPITAL, AuditLog, Digest
 from privacy.consent import RevocationRegistry
@@ -175,7 +175,13 @@ class NodeState:
 
     def load_records(self, purpose: str, today: date | None = None, features: str = "standard") -> HospitalData:
         """The records a run with `purpose` may use, encoded for the model: through the
-        standard 40-input contract, or (`features="schema"`) from the schema. Audited."""
+        standard 40-input contract, or (`features="schema"`) from the schema. Audited. Refuses a
+        purpose the schema does not release the label for (a restricted class, as for any column)."""
+        label = self.schema().column(self.schema().label)
+        if not label.allowed_for(purpose):
+            self.audit().append(REFUSAL, purpose=purpose, details={"reason": "label not released for purpose"})
+            raise DataError(f"{self.data_file.name}: the label column's class ({label.sensitivity}) is restricted "
+                            f"and the schema does not release it for purpose {purpose!r}")
         clean, mask, excluded = self.usable(purpose, today)
         table = clean.loc[mask].reset_index(drop=True)
         if table.empty:

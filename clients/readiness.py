@@ -111,6 +111,10 @@ def check_readiness(state: NodeState, config: RunConfig, today: date | None = No
         purposes = ledger.purposes()
         ledger_delta = ledger.budget(config.purpose).delta if config.purpose in purposes else None
     consent_purposes = state.schema().consent_policy().purposes
+    label = state.schema().column(state.schema().label)
+    if not label.allowed_for(config.purpose):
+        out.problems.append(f"the label column {label.name!r} is of restricted class {label.sensitivity} and the "
+                            f"schema does not release it for {config.purpose}")
     if config.purpose not in consent_purposes:
         out.problems.append(f"purpose {config.purpose!r}: no consent column of the schema covers it "
                             f"(covered: {', '.join(consent_purposes) or 'none'})")

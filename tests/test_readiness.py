@@ -130,3 +130,6 @@ def test_a_scored_schema_query_cannot_read_a_label_the_schema_withholds(cancer, 
             analytics.check(query, "probe-run")
     with BudgetLedger(state.ledger_path) as ledger:
         assert ledger.history(PURPOSE) == []  # nothing charged
+    with pytest.raises(FedriskError, match="does not release it for purpose"):  # nor does training read it
+        state.load_records(PURPOSE, features="schema")
+    assert any("restricted class psych-social" in p for p in check_readiness(state, _config()).problems)
