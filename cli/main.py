@@ -223,7 +223,8 @@ def _cmd_audit_show(args: argparse.Namespace) -> int:
     log = AuditLog(_audit_path(args.log), role="auditor", identity="fedrisk-cli")
     verification = log.verify()
     since, until = _when(args.since, "--since"), _when(args.until, "--until")
-    rows = [e for e in log.entries()
+    entries = log.entries()
+    rows = [e for e in entries
             if (not args.action or e.action in args.action) and (not args.purpose or e.purpose == args.purpose)
             and (since is None or e.ts >= since) and (until is None or e.ts < until)]
     if args.limit:
@@ -247,7 +248,7 @@ def _cmd_audit_show(args: argparse.Namespace) -> int:
             print(f"{len(rows)} entries written to {args.csv}")
     else:
         print(("chain verified: " if verification.ok else "WARNING, the chain does NOT verify (`fedrisk audit "
-               "verify` says where): ") + f"{len(log.entries())} entries; showing {len(rows)}")
+               "verify` says where): ") + f"{len(entries)} entries; showing {len(rows)}")
         for e in rows:
             seq, ts, actor, action, purpose, eps, details = record(e)
             extra = " ".join(x for x in (purpose, f"epsilon {eps}" if eps else "", details if details != "{}" else "") if x)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from clients import encoding
 from clients.deidentify import PSEUDONYM
 from clients.node_state import NodeState, test_split
 from federation import features as fx
@@ -82,16 +83,6 @@ def local_statistics(table: pd.DataFrame, query: CohortQuery) -> np.ndarray:
     return np.bincount(cell, minlength=cells).astype(float)
 
 
-def _model_inputs(query: CohortQuery, table: pd.DataFrame, schema: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, labels) of `table` as the query's model reads them: the standard contract, or the
-    hospital's own schema encoding for the query's purpose (and its schema's label)."""
-    if query.model_features == "schema":
-        from clients import encoding
-
-        return encoding.encode(table, schema, query.purpose), encoding.labels(table, schema)
-    return fx.encode_features(table), fx.encode_labels(table)
-
-
 def model_input_count(query: CohortQuery, schema: Any) -> int:
     """How many inputs the query's model has at this hospital."""
     if query.model_features == "schema":
@@ -114,9 +105,9 @@ def scored_records(query: CohortQuery, used: pd.DataFrame, model: Any, schema: A
     held_out = test_split(used[PSEUDONYM])
     if query.field == RISK_SCORE:
         scored = used.loc[held_out].reset_index(drop=True)
-        x, y = _model_inputs(query, scored, schema)
+        x, y = encoding.model_inputs(scored, schema, query.purpose, query.model_features)
         return scored.assign(**{RISK_SCORE: predict_proba(model, x).astype(float), fx.LABEL: y.astype(int)})
-    x, y = _model_inputs(query, used, schema)
+    x, y = encoding.model_inputs(used, schema, query.purpose, query.model_features)
     probability = predict_proba(model, x).astype(float)
     label = y.astype(float)
     return used.assign(**{SPLIT: np.where(held_out, SPLITS[1], SPLITS[0]), fx.LABEL: y.astype(int),
@@ -198,7 +189,7 @@ class HospitalAnalytics:
                 encoding.input_columns(schema, query.purpose)
             except DataError as error:
                 self._refuse(error, query.purpose)
-            if schema.column(schema.label).allowed_for(query.purpose):  # a withheld label stays withheld
+            if schema.releases_label(query.purpose):  # a withheld label stays withheld
                 released.add(fx.LABEL)
             elif query.field == MEMBERSHIP_SCORE:  # p(y | x) reads the label
                 self._refuse(DataError(f"{self.name}: the label is not released for purpose {query.purpose!r} by "

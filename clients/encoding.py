@@ -74,6 +74,18 @@ def encode(table: pd.DataFrame, schema: ExportSchema, purpose: str) -> np.ndarra
     return np.concatenate(parts, axis=1).astype(np.float32) if parts else np.zeros((len(table), 0), np.float32)
 
 
+def model_inputs(table: pd.DataFrame, schema: ExportSchema, purpose: str,
+                 features: str = "standard") -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of a de-identified table as a model of `features` reads them: the standard
+    40-input contract, or ("schema") this schema's encoding for `purpose` and its label. The one
+    place training, scored queries and `node check` encode records."""
+    if features == "schema":
+        return encode(table, schema, purpose), labels(table, schema)
+    from federation import features as fx
+
+    return fx.encode_features(table), fx.encode_labels(table)
+
+
 def labels(table: pd.DataFrame, schema: ExportSchema) -> np.ndarray:
     """The label column as float32 0/1."""
     return pd.to_numeric(table[schema.column(schema.label).target]).to_numpy(dtype=np.float32)

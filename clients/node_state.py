@@ -32,7 +32,6 @@ from clients.data import HospitalData
 from clients.deidentify import PSEUDONYM, deidentify
 from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
 from clients.validation import validate_export
-from federation import features as fx
 from federation.contributions import SIGNING_KEY_FILE, FederationManifest, SigningKey
 from federation.errors import ConfigError, DataError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
@@ -177,11 +176,12 @@ class NodeState:
         """The records a run with `purpose` may use, encoded for the model: through the
         standard 40-input contract, or (`features="schema"`) from the schema. Audited. Refuses a
         purpose the schema does not release the label for (a restricted class, as for any column)."""
-        label = self.schema().column(self.schema().label)
-        if not label.allowed_for(purpose):
+        schema = self.schema()
+        if not schema.releases_label(purpose):
             self.audit().append(REFUSAL, purpose=purpose, details={"reason": "label not released for purpose"})
-            raise DataError(f"{self.data_file.name}: the label column's class ({label.sensitivity}) is restricted "
-                            f"and the schema does not release it for purpose {purpose!r}")
+            raise DataError(f"{self.data_file.name}: the label column's class "
+                            f"({schema.column(schema.label).sensitivity}) is restricted and the schema does not "
+                            f"release it for purpose {purpose!r}")
         clean, mask, excluded = self.usable(purpose, today)
         table = clean.loc[mask].reset_index(drop=True)
         if table.empty:
@@ -190,11 +190,7 @@ class NodeState:
             raise ConfigError(f"{self.data_file}: no record may be used for purpose {purpose!r} "
                               f"(excluded: {excluded})")
         is_test = test_split(table[PSEUDONYM])
-        if features == "schema":
-            schema = self.schema()
-            x, y = encoding.encode(table, schema, purpose), encoding.labels(table, schema)
-        else:
-            x, y = fx.encode_features(table), fx.encode_labels(table)
+        x, y = encoding.model_inputs(table, schema, purpose, features)
         self.audit().append(DATA_LOAD, purpose=purpose, details={
             "records": int(len(clean)), "used": int(len(table)), "excluded": excluded})
         return HospitalData(name=self.hospital, train_x=x[~is_test], train_y=y[~is_test],

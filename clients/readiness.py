@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
+from clients import encoding
 from clients.node_state import TEST_FRACTION, NodeState, test_split
 from clients.policy import NodePolicy
+from clients.schema import ExportSchema
 from federation import features as fx
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
@@ -62,8 +64,7 @@ class Readiness:
         return not self.problems
 
 
-def _inputs(state: NodeState, config: RunConfig, out: Readiness) -> None:
-    schema = state.schema()
+def _inputs(schema: ExportSchema, config: RunConfig, out: Readiness) -> None:
     for column in schema.columns:
         if column.role in ("feature", "quasi-identifier") and not column.allowed_for(config.purpose):
             out.withheld[column.name] = (f"class {column.sensitivity} is restricted and the schema does not "
@@ -75,8 +76,6 @@ def _inputs(state: NodeState, config: RunConfig, out: Readiness) -> None:
         elif column.role == "ignore":
             out.withheld[column.name] = "role ignore"
     if config.features == "schema":
-        from clients import encoding
-
         try:
             out.inputs = encoding.feature_names(schema, config.purpose)
         except FedriskError as error:
@@ -104,21 +103,26 @@ def _ledger_copy(state: NodeState) -> Iterator[BudgetLedger]:
 
 def check_readiness(state: NodeState, config: RunConfig, today: date | None = None) -> Readiness:
     """Every check a training run of `config` makes at this node, without running it."""
+    with _ledger_copy(state) as ledger:
+        return _check(state, config, today, ledger)
+
+
+def _check(state: NodeState, config: RunConfig, today: date | None, ledger: BudgetLedger) -> Readiness:
     out = Readiness(hospital=state.hospital, purpose=config.purpose)
     policy = NodePolicy.load(state.directory)
     key_id = HospitalKey.load(state.key_file).key_id
-    with _ledger_copy(state) as ledger:
-        purposes = ledger.purposes()
-        ledger_delta = ledger.budget(config.purpose).delta if config.purpose in purposes else None
-    consent_purposes = state.schema().consent_policy().purposes
-    label = state.schema().column(state.schema().label)
-    if not label.allowed_for(config.purpose):
+    schema = state.schema()
+    purposes = ledger.purposes()
+    ledger_delta = ledger.budget(config.purpose).delta if config.purpose in purposes else None
+    consent_purposes = schema.consent_policy().purposes
+    if not schema.releases_label(config.purpose):
+        label = schema.column(schema.label)
         out.problems.append(f"the label column {label.name!r} is of restricted class {label.sensitivity} and the "
                             f"schema does not release it for {config.purpose}")
     if config.purpose not in consent_purposes:
         out.problems.append(f"purpose {config.purpose!r}: no consent column of the schema covers it "
                             f"(covered: {', '.join(consent_purposes) or 'none'})")
-    _inputs(state, config, out)
+    _inputs(schema, config, out)
     try:
         policy.check_run(purpose=config.purpose, target_epsilon=config.target_epsilon,
                          evaluation_epsilon=config.evaluation_budget, rounds=config.rounds, delta=config.delta,
@@ -150,14 +154,7 @@ def check_readiness(state: NodeState, config: RunConfig, today: date | None = No
                             f"{1.0 / (10 * max(out.train_records, 1)):.2g})")
     used = clean.loc[mask].reset_index(drop=True)
     try:  # the encoding the run will do, on the same records (nothing is kept)
-        if config.features == "schema":
-            from clients import encoding
-
-            encoding.encode(used, state.schema(), config.purpose)
-            encoding.labels(used, state.schema())
-        else:
-            fx.encode_features(used)
-            fx.encode_labels(used)
+        encoding.model_inputs(used, schema, config.purpose, config.features)
     except (FedriskError, KeyError, ValueError, TypeError) as error:
         out.problems.append(f"the records do not encode as the model reads them ({type(error).__name__}: {error})")
     expected_batch = out.train_records * config.sample_rate
@@ -176,12 +173,11 @@ def check_readiness(state: NodeState, config: RunConfig, today: date | None = No
         except ValueError as error:
             out.problems.append(f"epsilon {config.target_epsilon:g}: {error}")
             return out
-        with _ledger_copy(state) as ledger:
-            out.budget = ledger.budget(config.purpose).epsilon_total
-            out.epsilon_spent = ledger.spent(config.purpose)
-            run = GaussianMechanism(sample_rate=config.sample_rate, noise_multiplier=sigma, steps=config.planned_steps)
-            evaluation = GaussianMechanism.gaussian_release(noise_multiplier=z, count=config.rounds)
-            out.epsilon_after = ledger.would_spend_all(config.purpose, [run, evaluation])
+        out.budget = ledger.budget(config.purpose).epsilon_total
+        out.epsilon_spent = ledger.spent(config.purpose)
+        run = GaussianMechanism(sample_rate=config.sample_rate, noise_multiplier=sigma, steps=config.planned_steps)
+        evaluation = GaussianMechanism.gaussian_release(noise_multiplier=z, count=config.rounds)
+        out.epsilon_after = ledger.would_spend_all(config.purpose, [run, evaluation])
         if out.epsilon_after > out.budget + 1e-9:
             out.problems.append(f"budget: the run would bring {config.purpose} to epsilon {out.epsilon_after:.3f}, "
                                 f"over its budget of {out.budget:g} (spent {out.epsilon_spent:.3f})")

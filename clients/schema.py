@@ -368,6 +368,11 @@ class ExportSchema:
         """Export name of the label column."""
         return self.columns_by_role("label")[0]
 
+    def releases_label(self, purpose: str) -> bool:
+        """Whether the label may be read for `purpose` (a restricted class only where the schema
+        allows it, as for any column): training, scored queries and `node check` all ask this."""
+        return self.column(self.label).allowed_for(purpose)
+
     def training_columns(self, purpose: str) -> list[str]:
         """Export names of the model inputs a run with `purpose` may use: features and
         (generalised) quasi-identifiers, minus restricted classes not allowed for `purpose`."""

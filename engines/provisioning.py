@@ -114,10 +114,11 @@ def record_release_inputs(config, mlflow_run_id: str) -> None:
 
     if config.features != "schema":
         return
+    states = [] if config.schema_file or not config.nodes_dir else NodeState.discover(Path(config.nodes_dir))
     if config.schema_file:
         schema = ExportSchema.load(Path(config.schema_file))
-    elif config.nodes_dir and NodeState.discover(Path(config.nodes_dir)):
-        schema = NodeState.discover(Path(config.nodes_dir))[0].schema()
+    elif states:
+        schema = states[0].schema()
     else:
         return
     names = encoding.feature_names(schema, config.purpose)

@@ -171,10 +171,11 @@ def panels(caller: Principal, catalogue: ReleaseCatalogue, cohorts: CohortStore,
     intro = (f'<section id="who"><h2>Signed in as {escape(caller.label)}</h2><p>Role <b id="role">'
              f"{escape(caller.role)}</b>{f' for <b>{who}</b>' if who else ''}. {_ROLE_HELP[caller.role]}</p></section>")
     parts = [intro]
-    if caller.role == ROLE_BANK:
-        parts.append(_score_form(catalogue.list(for_bank=True)))
     if caller.role in (ROLE_BANK, ROLE_DATA_SCIENTIST, ROLE_AUDITOR):
-        parts.append(_releases(catalogue.list(for_bank=caller.role == ROLE_BANK)))
+        releases = catalogue.list(for_bank=caller.role == ROLE_BANK)
+        if caller.role == ROLE_BANK:
+            parts.append(_score_form(releases))
+        parts.append(_releases(releases))
         parts.append(_cohorts(cohorts.list()))
     if caller.role == ROLE_HOSPITAL:
         rows = [entry_view(e) for e in trail.entries(hospital=caller.hospital, limit=AUDITOR_ROWS)]
