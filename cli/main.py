@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cli import bank as cli_bank, node as cli_node, release as cli_release, scoring as cli_scoring, serve as cli_serve
-from cli.progress import starting
+from cli import workspace as ws
+from cli.progress import Working
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
 
@@ -75,17 +76,22 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
                      learning_rate=args.learning_rate, server_momentum=args.server_momentum,
                      server_learning_rate=args.server_learning_rate, target_epsilon=args.epsilon, delta=args.delta,
                      model=args.model, seed=args.seed, purpose=args.purpose,
-                     tracking_uri=args.tracking_uri or "", min_contributors=args.min_contributors,
+                     tracking_uri=ws.tracking_uri(args), min_contributors=args.min_contributors,
                      features=args.features, n_features=_input_count(args), schema_file=args.schema or "")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from engines.simulation import print_rounds, simulate
+    from engines.simulation import simulate
 
     config = _run_config(args)
-    starting(f"{config.num_hospitals} hospitals, {config.rounds} rounds")
-    result = simulate(config, progress=print_rounds(sys.stdout), verbose=args.verbose)
+    with Working(f"training at {config.num_hospitals} hospitals", config.rounds) as working:
+        result = simulate(config, progress=working.callback, verbose=args.verbose)
     print(f"release: {result.release_dir}  sha256 {result.digest}")
+    from server.plots import PLOTS_DIR, TRAINING_PLOT
+
+    plot = Path(config.run_dir) / PLOTS_DIR / TRAINING_PLOT
+    if plot.is_file():
+        print(f"plot: {plot} (AUC and epsilon by round; also in the MLflow run)")
     print(f"epsilon max {result.privacy['epsilon_max']:.3f} at delta {config.delta:g}; MLflow run {result.run_id}")
     return 0
 
@@ -114,10 +120,10 @@ def _cmd_analytics_run(args: argparse.Namespace) -> int:
     if not args.data and not args.nodes:
         raise ConfigError("give --nodes (initialised hospital nodes) or --data (provision them for a simulation)")
     query = load_query(args.query)
-    starting(f"query {query.name} at {args.hospitals} hospitals")
-    result = run_query(query, nodes_dir=args.nodes or "", data_dir=args.data or "", keys_dir=args.keys,
-                       run_dir=args.out, num_hospitals=args.hospitals, run_id=args.run_id,
-                       tracking_uri=args.tracking_uri or "", provision_budget=args.budget, verbose=args.verbose)
+    with Working(f"query {query.name} at {args.hospitals} hospitals"):
+        result = run_query(query, nodes_dir=args.nodes or "", data_dir=args.data or "", keys_dir=args.keys,
+                           run_dir=args.out, num_hospitals=args.hospitals, run_id=args.run_id,
+                           tracking_uri=ws.tracking_uri(args), provision_budget=args.budget, verbose=args.verbose)
     files = result.files + ([str(p) for p in write_result(result, Path(args.table))] if args.table else [])
     print(f"{query.name} ({result.run_id}): {query.describe()}; noise multiplier {result.noise_multiplier:.4f}, "
           f"{len(result.hospitals)} hospitals")
@@ -133,7 +139,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     run_demo(DemoSettings(out=Path(args.out) if args.out else None, hospitals=args.hospitals,
                           patients=args.patients, rounds=args.rounds, epsilon=args.epsilon,
                           delta=args.delta, model=args.model, seed=args.seed,
-                          tracking_uri=args.tracking_uri or "", overheads=not args.no_overheads))
+                          tracking_uri=ws.tracking_uri(args), overheads=not args.no_overheads),
+             working=lambda what, rounds: Working(what, rounds, announce=False))
     return 0
 
 
@@ -297,7 +304,7 @@ def _add_training_options(parser: argparse.ArgumentParser, *, demo: bool) -> Non
                         help=f"delta (default {delta:g}); each hospital's policy caps it at 1/(10 n) for its n records")
     parser.add_argument("--model", default="mlp", help="mlp (40-64-32-1), mlp:W1,W2,... or logreg (default mlp)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data, init and sampling (default 0)")
-    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: SQLite under --out)")
+    parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: the workspace's mlflow.db)")
     if demo:
         return
     parser.add_argument("--local-epochs", type=int, default=defaults.local_epochs,
@@ -329,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="fedrisk", description=(
         "Federated credit-risk models from hospital data: Flower + Opacus DP-SGD + TenSEAL CKKS."))
+    parser.add_argument("--workspace", metavar="DIR", help=ws.WORKSPACE_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="the main job: synthesise, train (DP + HE), compare")
@@ -363,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nodes", help="directory of hospital node directories (`fedrisk node init`)")
     run.add_argument("--data", help="directory of hospital_*.parquet|csv files: provision nodes for a simulation")
     run.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
-    run.add_argument("--out", required=True, help="run directory (MLflow store, release)")
+    run.add_argument("--out", required=True, help="run directory (checkpoint, release files; tracked in the workspace)")
     run.add_argument("--hospitals", type=int, default=3, help="hospitals that take part; the run waits for this many "
                      "nodes (default 3)")
     run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
@@ -379,12 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     analytics_run.add_argument("--budget", type=float, default=10.0,
                                help="with --data: epsilon budget of provisioned nodes for the query's purpose")
     analytics_run.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
-    analytics_run.add_argument("--out", required=True, help="run directory (tables under queries/, MLflow store)")
+    analytics_run.add_argument("--out", required=True, help="run directory (tables under queries/; tracked in the workspace)")
     analytics_run.add_argument("--hospitals", type=int, default=3, help="hospitals that answer (default 3)")
     analytics_run.add_argument("--run-id", default="", help="name of this query run (default: name and digest of the "
                                "query; the same run on the same records repeats its answer at no new cost)")
     analytics_run.add_argument("--table", help="also write the table here (.csv or .parquet)")
-    analytics_run.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: SQLite under --out)")
+    analytics_run.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: the workspace's "
+                               "mlflow.db)")
     analytics_run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     analytics_run.set_defaults(handler=_cmd_analytics_run)
     analytics_check = analytics.add_parser("check", help="validate a query and show its noise; touches no data")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from federation.config import RunConfig
 from federation.errors import ConfigError
-from privacy.audit import CONSENT_REVOKE, NODE_ENROL
+from privacy.audit import CONSENT_RESTORE, CONSENT_REVOKE, NODE_ENROL
 
 NODE_DIR_HELP = "the node's state directory (made by `fedrisk node init --dir`)"
 
@@ -168,11 +168,12 @@ def _record_keys(data_file: Path, column: str) -> set[str]:
     return {str(v).strip() for v in values.dropna()}
 
 
-def _cmd_node_revoke(args: argparse.Namespace) -> int:
+def _consent_target(args: argparse.Namespace) -> tuple[object, str]:
+    """The node and the pseudonym of --record-key, for a --purpose a consent column of the schema
+    covers and a record key the export holds (neither echoed back: errors get pasted into tickets)."""
     import pandas as pd
 
     from clients.node_state import NodeState
-    from privacy.audit import Digest
 
     state = NodeState.load(Path(args.dir))
     schema = state.schema()
@@ -182,14 +183,40 @@ def _cmd_node_revoke(args: argparse.Namespace) -> int:
                           f"(purposes: {', '.join(purposes)})")
     keys = _record_keys(state.data_file, schema.record_key)
     if str(args.record_key).strip() not in keys:
-        # the typed key is not echoed: error messages may be pasted into tickets
         raise ConfigError(f"--record-key: no record of {state.data_file.name} has that record key "
-                          f"(column {schema.record_key!r}); nothing was revoked")
-    pseudonym = state.pseudonym_key().pseudonymise(pd.Series([str(args.record_key).strip()])).iloc[0]
-    state.revocations().revoke(pseudonym, args.purpose)
+                          f"(column {schema.record_key!r}); nothing was changed")
+    return state, state.pseudonym_key().pseudonymise(pd.Series([str(args.record_key).strip()])).iloc[0]
+
+
+def _cmd_node_revoke(args: argparse.Namespace) -> int:
+    from privacy.audit import Digest
+
+    state, pseudonym = _consent_target(args)
+    if not state.revocations().revoke(pseudonym, args.purpose):
+        print(f"consent for {args.purpose} was already withdrawn for this record; nothing changed")
+        return 0
     state.audit().append(CONSENT_REVOKE, purpose=args.purpose, details={"pseudonym": Digest(pseudonym)})
     print(f"consent for {args.purpose} withdrawn for one record: excluded from the next run or query, "
-          "and from applicant scoring at once")
+          "and from applicant scoring at once (undo a mistaken withdrawal: fedrisk node restore)")
+    return 0
+
+
+def _cmd_node_restore(args: argparse.Namespace) -> int:
+    from privacy.audit import AuditIdentifierError, Digest
+
+    reason = " ".join(str(args.reason or "").split())
+    if not reason:
+        raise ConfigError("--reason must say why the withdrawal is undone (recorded in the audit log)")
+    state, pseudonym = _consent_target(args)
+    state.revocations().restore(pseudonym, args.purpose)
+    try:
+        state.audit().append(CONSENT_RESTORE, purpose=args.purpose,
+                             details={"pseudonym": Digest(pseudonym), "reason": reason})
+    except AuditIdentifierError:  # the restore stands; a reason naming a person is not written to the log
+        state.audit().append(CONSENT_RESTORE, purpose=args.purpose,
+                             details={"pseudonym": Digest(pseudonym), "reason": "withheld by the identifier filter"})
+    print(f"withdrawal of consent for {args.purpose} undone for one record: usable again from the next run, query "
+          "or score (the withdrawal and its undoing both stay on record)")
     return 0
 
 
@@ -197,16 +224,21 @@ def _cmd_node_revocations(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from clients.node_state import NodeState
+    from privacy.consent import REVOKED
 
     state = NodeState.load(Path(args.dir))
     wanted = None
     if args.record_key:
         wanted = state.pseudonym_key().pseudonymise(pd.Series([str(args.record_key).strip()])).iloc[0]
-    rows = [(p, purpose, when) for p, purpose, when in state.revocations().entries()
+    registry = state.revocations()
+    rows = [(when, p, purpose, action) for when, p, purpose, action in registry.history()
             if (wanted is None or p == wanted) and (not args.purpose or purpose == args.purpose)]
-    print(f"{state.hospital}: {len(rows)} consent withdrawal(s)")
-    for pseudonym, purpose, when in rows:
-        print(f"  {when}  {purpose:<24} pseudonym {pseudonym[:12]}…")
+    standing = sum(len({p for p in registry.revoked(purpose) if wanted is None or p == wanted})
+                   for purpose in sorted({purpose for _, _, purpose, _ in rows}))
+    print(f"{state.hospital}: {standing} consent withdrawal(s) in force; {len(rows)} event(s)")
+    for when, pseudonym, purpose, action in rows:
+        print(f"  {when.replace('T', ' ')} UTC  {'withdrawn' if action == REVOKED else 'restored':<9}  "
+              f"{purpose:<24} pseudonym {pseudonym[:12]}…")
     return 0
 
 
@@ -369,6 +401,13 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
     node_revoke.add_argument("--record-key", required=True, help="the patient's record key in the export")
     node_revoke.add_argument("--purpose", required=True, help="the purpose the consent is withdrawn for")
     node_revoke.set_defaults(handler=_cmd_node_revoke)
+    node_restore = node.add_parser("restore", help="undo a withdrawal of consent (recorded by mistake, or consent "
+                                   "given again); both stay on record and in the audit log")
+    node_restore.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    node_restore.add_argument("--record-key", required=True, help="the patient's record key in the export")
+    node_restore.add_argument("--purpose", required=True, help="the purpose whose withdrawal is undone")
+    node_restore.add_argument("--reason", required=True, help="why, in one line (audited; no names)")
+    node_restore.set_defaults(handler=_cmd_node_restore)
     node_revocations = node.add_parser("revocations", help="every consent withdrawal recorded at this node "
                                        "(pseudonym prefix, purpose, when); writes nothing")
     node_revocations.add_argument("--dir", required=True, help=NODE_DIR_HELP)

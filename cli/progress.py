@@ -1,9 +1,71 @@
-"""What a long command prints before it goes quiet."""
+"""What a long command shows while it works.
+
+On a terminal, a Rich progress display: a spinner with the elapsed time while the checks run and
+Flower's simulation engine starts, then a bar over the run's rounds, each finished round's line
+printed above it. Piped or redirected (a log file, CI), the same information as plain lines: the
+"starting" line, then one line per round.
+"""
 
 from __future__ import annotations
 
+import sys
+from types import TracebackType
+from typing import Any, TextIO
 
-def starting(what: str) -> None:
-    """One line before a simulation-engine command: checks come first, then Flower's engine starts."""
-    print(f"{what}: checking exports and keys, then starting Flower's simulation engine "
-          "(its start-up takes 10-30 s)...", flush=True)
+STARTUP_NOTE = "checking exports and keys, then starting Flower's simulation engine (its start-up takes 10-30 s)"
+
+
+class Working:
+    """A long command's progress display; use as a context manager, pass `callback` as the
+    engine's progress callback (`server.app.Progress`).
+
+    what: the command's one-line description; rounds: the rounds to count (None: a single step,
+    shown as a spinner with the elapsed time); stream: where to write (stdout); terminal: force
+    (True/False) or detect (None) whether the stream is a terminal; announce: print the plain
+    "starting" line (off when the caller has said what starts)."""
+
+    def __init__(self, what: str, rounds: int | None = None, *, stream: TextIO | None = None,
+                 terminal: bool | None = None, announce: bool = True) -> None:
+        self.what, self.rounds, self.announce = what, rounds, announce
+        self.stream = stream or sys.stdout
+        self.terminal = self.stream.isatty() if terminal is None else terminal
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> "Working":
+        if not self.terminal:
+            if self.announce:
+                print(f"{self.what}: {STARTUP_NOTE}...", file=self.stream, flush=True)
+            return self
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        console = Console(file=self.stream, force_terminal=True)
+        columns = [SpinnerColumn(), TextColumn("{task.description}")]
+        if self.rounds:
+            columns += [BarColumn(), MofNCompleteColumn(), TextColumn("rounds")]
+        self._progress = Progress(*columns, TimeElapsedColumn(), console=console, transient=False)
+        self._progress.start()
+        self._task = self._progress.add_task(f"{self.what}: starting the engine", total=self.rounds)
+        return self
+
+    def callback(self, event: str, data: dict[str, Any]) -> None:
+        """Show one engine event: a finished round advances the bar and prints its line."""
+        if event != "round":
+            return
+        from engines.simulation import round_line
+
+        line = round_line(data)
+        if self._progress is None:
+            print(line, file=self.stream, flush=True)
+            return
+        self._progress.console.print(line, markup=False, highlight=False)
+        self._progress.update(self._task, completed=int(data["round"]), description=self.what)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if self._progress is not None:
+            if kind is None:
+                self._progress.update(self._task, description=f"{self.what}: done",
+                                      completed=self.rounds if self.rounds else 1, total=self.rounds or 1)
+            self._progress.stop()

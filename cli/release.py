@@ -1,19 +1,20 @@
 """`fedrisk release`: create, withdraw, list and show releases (registered by cli.main.build_parser).
 
-After `fedrisk run --out runs/x` (MLflow store `sqlite:///runs/x/mlflow.db`, run id printed at the
-end), a data scientist releases the run with
+After `fedrisk run --out runs/x` (tracked in the workspace's MLflow store, `federation.workspace`;
+run id printed at the end), a data scientist releases the run with
 
     fedrisk release evaluate --run-dir runs/x --nodes runs/x/nodes --keys keys   # DP calibration/fairness
     fedrisk release audit --run-dir runs/x --nodes runs/x/nodes --keys keys      # DP membership-inference audit
-    fedrisk release create <MLflow run id> --run-dir runs/x --evaluation ... --audit ... [--registry releases]
+    fedrisk release create <MLflow run id> --evaluation ... --audit ...
 
 The `--evaluation` tables are required: a release rests on a DP evaluation of its model. So is the
 `--audit` table, unless `--no-audit REASON` says why not (the reason goes on the certificate).
 
-`--run-dir` derives the tracking URI from a run directory; `--tracking-uri` names any other MLflow
-store (e.g. a tracking server). One of the two is required: a release must come from the store that
-holds the run. The registry directory (default `releases/`) holds the MLflow Model Registry, the
-release audit log and local copies of the models; every other sub-command needs only it.
+The run is looked up in the workspace's store; `--tracking-uri` names any other MLflow store (a
+tracking server), and `--run-dir` a run directory made before workspaces, which held its own
+mlflow.db. The registry directory (default `<workspace>/releases/`) holds the release audit log
+and local copies of the models; its Model Registry is the workspace's store. Every sub-command but
+`create` needs only the registry.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from pathlib import Path
 from federation.errors import ConfigError
 from server.calibration import CALIBRATION_TOLERANCE
 
-DEFAULT_REGISTRY_DIR = "releases"
-from federation.run_dir import MLFLOW_DB as RUN_STORE_FILE  # what `fedrisk run --out DIR` writes
+from cli import workspace as ws
+from federation.run_dir import MLFLOW_DB as LEGACY_RUN_STORE  # what `fedrisk run --out DIR` wrote before workspaces
 
 
 def _registry(args: argparse.Namespace, tracking_uri: str = "", *, read_only: bool = False):
@@ -35,17 +36,25 @@ def _registry(args: argparse.Namespace, tracking_uri: str = "", *, read_only: bo
     a registry that does not exist instead of creating it."""
     from server.releases import ReleaseRegistry
 
-    return ReleaseRegistry(tracking_uri, Path(args.registry), must_exist=read_only)
+    return ReleaseRegistry(tracking_uri, ws.registry_dir(args), ws.registry_uri(args), must_exist=read_only)
 
 
-def _tracking_uri(args: argparse.Namespace) -> str:
+def _run_store(args: argparse.Namespace) -> str:
+    """The store holding the run to release: --tracking-uri, else the own mlflow.db of a pre-workspace
+    --run-dir, else the workspace's."""
     if args.tracking_uri:
         return args.tracking_uri
-    store = Path(args.run_dir).resolve() / RUN_STORE_FILE
-    if not store.is_file():
-        raise ConfigError(f"no MLflow store at {store}: give the directory `fedrisk run --out` wrote, "
-                          "or --tracking-uri")
-    return f"sqlite:///{store}"
+    if args.run_dir:
+        if not Path(args.run_dir).is_dir():
+            raise ConfigError(f"--run-dir {args.run_dir}: no such directory")
+        legacy = Path(args.run_dir).resolve() / LEGACY_RUN_STORE
+        if legacy.is_file():
+            return f"sqlite:///{legacy}"
+    store = ws.workspace(args)
+    if not store.exists():
+        raise ConfigError(f"no MLflow store in the workspace {store.root} (no {store.store.name}): run this where "
+                          f"`fedrisk run` ran, or give --workspace, ${ws.WORKSPACE_ENV} or --tracking-uri")
+    return store.tracking_uri
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
@@ -54,13 +63,15 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
     evaluation = load_evaluation([Path(p) for p in args.evaluation]) if args.evaluation else None
     audit = load_audit(Path(args.audit)) if args.audit else None
-    release = _registry(args, _tracking_uri(args)).create(args.run_id, args.approved_by, args.cutoff, evaluation,
+    release = _registry(args, _run_store(args)).create(args.run_id, args.approved_by, args.cutoff, evaluation,
                                                           args.accept_miscalibration or "", audit=audit,
                                                           unaudited=args.no_audit or "")
     cert, card = release.certificate, release.card
     print(f"released {release.release_id} ({release.status}): run {release.run_id}, sha256 {release.sha256}")
     print(f"  epsilon max {cert.epsilon_max:.4f} at delta {cert.delta:g} per patient ({cert.neighbouring}) over "
           f"{cert.hospitals} hospitals assumed to hold disjoint patients; data cut-off {cert.data_cutoff}")
+    if cert.patient_epsilon_statement:
+        print(f"  {cert.patient_epsilon_statement}")
     for name, h in cert.per_hospital.items():  # a new certificate has every per-hospital field
         assert h.evaluation is not None and h.run_epsilon is not None and h.ledger_epsilon is not None
         print(f"  {name}: run epsilon {h.run_epsilon:.4f} (DP-SGD {h.epsilon:.4f}, {h.evaluation.count} DP "
@@ -92,16 +103,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     model_file = Path(args.run_dir) / "release" / "model.npz"
     if not model_file.is_file():
         raise ConfigError(f"no released model at {model_file}: give the directory of a finished `fedrisk run`")
-    from cli.progress import starting
+    from cli.progress import Working
 
-    starting(f"DP evaluation of {model_file} at {args.hospitals} hospitals")
-    result, _ = evaluate_model(model_file, nodes_dir=Path(args.nodes), keys_dir=Path(args.keys),
-                               run_dir=Path(args.out or Path(args.run_dir) / "evaluation"),
-                               num_hospitals=args.hospitals, epsilon=args.epsilon, purpose=args.purpose or "")
+    with Working(f"DP evaluation of {model_file} at {args.hospitals} hospitals"):
+        result, _ = evaluate_model(model_file, nodes_dir=Path(args.nodes), keys_dir=Path(args.keys),
+                                   run_dir=Path(args.out or Path(args.run_dir) / "evaluation"),
+                                   num_hospitals=args.hospitals, epsilon=args.epsilon, purpose=args.purpose or "",
+                                   tracking_uri=ws.tracking_uri(args))
     table = Path(result.files[0])
     tables = sorted(table.parent.glob(f"{table.stem}.by-*.csv"))
     print(f"DP evaluation of {model_file} on {len(result.hospitals)} hospitals' held-out records: "
           f"epsilon {result.epsilon:.3f} charged to each hospital's ledger (purpose {result.query.purpose})")
+    from server.plots import PLOTS_DIR
+
+    plots = sorted((Path(args.out or Path(args.run_dir) / "evaluation") / PLOTS_DIR).glob("*.png"))
+    if plots:
+        print(f"plots (also in the MLflow run {result.mlflow_run_id}): {', '.join(str(p) for p in plots)}")
     print("release it with: " + " ".join(f"--evaluation {p}" for p in tables))
     return 0
 
@@ -119,12 +136,12 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         accounted, delta = float(report["epsilon_max"]), float(report["delta"])
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{report_file}: not a fedrisk privacy report") from None
-    from cli.progress import starting
+    from cli.progress import Working
 
-    starting(f"DP membership audit of {model_file} at {args.hospitals} hospitals")
-    result = audit_model(model_file, nodes_dir=Path(args.nodes), keys_dir=Path(args.keys),
-                         run_dir=Path(args.out or Path(args.run_dir) / "audit"), num_hospitals=args.hospitals,
-                         epsilon=args.epsilon, purpose=args.purpose or "")
+    with Working(f"DP membership audit of {model_file} at {args.hospitals} hospitals"):
+        result = audit_model(model_file, nodes_dir=Path(args.nodes), keys_dir=Path(args.keys),
+                             run_dir=Path(args.out or Path(args.run_dir) / "audit"), num_hospitals=args.hospitals,
+                             epsilon=args.epsilon, purpose=args.purpose or "", tracking_uri=ws.tracking_uri(args))
     table = Path(result.files[0])
     audit = load_audit(table)
     section = certificate_section(audit, accounted_epsilon=accounted, delta=delta,
@@ -156,7 +173,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps([r.to_dict() for r in releases], indent=2))
         return 0
     if not releases:
-        print(f"no releases in {args.registry}")
+        print(f"no releases in {ws.registry_dir(args)}")
     for r in releases:
         print(f"{r.release_id:<5} {r.status:<9} {r.created[:10]}  run {r.run_id}  sha256 {r.sha256[:12]}  "
               f"{r.card.model_kind}  epsilon {r.certificate.epsilon_max:.3f}  AUC {_number(r.card.federated_auc)}")
@@ -190,6 +207,8 @@ def _scored_query_options(parser: argparse.ArgumentParser, verb: str, noun: str)
                         help=f"epsilon each hospital spends on the {noun} (default 0.5)")
     parser.add_argument("--purpose", help="the consent purpose the hospitals answer under (default: the run's)")
     parser.add_argument("--out", help=f"where the {noun} run writes (default RUN_DIR/{noun})")
+    parser.add_argument("--tracking-uri", default="", help=f"MLflow store the {noun} is tracked in (default: the "
+                                                           "workspace's)")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -199,16 +218,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     user = _login_name()
 
     def with_registry(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        parser.add_argument("--registry", default=DEFAULT_REGISTRY_DIR,
-                            help=f"registry directory: MLflow Model Registry, audit log, model copies "
-                                 f"(default {DEFAULT_REGISTRY_DIR}/)")
+        parser.add_argument("--registry", help="registry directory: release audit log and model copies "
+                                               "(default <workspace>/releases/)")
         return parser
 
     create = with_registry(release.add_parser("create", help="release a finished training run"))
     create.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id `fedrisk run` printed")
-    store = create.add_mutually_exclusive_group(required=True)
-    store.add_argument("--run-dir", help="the run directory (`fedrisk run --out`): its mlflow.db holds the run")
-    store.add_argument("--tracking-uri", help="the MLflow tracking URI holding the run")
+    store = create.add_mutually_exclusive_group()
+    store.add_argument("--run-dir", help="a run directory made before workspaces, whose own mlflow.db holds the run "
+                                         "(default: the run is in the workspace's store)")
+    store.add_argument("--tracking-uri", help="the MLflow tracking URI holding the run (default: the workspace's store)")
     create.add_argument("--cutoff", help="data cut-off date YYYY-MM-DD (default: the day the run started, UTC)")
     create.add_argument("--approved-by", default=user, help=f"who approves the release (default: the login name, {user or 'unknown'})")
     create.add_argument("--evaluation", action="append", default=[], metavar="TABLE",

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli.release import DEFAULT_REGISTRY_DIR
+from cli import workspace as ws
 from federation.errors import ConfigError
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8400
 DEFAULT_DB = Path("runs/signals/signals.sqlite")
-DEFAULT_REGISTRY = Path(DEFAULT_REGISTRY_DIR)  # where `fedrisk release create` registers by default
 
 
 def _db(args: argparse.Namespace) -> Path:
@@ -38,7 +37,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     limits = {k: v for k, v in (("rate_per_second", args.rate), ("burst", args.burst)) if v is not None}
     if args.hospital_ca and not Path(args.hospital_ca).is_file():
         raise ConfigError(f"--hospital-ca {args.hospital_ca}: no such file")
-    settings = ServiceSettings(db=_db(args), registry_dir=Path(args.registry), tracking_uri=args.tracking_uri,
+    settings = ServiceSettings(db=_db(args), registry_dir=ws.registry_dir(args),
+                               tracking_uri=ws.tracking_uri(args), registry_uri=ws.registry_uri(args),
                                hospital_ca=args.hospital_ca or "", **limits)
     app = make_app(settings)
     print(f"fedrisk signals service on http://{args.host}:{args.port}/ (dashboard), API docs at /docs; "
@@ -106,9 +106,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     _db_option(serve, top=True)
-    serve.add_argument("--registry", default=str(DEFAULT_REGISTRY),
-                       help=f"release registry directory (default {DEFAULT_REGISTRY})")
-    serve.add_argument("--tracking-uri", default="", help="MLflow tracking URI of the registry (default: its SQLite)")
+    serve.add_argument("--registry", help="release registry directory (default <workspace>/releases, where "
+                                          "`fedrisk release create` registers)")
+    serve.add_argument("--tracking-uri", default="", help="MLflow store of the registry (default: the workspace's)")
     serve.add_argument("--rate", type=float, help="requests per second per caller (default 20, "
                        "server.signals.auth.DEFAULT_RATE_PER_SECOND)")
     serve.add_argument("--burst", type=int, help="requests a caller may make at once (default 40, "

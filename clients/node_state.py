@@ -139,8 +139,8 @@ class NodeState:
         state.revocations()
         state.audit().append(NODE_INIT, details={"purposes": sorted(budgets)})
         (directory / NODE_FILE).write_text(json.dumps({
-            "hospital": hospital, "data_file": str(state.data_file), "schema_file": str(schema_file),
-            "key_file": str(state.key_file)}, indent=2))
+            "hospital": hospital, "data_file": _stored(state.data_file, state.directory),
+            "schema_file": _stored(schema_file, state.directory), "key_file": HOSPITAL_CONTEXT_FILE}, indent=2))
         return state
 
     @staticmethod
@@ -154,8 +154,10 @@ class NodeState:
         directory = Path(directory)
         try:
             raw = json.loads((directory / NODE_FILE).read_text())
-            return cls(directory.resolve(), str(raw["hospital"]), Path(raw["data_file"]),
-                       Path(raw["schema_file"]), Path(raw["key_file"]))
+            home = directory.resolve()
+            # the key is always the node's own copy: found beside node.json wherever the directory moved
+            return cls(home, str(raw["hospital"]), home / Path(raw["data_file"]), home / Path(raw["schema_file"]),
+                       home / HOSPITAL_CONTEXT_FILE)
         except FileNotFoundError:
             raise ConfigError(f"{directory} is not a fedrisk node; run `fedrisk node init` first") from None
         except (ValueError, KeyError, TypeError):
@@ -195,6 +197,13 @@ class NodeState:
             "records": int(len(clean)), "used": int(len(table)), "excluded": excluded})
         return HospitalData(name=self.hospital, train_x=x[~is_test], train_y=y[~is_test],
                             test_x=x[is_test], test_y=y[is_test], excluded=excluded)
+
+
+def _stored(path: Path, directory: Path) -> str:
+    """A path as node.json records it: relative to the node directory when inside it (the node can
+    be moved or restored elsewhere), else absolute."""
+    path = Path(path).resolve()
+    return str(path.relative_to(directory)) if path.is_relative_to(directory) else str(path)
 
 
 def enrol(states: list[NodeState]) -> FederationManifest:

@@ -53,6 +53,7 @@ from federation.model import (  # noqa: F401  (the band edges are part of scorin
     load_model,
     num_parameters,
     predict_proba,
+    risk_band,
     weights_digest,
 )
 from privacy.audit import RELEASE_INSTALL, RELEASE_WITHDRAW, SCORE_REFUSED, SCORE_USE, AuditIdentifierError, Digest
@@ -142,11 +143,6 @@ class Score:
 def round_probability(probability: float) -> float:
     """The probability as it leaves the node: rounded to PROBABILITY_DECIMALS."""
     return round(float(probability), PROBABILITY_DECIMALS)
-
-
-def risk_band(probability: float) -> str:
-    """`low` below LOW_BAND_UPPER, `medium` below MEDIUM_BAND_UPPER, else `high`."""
-    return "low" if probability < LOW_BAND_UPPER else "medium" if probability < MEDIUM_BAND_UPPER else "high"
 
 
 def occlusion(model: torch.nn.Module, x_row: np.ndarray) -> tuple[float, dict[str, float]]:

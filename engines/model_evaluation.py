@@ -19,6 +19,7 @@ import pandas as pd
 
 from engines.analytics import run_query
 from federation import features as fx
+from federation.config import RunConfig
 from federation.model import weights_digest
 from federation.query import RISK_SCORE, CohortQuery
 from server.analytics import QueryResult
@@ -115,4 +116,22 @@ def evaluate_model(model_file: Path, *, nodes_dir: Path, keys_dir: Path, run_dir
     table_file = Path(result.files[0])
     for group, frame in tables.items():
         frame.to_csv(table_file.with_name(f"{table_file.stem}.by-{group}.csv"), index=False)
+    evaluation_plots(tables, Path(run_dir), RunConfig(run_dir=str(run_dir), tracking_uri=tracking_uri).mlflow_uri,
+                     result.mlflow_run_id)
     return result, tables
+
+
+def evaluation_plots(tables: dict[str, pd.DataFrame], run_dir: Path, tracking_uri: str,
+                     mlflow_run_id: str) -> list[Path]:
+    """`<run_dir>/plots/calibration.png` and (with a group field of two or more groups)
+    `auc_by_group.png`, post-processing of the DP tables; logged to the evaluation's MLflow run."""
+    from server.plots import CALIBRATION_PLOT, GROUP_AUC_PLOT, PLOTS_DIR, calibration_plot, group_auc_plot, log_plots
+    from server.releases.dp_evaluation import evaluation_from_tables
+
+    summary = evaluation_from_tables(tables)
+    plots = [calibration_plot(summary, run_dir / PLOTS_DIR / CALIBRATION_PLOT)]
+    grouped = group_auc_plot(summary, run_dir / PLOTS_DIR / GROUP_AUC_PLOT)
+    plots += [grouped] if grouped else []
+    if mlflow_run_id:
+        log_plots(tracking_uri, mlflow_run_id, plots)
+    return plots

@@ -110,6 +110,7 @@ def record_release_inputs(config, mlflow_run_id: str) -> None:
 
     from clients import encoding
     from clients.schema import ExportSchema
+    from federation.release_model import write_mlmodel
     from server.tracking import INPUTS_FILE, quiet_mlflow
 
     if config.features != "schema":
@@ -127,4 +128,6 @@ def record_release_inputs(config, mlflow_run_id: str) -> None:
     path = Path(config.run_dir) / "release" / INPUTS_FILE
     path.write_text(json.dumps({"features": names, "label": schema.label, "label_description": schema.label_description,
                                 "intended_use": schema.intended_use, "purpose": config.purpose}, indent=2))
-    quiet_mlflow().tracking.MlflowClient(config.mlflow_uri).log_artifact(mlflow_run_id, str(path), "release")
+    client = quiet_mlflow().tracking.MlflowClient(config.mlflow_uri)
+    for written in (path, write_mlmodel(path.parent)):  # the pyfunc signature now names the inputs
+        client.log_artifact(mlflow_run_id, str(written), "release")

@@ -31,16 +31,21 @@ from server.app import FederatedResult, Progress, make_server_app
 from server.tracking import ROUND_EPSILON_MAX, ROUND_SECONDS
 
 
+def round_line(data: dict[str, Any]) -> str:
+    """One finished round as `fedrisk run` and the demo show it: the DP evaluation's metrics, the
+    largest epsilon so far and the round's time."""
+    se = data.get(AUC + SE_SUFFIX)
+    spread = f" ± {se:.4f}" if isinstance(se, float) and math.isfinite(se) else ""
+    return (f"  round {data['round']}/{data['rounds']}  DP pooled AUC {data[AUC]:.4f}{spread}  "
+            f"Brier {data[BRIER]:.4f}  log loss {data[LOG_LOSS]:.4f}  "
+            f"epsilon so far {data[ROUND_EPSILON_MAX]:.3f}  {data[ROUND_SECONDS]:.1f}s")
+
+
 def print_rounds(stream: TextIO) -> Progress:
-    """A progress callback that prints one line per finished round (what `fedrisk run` and the
-    demo show): the DP evaluation's metrics, the largest epsilon so far and the round's time."""
+    """A progress callback that prints `round_line` for each finished round."""
     def show(event: str, data: dict[str, Any]) -> None:
         if event == "round":
-            se = data.get(AUC + SE_SUFFIX)
-            spread = f" ± {se:.4f}" if isinstance(se, float) and math.isfinite(se) else ""
-            stream.write(f"  round {data['round']}/{data['rounds']}  DP pooled AUC {data[AUC]:.4f}{spread}  "
-                         f"Brier {data[BRIER]:.4f}  log loss {data[LOG_LOSS]:.4f}  "
-                         f"epsilon so far {data[ROUND_EPSILON_MAX]:.3f}  {data[ROUND_SECONDS]:.1f}s\n")
+            stream.write(round_line(data) + "\n")
             stream.flush()
     return show
 

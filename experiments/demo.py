@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from federation.config import RunConfig
@@ -49,8 +50,11 @@ def _out_dir(settings: DemoSettings) -> Path:
     return out
 
 
-def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, Any]:
-    """Run the demo and return the summary it writes to `summary.json`."""
+def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout,
+             working: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
+    """Run the demo and return the summary it writes to `summary.json`. working(what, rounds): a
+    progress display for the training (a context manager with a `callback`, `cli.progress.Working`);
+    default, one printed line per round."""
     from experiments import overheads, reference
     from engines.provisioning import provision_nodes
     from engines.simulation import print_rounds, simulate
@@ -82,7 +86,11 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout) -> dict[str, A
                      f"epsilon={settings.epsilon:g}, delta={settings.delta:g} per hospital, CKKS aggregation\n")
         stream.flush()
         train_began = time.perf_counter()
-        result = simulate(config, progress=print_rounds(stream))
+        if working is None:
+            result = simulate(config, progress=print_rounds(stream))
+        else:
+            with working("training", settings.rounds) as display:
+                result = simulate(config, progress=display.callback)
         wall_seconds = time.perf_counter() - train_began
         stream.write("  computing reference points (centralized non-private model, oracle)...\n")
         stream.flush()

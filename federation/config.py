@@ -76,7 +76,8 @@ class RunConfig:
         n_features: number of model inputs of a "schema" run (every hospital checks its own).
         seed: seeds model initialisation and every hospital's sampler.
         purpose: the declared purpose of the run; only records consenting to it are used.
-        tracking_uri: MLflow tracking URI; empty means a SQLite store under run_dir.
+        tracking_uri: MLflow tracking URI; empty means a SQLite store under run_dir (library use: the
+            CLI passes its workspace's store, `federation.workspace`).
         experiment: MLflow experiment name.
         min_contributors: fewest hospitals an aggregate must contain before any hospital
             agrees to decrypt it (so no single hospital's update is ever revealed).

@@ -35,6 +35,15 @@ assigns them (`clients.scoring.risk_band`) and a release is checked against them
 (`server.calibration.band_rates`)."""
 
 
+def risk_band(probability: float) -> str:
+    """The `RISK_BANDS` band of a calibrated probability: each band holds [lower, upper), the last
+    one 1 too."""
+    for name, _, upper in RISK_BANDS[:-1]:
+        if probability < upper:
+            return name
+    return RISK_BANDS[-1][0]
+
+
 def build_model(kind: str, n_features: int = N_FEATURES) -> nn.Module:
     """`mlp`: n-64-32-1 with ReLU (`mlp:W1,W2,...` for other hidden widths); `logreg`: n-1
     (n = 40 for the standard contract). All output one logit."""

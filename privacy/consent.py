@@ -142,12 +142,21 @@ def _timestamp(when: datetime | date | None) -> str:
     return when.isoformat(timespec="seconds")
 
 
+REVOKED, RESTORED = "revoked", "restored"
+"""The two events of a consent's withdrawal record."""
+
+
 class RevocationRegistry:
     """Withdrawn consents, kept on the hospital node in a SQLite file, keyed by pseudonym.
 
     Only pseudonyms are stored, never record keys. A run calls `revoked(purpose)` once at its
     start and uses that set throughout, so a revocation made during a run applies from the
     next one.
+
+    The record only grows (the node's anchored state head counts it, `clients.anchoring`): a
+    patient's first withdrawal for a purpose is a row of `revocations`; undoing it (`restore`, a
+    withdrawal recorded by mistake, or consent given again) and withdrawing again afterwards are
+    rows of `consent_events`. A consent is withdrawn when its latest event is a withdrawal.
     """
 
     def __init__(self, path: Path) -> None:
@@ -158,32 +167,74 @@ class RevocationRegistry:
             with closing(sqlite3.connect(self.path)) as db, db:
                 db.execute("CREATE TABLE IF NOT EXISTS revocations (pseudonym TEXT NOT NULL, "
                            "purpose TEXT NOT NULL, revoked_at TEXT NOT NULL, PRIMARY KEY (pseudonym, purpose))")
+                db.execute("CREATE TABLE IF NOT EXISTS consent_events (pseudonym TEXT NOT NULL, purpose TEXT NOT NULL, "
+                           f"action TEXT NOT NULL CHECK (action IN ('{REVOKED}', '{RESTORED}')), at TEXT NOT NULL)")
         except sqlite3.DatabaseError:
             raise ConsentError(f"cannot open revocation registry {self.path}: not a fedrisk registry") from None
 
-    def revoke(self, pseudonym: str, purpose: str, when: datetime | date | None = None) -> None:
-        """Record that `pseudonym` withdrew consent for `purpose` at `when` (default now).
-        Revoking twice keeps the earlier time."""
+    @staticmethod
+    def _check(pseudonym: str, purpose: str) -> None:
         if not isinstance(pseudonym, str) or not _PSEUDONYM_PATTERN.match(pseudonym):
             raise ConsentError("a revocation needs a pseudonym (32 lowercase hex characters)")
         if not PURPOSE_PATTERN.match(purpose):
             raise ConsentError(f"purpose {purpose!r} is not a slug such as 'credit-risk-research'")
-        with closing(sqlite3.connect(self.path)) as db, db:
-            db.execute("INSERT OR IGNORE INTO revocations VALUES (?, ?, ?)", (pseudonym, purpose, _timestamp(when)))
 
-    def entries(self) -> list[tuple[str, str, str]]:
-        """Every withdrawal as (pseudonym, purpose, revoked_at), in the order recorded: what the
-        node's anchored state head hashes (`clients.anchoring`)."""
+    def revoke(self, pseudonym: str, purpose: str, when: datetime | date | None = None) -> bool:
+        """Record that `pseudonym` withdrew consent for `purpose` at `when` (default now). Returns
+        False, recording nothing, if the consent is withdrawn already (the earlier time stands)."""
+        self._check(pseudonym, purpose)
+        with closing(sqlite3.connect(self.path)) as db, db:
+            if self._status(db, pseudonym, purpose) == REVOKED:
+                return False
+            first = db.execute("INSERT OR IGNORE INTO revocations VALUES (?, ?, ?)",
+                               (pseudonym, purpose, _timestamp(when))).rowcount
+            if not first:  # withdrawn before, restored since: withdrawn again
+                db.execute("INSERT INTO consent_events VALUES (?, ?, ?, ?)",
+                           (pseudonym, purpose, REVOKED, _timestamp(when)))
+            return True
+
+    def restore(self, pseudonym: str, purpose: str, when: datetime | date | None = None) -> None:
+        """Undo the withdrawal of `pseudonym`'s consent for `purpose` from `when` (default now): the
+        record is usable again from the next run, query or score. Raises ConsentError if its consent
+        for the purpose is not withdrawn."""
+        self._check(pseudonym, purpose)
+        with closing(sqlite3.connect(self.path)) as db, db:
+            if self._status(db, pseudonym, purpose) != REVOKED:
+                raise ConsentError(f"no withdrawal of this record's consent for {purpose} is in force; nothing to undo")
+            db.execute("INSERT INTO consent_events VALUES (?, ?, ?, ?)", (pseudonym, purpose, RESTORED, _timestamp(when)))
+
+    @staticmethod
+    def _status(db: sqlite3.Connection, pseudonym: str, purpose: str) -> str | None:
+        """REVOKED, RESTORED or None (never withdrawn) for one consent, now."""
+        first = db.execute("SELECT 1 FROM revocations WHERE pseudonym = ? AND purpose = ?", (pseudonym, purpose)).fetchone()
+        if not first:
+            return None
+        latest = db.execute("SELECT action FROM consent_events WHERE pseudonym = ? AND purpose = ? ORDER BY rowid DESC "
+                            "LIMIT 1", (pseudonym, purpose)).fetchone()
+        return latest[0] if latest else REVOKED
+
+    def entries(self) -> list[tuple[str, ...]]:
+        """Every withdrawal as (pseudonym, purpose, revoked_at), in the order recorded, then every
+        later restore or repeated withdrawal as (pseudonym, purpose, at, action): what the node's
+        anchored state head hashes (`clients.anchoring`); it only grows."""
         with closing(sqlite3.connect(self.path)) as db:
-            return [tuple(row) for row in db.execute(
+            first = [tuple(row) for row in db.execute(
                 "SELECT pseudonym, purpose, revoked_at FROM revocations ORDER BY rowid")]
+            return first + [tuple(row) for row in db.execute(
+                "SELECT pseudonym, purpose, at, action FROM consent_events ORDER BY rowid")]
+
+    def history(self) -> list[tuple[str, str, str, str]]:
+        """Every withdrawal and restore as (at, pseudonym, purpose, action), oldest first."""
+        rows = [(row[2], row[0], row[1], row[3] if len(row) > 3 else REVOKED) for row in self.entries()]
+        return sorted(rows, key=lambda row: row[0])
 
     def revoked(self, purpose: str, as_of: datetime | date | None = None) -> set[str]:
-        """Pseudonyms whose consent for `purpose` was withdrawn at or before `as_of` (default: all)."""
-        query = "SELECT pseudonym FROM revocations WHERE purpose = ?"
-        parameters: tuple[str, ...] = (purpose,)
-        if as_of is not None:
-            query += " AND revoked_at <= ?"
-            parameters += (_timestamp(as_of),)
-        with closing(sqlite3.connect(self.path)) as db:
-            return {row[0] for row in db.execute(query, parameters)}
+        """Pseudonyms whose consent for `purpose` stood withdrawn at `as_of` (default: now and
+        everything recorded): each one's latest event at or before then is a withdrawal."""
+        cutoff = _timestamp(as_of) if as_of is not None else None
+        latest: dict[str, tuple[str, int, str]] = {}
+        for order, (at, pseudonym, event_purpose, action) in enumerate(self.history()):
+            if event_purpose == purpose and (cutoff is None or at <= cutoff):
+                if pseudonym not in latest or (at, order) >= latest[pseudonym][:2]:
+                    latest[pseudonym] = (at, order, action)
+        return {pseudonym for pseudonym, (_, _, action) in latest.items() if action == REVOKED}

@@ -19,6 +19,8 @@ import numpy as np
 
 from federation.config import RunConfig
 from federation.he_codec import he_parameters
+from federation.release_model import INPUTS_FILE, write_mlmodel  # noqa: F401  (INPUTS_FILE: re-exported)
+from federation.workspace import artifact_root
 from privacy.accounting import (ACCOUNTANT, MIXED_ACCOUNTANTS, PRV_ACCOUNTANT, RDP_ACCOUNTANT, RDP_ORDERS,
                                 HospitalSpend)
 
@@ -99,10 +101,25 @@ class RunTracker:
                             for k, v in calibration[when].items()})
         if calibration.get("problem"):
             mlflow.set_tag("calibration.problem", str(calibration["problem"]))
+        write_mlmodel(release)  # `mlflow.pyfunc.load_model` loads the release
         mlflow.log_artifacts(str(release), artifact_path="release")
+        self._plot_rounds()
         mlflow.set_tag("release.sha256", digest)
         mlflow.end_run(status="FINISHED")
         return release
+
+    def _plot_rounds(self) -> None:
+        """`<run>/plots/training.png` from the run's logged round metrics (all rounds, a resumed
+        run's earlier ones too), logged under `plots/`."""
+        from federation.round_evaluation import AUC, BRIER, SE_SUFFIX
+        from server.plots import PLOTS_DIR, TRAINING_PLOT, training_plot
+
+        client = self.mlflow.tracking.MlflowClient()
+        history = {key: [(m.step, m.value) for m in client.get_metric_history(self.run_id, name)]
+                   for key, name in (("auc", AUC), ("auc_se", AUC + SE_SUFFIX), ("brier", BRIER),
+                                     ("epsilon-max", ROUND_EPSILON_MAX))}
+        path = training_plot(history, Path(self.config.run_dir) / PLOTS_DIR / TRAINING_PLOT)
+        self.mlflow.log_artifact(str(path), artifact_path=PLOTS_DIR)
 
     def fail(self) -> None:
         """End the run as FAILED but keep it: its checkpoint can be resumed."""
@@ -120,14 +137,14 @@ class RunTracker:
 
 
 def _experiment_id(mlflow: Any, config: RunConfig) -> str:
-    """Point MLflow at the config's store and return its experiment, created if new (artifacts
-    under the run directory when the store is the run's own SQLite file)."""
+    """Point MLflow at the config's store and return its experiment, created if new (a SQLite
+    store's artifacts beside its file: `federation.workspace.artifact_root`)."""
     mlflow.set_tracking_uri(config.mlflow_uri)
     experiment = mlflow.get_experiment_by_name(config.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_root = (Path(config.run_dir).resolve() / "mlartifacts").as_uri() if not config.tracking_uri else None
-    return mlflow.create_experiment(config.experiment, artifact_location=artifact_root)
+    root = artifact_root(config.mlflow_uri)
+    return mlflow.create_experiment(config.experiment, artifact_location=root.as_uri() if root else None)
 
 
 def _is_active(mlflow: Any, run_id: str) -> bool:
@@ -192,10 +209,3 @@ def track_query(config: RunConfig, result: Any, files: list[Path]) -> str:
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="query")
     return run.info.run_id
-
-
-
-
-INPUTS_FILE = "inputs.json"
-"""A schema run's release: what its model reads and predicts, from the federation's export schema
-(written beside the release by whoever started the run and held the schema, `engines`)."""

@@ -18,7 +18,7 @@ UNIT_TIER = frozenset({
     "test_accounting.py", "test_architecture.py", "test_audit.py", "test_certs.py", "test_clipping.py",
     "test_deploy_compose.py", "test_grants.py", "test_he_codec.py", "test_ledger.py", "test_ledger_races.py",
     "test_policy.py", "test_round_evaluation.py", "test_synthetic.py", "test_training.py",
-    "test_governance_data.py", "test_node_channel.py", "test_calibration.py", "test_cli_usability.py", "test_readiness.py", "test_schema_draft.py"})
+    "test_governance_data.py", "test_node_channel.py", "test_calibration.py", "test_cli_usability.py", "test_readiness.py", "test_schema_draft.py", "test_dashboard_wording.py", "test_release_model.py"})
 """Test files of the fast tier (`make test-fast`, `pytest -m unit`): no federation, no Flower engine,
 no long-lived process."""
 
@@ -44,6 +44,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Mark each test with its tier."""
     for item in items:
         item.add_marker(getattr(pytest.mark, tier_of(Path(str(item.fspath)))))
+
+
+@pytest.fixture(autouse=True)
+def fedrisk_workspace(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's own fedrisk workspace (`federation.workspace`): a command a test runs, in this
+    process or a child, tracks there and never in the checkout's directory."""
+    from federation.workspace import WORKSPACE_ENV
+
+    root = tmp_path_factory.mktemp("workspace")
+    monkeypatch.setenv(WORKSPACE_ENV, str(root))
+    return root
 
 
 @pytest.fixture(scope="session")

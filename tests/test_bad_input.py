@@ -13,6 +13,7 @@ import pytest
 import tenseal as ts
 
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, SERVER_CONTEXT_FILE, init_keys
+from federation.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +54,9 @@ def run_args(ws: dict[str, Path], *extra: str) -> list[str]:
 
 
 def assert_nothing_registered(ws: dict[str, Path]) -> None:
-    """No run directory, hence no MLflow store or release, was left behind."""
+    """No run directory, MLflow store (the run's or the workspace's) or release was left behind."""
     assert not (ws["out"] / "mlflow.db").exists()
+    assert not Workspace.locate().store.exists()
     assert not (ws["out"] / "release").exists()
 
 

@@ -98,3 +98,38 @@ def test_preflight_warns_of_files_left_out_and_of_a_hospital_too_small_to_train(
     assert "MRN-" not in err  # counts and names only
     preflight(config.replace(run_dir=str(tmp_path / "run2"), num_hospitals=3, sample_rate=0.5))
     assert capsys.readouterr().err == ""  # nothing to warn of
+
+
+def _round(number: int, rounds: int) -> dict:
+    from federation.round_evaluation import AUC, BRIER, LOG_LOSS
+    from server.tracking import ROUND_EPSILON_MAX, ROUND_SECONDS
+
+    return {"round": number, "rounds": rounds, AUC: 0.8, BRIER: 0.1, LOG_LOSS: 0.3, ROUND_EPSILON_MAX: 0.5 * number,
+            ROUND_SECONDS: 1.0}
+
+
+def test_a_terminal_gets_a_progress_bar_over_the_rounds() -> None:
+    import io
+
+    from cli.progress import Working
+
+    screen = io.StringIO()
+    with Working("training at 3 hospitals", 2, stream=screen, terminal=True) as working:
+        for number in (1, 2):
+            working.callback("round", _round(number, 2))
+    shown = screen.getvalue()
+    assert "round 1/2  DP pooled AUC 0.8000" in shown and "round 2/2" in shown
+    assert "2/2" in shown and "━" in shown and "done" in shown  # Rich's bar, full, and the command marked done
+
+
+def test_a_pipe_gets_plain_lines_and_no_terminal_codes() -> None:
+    import io
+
+    from cli.progress import Working
+
+    log = io.StringIO()
+    with Working("training at 3 hospitals", 2, stream=log, terminal=False) as working:
+        working.callback("round", _round(1, 2))
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("training at 3 hospitals: checking exports and keys") and "round 1/2" in lines[1]
+    assert "\x1b[" not in log.getvalue()

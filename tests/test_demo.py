@@ -17,7 +17,7 @@ SUMMARY_KEYS = {"auc_federated", "auc_centralized", "auc_oracle", "epsilon_by_ho
 pytestmark = pytest.mark.slow
 
 
-def test_demo_prints_progress_and_writes_its_summary(tmp_path) -> None:
+def test_demo_prints_progress_and_writes_its_summary(tmp_path, fedrisk_workspace) -> None:
     out = tmp_path / "demo"
     result = subprocess.run([sys.executable, "-m", "cli.main", "demo", "--out", str(out), "--hospitals", "3",
                              "--patients", "9000", "--rounds", "2"], cwd=ROOT, capture_output=True, text=True,
@@ -33,7 +33,8 @@ def test_demo_prints_progress_and_writes_its_summary(tmp_path) -> None:
     assert summary["ciphertext_expansion"] <= 6.0
     # measured ratios, not targets (those are `make bench`): present and positive, whatever the load
     assert summary["dp_overhead_ratio"] > 0.0 and summary["he_overhead_ratio"] > 0.0
-    assert (out / "mlflow.db").is_file() and (out / "release" / "model.npz").is_file()
+    assert (fedrisk_workspace / "mlflow.db").is_file() and not (out / "mlflow.db").exists()  # the workspace's store
+    assert (out / "release" / "model.npz").is_file() and (out / "release" / "MLmodel").is_file()
     for label in ("AUC, pooled DP evaluation histogram (coordinator)", "AUC, per-hospital weighted mean (demo reference)",
                   "AUC, pooled held-out records (demo reference)", "calibration in the large", "expected calibration error"):
         assert label in result.stdout

@@ -385,6 +385,26 @@ def test_revoked_and_expired_records_are_excluded_with_counts_by_reason(tmp_path
     assert next_run.excluded.revoked == 2 and not next_run.mask[0]
 
 
+def test_a_withdrawal_is_undone_on_record_and_can_be_made_again(tmp_path, key):
+    """Undoing a withdrawal adds to the record, never deletes (the node's anchored head counts it);
+    runs started before the undo still exclude the record, later ones use it; withdrawing again works."""
+    registry = RevocationRegistry(tmp_path / "revocations.sqlite")
+    patient, other = key.pseudonymise(pd.Series(["MRN-1", "MRN-2"]))
+    assert registry.revoke(patient, RESEARCH, datetime(2026, 6, 1, 9))
+    assert not registry.revoke(patient, RESEARCH, datetime(2026, 6, 2, 9))  # already withdrawn: nothing recorded
+    with pytest.raises(ConsentError, match="nothing to undo"):
+        registry.restore(other, RESEARCH)
+    registry.restore(patient, RESEARCH, datetime(2026, 6, 10, 9))
+    assert registry.revoked(RESEARCH, as_of=datetime(2026, 6, 5)) == {patient}  # a run started before the undo
+    assert registry.revoked(RESEARCH) == set()
+    with pytest.raises(ConsentError, match="nothing to undo"):
+        registry.restore(patient, RESEARCH)
+    assert registry.revoke(patient, RESEARCH, datetime(2026, 6, 20, 9))
+    assert registry.revoked(RESEARCH) == {patient} and registry.revoked(SCORING) == set()
+    assert [action for _, _, _, action in registry.history()] == ["revoked", "restored", "revoked"]
+    assert len(registry.entries()) == 3  # only ever grows
+
+
 def test_consent_expiry_column_and_schema_policy(exports, schema, key):
     validated = validate_export(exports[0], schema).table
     validity = schema.consent_validity_days[RESEARCH]

@@ -255,6 +255,18 @@ def test_consent_revocation_and_grant_revocation_apply_to_the_next_request(
     for listing in (out, _cli(capsys, "node", "grant", "list", "--dir", node)[1]):
         assert first not in listing and second not in listing
 
+    # a withdrawal entered for the wrong patient is undone, on record, and the record scores again at once
+    restore = ("node", "restore", "--dir", node, "--record-key", first, "--purpose", "applicant-scoring",
+               "--reason", "withdrawal entered for the wrong patient")
+    assert _cli(capsys, *restore)[0] == 0
+    assert scorer.score(token, BANK, RELEASE).release_id == RELEASE
+    code, _, err = _cli(capsys, *restore)
+    assert code == 2 and "nothing to undo" in err
+    code, out, _ = _cli(capsys, "node", "revocations", "--dir", node, "--record-key", first)
+    assert "0 consent withdrawal(s) in force; 2 event(s)" in out and "restored" in out and "withdrawn" in out
+    code, out, _ = _cli(capsys, "audit", "show", node, "--action", "consent.restore")
+    assert code == 0 and "wrong patient" in out and first not in out
+
 
 def test_withdrawn_or_tampered_release_is_refused_at_once(fed: Federation, capsys: pytest.CaptureFixture[str],
                                                           tmp_path: Path) -> None:

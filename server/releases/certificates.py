@@ -231,6 +231,10 @@ class PrivacyCertificate:
             hospitals' runs composed (what holds where `assumption` fails).
         overlap: what holds for a patient at several hospitals, in words.
         ledger_basis: what each hospital's `ledger_epsilon` is (`LEDGER_BASIS`).
+        patient_epsilon: a patient's cumulative epsilon for the purpose so far: the largest
+            `ledger_epsilon` over the hospitals (every run and query charged to the purpose, this run
+            included), at most what any one patient has lost, beside this release's `epsilon_max`.
+        patient_epsilon_statement: the two in words, for a reader of the certificate.
         calibration_override: None, or {"reason", "by", "problems"} when the release was approved
             although its calibration failed the release check (`server.calibration.release_problems`).
         privacy_audit: the release's empirical privacy audit (`server.releases.membership`): the
@@ -263,6 +267,8 @@ class PrivacyCertificate:
     ledger_basis: str = ""
     calibration_override: dict[str, Any] | None = None
     privacy_audit: dict[str, Any] | None = None
+    patient_epsilon: float | None = None
+    patient_epsilon_statement: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -322,6 +328,9 @@ def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str,
                "not by epsilon_max: "
                f"at most epsilon {everywhere:.4g} at delta {delta:g} for a patient at all {len(per_hospital)} "
                "hospitals.")
+    patient, statement = _patient_epsilon(per_hospital, float(report["epsilon_max"]), str(report["purpose"]),
+                                          float(evaluation.get("epsilon") or 0.0),
+                                          float((privacy_audit or {}).get("query_epsilon") or 0.0))
     return PrivacyCertificate(
         release_id=release_id, model_sha256=model_sha256, mlflow_run_id=mlflow_run_id,
         purpose=str(report["purpose"]), data_cutoff=cutoff, issued=issued, hospitals=len(per_hospital),
@@ -331,7 +340,28 @@ def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str,
         neighbouring=str(report["neighbouring"]), assumption=str(report["assumption"]),
         epsilon_all_hospitals=everywhere, overlap=overlap, ledger_basis=LEDGER_BASIS,
         calibration_override=dict(calibration_override) if calibration_override else None,
-        privacy_audit=dict(privacy_audit) if privacy_audit else None)
+        privacy_audit=dict(privacy_audit) if privacy_audit else None, patient_epsilon=patient,
+        patient_epsilon_statement=statement)
+
+
+def _patient_epsilon(per_hospital: Mapping[str, HospitalPrivacy], release_epsilon: float, purpose: str,
+                     evaluation_epsilon: float, audit_epsilon: float) -> tuple[float | None, str]:
+    """A patient's cumulative epsilon for the purpose, and the sentence saying it: each hospital's
+    ledger after the run, plus the release's DP evaluation and audit charged to the same ledgers
+    afterwards (added: basic composition, an upper bound); the largest over the hospitals."""
+    after_run = {name: h.ledger_epsilon for name, h in per_hospital.items() if h.ledger_epsilon is not None}
+    if not after_run:
+        return None, ""
+    extra = evaluation_epsilon + audit_epsilon
+    hospital = max(after_run, key=lambda name: after_run[name])
+    total = after_run[hospital] + extra
+    later = " and ".join(f"{what} (epsilon {value:.3g})" for what, value in
+                         (("its DP evaluation", evaluation_epsilon), ("its privacy audit", audit_epsilon)) if value)
+    return total, (
+        f"This release alone protects each patient at epsilon {release_epsilon:.3g}. Counting what the hospitals "
+        f"had spent on {purpose} by the end of its run (earlier runs and queries included)"
+        + (f", then {later}" if later else "") + f", a patient's cumulative epsilon for {purpose} is at most "
+        f"{total:.3g} (at {hospital}). Later queries add to it; each hospital's own budget caps the total.")
 
 
 @dataclass(frozen=True)

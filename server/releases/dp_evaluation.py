@@ -283,11 +283,14 @@ class DPEvaluation:
             refuses tables of any other model. Empty: not checked (tables built by hand).
         source: the query run in words, e.g. "cohort query model-evaluation-1a2b3c4d (epsilon 0.5
             per hospital)", printed on the model card.
+        epsilon: what each hospital was charged for the evaluation (the queries' epsilons summed;
+            0 when not known, tables built by hand).
     """
 
     tables: Mapping[str, pd.DataFrame]
     model_sha256: str = ""
     source: str = ""
+    epsilon: float = 0.0
 
 
 def load_evaluation(paths: list[Path]) -> DPEvaluation:
@@ -295,7 +298,7 @@ def load_evaluation(paths: list[Path]) -> DPEvaluation:
     group field (found as the one column besides `ESTIMATE_COLUMNS`), each with its query's JSON
     beside it (`<stem>.json`, or `X.json` for `X.by-<group>.csv`) naming the model it scored."""
     tables: dict[str, pd.DataFrame] = {}
-    digests, sources = set(), set()
+    digests, sources, charged = set(), set(), {}
     for path in map(Path, paths):
         try:
             frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
@@ -318,8 +321,9 @@ def load_evaluation(paths: list[Path]) -> DPEvaluation:
             digests.add(str(meta["query"]["model"]["sha256"]))
             sources.add(f"cohort query {meta['run-id']} (epsilon {float(meta['privacy']['epsilon']):.3g} "
                         "per hospital)")
+            charged[str(meta["run-id"])] = float(meta["privacy"]["epsilon"])
         except (ValueError, KeyError, TypeError):
             raise EvaluationTableError(f"{meta_path}: not the JSON of a risk_score query over a model") from None
     if len(digests) != 1:
         raise EvaluationTableError("the evaluation tables come from queries over different models")
-    return DPEvaluation(tables, digests.pop(), "; ".join(sorted(sources)))
+    return DPEvaluation(tables, digests.pop(), "; ".join(sorted(sources)), sum(charged.values()))

@@ -6,11 +6,11 @@ run_summary.json). Its privacy certificate and model card (`server.releases.cert
 JSON tags on the model version, and its status (`active` or `withdrawn`) as a tag too.
 
 Where things live:
-* the training runs: the tracking store at `tracking_uri` (what `fedrisk run --out runs/x` wrote,
-  `sqlite:///runs/x/mlflow.db` by default), read only when a release is created;
-* the registry: MLflow's Model Registry in `<registry_dir>/registry.db` (SQLite), so one registry
-  gathers releases from runs in any number of tracking stores; `registry_uri` may point it at an
-  MLflow tracking server's database instead;
+* the training runs: the tracking store at `tracking_uri` (the workspace's `mlflow.db` for runs
+  the CLI made, `federation.workspace`), read only when a release is created;
+* the registry: MLflow's Model Registry at `registry_uri`: the CLI gives the workspace's store, so
+  runs and releases are in one place (a registry made before workspaces keeps its own
+  `<registry_dir>/registry.db`); without one, `<registry_dir>/registry.db`;
 * `<registry_dir>/releases/<release_id>/`: the release's model.npz and model.sha256 (what a hospital
   node installs), certificate.json, model_card.json and release.json, downloaded once;
 * `<registry_dir>/release_audit.sqlite`: the hash-chained audit log of every create, withdrawal
@@ -42,6 +42,7 @@ import pandas as pd
 
 from federation.errors import FedriskError
 from federation.model import weights_digest
+from federation.workspace import REGISTRY_POINTER, record_registry_store, registry_store, sqlite_path
 from privacy.audit import RELEASE_CREATE, RELEASE_WITHDRAW, ROLE_SERVER, AuditIdentifierError, AuditLog, Digest
 from server.releases.certificates import (
     ModelCard,
@@ -143,9 +144,13 @@ class ReleaseRegistry:
     def __init__(self, tracking_uri: str, registry_dir: Path, registry_uri: str = "", *,
                  must_exist: bool = False) -> None:
         self.registry_dir = Path(registry_dir).resolve()
-        if must_exist and not registry_uri and not (self.registry_dir / REGISTRY_DB).is_file():
-            raise ReleaseError(f"--registry {registry_dir}: no release registry there (it has no {REGISTRY_DB}; "
-                               "`fedrisk release create` makes one)")
+        registry_uri = registry_uri or registry_store(self.registry_dir)
+        store = sqlite_path(registry_uri)
+        if must_exist and (not (self.registry_dir / RELEASE_AUDIT_FILE).is_file()
+                           or (store is not None and not store.is_file())):
+            raise ReleaseError(f"--registry {registry_dir}: no release registry there (no release has been created in "
+                               f"it{'' if store is None else ' with the store ' + str(store)}; `fedrisk release create` "
+                               "makes one)")
         quiet_mlflow()
         from mlflow.tracking import MlflowClient  # slow to import: only here
 
@@ -153,7 +158,9 @@ class ReleaseRegistry:
         logging.getLogger("alembic").setLevel(logging.WARNING)
         self.tracking_uri = tracking_uri
         self.registry_dir.mkdir(parents=True, exist_ok=True)
-        self.registry_uri = registry_uri or f"sqlite:///{self.registry_dir / REGISTRY_DB}"
+        self.registry_uri = registry_uri
+        if not must_exist and not (self.registry_dir / REGISTRY_POINTER).is_file():  # later readers find the store
+            record_registry_store(self.registry_dir, registry_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri or self.registry_uri, registry_uri=self.registry_uri)
         self.audit = AuditLog(self.registry_dir / RELEASE_AUDIT_FILE, role=ROLE_SERVER, identity=AUDIT_IDENTITY)
 
@@ -280,7 +287,7 @@ class ReleaseRegistry:
                     raise ReleaseRefused(f"evaluation table {name!r}: a count without a positive se carries no DP "
                                          "noise")
         summary = evaluation_from_tables(evaluation.tables)
-        summary["source"] = evaluation.source
+        summary["source"], summary["epsilon"] = evaluation.source, evaluation.epsilon
         return summary
 
     def _register(self, run: RunRelease, approver: str, evaluation: dict[str, Any],

@@ -100,8 +100,8 @@ class ServiceSettings:
     """Where the service keeps its state and how it limits callers.
 
     db: `signals.sqlite` (principals, hospitals, approved cohorts); audit: the request audit log
-    (default `signals_audit.sqlite` beside db); registry_dir and tracking_uri: the release
-    registry (`server.releases.ReleaseRegistry`); rate_per_second and burst: each caller's
+    (default `signals_audit.sqlite` beside db); registry_dir, tracking_uri and registry_uri:
+    the release registry (`server.releases.ReleaseRegistry`; the CLI gives its workspace's store); rate_per_second and burst: each caller's
     token bucket; hospital_timeout_s: how long a hospital may take to score; hospital_ca: a PEM bundle
     of the CAs whose certificates hospitals' HTTPS scoring endpoints may present (empty: the
     system's trust store).
@@ -110,6 +110,7 @@ class ServiceSettings:
     db: Path
     registry_dir: Path
     tracking_uri: str = ""
+    registry_uri: str = ""
     audit: Path | None = None
     rate_per_second: float = DEFAULT_RATE_PER_SECOND
     burst: int = DEFAULT_BURST
@@ -198,7 +199,7 @@ def make_app(settings: ServiceSettings) -> FastAPI:
     cohorts = CohortStore(Path(settings.db))
     trail = RequestTrail(settings.audit_path)
     limiter = RateLimiter(settings.rate_per_second, settings.burst)
-    catalogue = ReleaseCatalogue(Path(settings.registry_dir), settings.tracking_uri)
+    catalogue = ReleaseCatalogue(Path(settings.registry_dir), settings.tracking_uri, settings.registry_uri)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -60,12 +60,12 @@ class ReleaseView:
 
 
 class ReleaseCatalogue:
-    """Read and withdraw releases of the registry at `registry_dir` / `tracking_uri`.
+    """Read and withdraw releases of the registry at `registry_dir` / `tracking_uri` / `registry_uri`.
 
     The registry (and MLflow) is opened on first use; `make_app` does that at start-up."""
 
-    def __init__(self, registry_dir: Path, tracking_uri: str = "") -> None:
-        self.registry_dir, self.tracking_uri = Path(registry_dir), tracking_uri
+    def __init__(self, registry_dir: Path, tracking_uri: str = "", registry_uri: str = "") -> None:
+        self.registry_dir, self.tracking_uri, self.registry_uri = Path(registry_dir), tracking_uri, registry_uri
         self._registry: Any = None
         self._lock = threading.Lock()  # opening the registry
         self._cache_lock = threading.Lock()  # a view is cached under the anchor it was read after
@@ -79,7 +79,7 @@ class ReleaseCatalogue:
             if self._registry is None:
                 from server.releases import ReleaseRegistry  # MLflow: slow to import
 
-                self._registry = ReleaseRegistry(self.tracking_uri, self.registry_dir)
+                self._registry = ReleaseRegistry(self.tracking_uri, self.registry_dir, self.registry_uri)
             return self._registry
 
     def list(self, *, for_bank: bool) -> list[ReleaseView]:
