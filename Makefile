@@ -54,5 +54,5 @@ clean:
 flwr-run: $(STAMP)
 	test -d runs/flwr/data || $(BIN)/fedrisk data synth --hospitals 3 --patients 15000 --out runs/flwr/data
 	test -f runs/flwr/keys/hospital.ckks || $(BIN)/fedrisk keys init --out runs/flwr/keys
-	test -d runs/flwr/nodes || $(BIN)/fedrisk node provision --data runs/flwr/data --key runs/flwr/keys/hospital.ckks --out runs/flwr/nodes --budget credit-risk-research=10
+	test -d runs/flwr/nodes || $(BIN)/fedrisk node provision --data runs/flwr/data --key-file runs/flwr/keys/hospital.ckks --out runs/flwr/nodes --budget credit-risk-research=10
 	PATH="$(CURDIR)/$(BIN):$$PATH" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 $(BIN)/flwr run . --stream

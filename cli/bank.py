@@ -20,7 +20,7 @@ def _api_key(args: argparse.Namespace) -> str:
         try:
             key = Path(args.key_file).read_text(encoding="utf-8").strip()
         except OSError:
-            raise ConfigError(f"--key-file {args.key_file}: not readable") from None
+            raise ConfigError(f"--api-key-file {args.key_file}: not readable") from None
     else:
         key = os.environ.get(API_KEY_ENV, "").strip()
     if not key:
@@ -49,8 +49,8 @@ def register(commands: argparse._SubParsersAction) -> None:
         dest="bank_command", required=True)
     score = bank.add_parser("score", help="score a CSV of consented applicants' grants, one request per row")
     score.add_argument("--service", required=True, help="the signals service's base URL, e.g. https://signals.example")
-    score.add_argument("--key-file", help=f"file holding the bank-analyst API key (default: ${API_KEY_ENV})")
+    score.add_argument("--api-key-file", "--key-file", dest="key_file", help=f"file holding the bank-analyst API key (default: ${API_KEY_ENV})")
     score.add_argument("--input", required=True, help="CSV with a 'grant' column, optional 'release' and 'reference'")
     score.add_argument("--output", required=True, help="CSV to write (one row per input row; never the grants)")
-    score.add_argument("--release", help="release for rows without a 'release' column, e.g. r1")
+    score.add_argument("--release-id", "--release", dest="release", help="release for rows without a 'release' column, e.g. r1")
     score.set_defaults(handler=_cmd_bank_score)

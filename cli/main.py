@@ -20,6 +20,16 @@ from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
 
 EXIT_USER_ERROR = 2
+CONVENTIONS = """flag conventions, the same in every command:
+  --out DIR        a directory the command creates or writes (`fedrisk run --out` also answers to --run-dir)
+  --run-dir DIR    an existing run directory the command reads (what `fedrisk run --out` made)
+  --dir DIR        one hospital node's directory;  --nodes DIR  a directory of node directories
+  --keys DIR       the directory `fedrisk keys init` wrote;  --key-file FILE  one key file in it
+  --*-file FILE    always one file (--token-hash-file: the node's hash; --token-file: the token itself)
+  --hospitals N    a count (certs init also takes comma-separated names)
+  ids              positional or by flag: release show r3 = release show --release-id r3
+every tracked command uses the workspace's MLflow store: --workspace DIR, $FEDRISK_WORKSPACE or the current directory
+"""
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
@@ -335,7 +345,8 @@ def _add_training_options(parser: argparse.ArgumentParser, *, demo: bool) -> Non
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="fedrisk", description=(
-        "Federated credit-risk models from hospital data: Flower + Opacus DP-SGD + TenSEAL CKKS."))
+        "Federated credit-risk models from hospital data: Flower + Opacus DP-SGD + TenSEAL CKKS."),
+        epilog=CONVENTIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", metavar="DIR", help=ws.WORKSPACE_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -371,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nodes", help="directory of hospital node directories (`fedrisk node init`)")
     run.add_argument("--data", help="directory of hospital_*.parquet|csv files: provision nodes for a simulation")
     run.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
-    run.add_argument("--out", required=True, help="run directory (checkpoint, release files; tracked in the workspace)")
+    run.add_argument("--out", "--run-dir", dest="out", required=True, help="run directory (checkpoint, release files; tracked in the workspace)")
     run.add_argument("--hospitals", type=int, default=3, help="hospitals that take part; the run waits for this many "
                      "nodes (default 3)")
     run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
@@ -387,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     analytics_run.add_argument("--budget", type=float, default=10.0,
                                help="with --data: epsilon budget of provisioned nodes for the query's purpose")
     analytics_run.add_argument("--keys", required=True, help="directory written by `fedrisk keys init`")
-    analytics_run.add_argument("--out", required=True, help="run directory (tables under queries/; tracked in the workspace)")
+    analytics_run.add_argument("--out", "--run-dir", dest="out", required=True, help="run directory (tables under queries/; tracked in the workspace)")
     analytics_run.add_argument("--hospitals", type=int, default=3, help="hospitals that answer (default 3)")
     analytics_run.add_argument("--run-id", default="", help="name of this query run (default: name and digest of the "
                                "query; the same run on the same records repeats its answer at no new cost)")

@@ -360,14 +360,16 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
     node_init.add_argument("--hospital", required=True, help="this hospital's name in the federation")
     node_init.add_argument("--data", required=True, help="the hospital's export (Parquet or CSV)")
     node_init.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
-    node_init.add_argument("--key", required=True, help="the federation's hospital CKKS context")
+    node_init.add_argument("--key-file", "--key", dest="key", required=True,
+                           help="the federation's hospital CKKS context (hospital.ckks from `fedrisk keys init`)")
     node_init.add_argument("--budget", action="append", default=[], metavar="PURPOSE=EPSILON",
                            help="total epsilon for a purpose (repeatable)")
     node_init.add_argument("--delta", type=float, default=1e-5, help="delta of every budget (default 1e-5)")
     node_init.set_defaults(handler=_cmd_node_init)
     node_provision = node.add_parser("provision", help="simulation: one node per hospital file in a directory")
     node_provision.add_argument("--data", required=True, help="directory of hospital_*.parquet|csv files")
-    node_provision.add_argument("--key", required=True, help="the federation's hospital CKKS context")
+    node_provision.add_argument("--key-file", "--key", dest="key", required=True,
+                                help="the federation's hospital CKKS context (hospital.ckks from `fedrisk keys init`)")
     node_provision.add_argument("--out", required=True, help="directory to hold the node directories")
     node_provision.add_argument("--schema", help="export schema YAML (default: the synthetic export's)")
     node_provision.add_argument("--budget", action="append", default=[], metavar="PURPOSE=EPSILON",

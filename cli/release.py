@@ -57,13 +57,31 @@ def _run_store(args: argparse.Namespace) -> str:
     return store.tracking_uri
 
 
+def _positional_or_flag(parser: argparse.ArgumentParser, dest: str, flag: str, metavar: str, text: str) -> None:
+    """An id given either positionally (`release show r3`) or by flag (`release show --release-id r3`),
+    as the node commands take it."""
+    parser.add_argument(dest, nargs="?", metavar=metavar, help=f"{text} (or {flag})")
+    parser.add_argument(flag, dest=f"{dest}_flag", metavar=metavar, help=f"the same as the positional {metavar}")
+
+
+def _chosen(args: argparse.Namespace, dest: str, flag: str, metavar: str) -> str:
+    """The id of `_positional_or_flag`: exactly one of the two, or both the same."""
+    positional, given = getattr(args, dest), getattr(args, f"{dest}_flag")
+    if positional and given and positional != given:
+        raise ConfigError(f"{metavar} {positional} and {flag} {given} disagree; give one of them")
+    if not (positional or given):
+        raise ConfigError(f"give the {metavar} (as the argument, or {flag})")
+    return str(positional or given)
+
+
 def _cmd_create(args: argparse.Namespace) -> int:
     from server.releases.dp_evaluation import load_evaluation
     from server.releases.membership import describe, load_audit
 
     evaluation = load_evaluation([Path(p) for p in args.evaluation]) if args.evaluation else None
     audit = load_audit(Path(args.audit)) if args.audit else None
-    release = _registry(args, _run_store(args)).create(args.run_id, args.approved_by, args.cutoff, evaluation,
+    run_id = _chosen(args, "run_id", "--run-id", "RUN_ID")
+    release = _registry(args, _run_store(args)).create(run_id, args.approved_by, args.cutoff, evaluation,
                                                           args.accept_miscalibration or "", audit=audit,
                                                           unaudited=args.no_audit or "")
     cert, card = release.certificate, release.card
@@ -160,7 +178,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_withdraw(args: argparse.Namespace) -> int:
-    release = _registry(args, read_only=True).withdraw(args.release_id, args.by, args.reason)
+    release = _registry(args, read_only=True).withdraw(_chosen(args, "release_id", "--release-id", "RELEASE_ID"),
+                                                       args.by, args.reason)
     print(f"withdrew {release.release_id} (run {release.run_id}): {release.withdrawn_reason}")
     print(f"each hospital node stops scoring with it: fedrisk node release withdraw --dir NODE "
           f"--release-id {release.release_id}")
@@ -181,7 +200,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    print(json.dumps(_registry(args, read_only=True).get(args.release_id).to_dict(), indent=2))
+    release_id = _chosen(args, "release_id", "--release-id", "RELEASE_ID")
+    print(json.dumps(_registry(args, read_only=True).get(release_id).to_dict(), indent=2))
     return 0
 
 
@@ -223,7 +243,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         return parser
 
     create = with_registry(release.add_parser("create", help="release a finished training run"))
-    create.add_argument("run_id", metavar="RUN_ID", help="the MLflow run id `fedrisk run` printed")
+    _positional_or_flag(create, "run_id", "--run-id", "RUN_ID", "the MLflow run id `fedrisk run` printed")
     store = create.add_mutually_exclusive_group()
     store.add_argument("--run-dir", help="a run directory made before workspaces, whose own mlflow.db holds the run "
                                          "(default: the run is in the workspace's store)")
@@ -255,7 +275,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     audit.set_defaults(handler=_cmd_audit)
 
     withdraw = with_registry(release.add_parser("withdraw", help="withdraw a release: it must not be used any more"))
-    withdraw.add_argument("release_id", metavar="RELEASE_ID", help="e.g. r3")
+    _positional_or_flag(withdraw, "release_id", "--release-id", "RELEASE_ID", "e.g. r3")
     withdraw.add_argument("--reason", required=True, help="why, in one line (recorded and audited)")
     withdraw.add_argument("--by", default=user, help=f"who withdraws it (default: the login name, {user or 'unknown'})")
     withdraw.set_defaults(handler=_cmd_withdraw)
@@ -265,5 +285,5 @@ def register(commands: argparse._SubParsersAction) -> None:
     listing.set_defaults(handler=_cmd_list)
 
     show = with_registry(release.add_parser("show", help="a release's privacy certificate and model card (JSON)"))
-    show.add_argument("release_id", metavar="RELEASE_ID", help="e.g. r3 (from `fedrisk release list`)")
+    _positional_or_flag(show, "release_id", "--release-id", "RELEASE_ID", "e.g. r3 (from `fedrisk release list`)")
     show.set_defaults(handler=_cmd_show)

@@ -1,13 +1,13 @@
 """`fedrisk node` sub-commands for consented scoring (registered by cli.main.build_parser).
 
-    fedrisk node grant issue    --dir NODE --record-key K --bank BANK --release ID [--uses 1]
+    fedrisk node grant issue    --dir NODE --record-key K --bank BANK --release-id ID [--uses 1]
                                 [--hours 24 | --days D]
-    fedrisk node grant revoke   --dir NODE --grant ID
+    fedrisk node grant revoke   --dir NODE --grant-id ID
     fedrisk node release install  --dir NODE --release-dir DIR --release-id ID
     fedrisk node release withdraw --dir NODE --release-id ID
-    fedrisk node service-token  --token-file F [--force]
+    fedrisk node service-token  --token-hash-file F [--force]
     fedrisk node serve          --dir NODE [--federation-socket PATH --relay-user USER [--key-file F]]
-                                [--token-file F [--host 127.0.0.1] [--port 8101] [--grant-interval 60]]
+                                [--token-hash-file F [--host 127.0.0.1] [--port 8101] [--grant-interval 60]]
 
 Machinery is imported inside each handler so `fedrisk --help` stays fast. User errors are
 FedriskError subclasses: `cli.main.main` prints them as one line and exits 2.
@@ -127,7 +127,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import threading
 
     if not args.federation_socket and not args.token_file:
-        raise ConfigError("fedrisk node serve needs --federation-socket (federation work), --token-file "
+        raise ConfigError("fedrisk node serve needs --federation-socket (federation work), --token-hash-file "
                           "(consented scoring), or both")
     channel = None
     if args.federation_socket:
@@ -173,7 +173,7 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     issue.add_argument("--dir", required=True, help="the node directory")
     issue.add_argument("--record-key", required=True, help="the patient's record key in the export")
     issue.add_argument("--bank", required=True, help="the bank the patient authorises")
-    issue.add_argument("--release", required=True, help="the one installed release the bank may score with")
+    issue.add_argument("--release-id", "--release", dest="release", required=True, help="the one installed release the bank may score with")
     issue.add_argument("--uses", type=int, default=DEFAULT_GRANT_USES,
                        help=f"scores the grant allows (default {DEFAULT_GRANT_USES}, at most {MAX_GRANT_USES})")
     validity = issue.add_mutually_exclusive_group()
@@ -184,7 +184,7 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     issue.set_defaults(handler=_cmd_grant_issue)
     revoke = grant.add_parser("revoke", help="revoke a grant: the next score request with it is refused")
     revoke.add_argument("--dir", required=True, help=NODE_DIR_HELP)
-    revoke.add_argument("--grant", required=True, help="the grant id (printed when it was issued)")
+    revoke.add_argument("--grant-id", "--grant", dest="grant", required=True, help="the grant id (printed when it was issued)")
     revoke.set_defaults(handler=_cmd_grant_revoke)
 
     listing = grant.add_parser("list", help="every grant this node issued: bank, release, uses, expiry, state "
@@ -209,7 +209,8 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     withdraw.set_defaults(handler=_cmd_release_withdraw)
 
     token = node_commands.add_parser("service-token", help="create the signals service's token for this node")
-    token.add_argument("--token-file", required=True, help="where the node keeps the token's SHA-256")
+    token.add_argument("--token-hash-file", "--token-file", dest="token_file", required=True,
+                       help="where the node keeps the token's SHA-256 (the token itself goes to the signals service)")
     token.add_argument("--force", action="store_true", help="replace an existing token")
     token.set_defaults(handler=_cmd_service_token)
 
@@ -222,7 +223,8 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--key-file", help="the CKKS key, if kept outside the node directory")
     serve.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    serve.add_argument("--token-file", help="the service token's hash (fedrisk node service-token): serve scoring")
+    serve.add_argument("--token-hash-file", "--token-file", dest="token_file",
+                       help="the service token's hash (written by `fedrisk node service-token`): serve scoring")
     serve.add_argument("--grant-interval", type=float, default=DEFAULT_GRANT_INTERVAL_S, metavar="SECONDS",
                        help=f"least time between two scores with one grant (default {DEFAULT_GRANT_INTERVAL_S:g}; "
                             "0 disables the per-grant rate limit)")

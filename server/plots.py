@@ -49,20 +49,22 @@ def training_plot(history: Mapping[str, Sequence[tuple[int, float]]], path: Path
     left.errorbar(rounds, [auc[r] for r in rounds], yerr=[se.get(r, 0.0) for r in rounds], fmt="o-", capsize=3,
                   label="AUC, pooled DP evaluation (± se of its noise)")
     left.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance (0.5)")
-    left.set(xlabel="round", ylabel="AUC", title=title or "DP federated evaluation by round")
+    # a DP estimate can fall outside [0, 1] on a small federation; the axis shows the meaningful range
+    left.set(xlabel="round", ylabel="AUC", ylim=(0.0, 1.0), title=title or "DP federated evaluation by round")
     brier = dict(history.get("brier", ()))
     if brier:
         other = left.twinx()
         other.plot(sorted(brier), [brier[r] for r in sorted(brier)], "s--", color="C1", label="Brier (right axis)")
-        other.set_ylabel("Brier score")
+        other.set(ylabel="Brier score", ylim=(0.0, max(0.3, *brier.values())))
         other.legend(loc="lower right", fontsize=8)
     left.legend(loc="upper left", fontsize=8)
     left.grid(True, alpha=0.3)
-    left.set_xticks(rounds)
     epsilon = dict(history.get("epsilon-max", ()))
+    every = sorted(set(rounds) | set(brier) | set(epsilon))
+    left.set_xticks(every)
     right.plot(sorted(epsilon), [epsilon[r] for r in sorted(epsilon)], "o-", color="C2")
-    right.set(xlabel="round", ylabel="epsilon", title="largest epsilon spent so far (any hospital)")
-    right.set_xticks(sorted(epsilon) or rounds)
+    right.set(xlabel="round", ylabel="epsilon", ylim=(0.0, None), title="largest epsilon spent so far (any hospital)")
+    right.set_xticks(every)
     right.grid(True, alpha=0.3)
     return _save(figure, path)
 

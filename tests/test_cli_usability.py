@@ -133,3 +133,40 @@ def test_a_pipe_gets_plain_lines_and_no_terminal_codes() -> None:
     lines = log.getvalue().splitlines()
     assert lines[0].startswith("training at 3 hospitals: checking exports and keys") and "round 1/2" in lines[1]
     assert "\x1b[" not in log.getvalue()
+
+
+def test_flags_follow_one_convention_and_old_spellings_still_work() -> None:
+    """A file flag ends in -file, an id can be given the same way everywhere, a run directory is
+    --run-dir wherever a command reads one; the spellings of earlier versions still parse."""
+    from cli.main import build_parser
+
+    parser = build_parser()
+    pairs = [
+        (["node", "init", "--dir", "n", "--hospital", "h", "--data", "d", "--key-file", "k", "--budget", "p=1"],
+         ["node", "init", "--dir", "n", "--hospital", "h", "--data", "d", "--key", "k", "--budget", "p=1"], "key"),
+        (["node", "service-token", "--token-hash-file", "t"], ["node", "service-token", "--token-file", "t"],
+         "token_file"),
+        (["node", "grant", "revoke", "--dir", "n", "--grant-id", "g"], ["node", "grant", "revoke", "--dir", "n",
+                                                                          "--grant", "g"], "grant"),
+        (["bank", "score", "--service", "s", "--input", "i", "--output", "o", "--release-id", "r1",
+          "--api-key-file", "k"],
+         ["bank", "score", "--service", "s", "--input", "i", "--output", "o", "--release", "r1", "--key-file", "k"],
+         "release"),
+        (["run", "--keys", "k", "--data", "d", "--run-dir", "r"], ["run", "--keys", "k", "--data", "d", "--out", "r"],
+         "out"),
+    ]
+    for new, old, dest in pairs:
+        assert getattr(parser.parse_args(new), dest) == getattr(parser.parse_args(old), dest)
+    help_text = parser.format_help()
+    assert "--token-hash-file" in help_text and "--run-dir DIR" in help_text
+
+
+def test_ids_are_positional_or_by_flag_and_a_disagreement_is_one_line(capsys) -> None:
+    from cli.main import main
+
+    assert main(["release", "show", "r1", "--release-id", "r2"]) == 2
+    assert "RELEASE_ID r1 and --release-id r2 disagree" in capsys.readouterr().err
+    assert main(["release", "show"]) == 2
+    assert "give the RELEASE_ID" in capsys.readouterr().err
+    assert main(["release", "show", "--release-id", "r1"]) == 2  # parsed, then: no registry in this workspace
+    assert "no release registry there" in capsys.readouterr().err

@@ -112,7 +112,8 @@ def test_a_bank_analyst_finds_a_release_its_certificate_and_its_charts(browser: 
     _sign_in(browser, site, site.bank_key)
     wait = WebDriverWait(browser, WAIT_S)
     release = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, 'article.release[data-release="r1"]')))
-    assert "Release r1" in release.text and "epsilon" in release.text
+    assert "Release r1" in release.text and "Privacy guarantee" in release.text and "ε =" in release.text
+    assert "ε (epsilon) measures how much any one patient's records" in release.text  # explained where shown
     assert browser.find_element(By.ID, "role").text == "bank-analyst"
     assert not browser.find_element(By.ID, "sign-in").is_displayed()
 
@@ -123,6 +124,10 @@ def test_a_bank_analyst_finds_a_release_its_certificate_and_its_charts(browser: 
     card = httpx.get(f"{site.base_url}/v1/releases/r1", headers={"X-API-Key": site.bank_key}).json()
     assert card["certificate"]["model_sha256"] in certificate.text
     assert "hospital_00" in certificate.text and "Privacy certificate" in certificate.text
+    assert "Encryption used for aggregation" in certificate.text and "poly_modulus_degree" not in certificate.text
+    technical = certificate.find_element(By.CSS_SELECTOR, "details.technical")
+    technical.find_element(By.TAG_NAME, "summary").click()  # the exact parameters, for an auditor who asks
+    wait.until(lambda _: "poly_modulus_degree" in technical.text)
 
     marks = release.find_elements(By.CSS_SELECTOR, 'svg[data-chart="calibration"] circle.mark')
     rows = [r for r in card["model_card"]["calibration"]["overall"] if r["observed_rate"] is not None]
@@ -131,12 +136,13 @@ def test_a_bank_analyst_finds_a_release_its_certificate_and_its_charts(browser: 
     expected = sorted((r["mean_predicted"], r["observed_rate"]) for r in rows)
     assert [v for point in drawn for v in point] == pytest.approx([v for point in expected for v in point], rel=1e-3)
     assert all(m.size["width"] > 0 for m in marks)  # laid out, not just present in the DOM
-    auc = browser.find_elements(By.CSS_SELECTOR, 'svg[data-chart="bars"] rect.mark[data-label="r1"]')
+    assert browser.find_elements(By.CSS_SELECTOR, 'svg[data-chart="bars"]') == []  # one release: no one-bar chart
+    overview = browser.find_element(By.ID, "auc-overview").text
     if card["federated_auc"] is None:  # the DP evaluation left it undefined: nothing is drawn, nothing guessed
-        assert auc == []
+        assert "No release has an AUC" in overview
     else:
-        assert len(auc) == 1 and float(auc[0].get_attribute("data-value")) == pytest.approx(card["federated_auc"],
-                                                                                              abs=1e-3)
+        assert f"AUC {card['federated_auc']:.2f} for release r1 (one release)" in overview
+    assert "0.5 is chance" in browser.find_element(By.ID, "auc-meaning").text
 
     cohort = browser.find_element(By.CSS_SELECTOR, 'article.cohort[data-cohort="delinquency-2026q3"]')
     points = cohort.find_elements(By.CSS_SELECTOR, "svg circle.mark")
@@ -194,9 +200,35 @@ def test_a_bank_analyst_scores_a_grant_through_the_form(browser: WebDriver, site
     band = next(name for name, low, high in RISK_BANDS if low <= probability < high or probability == high == 1.0)
     assert f"band {band}" in value.text
     assert browser.find_element(By.ID, "grant").get_attribute("value") == ""  # not left on screen
-    assert "never as its sole basis" in browser.find_element(By.ID, "score").text
+    explained = browser.find_element(By.ID, "score-result").text
+    assert "Of 100 applicants with this score" in explained and f"Band {band}: a score" in explained
+    assert "must not be the sole basis of an adverse decision" in browser.find_element(By.ID, "score").text
     browser.find_element(By.ID, "grant").send_keys(grant)  # the one-use grant again
     browser.find_element(By.ID, "score-submit").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "score-result"), "Not scored (403)"))
     problems = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "/v1/scores" not in e["message"]]
     assert not problems, problems  # no CSP violation (the refused POST itself is logged as a failed request)
+
+
+def test_the_example_bank_client_scores_grants_and_reports_refusals(site: Site, tmp_path: Path) -> None:
+    """docs/examples/bank_client.py, run as a bank would run it against the live service: one score,
+    and the same one-use grant refused with the hospital's reason, never a traceback."""
+    import subprocess
+    import sys
+
+    grant = site.hospital.issue(site.hospital.consenting()[1], "bank-a")
+    grants = tmp_path / "grants.txt"
+    grants.write_text(f"{grant}\n{grant}\n")
+    result = subprocess.run([sys.executable, str(REPO / "docs" / "examples" / "bank_client.py"), "--service",
+                             site.base_url, "--grant-file", str(grants)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "FEDRISK_API_KEY": site.bank_key})
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert lines[0]["promises"]["release"] == "r1" and lines[0]["promises"]["epsilon"] > 0
+    first, second = lines[1], lines[2]
+    assert first["ok"] and 0.0 <= first["probability"] <= 1.0 and first["band"] in {"low", "medium", "high"}
+    assert not second["ok"] and second["status"] == 403 and second["reason"]
+    bad = subprocess.run([sys.executable, str(REPO / "docs" / "examples" / "bank_client.py"), "--service",
+                          site.base_url, "--grant-file", str(grants)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "FEDRISK_API_KEY": "not-a-key"})
+    assert bad.returncode == 1 and "HTTP 401" in bad.stderr and "Traceback" not in bad.stderr

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -299,13 +300,13 @@ def test_withdrawn_release_is_gone_for_banks_at_once(dep: Deployment) -> None:
     assert dep.score("bank-a-analyst", grant, other).status_code == 410
 
 
-def _result_files(tmp_path: Path) -> tuple[dict, str]:
+def _result_files(tmp_path: Path, run_id: str = "approved-table") -> tuple[dict, str]:
     query = load_query(str(QUERY))
     cells = (query.layout().length - 1) // 2
     sums = [v for i in range(cells) for v in ((5.0, -1.0) if i == 0 else (200.0, -60.0))]  # cell 0: too few to publish
     table = estimate(query, sums, query.noise_multiplier(), 3)
-    csv, meta = write_result(QueryResult(query, "approved-table", table, ["h0", "h1", "h2"],
-                                         query.noise_multiplier(), query.epsilon), tmp_path / "approved-table.csv")
+    csv, meta = write_result(QueryResult(query, run_id, table, ["h0", "h1", "h2"],
+                                         query.noise_multiplier(), query.epsilon), tmp_path / f"{run_id}.csv")
     return json.loads(meta.read_text()), csv.read_text()
 
 
@@ -590,3 +591,67 @@ def test_a_score_travels_to_a_hospital_over_tls(tmp_path: Path, signals_federati
     finally:
         service.stop()
         node.stop()
+
+
+# --- the dashboard as its readers read it ----------------------------------------------------------
+
+def _article(html: str, kind: str, ident: str) -> str:
+    found = re.search(rf'<article class="{kind}" data-{kind}="{re.escape(ident)}">.*?</article>', html, flags=re.S)
+    assert found, (kind, ident)
+    return found.group(0)
+
+
+def test_the_dashboard_pages_speak_plain_words_and_explain_their_numbers(dep: Deployment, tmp_path: Path) -> None:
+    """The pages the service serves, as a bank analyst, an auditor and a hospital operator read them:
+    no raw field or HE parameter names and no raw timestamps in the first reading (the exact values
+    stay under "Technical details"); ε explained beside each guarantee; each risk band's range and
+    observed rate; how a score may be used; hidden cohort cells saying why; no one-bar chart."""
+    from federation.model import RISK_BANDS
+    from server.signals import dashboard
+    from tests.test_dashboard_wording import RAW_NAMES, primary
+
+    result, csv = _result_files(tmp_path, "wording-table")
+    assert dep.call("POST", "/v1/cohorts", "dana", json={"result": result, "table_csv": csv}).status_code == 201
+    html = dep.call("GET", "/dashboard/panels", "bank-a-analyst").text
+    text = primary(html)
+    for name in RAW_NAMES:
+        assert name not in text, name
+    assert "(max_k" not in text and "poly_modulus_degree" in html  # folded away, not lost
+    assert not re.search(r"\d{2}:\d{2}:\d{2}", text) and not re.search(r"\d{4}-\d{2}-\d{2}T\d{2}", text)
+    assert re.search(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2} UTC", text)
+
+    detail = dep.call("GET", "/v1/releases/r1", "bank-a-analyst").json()
+    certificate, card = detail["certificate"], detail["model_card"]
+    release = primary(_article(html, "release", "r1"))
+    assert f"Privacy guarantee ε = {certificate['epsilon_max']:.3g} per patient" in release
+    assert dashboard.EPSILON_MEANING in release
+    assert "Encryption used for aggregation CKKS, 2,048 slots per encrypted message, 128-bit security" in release
+    assert f"Released {dashboard.plain_time(certificate['issued'])}" in release
+    assert f"Intended use {card['intended_use']}" in release
+    assert dashboard.BAND_MEANING in release
+    for name, low, high in RISK_BANDS:
+        assert f"{name} a score {dashboard.band_range(low, high)}" in release
+    for band in card["bands"]:
+        if band["held_to_range"] and band["observed_rate"] is not None:
+            assert f"{band['observed_rate'] * 100:.0f}% had the outcome" in release
+    assert "must not be the sole basis of an adverse decision" in release and "not a diagnosis" in release
+
+    cohort = primary(_article(html, "cohort", "wording-table"))
+    assert "suppressed" not in cohort.lower()
+    assert "hidden: fewer than 20 records after noise" in cohort and "so that no small group" in cohort
+    assert dashboard.EPSILON_MEANING in cohort and "Share of patients with 90-day medical-bill delinquency" in cohort
+
+    assert text.count(dashboard.AUC_MEANING) == 1
+    for who, page in (("bank-a-analyst", html), ("audrey", audit_html := dep.call("GET", "/dashboard/panels",
+                                                                                   "audrey").text)):
+        with_auc = [r for r in dep.call("GET", "/v1/releases", who).json() if r["federated_auc"] is not None]
+        assert ('data-chart="bars"' in page) == (len(with_auc) >= 2), who  # a chart only to compare releases
+        if len(with_auc) == 1:
+            assert f"AUC {with_auc[0]['federated_auc']:.2f} for release {with_auc[0]['release_id']}" in primary(page)
+    audit = primary(audit_html)
+    assert "The log is intact" in audit and "opened the dashboard (GET /dashboard/panels)" in audit
+    assert not re.search(r"\d{2}:\d{2}:\d{2}", audit)
+    assert dep.score("bank-a-analyst", dep.hospital.issue(dep.hospital.consenting()[10], BANK_A)).status_code == 200
+    routed = primary(dep.call("GET", "/dashboard/panels", "operator-00").text)
+    assert "scored (200)" in routed
+    assert not re.search(r"\d{2}:\d{2}:\d{2}", routed)

@@ -82,7 +82,7 @@ T0=$(date +%s)
 say "preparing data, CKKS keys and $N hospital nodes under $D"
 fedrisk data synth --hospitals $N --patients 9000 --out "$D/data" > "$LOGS/prepare.log"
 fedrisk keys init --out "$D/keys" >> "$LOGS/prepare.log"
-fedrisk node provision --data "$D/data" --key "$D/keys/hospital.ckks" --out "$D/nodes" \
+fedrisk node provision --data "$D/data" --key-file "$D/keys/hospital.ckks" --out "$D/nodes" \
     --budget credit-risk-research=10 >> "$LOGS/prepare.log"
 mapfile -t NODE_DIRS < <(ls -d "$D"/nodes/*/ | sed 's:/$::' | sort)
 [ "${#NODE_DIRS[@]}" -eq $N ] || { echo "expected $N node dirs, got ${#NODE_DIRS[@]}" >&2; exit 1; }

@@ -3,6 +3,10 @@
 Each chart is one `<svg role="img">` with a `<title>`; every data mark (`<circle>`, `<rect>`)
 carries its numbers in `data-*` attributes, so a reader's tools (and the browser test) can
 check what is drawn against what the API returns. All text is escaped here.
+
+A chart is drawn only when it compares something: a bar chart needs at least `MIN_BARS` bars
+(callers show a single value as text instead), and an interval chart at least `MIN_BARS` cells
+with a value.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ INTERVAL_WIDTH = 460
 POINT_RADIUS = 4
 MAX_POINT_RADIUS = 9
 TICKS = 5
+MIN_BARS = 2
+"""Fewest values a bar or interval chart compares: with fewer, show the value as text."""
+HIDDEN_TEXT = "too few to show"
+"""What an interval chart writes in place of a cell without a value (callers say why, e.g. the threshold)."""
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,7 @@ class CalibrationPoint:
 
 @dataclass(frozen=True)
 class Interval:
-    """One estimate with its 95% interval; `value` None means the cell was suppressed."""
+    """One estimate with its 95% interval; `value` None means the cell is hidden (too few records)."""
 
     label: str
     value: float | None
@@ -89,7 +97,10 @@ def calibration_chart(points: Sequence[CalibrationPoint], title: str = "Calibrat
 
 def bar_chart(bars: Sequence[tuple[str, float]], title: str, *, low: float = 0.0, high: float = 1.0,
               reference: float | None = None) -> str:
-    """Vertical bars on [low, high] (e.g. AUC per release, with 0.5 as the reference line)."""
+    """Vertical bars on [low, high] (e.g. AUC per release, with 0.5 as the reference line). Only for
+    `MIN_BARS` or more bars: a single bar compares nothing (ValueError)."""
+    if len(bars) < MIN_BARS:
+        raise ValueError(f"a bar chart compares at least {MIN_BARS} values; show {len(bars)} as text")
     x0, y0, x1, y1 = MARGIN, HEIGHT - MARGIN, WIDTH - 8, 8
     span = (high - low) or 1.0
     body = [f'<line class="axis" x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}"/>',
@@ -115,8 +126,9 @@ def bar_chart(bars: Sequence[tuple[str, float]], title: str, *, low: float = 0.0
     return _svg(WIDTH, HEIGHT, title, body, "bars")
 
 
-def interval_chart(rows: Sequence[Interval], title: str) -> str:
-    """One row per cell: the estimate as a dot, its 95% interval as a bar; suppressed cells say so."""
+def interval_chart(rows: Sequence[Interval], title: str, *, hidden_text: str = HIDDEN_TEXT) -> str:
+    """One row per cell: the estimate as a dot, its 95% interval as a bar; a cell without a value
+    says `hidden_text` in its place (class "suppressed", as the stylesheet and tests know it)."""
     finite = [v for r in rows for v in (r.value, r.low, r.high) if v is not None and math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     if hi <= lo:
@@ -135,7 +147,7 @@ def interval_chart(rows: Sequence[Interval], title: str) -> str:
         body.append(f'<text class="tick" x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{escape(r.label[:24])}</text>')
         if r.value is None or not math.isfinite(r.value):
             body.append(f'<text class="suppressed" x="{x0 + 4}" y="{y + 4:.1f}" data-label="{escape(r.label)}">'
-                        "suppressed (too few records)</text>")
+                        f"{escape(hidden_text)}</text>")
             continue
         low = r.low if r.low is not None and math.isfinite(r.low) else r.value
         high = r.high if r.high is not None and math.isfinite(r.high) else r.value
