@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cli import bank as cli_bank, node as cli_node, release as cli_release, scoring as cli_scoring, serve as cli_serve
+from cli import alerts as cli_alerts, bank as cli_bank, node as cli_node, release as cli_release, scoring as cli_scoring, serve as cli_serve
 from cli import workspace as ws
 from cli.progress import Working
 from federation.config import RunConfig
@@ -211,8 +211,17 @@ def _audit_path(value: str) -> Path:
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
     from privacy.audit import AuditLog, format_verification
 
-    result = AuditLog(_audit_path(args.log), role="auditor", identity="fedrisk-cli").verify()
+    path = _audit_path(args.log)
+    result = AuditLog(path, role="auditor", identity="fedrisk-cli").verify()
     print(format_verification(result))
+    if not result.ok:
+        from privacy.alerts import Alert, AlertMonitor, drain_deliveries, now_utc
+
+        monitor = AlertMonitor.beside(path, "fedrisk-cli")
+        if monitor is not None:
+            monitor.fire(Alert("audit-verify", "critical", f"{path.name} does not verify: {len(result.problems)} "
+                               "problem(s); `fedrisk audit verify` says where", "fedrisk-cli", now_utc()), path.name)
+            drain_deliveries()
     return 0 if result.ok else 1
 
 
@@ -455,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_release.register(commands)  # fedrisk release
     cli_serve.register(commands)  # fedrisk serve
     cli_bank.register(commands)  # fedrisk bank score
+    cli_alerts.register(commands)  # fedrisk alerts init|test|list
 
     privacy = commands.add_parser("privacy", help="privacy reports").add_subparsers(dest="privacy_command", required=True)
     verify = privacy.add_parser("verify", help="recompute every epsilon of a privacy report")

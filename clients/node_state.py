@@ -82,8 +82,14 @@ class NodeState:
         return BudgetLedger(self.ledger_path)
 
     def audit(self) -> AuditLog:
-        """Open the audit log as this hospital's node."""
-        return AuditLog(self.audit_path, role=ROLE_HOSPITAL, identity=self.hospital)
+        """Open the audit log as this hospital's node (its alert rules see the ledger's spend)."""
+        return AuditLog(self.audit_path, role=ROLE_HOSPITAL, identity=self.hospital, budget=self.budget_shares)
+
+    def budget_shares(self) -> dict[str, tuple[float, float]]:
+        """{purpose: (epsilon spent, epsilon total)} from the ledger, for the budget alert."""
+        with self.ledger() as ledger:
+            return {purpose: (ledger.spent(purpose), ledger.budget(purpose).epsilon_total)
+                    for purpose in ledger.purposes()}
 
     def revocations(self) -> RevocationRegistry:
         """Consent withdrawals recorded at this node."""

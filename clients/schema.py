@@ -30,7 +30,7 @@ training: `{age-band: N}` (years, to the band's lower bound), `{prefix: K}` (fir
 `purpose`; `consent-date` (day recorded) and `consent-expiry` (first day no longer covered) apply
 to one `purpose`, or to all when none is given. `ignore` columns are accepted, never used, and may
 be absent. Columns of a restricted class
-(`genetic-biosample`, `psych-social`) never reach training unless `allow-for-purposes` names the
+(`genetic-biosample`, `psych-social`, `incident-report`) never reach training unless `allow-for-purposes` names the
 run's purpose. `maps-to` says which fedrisk column a differently named export column feeds.
 Mistakes raise `SchemaError`, one line naming the schema file and the column or key.
 """
@@ -53,7 +53,7 @@ ROLES = ("direct-identifier", "quasi-identifier", "feature", "label", "consent",
          "consent-expiry", "record-key", "ignore")
 SENSITIVITY_CLASSES = ("identity", "diagnosis-treatment", "medication", "vitals-labs", "genetic-biosample",
                        "psych-social", "incident-report", "insurance-billing")
-RESTRICTED_CLASSES = ("genetic-biosample", "psych-social")
+RESTRICTED_CLASSES = ("genetic-biosample", "psych-social", "incident-report")
 """Classes excluded from training unless a column's `allow-for-purposes` names the run's purpose."""
 TYPES = ("numeric", "categorical", "date", "boolean")
 SHIPPED_SYNTHETIC_SCHEMA = Path(__file__).resolve().parent / "schemas" / "synthetic_export.yaml"

@@ -33,10 +33,10 @@ import os
 import re
 import sqlite3
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import astuple, dataclass, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -168,13 +168,18 @@ class AuditLog:
     transaction that reads the head and inserts after it).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, role: str, identity: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, role: str, identity: str,
+                 budget: Callable[[], Mapping[str, tuple[float, float]]] | None = None) -> None:
+        """budget: for a node's log, {purpose: (spent, total)} from its ledger, for the alert rules
+        (`privacy.alerts`: watching starts when an alerts.json is beside the log)."""
         for what, value in (("role", role), ("identity", identity)):
             if not isinstance(value, str) or not value.strip():
                 raise ValueError(f"audit log {what} must be a non-empty string")
         _refuse_identifiers({"role": role, "identity": identity}, "")
         self.path, self.role, self.identity = Path(path), role, identity
         self.anchor_path = Path(f"{self.path}.head")
+        self._budget = budget
+        self._monitor: Any = None  # privacy.alerts.AlertMonitor, opened at the first append
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._transaction() as db:
             db.execute(_SCHEMA)
@@ -217,15 +222,39 @@ class AuditLog:
             db.execute(f"INSERT INTO audit ({_COLUMNS}) VALUES ({', '.join('?' * 10)})",
                        astuple(entry))
             self._write_anchor(AuditAnchor(seq, entry.hash))  # under the lock: anchors stay ordered
+        self._watch(entry)
         return entry
+
+    def _watch(self, entry: AuditEntry) -> None:
+        """Feed the alert rules (if an alerts.json is beside the log). An alert problem is reported
+        on stderr and never undoes or fails the audited event."""
+        import sys
+
+        from privacy.alerts import CONFIG_FILE, AlertMonitor
+
+        if self._monitor is None and not (self.path.parent / CONFIG_FILE).is_file():
+            return
+        try:
+            if self._monitor is None:
+                since = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat(timespec="microseconds")
+                with closing(self._connect()) as db:
+                    history = [AuditEntry(*row) for row in db.execute(
+                        f"SELECT {_COLUMNS} FROM audit WHERE ts >= ? AND seq < ? ORDER BY seq", (since, entry.seq))]
+                self._monitor = AlertMonitor.beside(self.path, f"{self.role}:{self.identity}", budget=self._budget,
+                                                    history=history)
+            if self._monitor is not None:
+                self._monitor.observe(entry)
+        except Exception as exc:  # noqa: BLE001  (watching must not break what it watches)
+            print(f"fedrisk: alert rules of {self.path.name} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
     def refusal(self, error: BaseException, *, purpose: str | None = None) -> AuditEntry:
         """Record a refusal with its one-line reason. A reason the identifier filter rejects
         (it may quote a path or a number) is recorded by its kind only."""
+        kind = type(error).__name__
         try:
-            return self.append(REFUSAL, purpose=purpose, details={"reason": str(error)[:300]})
+            return self.append(REFUSAL, purpose=purpose, details={"reason": str(error)[:300], "kind": kind})
         except ValueError:
-            return self.append(REFUSAL, purpose=purpose, details={"reason": type(error).__name__})
+            return self.append(REFUSAL, purpose=purpose, details={"reason": kind, "kind": kind})
 
     def entries(self) -> list[AuditEntry]:
         """All stored entries in sequence order (as stored; `verify` says whether to trust them)."""

@@ -7,6 +7,12 @@ the file holding the bearer token the hospital's endpoint accepts from this serv
 
 The token stays in its file (mode 0600, managed by the operator) and is read when a request is
 forwarded; `signals.sqlite` holds no secret in clear, only key hashes and public keys.
+
+Graded protection: a score and its request are medical-derived data and the token a credential, so
+an endpoint off this machine must be `https://` (checked against `--hospital-ca` or the system's
+trust store); plain `http://` is accepted on loopback only (a node and the service on one host,
+or a TLS-terminating proxy beside the node). The rule is checked when a hospital is added and
+again before its token is read for any request, so an edited database cannot downgrade it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from federation.errors import ConfigError
+from federation.urls import unprotected_url as _unprotected
 
 MAX_TOKEN_BYTES = 4096
 NODE_HASH_PREFIX = "sha256:"  # how the node's own token file starts: the hash, not the token
@@ -48,7 +55,10 @@ class HospitalEndpoint:
 
     def service_token(self) -> str:
         """The bearer token this service presents to the hospital (read from its file each time,
-        so rotating it means replacing the file)."""
+        so rotating it means replacing the file); never for an endpoint `unprotected_url` refuses."""
+        problem = unprotected_url(self.url)
+        if problem:
+            raise HospitalUnavailable(f"{self.hospital}: {problem}")
         try:
             raw = Path(self.token_file).read_bytes()[:MAX_TOKEN_BYTES]
         except OSError:
@@ -60,6 +70,14 @@ class HospitalEndpoint:
             raise HospitalUnavailable(f"{self.token_file} holds the token's hash (the node's file); the signals "
                                       "service needs the token itself (printed by `fedrisk node service-token`)")
         return token
+
+
+def unprotected_url(url: str) -> str:
+    """Why scores may not travel to `url` ("" when they may): `federation.urls.unprotected_url`,
+    with how a hospital fixes it."""
+    problem = _unprotected(url)
+    return f"{problem}: serve the node over TLS (`fedrisk node serve --ssl-certfile ... --ssl-keyfile ...`)" \
+        if problem else ""
 
 
 class HospitalDirectory:
@@ -77,7 +95,10 @@ class HospitalDirectory:
             raise ConfigError(f"hospital must be a name such as 'hospital_00', got {hospital!r}")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-            raise ConfigError(f"--url must be the endpoint's base URL, such as http://127.0.0.1:8601, got {url!r}")
+            raise ConfigError(f"--url must be the endpoint's base URL, such as https://node.example:8101, got {url!r}")
+        problem = unprotected_url(url)
+        if problem:
+            raise ConfigError(f"--url {url}: {problem}")
         pem = _read_grant_key(Path(grant_key_file))
         token_path = Path(token_file).resolve()
         endpoint = HospitalEndpoint(hospital, url.rstrip("/"), pem, str(token_path),

@@ -66,3 +66,18 @@ def test_the_node_policy_floor_holds_even_when_the_config_asks_for_more_hospital
     run = "floor"
     census = coordinator.census(run, config={**coordinator.config.to_user_config(), "min-contributors": 3})
     assert len(census) == 3
+
+
+def test_a_refused_downgrade_raises_the_hospitals_alert(coordinator) -> None:
+    """The hospital that switched alerts on hears of the coordinator's attempt as it is refused."""
+    from privacy.alerts import AlertConfig, drain_deliveries, recorded_alerts
+
+    node = coordinator.nodes[0]
+    AlertConfig().write(node.directory / "alerts.json")
+    try:
+        error, _ = _attack(coordinator, {"rounds": 400})
+        drain_deliveries()
+        fired = [alert for alert, _ in recorded_alerts(node.directory) if alert.rule == "policy-refusal"]
+        assert error is not None and fired and fired[-1].severity == "high" and "max_rounds" in fired[-1].summary
+    finally:
+        (node.directory / "alerts.json").unlink()
