@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from cli import alerts as cli_alerts, bank as cli_bank, node as cli_node, release as cli_release, scoring as cli_scoring, serve as cli_serve
+from cli import alerts as cli_alerts, bank as cli_bank, incident as cli_incident, node as cli_node, release as cli_release, scoring as cli_scoring, serve as cli_serve
 from cli import workspace as ws
 from cli.progress import Working
 from federation.config import RunConfig
@@ -465,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_serve.register(commands)  # fedrisk serve
     cli_bank.register(commands)  # fedrisk bank score
     cli_alerts.register(commands)  # fedrisk alerts init|test|list
+    cli_incident.register(commands)  # fedrisk incident scope|contain
 
     privacy = commands.add_parser("privacy", help="privacy reports").add_subparsers(dest="privacy_command", required=True)
     verify = privacy.add_parser("verify", help="recompute every epsilon of a privacy report")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import math
 import os
@@ -92,6 +93,15 @@ _ADDED_COLUMNS = {"release": "TEXT", "uses_allowed": "INTEGER NOT NULL DEFAULT 0
 MALFORMED, FORGED, UNKNOWN, EXPIRED, REVOKED, WRONG_BANK, WRONG_PURPOSE = (
     "malformed", "forged", "unknown", "expired", "revoked", "wrong-bank", "wrong-purpose")
 WRONG_RELEASE, USED_UP, RATE_LIMITED = "wrong-release", "used-up", "rate-limited"
+
+
+GRANT_REF_HEX = 16
+
+
+def grant_ref(grant_id: str) -> str:
+    """The reference the signals service audits in place of a grant id (the id itself is a bearer
+    secret's handle): the first GRANT_REF_HEX hex of its SHA-256. A node matches it to its grants."""
+    return hashlib.sha256(grant_id.encode()).hexdigest()[:GRANT_REF_HEX]
 
 
 class GrantError(FedriskError):

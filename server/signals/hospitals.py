@@ -36,7 +36,7 @@ NODE_HASH_PREFIX = "sha256:"  # how the node's own token file starts: the hash, 
 _HOSPITAL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SCHEMA = """CREATE TABLE IF NOT EXISTS hospitals (
     hospital TEXT PRIMARY KEY, url TEXT NOT NULL, grant_key_pem TEXT NOT NULL,
-    token_file TEXT NOT NULL, added TEXT NOT NULL)"""
+    token_file TEXT NOT NULL, added TEXT NOT NULL, suspended_at TEXT)"""
 
 
 class HospitalUnavailable(ConfigError):
@@ -52,6 +52,7 @@ class HospitalEndpoint:
     grant_key_pem: str
     token_file: str
     added: str
+    suspended_at: str | None = None
 
     def service_token(self) -> str:
         """The bearer token this service presents to the hospital (read from its file each time,
@@ -59,6 +60,9 @@ class HospitalEndpoint:
         problem = unprotected_url(self.url)
         if problem:
             raise HospitalUnavailable(f"{self.hospital}: {problem}")
+        if self.suspended_at:
+            raise HospitalUnavailable(f"{self.hospital}: routing suspended since {self.suspended_at} (incident "
+                                      "containment; `fedrisk serve hospitals add` resumes it)")
         try:
             raw = Path(self.token_file).read_bytes()[:MAX_TOKEN_BYTES]
         except OSError:
@@ -88,6 +92,8 @@ class HospitalDirectory:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db, db:
             db.execute(_SCHEMA)
+            if "suspended_at" not in {row[1] for row in db.execute("PRAGMA table_info(hospitals)")}:
+                db.execute("ALTER TABLE hospitals ADD COLUMN suspended_at TEXT")
 
     def add(self, hospital: str, url: str, grant_key_file: Path, token_file: Path) -> HospitalEndpoint:
         """Register (or re-register, e.g. after a key rotation) a hospital's scoring endpoint."""
@@ -105,21 +111,22 @@ class HospitalDirectory:
                                     datetime.now(UTC).isoformat(timespec="seconds"))
         endpoint.service_token()  # refuse a missing or empty token file now, not at the first request
         with closing(self._connect()) as db, db:
-            db.execute("INSERT OR REPLACE INTO hospitals VALUES (?, ?, ?, ?, ?)",
+            db.execute("INSERT OR REPLACE INTO hospitals (hospital, url, grant_key_pem, token_file, added, suspended_at) "
+                       "VALUES (?, ?, ?, ?, ?, NULL)",
                        (endpoint.hospital, endpoint.url, endpoint.grant_key_pem, endpoint.token_file, endpoint.added))
         return endpoint
 
     def get(self, hospital: str) -> HospitalEndpoint | None:
         """The endpoint of `hospital`, or None if it is not registered."""
         with closing(self._connect()) as db:
-            row = db.execute("SELECT hospital, url, grant_key_pem, token_file, added FROM hospitals "
+            row = db.execute("SELECT hospital, url, grant_key_pem, token_file, added, suspended_at FROM hospitals "
                              "WHERE hospital = ?", (hospital,)).fetchone()
         return HospitalEndpoint(*row) if row else None
 
     def list(self) -> list[HospitalEndpoint]:
         """Every registered hospital, by name."""
         with closing(self._connect()) as db:
-            rows = db.execute("SELECT hospital, url, grant_key_pem, token_file, added FROM hospitals "
+            rows = db.execute("SELECT hospital, url, grant_key_pem, token_file, added, suspended_at FROM hospitals "
                               "ORDER BY hospital").fetchall()
         return [HospitalEndpoint(*row) for row in rows]
 

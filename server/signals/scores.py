@@ -22,7 +22,6 @@ match it to its own records, while the service's log holds no usable grant.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from privacy.grants import (
     SCORING_PURPOSE,
     WRONG_BANK,
     WRONG_PURPOSE,
+    grant_ref,
     WRONG_RELEASE,
     GrantError,
     GrantPayload,
@@ -51,7 +51,6 @@ from server.signals.hospitals import HospitalDirectory, HospitalEndpoint, Hospit
 SCORE_PATH = "/v1/score"
 RELEASES_PATH = "/v1/releases"  # the node's installed releases and their status
 DEFAULT_HOSPITAL_TIMEOUT_S = 10.0
-GRANT_REF_HEX = 16
 MAX_DETAIL_CHARS = 200
 RELAYED_STATUSES = frozenset({400, 403, 404, 409, 410, 429})
 """A hospital's refusals the bank may see as they are (a 422 becomes 400: the request was
@@ -98,9 +97,6 @@ class ScoreContext:
                                   ("refusal", self.kind), ("reason", self.reason)) if v is not None}
 
 
-def grant_ref(grant_id: str) -> str:
-    """The digest the service audits in place of a grant id."""
-    return hashlib.sha256(grant_id.encode()).hexdigest()[:GRANT_REF_HEX]
 
 
 NODE_STATE_TTL_S = 30.0
