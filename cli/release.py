@@ -109,9 +109,20 @@ def _cmd_create(args: argparse.Namespace) -> int:
         print(f"  RELEASED DESPITE: {'; '.join(cert.calibration_override['problems'])} "
               f"(accepted by {cert.calibration_override['by']}: {cert.calibration_override['reason']})")
     print(f"  {describe(cert.privacy_audit)}")
+    print("  approved by " + "; ".join(f"{a['by']} ({a['role']}{', ' + a['hospital'] if a['hospital'] else ''})"
+                                       for a in cert.approvals))
     print(f"  model files: {release.model_dir}")
     print(f"each hospital installs it: fedrisk node release install --dir NODE --release-dir {release.model_dir} "
           f"--release-id {release.release_id}")
+    return 0
+
+
+def _cmd_approve(args: argparse.Namespace) -> int:
+    run_id = _chosen(args, "run_id", "--run-id", "RUN_ID")
+    approval = _registry(args, _run_store(args)).approve(run_id, args.role, args.by, args.hospital or "")
+    print(f"approved run {approval.run_id} (model {approval.sha256[:12]}...) as {approval.role}"
+          f"{' for ' + approval.hospital if approval.hospital else ''}: {approval.by}, {approval.at[:16]} UTC; a release "
+          "needs a data scientist's and a hospital operator's approval, by two people")
     return 0
 
 
@@ -262,6 +273,19 @@ def register(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--no-audit", metavar="REASON",
                         help="release without a privacy audit; the reason goes on the certificate")
     create.set_defaults(handler=_cmd_create)
+
+    approve = with_registry(release.add_parser("approve", help="record one of the two approvals a release needs "
+                                                "(a data scientist's and a hospital operator's, by two people)"))
+    _positional_or_flag(approve, "run_id", "--run-id", "RUN_ID", "the MLflow run id `fedrisk run` printed")
+    approve.add_argument("--role", required=True, choices=("data-scientist", "hospital-operator"),
+                         help="the approver's role")
+    approve.add_argument("--by", default=user, help=f"who approves (default: the login name, {user or 'unknown'})")
+    approve.add_argument("--hospital", help="for a hospital operator: the hospital they approve for")
+    approve_store = approve.add_mutually_exclusive_group()
+    approve_store.add_argument("--run-dir", help="a run directory made before workspaces (its own mlflow.db)")
+    approve_store.add_argument("--tracking-uri", help="the MLflow tracking URI holding the run (default: the "
+                                                      "workspace's store)")
+    approve.set_defaults(handler=_cmd_approve)
 
     evaluate = release.add_parser("evaluate", help="DP evaluation of a run's model across the hospitals "
                                   "(simulation engine): calibration and fairness tables for its model card")

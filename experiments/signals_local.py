@@ -150,14 +150,27 @@ LOCAL_AUDIT_WAIVER = ("local signals stack: releases for exercising scoring, not
 """Why the local stack's releases carry no privacy audit (on each certificate's `privacy_audit`)."""
 
 
+SCIENTIST, OPERATOR = "dana-data-scientist", "hank-hospital-operator"
+"""The two people who approve the local stack's releases (a release needs both roles)."""
+
+
+def approve(registry: object, run_id: str, hospital: str = "hospital_00") -> str:
+    """Record both approvals a release needs (a data scientist's, a hospital operator's) on
+    `registry` (a ReleaseRegistry); returns `run_id`, to pass on to `create`."""
+    registry.approve(run_id, "data-scientist", SCIENTIST)  # type: ignore[attr-defined]
+    registry.approve(run_id, "hospital-operator", OPERATOR, hospital)  # type: ignore[attr-defined]
+    return run_id
+
+
 def create_release(registry_dir: Path, hospital: LocalHospital, run: TrainedRun) -> str:
     """Register a release of a real training run (with its DP evaluation) and install it at the node."""
     from server.releases import ReleaseRegistry
 
     registry_dir.mkdir(parents=True, exist_ok=True)
     evaluation = dp_evaluation(hospital, run)  # a release needs its DP evaluation
-    release = ReleaseRegistry(run.tracking_uri, registry_dir).create(
-        run.run_id, "dana-data-scientist", evaluation=evaluation,  # type: ignore[arg-type]
+    registry = ReleaseRegistry(run.tracking_uri, registry_dir)
+    release = registry.create(
+        approve(registry, run.run_id, hospital.state.hospital), SCIENTIST, evaluation=evaluation,  # type: ignore[arg-type]
         accept_miscalibration=LOCAL_CALIBRATION_OVERRIDE, unaudited=LOCAL_AUDIT_WAIVER)
     install_release(hospital.state.directory, release.model_dir, release.release_id)
     return release.release_id

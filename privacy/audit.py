@@ -60,6 +60,7 @@ RELAY_REQUEST, RELAY_REFUSED = "relay.request", "relay.refused"  # the node serv
 # The coordinator's run log, the release registry's and the signals service's:
 RUN_RESUME, REPLY_REJECTED, ROUND_MISSING = "run.resume", "reply.rejected", "round.missing"
 ANALYTICS_RELEASE, RELEASE_CREATE, SIGNALS_REQUEST = "analytics.release", "release.create", "signals.request"
+RELEASE_APPROVE = "release.approve"  # the registry's log: one of a release's two approvals
 INCIDENT_CONTAIN = "incident.contain"  # any party's log: a containment step (`fedrisk incident contain`)
 MAX_DETAILS_CHARS = 4096  # a summary of an event, never data
 

@@ -18,6 +18,8 @@ import pytest
 from scipy import stats
 
 from clients.analytics import consented_records
+from experiments.signals_local import approve
+from server.releases import ReleaseRegistry
 from clients.deidentify import PSEUDONYM
 from clients.node_state import NodeState
 from clients.node_state import test_split as held_out_mask
@@ -186,6 +188,7 @@ def test_the_audit_appears_on_the_certificate_beside_the_accounted_epsilon(store
     run_id, registry = store.run(_honest_report()), str(tmp_path / "registry")
     create = ["release", "create", run_id, "--run-dir", str(store.run_dir), "--registry", registry,
               "--approved-by", APPROVER, *_evaluation_files(tmp_path / "evaluation", store.digest)]
+    approve(ReleaseRegistry(store.tracking_uri, Path(registry)), run_id)
     assert main(create) == EXIT_USER_ERROR  # neither an audit nor a reason to go without one
     assert "a release needs an empirical privacy audit of its model" in capsys.readouterr().err
     other = _audit_file(tmp_path / "other", "b" * 64, separation=0.95)
@@ -219,6 +222,7 @@ def test_a_release_without_an_audit_says_so_and_why_and_an_impossible_audit_is_r
     run_id = store.run(_honest_report())
     create = ["release", "create", run_id, "--run-dir", str(store.run_dir), "--registry", registry,
               "--approved-by", APPROVER, *evaluation]
+    approve(ReleaseRegistry(store.tracking_uri, Path(registry)), run_id)
     assert main([*create, "--audit", str(leaky)]) == EXIT_USER_ERROR
     assert "exceeds the accounted epsilon" in capsys.readouterr().err
     assert main([*create, "--audit", str(leaky), "--no-audit", "pilot"]) == EXIT_USER_ERROR

@@ -68,6 +68,9 @@ def test_from_someone_elses_csv_to_a_release_with_documented_commands(tmp_path: 
                     "--hospitals", "3", cwd=tmp_path)
     audit_table = re.search(r"--audit (\S+)", audit.stdout).group(1)  # type: ignore[union-attr]
 
+    for role, approver in (("data-scientist", ["--by", "Dana Data"]),
+                           ("hospital-operator", ["--by", "Hank Ops", "--hospital", "hospital_00"])):
+        fedrisk("release", "approve", run_id, "--role", role, *approver, cwd=tmp_path)  # two people, two roles
     create = [*("release", "create", run_id),
               *(a for t in tables for a in ("--evaluation", t)), "--audit", audit_table]
     refused = fedrisk(*create, cwd=tmp_path, ok=False)  # ~115 held-out records: too noisy to calibrate
@@ -81,6 +84,8 @@ def test_from_someone_elses_csv_to_a_release_with_documented_commands(tmp_path: 
     assert any("'malignant': malignant (1) or benign (0)" in line for line in card["limitations"])
     assert not any("delinquency" in line for line in [card["intended_use"], *card["limitations"]])
     assert shown["certificate"]["privacy_audit"]["audited"] is True
+    assert [(a["role"], a["by"]) for a in shown["certificate"]["approvals"]] == [
+        ("data-scientist", "Dana Data"), ("hospital-operator", "Hank Ops")]
 
     # one store: the run, its evaluation and audit, and the registered release side by side
     import mlflow

@@ -20,6 +20,7 @@ import pandas as pd
 import pytest
 
 from engines.simulation import simulate
+from experiments.signals_local import approve
 from experiments.synthetic import synthesize
 from federation import features as fx
 from cli.main import EXIT_USER_ERROR, main
@@ -112,7 +113,7 @@ def _evaluation_files(directory: Path, digest: str, seed: int = 4) -> list[str]:
 @pytest.fixture(scope="module")
 def released(trained: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> tuple[ReleaseRegistry, object]:
     registry = ReleaseRegistry(trained.tracking_uri, tmp_path_factory.mktemp("registry"))
-    return registry, registry.create(trained.run_id, APPROVER, cutoff="2025-06-30",
+    return registry, registry.create(approve(registry, trained.run_id), APPROVER, cutoff="2025-06-30",
                                      evaluation=_evaluation_of(trained.digest), unaudited=UNAUDITED)
 
 
@@ -168,7 +169,10 @@ def test_registry_lists_it_with_verified_model_files(trained: TrainedRun, releas
     assert len(create) == 1 and create[0].details == {
         "release": "r1", "run": trained.run_id, "sha256": trained.digest, "approver": APPROVER,
         "cutoff": "2025-06-30", "dp-evaluated": True, "recalibrated": True, "calibration-override": False,
-        "privacy-audited": False}
+        "privacy-audited": False, "approvals": ["data-scientist:-", "hospital-operator:hospital_00"]}
+    approvals = [e for e in entries if e.action == "release.approve"]
+    assert [(e.details["role"], e.details["sha256"]) for e in approvals] == [
+        ("data-scientist", trained.digest), ("hospital-operator", trained.digest)]
 
 
 def test_a_run_is_released_once(trained: TrainedRun, released) -> None:
@@ -222,7 +226,7 @@ def test_an_unknown_run_is_refused_in_one_line(released) -> None:
 
 def test_withdraw_is_immediate_and_audited(trained: TrainedRun, tmp_path: Path) -> None:
     registry = ReleaseRegistry(trained.tracking_uri, tmp_path / "registry")
-    release = registry.create(trained.run_id, APPROVER, evaluation=_evaluation_of(trained.digest),
+    release = registry.create(approve(registry, trained.run_id), APPROVER, evaluation=_evaluation_of(trained.digest),
                               unaudited=UNAUDITED)
     withdrawn = registry.withdraw(release.release_id, "Sam Audit", "calibration drift in the 80-89 band")
     assert withdrawn.status == STATUS_WITHDRAWN == registry.get(release.release_id).status
@@ -234,8 +238,8 @@ def test_withdraw_is_immediate_and_audited(trained: TrainedRun, tmp_path: Path) 
         registry.create(trained.run_id, APPROVER)
     log = AuditLog(tmp_path / "registry" / RELEASE_AUDIT_FILE, role="auditor", identity="test")
     entries = log.entries()
-    assert [e.action for e in entries] == ["release.create", "release.withdraw", "refusal"]
-    assert entries[1].details["by"] == "Sam Audit" and entries[1].details["release"] == release.release_id
+    assert [e.action for e in entries] == ["release.approve", "release.approve", "release.create", "release.withdraw", "refusal"]
+    assert entries[3].details["by"] == "Sam Audit" and entries[3].details["release"] == release.release_id
     assert log.verify().ok
 
 
@@ -249,6 +253,7 @@ def test_release_audit_measures_the_runs_model_under_dp_and_its_table_goes_on_th
     assert "epsilon 0.500 charged to each hospital's ledger" in printed and "loss-threshold attack AUC" in printed
     assert f"beside the run's accounted epsilon {trained.report['epsilon_max']:.3f}" in printed
     table = printed.split("release it with: --audit ")[1].strip()
+    approve(ReleaseRegistry(trained.tracking_uri, Path(str(tmp_path / "registry"))), trained.run_id)
     assert main(["release", "create", trained.run_id, "--run-dir", str(trained.run_dir), "--registry",
                  str(tmp_path / "registry"), "--approved-by", APPROVER, *_evaluation_files(tmp_path, trained.digest),
                  "--audit", table]) == 0
@@ -265,6 +270,10 @@ def test_cli(trained: TrainedRun, tmp_path: Path, capsys: pytest.CaptureFixture[
     create = ["release", "create", trained.run_id, "--run-dir", str(trained.run_dir), "--registry", registry,
               "--approved-by", APPROVER, "--cutoff", "2025-06-30", *_evaluation_files(tmp_path, trained.digest),
               "--no-audit", UNAUDITED]
+    assert main(create) == EXIT_USER_ERROR  # not yet approved by the two people a release needs
+    assert "lacks the data-scientist and hospital-operator approval" in capsys.readouterr().err
+    approve(ReleaseRegistry(trained.tracking_uri, Path(registry)), trained.run_id)
+    capsys.readouterr()
     assert main(create) == 0
     assert "released r1 (active)" in capsys.readouterr().out
     assert main(create) == EXIT_USER_ERROR
@@ -372,7 +381,7 @@ def test_release_with_a_dp_evaluation(trained: TrainedRun, tmp_path: Path) -> No
     registry = ReleaseRegistry(trained.tracking_uri, tmp_path / "registry")
     with pytest.raises(ReleaseRefused, match="DP evaluation scored model"):
         registry.create(trained.run_id, APPROVER, evaluation=DPEvaluation(tables, model_sha256="b" * 64))
-    release = registry.create(trained.run_id, APPROVER, evaluation=DPEvaluation(
+    release = registry.create(approve(registry, trained.run_id), APPROVER, evaluation=DPEvaluation(
         tables, model_sha256=trained.digest, source="synthetic test table"), unaudited=UNAUDITED)
     evaluation = evaluation_from_tables(tables)
     assert release.certificate.records == round(evaluation["overall"]["records"])
@@ -392,6 +401,7 @@ def test_cli_release_with_evaluation_files(trained: TrainedRun, tmp_path: Path,
     create = ["release", "create", trained.run_id, "--run-dir", str(trained.run_dir),
               "--registry", str(tmp_path / "registry"), "--evaluation", str(table_file),
               "--no-audit", UNAUDITED]
+    approve(ReleaseRegistry(trained.tracking_uri, Path(str(tmp_path / "registry"))), trained.run_id)
     for sha256, code in (("b" * 64, EXIT_USER_ERROR), (trained.digest, 0)):
         query = _evaluation_query("sex", sha256)
         (tmp_path / "model-evaluation-1a2b.json").write_text(json.dumps({
@@ -603,7 +613,8 @@ def test_an_honest_run_is_released_with_run_and_ledger_epsilon_per_hospital(
     report = _honest_report(ledger_before=0.4)
     run_id = store.run(report, aucs=(0.61, 0.68, 0.71))
     registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
-    release = registry.create(run_id, APPROVER, evaluation=_evaluation_of(store.digest), unaudited=UNAUDITED)
+    release = registry.create(approve(registry, run_id), APPROVER, evaluation=_evaluation_of(store.digest),
+                              unaudited=UNAUDITED)
     cert = release.certificate
     for name, logged in report["hospitals"].items():
         spend = cert.per_hospital[name]
@@ -634,7 +645,7 @@ def test_an_honest_run_is_released_with_run_and_ledger_epsilon_per_hospital(
 
 def test_a_certificate_stored_before_dp_evaluation_still_reads(store: HandBuiltStore, tmp_path: Path) -> None:
     registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
-    cert = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest),
+    cert = registry.create(approve(registry, store.run(_honest_report())), APPROVER, evaluation=_evaluation_of(store.digest),
                            unaudited=UNAUDITED).certificate
     old = cert.to_dict()
     for key in ("neighbouring", "assumption", "epsilon_all_hospitals", "overlap", "ledger_basis"):
@@ -654,6 +665,7 @@ def test_cli_requires_the_dp_evaluation_and_prints_each_hospitals_epsilons(
         store: HandBuiltStore, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_id = store.run(_honest_report())
     create = ["release", "create", run_id, "--run-dir", str(store.run_dir), "--registry", str(tmp_path / "registry")]
+    approve(ReleaseRegistry(store.tracking_uri, Path(str(tmp_path / "registry"))), run_id)
     assert main(create) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.startswith("fedrisk: error: a release needs a DP evaluation of its model") and err.count("\n") == 1
@@ -691,7 +703,7 @@ def test_a_miscalibrated_release_is_refused_unless_the_override_goes_on_its_cert
     assert "calibration offset (observed minus predicted rate) is +0.0" in message and "--accept-miscalibration" in message
     assert f"beyond the tolerance of {CALIBRATION_TOLERANCE:g}" in message and "\n" not in message
     assert registry.list() == []
-    release = registry.create(run_id, APPROVER, evaluation=under, accept_miscalibration="pilot: bank recalibrates",
+    release = registry.create(approve(registry, run_id), APPROVER, evaluation=under, accept_miscalibration="pilot: bank recalibrates",
                               unaudited=UNAUDITED)
     override = release.certificate.calibration_override
     assert override["reason"] == "pilot: bank recalibrates" and override["by"] == APPROVER
@@ -712,8 +724,8 @@ def test_a_run_that_was_not_recalibrated_is_refused(store: HandBuiltStore, tmp_p
 def test_a_calibrated_release_carries_its_map_and_bands_with_observed_rates(store: HandBuiltStore,
                                                                             tmp_path: Path) -> None:
     registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
-    release = registry.create(store.run(_honest_report()), APPROVER, evaluation=_evaluation_of(store.digest),
-                              unaudited=UNAUDITED)
+    release = registry.create(approve(registry, store.run(_honest_report())), APPROVER,
+                              evaluation=_evaluation_of(store.digest), unaudited=UNAUDITED)
     card = release.card
     assert release.certificate.calibration_override is None
     assert card.recalibration["method"].startswith("platt") and card.recalibration["slope"] > 0
@@ -723,3 +735,25 @@ def test_a_calibrated_release_carries_its_map_and_bands_with_observed_rates(stor
     assert ModelCard.from_dict(card.to_dict()) == card
     legacy = {k: v for k, v in card.to_dict().items() if k not in ("recalibration", "bands")}
     assert ModelCard.from_dict(legacy).bands is None  # cards issued before recalibration still read
+
+
+def test_a_release_needs_two_people_in_two_roles_for_this_very_model(store: HandBuiltStore, tmp_path: Path) -> None:
+    """One person approving in both roles is not enough; another run's approvals do not carry over;
+    a bad approval is refused and audited, and nothing is released."""
+    registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
+    first, second = store.run(_honest_report()), store.run(_honest_report())
+    registry.approve(first, "data-scientist", "Dana Risk")
+    registry.approve(first, "hospital-operator", "Dana Risk", "hospital_00")
+    with pytest.raises(ReleaseRefused, match="same person"):
+        registry.create(first, APPROVER, evaluation=_evaluation_of(store.digest), unaudited=UNAUDITED)
+    registry.approve(first, "hospital-operator", "Hank Ops", "hospital_00")
+    with pytest.raises(ReleaseRefused, match="lacks the data-scientist and hospital-operator approval"):
+        registry.create(second, APPROVER, evaluation=_evaluation_of(store.digest), unaudited=UNAUDITED)
+    from server.releases.approvals import ApprovalError
+
+    with pytest.raises(ApprovalError, match="names the hospital"):
+        registry.approve(second, "hospital-operator", "Hank Ops")
+    assert registry.list() == []
+    release = registry.create(first, APPROVER, evaluation=_evaluation_of(store.digest), unaudited=UNAUDITED)
+    assert {(a["role"], a["by"]) for a in release.certificate.approvals} == {
+        ("data-scientist", "Dana Risk"), ("hospital-operator", "Dana Risk"), ("hospital-operator", "Hank Ops")}

@@ -235,6 +235,8 @@ class PrivacyCertificate:
             `ledger_epsilon` over the hospitals (every run and query charged to the purpose, this run
             included), at most what any one patient has lost, beside this release's `epsilon_max`.
         patient_epsilon_statement: the two in words, for a reader of the certificate.
+        approvals: the release's two approvals (`server.releases.approvals`): role, by, hospital, at,
+            and the run and model SHA-256 they bind to; empty on a release made before them.
         calibration_override: None, or {"reason", "by", "problems"} when the release was approved
             although its calibration failed the release check (`server.calibration.release_problems`).
         privacy_audit: the release's empirical privacy audit (`server.releases.membership`): the
@@ -269,6 +271,7 @@ class PrivacyCertificate:
     privacy_audit: dict[str, Any] | None = None
     patient_epsilon: float | None = None
     patient_epsilon_statement: str = ""
+    approvals: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -305,7 +308,8 @@ def _hospital(spend: Mapping[str, Any]) -> HospitalPrivacy:
 def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str, privacy_report: Mapping[str, Any],
                       cutoff: str, issued: str, evaluation: Mapping[str, Any],
                       calibration_override: Mapping[str, Any] | None = None,
-                      privacy_audit: Mapping[str, Any] | None = None) -> PrivacyCertificate:
+                      privacy_audit: Mapping[str, Any] | None = None,
+                      approvals: list[Mapping[str, Any]] | None = None) -> PrivacyCertificate:
     """The certificate of a release from its run's `privacy_report.json` (see
     `server.tracking.privacy_report`; checked by `hospitals_from_report`, recomputed by
     `server.releases.run_artifacts`), for `records`, the release's `evaluation_from_tables` result,
@@ -341,7 +345,7 @@ def build_certificate(*, release_id: str, model_sha256: str, mlflow_run_id: str,
         epsilon_all_hospitals=everywhere, overlap=overlap, ledger_basis=LEDGER_BASIS,
         calibration_override=dict(calibration_override) if calibration_override else None,
         privacy_audit=dict(privacy_audit) if privacy_audit else None, patient_epsilon=patient,
-        patient_epsilon_statement=statement)
+        patient_epsilon_statement=statement, approvals=[dict(a) for a in approvals or []])
 
 
 def _patient_epsilon(per_hospital: Mapping[str, HospitalPrivacy], release_epsilon: float, purpose: str,

@@ -43,7 +43,9 @@ import pandas as pd
 from federation.errors import FedriskError
 from federation.model import weights_digest
 from federation.workspace import REGISTRY_POINTER, record_registry_store, registry_store, sqlite_path
-from privacy.audit import RELEASE_CREATE, RELEASE_WITHDRAW, ROLE_SERVER, AuditIdentifierError, AuditLog, Digest
+from privacy.audit import (RELEASE_APPROVE, RELEASE_CREATE, RELEASE_WITHDRAW, ROLE_SERVER, AuditIdentifierError,
+                           AuditLog, Digest)
+from server.releases.approvals import Approval, ApprovalStore, missing_approvals
 from server.releases.certificates import (
     ModelCard,
     PrivacyCertificate,
@@ -176,6 +178,30 @@ class ReleaseRegistry:
         return self._release(self._version(release_id))
 
     # --- changing ----------------------------------------------------------------------------
+    def approve(self, mlflow_run_id: str, role: str, by: str, hospital: str = "") -> Approval:
+        """Record an approval of a finished run's model (`server.releases.approvals`); audited. The
+        run must be in the tracking store; the approval binds to its model's SHA-256."""
+        if not self.tracking_uri:
+            raise ReleaseRefused("no tracking URI: say where the run's MLflow store is")
+        staging = self.registry_dir / f".staging-{uuid.uuid4().hex}"
+        with self._lock():
+            try:
+                run = read_run_release(self.client, str(mlflow_run_id), staging)
+                approval = ApprovalStore(self.registry_dir).add(run.run_id, run.sha256, role, by, hospital)
+            except FedriskError as error:
+                self.audit.refusal(error)
+                raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            details = {"run": run.run_id, "sha256": Digest(run.sha256), "role": role, "by": approval.by,
+                       "hospital": approval.hospital or None}
+            try:
+                self.audit.append(RELEASE_APPROVE, purpose=str(run.privacy_report.get("purpose") or "") or None,
+                                  details=details)
+            except AuditIdentifierError:
+                self.audit.append(RELEASE_APPROVE, details={**details, "by": WITHHELD})
+            return approval
+
     def create(self, mlflow_run_id: str, approved_by: str, cutoff: date | str | None = None,
                evaluation: DPEvaluation | None = None, accept_miscalibration: str = "",
                audit: AuditTable | None = None, unaudited: str = "") -> Release:
@@ -262,7 +288,13 @@ class ReleaseRegistry:
             accepted = {"reason": override, "by": approver, "problems": problems} if problems else None
             audited = release_section(audit, waiver, approver=approver, model_sha256=run.sha256,
                                       privacy_report=run.privacy_report)
-            return self._register(run, approver, summary, accepted, audited)
+            approvals = ApprovalStore(self.registry_dir).of(run_id, run.sha256)
+            lacking = missing_approvals(approvals)
+            if lacking:
+                raise ReleaseRefused(f"run {run_id}: {lacking} (a release needs a data scientist's and a hospital "
+                                     f"operator's: fedrisk release approve {run_id} --role data-scientist|"
+                                     "hospital-operator)")
+            return self._register(run, approver, summary, accepted, audited, approvals)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -291,7 +323,8 @@ class ReleaseRegistry:
         return summary
 
     def _register(self, run: RunRelease, approver: str, evaluation: dict[str, Any],
-                  calibration_override: dict[str, Any] | None, privacy_audit: dict[str, Any]) -> Release:
+                  calibration_override: dict[str, Any] | None, privacy_audit: dict[str, Any],
+                  approvals: list[Approval]) -> Release:
         """Create the model version, its certificate and card, the local copy and the audit entry;
         undo the version if any later step fails."""
         from mlflow.exceptions import MlflowException
@@ -313,7 +346,8 @@ class ReleaseRegistry:
                 release_id=release_id, model_sha256=run.sha256, mlflow_run_id=run.run_id,
                 privacy_report=run.privacy_report, cutoff=run.cutoff,
                 issued=datetime.now(UTC).isoformat(timespec="seconds"), evaluation=evaluation,
-                calibration_override=calibration_override, privacy_audit=privacy_audit)
+                calibration_override=calibration_override, privacy_audit=privacy_audit,
+                approvals=[a.to_dict() for a in approvals])
             card = build_model_card(
                 release_id=release_id, model_sha256=run.sha256, model_kind=run.model_kind, n_features=run.n_features,
                 purpose=certificate.purpose, hospitals=certificate.hospitals, epsilon_max=certificate.epsilon_max,
@@ -330,7 +364,8 @@ class ReleaseRegistry:
                 "release": release_id, "run": run.run_id, "sha256": Digest(run.sha256), "approver": approver,
                 "cutoff": run.cutoff, "dp-evaluated": True, "recalibrated": run.calibration is not None,
                 "calibration-override": calibration_override is not None,
-                "privacy-audited": bool(privacy_audit["audited"])})
+                "privacy-audited": bool(privacy_audit["audited"]),
+                "approvals": [f"{a.role}:{a.hospital or '-'}" for a in approvals]})
         except BaseException:
             self.client.delete_model_version(REGISTERED_MODEL, version.version)
             shutil.rmtree(target, ignore_errors=True)
