@@ -242,6 +242,40 @@ def _cmd_node_revocations(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node_usage(args: argparse.Namespace) -> int:
+    """A patient's access request: every use of their record at this node, from its own records
+    (clients.usage). The record key is never echoed; the only write is the usage.report entry."""
+    import sys
+
+    from clients.node_state import NodeState
+    from clients.usage import UncoveredPurpose, UnknownRecord, record_answer, report_lines, usage_record, write_csv
+
+    state = NodeState.load(Path(args.dir))
+    try:
+        report = usage_record(state, args.record_key, purpose=args.purpose)
+    except UnknownRecord as exc:
+        raise ConfigError(f"--record-key: {exc}") from None
+    except UncoveredPurpose as exc:
+        raise ConfigError(f"--purpose: {exc}") from None
+    target = Path(args.csv) if args.csv and args.csv != "-" else None
+    if target is not None and (target.is_dir() or not target.parent.is_dir()):
+        raise ConfigError(f"--csv {target}: not a file in an existing directory; nothing was written")
+    record_answer(state, report, output="csv" if args.csv else "text")
+    if args.csv == "-":
+        write_csv(report, sys.stdout)
+        return 0
+    for line in report_lines(report):
+        print(line)
+    if target is not None:
+        try:
+            with open(target, "w", newline="", encoding="utf-8") as handle:
+                write_csv(report, handle)
+        except OSError as exc:
+            raise ConfigError(f"--csv {target}: cannot be written ({exc.strerror}); the answer above stands") from None
+        print(f"  the same {len(report.rows)} row(s) as CSV: {target}")
+    return 0
+
+
 # --- fedrisk node policy show|set: the hospital's own policy (clients/policy.py) ---------------
 def _cmd_node_policy_show(args: argparse.Namespace) -> int:
     from clients.node_state import NodeState
@@ -416,6 +450,15 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
     node_revocations.add_argument("--record-key", help="only this patient's withdrawals (looked up by pseudonym)")
     node_revocations.add_argument("--purpose", help="only withdrawals for this purpose")
     node_revocations.set_defaults(handler=_cmd_node_revocations)
+    node_usage = node.add_parser("usage", help="a patient's access request: every run, query, evaluation, audit and "
+                                 "scoring that used their record, when, for which purpose, at what epsilon; from this "
+                                 "node's own records (writes only its usage.report audit entry)")
+    node_usage.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    node_usage.add_argument("--record-key", required=True, help="the patient's record key in the export (looked up by "
+                            "pseudonym; never printed or logged)")
+    node_usage.add_argument("--purpose", help="only uses for this purpose (default: every purpose)")
+    node_usage.add_argument("--csv", metavar="FILE", help="also write the rows as CSV to FILE ('-': only CSV, on stdout)")
+    node_usage.set_defaults(handler=_cmd_node_usage)
     schema = node.add_parser("schema", help="export schemas: draft one from an export").add_subparsers(
         dest="schema_command", required=True)
     schema_init = schema.add_parser("init", help="draft a schema from an export (or several) for a person to review")

@@ -287,15 +287,17 @@ class GrantRecord:
         return "active"
 
 
-def list_grants(node_dir: Path) -> list[GrantRecord]:
+def list_grants(node_dir: Path, pseudonym: str | None = None) -> list[GrantRecord]:
     """Every grant a node has issued, oldest first, read without writing (no key is made, no table
-    created): an empty list when the node has issued none."""
+    created): an empty list when the node has issued none. `pseudonym`: only that patient's grants
+    (a patient's usage record, `clients.usage`); the records returned never hold it."""
     path = Path(node_dir) / GRANTS_FILE
     if not path.is_file():
         return []
+    where, arguments = ("WHERE pseudonym = ? ", (pseudonym,)) if pseudonym is not None else ("", ())
     with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)) as db:
         rows = db.execute("SELECT grant_id, bank, purpose, COALESCE(release, ''), issued, expires, uses_spent, "
-                          "uses_allowed, revoked_at FROM grants ORDER BY issued, grant_id").fetchall()
+                          f"uses_allowed, revoked_at FROM grants {where}ORDER BY issued, grant_id", arguments).fetchall()
     return [GrantRecord(*row) for row in rows]
 
 
