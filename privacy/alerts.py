@@ -20,8 +20,8 @@ Rules (thresholds in the `rules` section of alerts.json; defaults in `DEFAULT_RU
   elsewhere (a rollback, or a restored backup).
 * `audit-verify` (critical): `fedrisk audit verify` found the chain broken.
 
-An alert names the rule, a severity, a one-line summary and counts; never an identifier (its
-details pass the audit log's identifier filter). Delivery never blocks or fails the audited
+An alert names the rule, a severity, a one-line summary and counts; never an identifier: it is
+built only from audit entries, which passed the log's identifier filter when written. Delivery never blocks or fails the audited
 operation: it runs on a background thread and a failure is recorded beside the alert.
 """
 
