@@ -290,12 +290,17 @@ def test_faults_stragglers_dropouts_bad_ciphertexts_and_a_coordinator_crash(fede
 
     summary = json.loads((run_dir / "release" / "run_summary.json").read_text())
     contributors = {int(r): names for r, names in summary["contributors"].items()}
-    assert contributors == {1: ["hospital_00", "hospital_01", "hospital_02"], 2: ["hospital_00", "hospital_01"],
-                            3: ["hospital_00", "hospital_02"], 4: ["hospital_00", "hospital_01"]}
+    assert {r: contributors[r] for r in (1, 2, 3)} == {1: ["hospital_00", "hospital_01", "hospital_02"],
+                                                       2: ["hospital_00", "hospital_01"], 3: ["hospital_00", "hospital_02"]}
     rejected = {(r["round"], r["step"], r["hospital"]): r["reason"] for r in summary["rejections"]}
     assert "no reply within round-timeout" in rejected[(2, "training", "hospital_02")]
     assert "not a CKKS ciphertext" in rejected[(3, "training", "hospital_01")]
-    assert "no reply within round-timeout" in rejected[(4, "training", "hospital_02")]
+    # the kill lands mid-round; on a busy machine hospital_02 may have sent its round-4 update just before
+    # it (the round then has all three), otherwise the round completes with the other two
+    if contributors[4] == ["hospital_00", "hospital_01"]:
+        assert "no reply within round-timeout" in rejected[(4, "training", "hospital_02")]
+    else:
+        assert contributors[4] == ["hospital_00", "hospital_01", "hospital_02"]
     assert sorted(map(int, summary["rounds"])) == [1, 2, 3, 4]
     assert not (run_dir / CHECKPOINT_FILE).exists()
 
