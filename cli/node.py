@@ -385,6 +385,33 @@ def _add_node_federation(node: argparse._SubParsersAction) -> None:
     accept.set_defaults(handler=_cmd_node_anchor_accept)
 
 
+def _cmd_backup_key(args: argparse.Namespace) -> int:
+    from clients.backup import create_key
+
+    print(f"backup key (mode 0600): {create_key(Path(args.out))}; keep it apart from the backups: without it they "
+          "cannot be opened, with it they can")
+    return 0
+
+
+def _cmd_backup_create(args: argparse.Namespace) -> int:
+    from clients.backup import backup_node, load_key
+
+    info = backup_node(Path(args.dir), Path(args.out), load_key(Path(args.key_file) if args.key_file else None))
+    print(f"{info.hospital}: {info.files} files backed up, encrypted (AES-256-GCM), to {args.out} at {info.created} "
+          f"({info.audit_entries} audit entries)")
+    return 0
+
+
+def _cmd_backup_restore(args: argparse.Namespace) -> int:
+    from clients.backup import load_key, restore_node
+
+    info = restore_node(Path(args.source), Path(args.dir), load_key(Path(args.key_file) if args.key_file else None))
+    print(f"{info.hospital}: {info.files} files restored to {args.dir} from the backup of {info.created}. If this "
+          "node has done anything since, it is now behind the head the other hospitals anchored and refuses to run "
+          "until `fedrisk node anchor accept --dir ...` (which closes every remaining budget)")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add `fedrisk node` and its sub-commands; returns its sub-parsers (for `cli.scoring`)."""
     node = commands.add_parser("node", help="hospital node: init, check, budget, consent").add_subparsers(
@@ -459,6 +486,22 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
     node_usage.add_argument("--purpose", help="only uses for this purpose (default: every purpose)")
     node_usage.add_argument("--csv", metavar="FILE", help="also write the rows as CSV to FILE ('-': only CSV, on stdout)")
     node_usage.set_defaults(handler=_cmd_node_usage)
+    backup = node.add_parser("backup", help="encrypted backups of the node directory (AES-256-GCM)").add_subparsers(
+        dest="backup_command", required=True)
+    backup_key = backup.add_parser("key", help="make a backup key (keep it apart from the backups)")
+    backup_key.add_argument("--out", required=True, help="the key file to create (mode 0600, never overwritten)")
+    backup_key.set_defaults(handler=_cmd_backup_key)
+    backup_create = backup.add_parser("create", help="write an encrypted backup of the node directory")
+    backup_create.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    backup_create.add_argument("--out", required=True, help="the backup file to create (never overwritten)")
+    backup_create.add_argument("--key-file", help="the backup key (default: $FEDRISK_BACKUP_KEY)")
+    backup_create.set_defaults(handler=_cmd_backup_create)
+    backup_restore = backup.add_parser("restore", help="restore a backup into a new node directory; a restored node "
+                                       "refuses to run until `node anchor accept` if it is behind its anchored head")
+    backup_restore.add_argument("--from", dest="source", required=True, help="the backup file")
+    backup_restore.add_argument("--dir", required=True, help="the new node directory (absent or empty)")
+    backup_restore.add_argument("--key-file", help="the backup key (default: $FEDRISK_BACKUP_KEY)")
+    backup_restore.set_defaults(handler=_cmd_backup_restore)
     schema = node.add_parser("schema", help="export schemas: draft one from an export").add_subparsers(
         dest="schema_command", required=True)
     schema_init = schema.add_parser("init", help="draft a schema from an export (or several) for a person to review")

@@ -64,3 +64,30 @@ def test_when_the_coordinator_withholds_the_anchors_the_other_hospitals_drop_the
     update = coordinator.contribution(coordinator.train(coordinator.nodes[1], "withheld", 1, census, {}))
     assert update.header.hospital == "hospital_01"
     assert "anchor.behind" in audit_actions(coordinator.nodes[1])
+
+
+def test_an_encrypted_backup_restored_cannot_reopen_spent_budget(coordinator, tmp_path) -> None:
+    """The same rollback through `fedrisk node backup create|restore`: the restored node is the backup's
+    state, and it refuses to run until the audited recovery, which closes the budget."""
+    from cli.main import main
+    from flwr.app import ConfigRecord
+
+    node = coordinator.nodes[1]
+    key, backup = tmp_path / "backup.key", tmp_path / "node.backup"
+    assert main(["node", "backup", "key", "--out", str(key)]) == 0
+    assert main(["node", "backup", "create", "--dir", str(node.directory), "--out", str(backup),
+                 "--key-file", str(key)]) == 0
+    _run_once(coordinator, "before-backup-restore")
+    assert len(charges(node)) >= 1
+    shutil.rmtree(node.directory)
+    assert main(["node", "backup", "restore", "--from", str(backup), "--dir", str(node.directory),
+                 "--key-file", str(key)]) == 0
+    assert charges(node) == []  # the restored ledger is the backup's
+    error = coordinator.error(coordinator.send(node, M.CENSUS, {
+        M.CONFIG: ConfigRecord(coordinator.base("after-backup-restore", 0)),
+        M.ANCHORS: ConfigRecord(relay_record(coordinator.anchors))}))
+    assert error is not None and "behind the head anchored" in error
+    assert charges(node) == []
+    assert main(["node", "anchor", "accept", "--dir", str(node.directory)]) == 0
+    with node.ledger() as ledger:
+        assert ledger.remaining(coordinator.config.purpose) < 1e-6
