@@ -2,7 +2,7 @@
 
     fedrisk serve [--host 127.0.0.1] [--port 8400] [--db D] [--registry R] [--tracking-uri U]
     fedrisk serve keys add --role ROLE --label LABEL [--bank B | --hospital H] [--db D]
-    fedrisk serve keys list | revoke KEY_ID [--db D]
+    fedrisk serve keys list | revoke KEY_ID | rotate KEY_ID [--grace-hours 24] [--db D]
     fedrisk serve hospitals add --hospital H --url URL --grant-key PEM_FILE --token-file F [--db D]
     fedrisk serve hospitals list [--db D]
 
@@ -51,11 +51,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_keys_add(args: argparse.Namespace) -> int:
     from server.signals.auth import KeyStore
 
-    principal, key = KeyStore(_db(args)).add(args.role, args.label, bank=args.bank, hospital=args.hospital)
+    principal, key = KeyStore(_db(args)).add(args.role, args.label, bank=args.bank, hospital=args.hospital,
+                                             days=args.days)
     bound = f" for {principal.bank or principal.hospital}" if principal.bank or principal.hospital else ""
     print(key)
-    print(f"API key {principal.key_id} for {principal.label} ({principal.role}{bound}); only its SHA-256 is "
-          "stored: copy the key (above) now, it cannot be shown again")
+    print(f"API key {principal.key_id} for {principal.label} ({principal.role}{bound}), valid until "
+          f"{(principal.expires or '')[:16].replace('T', ' ')} UTC; only its SHA-256 is stored: copy the key (above) "
+          "now, it cannot be shown again")
+    return 0
+
+
+def _cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from server.signals.auth import KeyStore
+
+    principal, key = KeyStore(_db(args)).rotate(args.key_id, grace_hours=args.grace_hours, days=args.days)
+    print(key)
+    print(f"new API key {principal.key_id} for {principal.label}, valid until {(principal.expires or '')[:16]} UTC; "
+          f"the old key {args.key_id} works for {args.grace_hours} more hour(s), then gets 401")
     return 0
 
 
@@ -63,8 +75,10 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
     from server.signals.auth import KeyStore
 
     for p in KeyStore(_db(args)).principals():
-        state = f"revoked {p.revoked_at}" if p.revoked_at else "live"
-        print(f"{p.key_id}  {p.role:<17} {p.label:<24} {p.bank or p.hospital or '-':<16} {p.created}  {state}")
+        state = {"revoked": f"revoked {p.revoked_at}", "expired": f"expired {p.expires}",
+                 "active": f"live until {p.expires}" if p.expires else "live, no expiry (made before keys expired)"}
+        print(f"{p.key_id}  {p.role:<17} {p.label:<24} {p.bank or p.hospital or '-':<16} {p.created}  "
+              f"{state[p.state()]}")
     return 0
 
 
@@ -129,8 +143,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--label", required=True, help="who holds it, e.g. acme-risk-team (appears in the audit log)")
     add.add_argument("--bank", help="bank id of a bank-analyst key (must match the bank in grant tokens)")
     add.add_argument("--hospital", help="hospital of a hospital-operator key")
+    add.add_argument("--days", type=int, default=90, help="how long the key works (default 90, at most 730)")
     _db_option(add, top=False)
     add.set_defaults(handler=_cmd_keys_add)
+    rotate = keys.add_parser("rotate", help="a new key for a key's holder; the old one works for a grace period")
+    rotate.add_argument("key_id", help="the key's id, as `fedrisk serve keys list` shows it")
+    rotate.add_argument("--grace-hours", type=int, default=24, help="how long the old key still works (default 24; "
+                                                                    "0: stops now)")
+    rotate.add_argument("--days", type=int, default=90, help="how long the new key works (default 90)")
+    _db_option(rotate, top=False)
+    rotate.set_defaults(handler=_cmd_keys_rotate)
     listing = keys.add_parser("list", help="every key: id, role, label, state")
     _db_option(listing, top=False)
     listing.set_defaults(handler=_cmd_keys_list)

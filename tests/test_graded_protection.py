@@ -55,3 +55,28 @@ def test_an_http_hospital_off_loopback_is_refused_when_added_and_when_used(tmp_p
         db.execute("UPDATE hospitals SET url = 'http://node.example:8101'")
     with pytest.raises(HospitalUnavailable, match="only on loopback"):
         directory.get("hospital_00").service_token()  # the token is never read for it
+
+
+def test_api_keys_expire_and_rotate_without_a_gap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cli.main import main
+    from server.signals.auth import AuthError, KeyStore
+
+    store = KeyStore(tmp_path / "signals.sqlite")
+    principal, key = store.add("bank-analyst", "acme-risk-team", bank="bank-a", days=30)
+    assert store.authenticate(key) == principal and principal.expires > principal.created
+    with pytest.raises(AuthError, match="1 to 730 days"):
+        store.add("bank-analyst", "acme-risk-team", bank="bank-a", days=0)
+    new, new_key = store.rotate(principal.key_id, grace_hours=24)
+    assert store.authenticate(key) is not None and store.authenticate(new_key) == new  # both during the grace
+    assert (new.label, new.role, new.bank) == (principal.label, principal.role, principal.bank)
+    with sqlite3.connect(tmp_path / "signals.sqlite") as db:  # the grace period (or the key's life) ends
+        db.execute("UPDATE principals SET expires = '2020-01-01T00:00:00+00:00' WHERE key_id = ?", (principal.key_id,))
+    assert store.authenticate(key) is None and store.authenticate(new_key) == new
+    with pytest.raises(AuthError, match="no live API key"):
+        store.rotate(principal.key_id)  # an expired key cannot be rotated into a fresh one
+    assert main(["serve", "keys", "list", "--db", str(tmp_path / "signals.sqlite")]) == 0
+    listing = capsys.readouterr().out
+    assert f"{principal.key_id}" in listing and "expired 2020-01-01" in listing and "live until" in listing
+    assert main(["serve", "keys", "rotate", new.key_id, "--grace-hours", "0", "--db",
+                 str(tmp_path / "signals.sqlite")]) == 0
+    assert store.authenticate(new_key) is None  # grace 0: the old key stops at once

@@ -29,7 +29,7 @@ import threading
 import time
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from federation.errors import ConfigError
@@ -43,6 +43,8 @@ KEY_ID_HEX = 12  # public handle of a key in listings and audit entries: a prefi
 DEFAULT_RATE_PER_SECOND = 20.0
 DEFAULT_BURST = 40
 MAX_LABEL_DIGITS = 5  # labels enter the audit log, which refuses phone- and ID-like numbers
+DEFAULT_KEY_DAYS = 90  # an API key expires; `fedrisk serve keys rotate` replaces one before it does
+MAX_KEY_DAYS = 730
 MAX_BUCKETS = 10_000  # anonymous buckets are keyed by address; full ones are dropped past this
 
 _KEY = re.compile(rf"^{KEY_PREFIX}[A-Za-z0-9_-]{{32}}$")
@@ -68,6 +70,16 @@ class Principal:
     hospital: str | None = None
     created: str = ""
     revoked_at: str | None = None
+    expires: str | None = None
+    """UTC ISO time the key stops working (None: a key made before keys expired)."""
+
+    def state(self, now: datetime | None = None) -> str:
+        """active, revoked or expired."""
+        if self.revoked_at:
+            return "revoked"
+        if self.expires and datetime.fromisoformat(self.expires) <= (now or datetime.now(UTC)):
+            return "expired"
+        return "active"
 
 
 def hash_key(key: str) -> str:
@@ -83,22 +95,44 @@ class KeyStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with closing(self._connect()) as db, db:
             db.execute(_SCHEMA)
+            if "expires" not in {row[1] for row in db.execute("PRAGMA table_info(principals)")}:
+                db.execute("ALTER TABLE principals ADD COLUMN expires TEXT")
 
     def add(self, role: str, label: str, *, bank: str | None = None,
-            hospital: str | None = None) -> tuple[Principal, str]:
-        """Make a principal; returns it and its API key (the only time the key exists in clear)."""
+            hospital: str | None = None, days: int = DEFAULT_KEY_DAYS) -> tuple[Principal, str]:
+        """Make a principal whose key works for `days` days; returns it and its API key (the only
+        time the key exists in clear)."""
         _check_principal(role, label, bank, hospital)
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_KEY_DAYS:
+            raise AuthError(f"--days: a key lasts 1 to {MAX_KEY_DAYS} days, got {days!r}")
         key = KEY_PREFIX + secrets.token_urlsafe(KEY_RANDOM_BYTES)
         digest = hash_key(key)
-        principal = Principal(digest[:KEY_ID_HEX], label, role, bank, hospital,
-                              datetime.now(UTC).isoformat(timespec="seconds"))
+        now = datetime.now(UTC).replace(microsecond=0)
+        principal = Principal(digest[:KEY_ID_HEX], label, role, bank, hospital, now.isoformat(),
+                              expires=(now + timedelta(days=days)).isoformat())
         with closing(self._connect()) as db, db:
-            db.execute("INSERT INTO principals VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                       (digest, principal.key_id, label, role, bank, hospital, principal.created))
+            db.execute("INSERT INTO principals (key_hash, key_id, label, role, bank, hospital, created, revoked_at, "
+                       "expires) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+                       (digest, principal.key_id, label, role, bank, hospital, principal.created, principal.expires))
         return principal, key
 
+    def rotate(self, key_id: str, *, grace_hours: int = 24, days: int = DEFAULT_KEY_DAYS) -> tuple[Principal, str]:
+        """A new key for the holder of live key `key_id` (same label, role, bank or hospital); the
+        old one keeps working for `grace_hours` (0: stops now) so the holder can switch."""
+        if isinstance(grace_hours, bool) or not isinstance(grace_hours, int) or not 0 <= grace_hours <= 168:
+            raise AuthError(f"--grace-hours: 0 to 168, got {grace_hours!r}")
+        old = next((p for p in self.principals() if p.key_id == key_id and p.state() == "active"), None)
+        if old is None:
+            raise AuthError(f"no live API key with id {key_id!r} (see `fedrisk serve keys list`)")
+        new, key = self.add(old.role, old.label, bank=old.bank, hospital=old.hospital, days=days)
+        until = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=grace_hours)
+        if old.expires is None or datetime.fromisoformat(old.expires) > until:
+            with closing(self._connect()) as db, db:
+                db.execute("UPDATE principals SET expires = ? WHERE key_id = ?", (until.isoformat(), key_id))
+        return new, key
+
     def authenticate(self, key: str | None) -> Principal | None:
-        """The live principal holding `key`, or None (no key, malformed, unknown or revoked).
+        """The live principal holding `key`, or None (no key, malformed, unknown, revoked or expired).
 
         The row is found by the key's hash (an index lookup can only leak timing about a
         hash, which says nothing usable about the key); the hashes are then compared in
@@ -107,11 +141,12 @@ class KeyStore:
             return None
         digest = hash_key(key)
         with closing(self._connect()) as db:
-            row = db.execute("SELECT key_hash, key_id, label, role, bank, hospital, created, revoked_at "
+            row = db.execute("SELECT key_hash, key_id, label, role, bank, hospital, created, revoked_at, expires "
                              "FROM principals WHERE key_hash = ?", (digest,)).fetchone()
-        if row is None or not hmac.compare_digest(row[0], digest) or row[7] is not None:
+        if row is None or not hmac.compare_digest(row[0], digest):
             return None
-        return Principal(*row[1:])
+        principal = Principal(*row[1:])
+        return principal if principal.state() == "active" else None
 
     def revoke(self, key_id: str) -> Principal:
         """Revoke the key with public handle `key_id`; it stops working on the next request."""
@@ -126,7 +161,7 @@ class KeyStore:
     def principals(self) -> list[Principal]:
         """Every principal ever made, revoked ones included, oldest first."""
         with closing(self._connect()) as db:
-            rows = db.execute("SELECT key_id, label, role, bank, hospital, created, revoked_at "
+            rows = db.execute("SELECT key_id, label, role, bank, hospital, created, revoked_at, expires "
                               "FROM principals ORDER BY created, key_id").fetchall()
         return [Principal(*row) for row in rows]
 
