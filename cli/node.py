@@ -385,6 +385,35 @@ def _add_node_federation(node: argparse._SubParsersAction) -> None:
     accept.set_defaults(handler=_cmd_node_anchor_accept)
 
 
+def _cmd_node_erase(args: argparse.Namespace) -> int:
+    import getpass
+
+    from clients.erasure import erase_patient
+    from clients.node_state import NodeState
+
+    try:
+        by = args.by or getpass.getuser()
+    except (KeyError, OSError):
+        by = "unknown"
+    report = erase_patient(NodeState.load(Path(args.dir)), args.record_key, reason=args.reason, by=by)
+    print("\n".join(report.lines()))
+    return 0
+
+
+def _cmd_node_purge(args: argparse.Namespace) -> int:
+    from clients.erasure import purge_node
+    from clients.node_state import NodeState
+    from clients.policy import NodePolicy
+
+    state = NodeState.load(Path(args.dir))
+    days = NodePolicy.load(state.directory).grant_retention_days
+    count = purge_node(state, dry_run=args.dry_run)
+    verb = "would be" if args.dry_run else "were"
+    print(f"{state.hospital}: {count} grant(s) that ended over {days} days ago (policy grant_retention_days) {verb} "
+          "unlinked from their patients; the grants' ids, banks, dates and uses stay for the audit trail")
+    return 0
+
+
 def _cmd_backup_key(args: argparse.Namespace) -> int:
     from clients.backup import create_key
 
@@ -486,6 +515,17 @@ def register(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
     node_usage.add_argument("--purpose", help="only uses for this purpose (default: every purpose)")
     node_usage.add_argument("--csv", metavar="FILE", help="also write the rows as CSV to FILE ('-': only CSV, on stdout)")
     node_usage.set_defaults(handler=_cmd_node_usage)
+    node_erase = node.add_parser("erase", help="carry out a patient's erasure request: excluded from every purpose "
+                                 "for good, grants revoked and unlinked; reports what cannot be recalled")
+    node_erase.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    node_erase.add_argument("--record-key", required=True, help="the patient's record key in the export")
+    node_erase.add_argument("--reason", required=True, help="the basis of the request, in one line (audited; no names)")
+    node_erase.add_argument("--by", help="who carries it out (default: the login name)")
+    node_erase.set_defaults(handler=_cmd_node_erase)
+    node_purge = node.add_parser("purge", help="enforce the policy's retention: unlink ended grants from patients")
+    node_purge.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    node_purge.add_argument("--dry-run", action="store_true", help="only count what would be purged")
+    node_purge.set_defaults(handler=_cmd_node_purge)
     backup = node.add_parser("backup", help="encrypted backups of the node directory (AES-256-GCM)").add_subparsers(
         dest="backup_command", required=True)
     backup_key = backup.add_parser("key", help="make a backup key (keep it apart from the backups)")

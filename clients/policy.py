@@ -14,8 +14,10 @@ record is read (`check_run`, `check_query`), and once more when the records' cou
      "max_model_parameters": 2000000,  cap on the size of the model a run trains
      "federation": "",                 CKKS key id of the federation served; "" = this node's own key's id
      "max_evaluation_epsilon": 0.5,    cap on a run's DP evaluation epsilon (0: no DP evaluation)
-     "max_audit_epsilon": 0.5}         cap on a membership audit query's epsilon (0: no membership audit;
+     "max_audit_epsilon": 0.5,         cap on a membership audit query's epsilon (0: no membership audit;
                                        it is the only query that reads the training split)
+     "grant_retention_days": 365}      days an ended grant (expired, revoked, used up) keeps its link to the
+                                       patient; `fedrisk node purge` then removes it (clients.erasure)
 
 An absent file means these defaults; a present file must be valid in full (unknown or
 out-of-range fields are a ConfigError naming the file and the field, never silently ignored).
@@ -114,6 +116,7 @@ _VALIDATORS = {
     "federation": _federation,
     "max_evaluation_epsilon": lambda f, v: _positive(f, v, zero=True),
     "max_audit_epsilon": lambda f, v: _positive(f, v, zero=True),
+    "grant_retention_days": lambda f, v: _whole(f, v, 1),
 }
 
 
@@ -139,6 +142,7 @@ class NodePolicy:
     federation: str = ""
     max_evaluation_epsilon: float = 0.5
     max_audit_epsilon: float = 0.5
+    grant_retention_days: int = 365
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -49,6 +49,7 @@ ROLE_HOSPITAL, ROLE_SERVER, ROLE_DATA_SCIENTIST = "hospital-node", "server", "da
 # A hospital node's log:
 NODE_INIT, NODE_ENROL, POLICY_SET = "node.init", "node.enrol", "policy.set"
 DATA_LOAD, REFUSAL, CONSENT_REVOKE, CONSENT_RESTORE = "data.load", "refusal", "consent.revoke", "consent.restore"
+CONSENT_ERASE, NODE_PURGE = "consent.erase", "node.purge"  # an erasure request carried out; retention enforced
 RUN_START, ROUND_TRAIN, ROUND_EVALUATE, RELEASE = "run.start", "round.train", "round.evaluate", "release"
 DECRYPTION, CONTRIBUTION_DROPPED = "decryption", "decryption.dropped"
 ANCHOR_BEHIND, ANCHOR_ACCEPTED = "anchor.behind", "anchor.accepted"

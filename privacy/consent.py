@@ -142,7 +142,8 @@ def _timestamp(when: datetime | date | None) -> str:
     return when.isoformat(timespec="seconds")
 
 
-REVOKED, RESTORED = "revoked", "restored"
+REVOKED, RESTORED, ERASED = "revoked", "restored", "erased"
+ERASED_PURPOSES = "*"  # an erasure covers every purpose
 """The two events of a consent's withdrawal record."""
 
 
@@ -169,6 +170,7 @@ class RevocationRegistry:
                            "purpose TEXT NOT NULL, revoked_at TEXT NOT NULL, PRIMARY KEY (pseudonym, purpose))")
                 db.execute("CREATE TABLE IF NOT EXISTS consent_events (pseudonym TEXT NOT NULL, purpose TEXT NOT NULL, "
                            f"action TEXT NOT NULL CHECK (action IN ('{REVOKED}', '{RESTORED}')), at TEXT NOT NULL)")
+                db.execute("CREATE TABLE IF NOT EXISTS erasures (pseudonym TEXT PRIMARY KEY, at TEXT NOT NULL)")
         except sqlite3.DatabaseError:
             raise ConsentError(f"cannot open revocation registry {self.path}: not a fedrisk registry") from None
 
@@ -198,6 +200,8 @@ class RevocationRegistry:
         record is usable again from the next run, query or score. Raises ConsentError if its consent
         for the purpose is not withdrawn."""
         self._check(pseudonym, purpose)
+        if pseudonym in self.erased():
+            raise ConsentError("this record was erased at the patient's request; its use cannot be restored")
         with closing(sqlite3.connect(self.path)) as db, db:
             if self._status(db, pseudonym, purpose) != REVOKED:
                 raise ConsentError(f"no withdrawal of this record's consent for {purpose} is in force; nothing to undo")
@@ -220,12 +224,32 @@ class RevocationRegistry:
         with closing(sqlite3.connect(self.path)) as db:
             first = [tuple(row) for row in db.execute(
                 "SELECT pseudonym, purpose, revoked_at FROM revocations ORDER BY rowid")]
-            return first + [tuple(row) for row in db.execute(
+            events = [tuple(row) for row in db.execute(
                 "SELECT pseudonym, purpose, at, action FROM consent_events ORDER BY rowid")]
+            erasures = [(row[0], ERASED_PURPOSES, row[1], ERASED) for row in db.execute(
+                "SELECT pseudonym, at FROM erasures ORDER BY rowid")]
+            return first + events + erasures
+
+    def erase(self, pseudonym: str, when: datetime | date | None = None) -> bool:
+        """Record the patient's erasure request: from `when` (default now) the record is excluded
+        from every purpose, present and future, for good (no `restore`). False if erased already."""
+        self._check(pseudonym, "credit-risk-research")  # the pseudonym's form; every purpose is meant
+        with closing(sqlite3.connect(self.path)) as db, db:
+            return bool(db.execute("INSERT OR IGNORE INTO erasures VALUES (?, ?)",
+                                   (pseudonym, _timestamp(when))).rowcount)
+
+    def erased(self, as_of: datetime | date | None = None) -> set[str]:
+        """Pseudonyms erased at or before `as_of` (default: all)."""
+        query, parameters = "SELECT pseudonym FROM erasures", ()
+        if as_of is not None:
+            query, parameters = query + " WHERE at <= ?", (_timestamp(as_of),)
+        with closing(sqlite3.connect(self.path)) as db:
+            return {row[0] for row in db.execute(query, parameters)}
 
     def history(self) -> list[tuple[str, str, str, str]]:
         """Every withdrawal and restore as (at, pseudonym, purpose, action), oldest first."""
-        rows = [(row[2], row[0], row[1], row[3] if len(row) > 3 else REVOKED) for row in self.entries()]
+        rows = [(row[2], row[0], row[1], row[3] if len(row) > 3 else REVOKED) for row in self.entries()
+                if len(row) < 4 or row[3] != ERASED]
         return sorted(rows, key=lambda row: row[0])
 
     def revoked(self, purpose: str, as_of: datetime | date | None = None) -> set[str]:
@@ -237,4 +261,4 @@ class RevocationRegistry:
             if event_purpose == purpose and (cutoff is None or at <= cutoff):
                 if pseudonym not in latest or (at, order) >= latest[pseudonym][:2]:
                     latest[pseudonym] = (at, order, action)
-        return {pseudonym for pseudonym, (_, _, action) in latest.items() if action == REVOKED}
+        return {pseudonym for pseudonym, (_, _, action) in latest.items() if action == REVOKED} | self.erased(as_of)
