@@ -65,6 +65,20 @@ def _cmd_grant_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grant_rotate_key(args: argparse.Namespace) -> int:
+    from clients.node_state import NodeState
+    from clients.scoring import grant_authority
+
+    state = NodeState.load(Path(args.dir))
+    revoked, pem = grant_authority(state).rotate_key(args.reason)
+    if args.out:
+        Path(args.out).write_text(pem)
+    print(f"{state.hospital}: grant signing key replaced; {revoked} live grant(s) revoked (re-issue them). The signals "
+          f"service needs the new public key: fedrisk serve hospitals add --hospital {state.hospital} --url URL "
+          f"--grant-key {args.out or 'NEW_KEY.pem'} --token-file F" + ("" if args.out else "\n" + pem.strip()))
+    return 0
+
+
 def _cmd_grant_list(args: argparse.Namespace) -> int:
     from clients.node_state import NodeState
     from privacy.grants import list_grants
@@ -186,6 +200,13 @@ def register(node_commands: argparse._SubParsersAction) -> None:
     revoke.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     revoke.add_argument("--grant-id", "--grant", dest="grant", required=True, help="the grant id (printed when it was issued)")
     revoke.set_defaults(handler=_cmd_grant_revoke)
+
+    rotate = grant.add_parser("rotate-key", help="replace the grant signing key: every live grant is revoked; give "
+                              "the signals service the new key")
+    rotate.add_argument("--dir", required=True, help=NODE_DIR_HELP)
+    rotate.add_argument("--reason", required=True, help="why, in one line (audited)")
+    rotate.add_argument("--out", help="also write the new public key here (PEM), for `fedrisk serve hospitals add`")
+    rotate.set_defaults(handler=_cmd_grant_rotate_key)
 
     listing = grant.add_parser("list", help="every grant this node issued: bank, release, uses, expiry, state "
                                "(never the patient); writes nothing")

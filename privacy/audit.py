@@ -56,6 +56,7 @@ ANCHOR_BEHIND, ANCHOR_ACCEPTED = "anchor.behind", "anchor.accepted"
 ANALYTICS_ANSWER = "analytics.answer"
 RELEASE_INSTALL, RELEASE_WITHDRAW = "release.install", "release.withdraw"  # also the registry's withdrawal
 GRANT_ISSUE, GRANT_REVOKE, GRANT_REFUSED = "grant.issue", "grant.revoke", "grant.refused"
+GRANT_KEY_ROTATE = "grant.key-rotate"
 SCORE_USE, SCORE_REFUSED = "score.grant-use", "score.refused"
 USAGE_REPORT = "usage.report"  # a patient's access request answered from the node's records (clients.usage)
 RELAY_REQUEST, RELAY_REFUSED = "relay.request", "relay.refused"  # the node service's federation socket

@@ -53,13 +53,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from federation.errors import FedriskError
-from privacy.audit import GRANT_ISSUE, GRANT_REFUSED, GRANT_REVOKE, AuditIdentifierError, AuditLog, Digest
+from privacy.audit import (GRANT_ISSUE, GRANT_KEY_ROTATE, GRANT_REFUSED, GRANT_REVOKE, AuditIdentifierError, AuditLog,
+                           Digest)
 from privacy.consent import PURPOSE_PATTERN
 
 TOKEN_PREFIX = "fedrisk-grant.v2"
 """Format tag and version: the first part of every token (v2 added `release` and `uses`)."""
 GRANTS_FILE = "grants.sqlite"
 SIGNING_KEY_FILE = "grant_signing.key"
+RETIRED_KEYS_FILE = "grant_keys_retired.json"
+"""Public keys of rotated-away grant signing keys, oldest first (their private keys are destroyed)."""
 """The hospital's Ed25519 signing key (PKCS#8 PEM, mode 0600); never leaves the node."""
 SCORING_PURPOSE = "applicant-scoring"
 DEFAULT_GRANT_HOURS = 24
@@ -320,7 +323,9 @@ class GrantAuthority:
         self.directory, self.hospital, self.audit = Path(node_dir), hospital, audit
         self.min_interval_s = float(min_interval_s)
         self.db_path = self.directory / GRANTS_FILE
-        self._key = _load_or_create_key(self.directory / SIGNING_KEY_FILE)
+        self._key_path = self.directory / SIGNING_KEY_FILE
+        self._loaded_key = _load_or_create_key(self._key_path)
+        self._key_stamp = self._stamp()
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")  # one process at a time creates or upgrades the table
             try:
@@ -337,6 +342,69 @@ class GrantAuthority:
     def _connect(self) -> sqlite3.Connection:
         """Autocommit connection: multi-statement transactions are opened explicitly."""
         return sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+
+    def _stamp(self) -> tuple[int, int]:
+        info = self._key_path.stat()
+        return info.st_ino, info.st_mtime_ns
+
+    @property
+    def _key(self) -> Ed25519PrivateKey:
+        """The signing key, read again if another process rotated it (a running node service
+        follows `fedrisk node grant rotate-key` at its next request)."""
+        try:
+            stamp = self._stamp()
+        except FileNotFoundError:  # being rotated right now: the new key appears at once
+            stamp = None
+        if stamp is not None and stamp != self._key_stamp:
+            self._loaded_key, self._key_stamp = _load_or_create_key(self._key_path), stamp
+        return self._loaded_key
+
+    def retired_keys(self) -> list[str]:
+        """The public keys of signing keys rotated away (PEM), newest first."""
+        path = self.directory / RETIRED_KEYS_FILE
+        if not path.is_file():
+            return []
+        return [str(entry["public_key_pem"]) for entry in reversed(json.loads(path.read_text()))]
+
+    @staticmethod
+    def _retired_signature(token: str, pem: str) -> GrantPayload | None:
+        try:
+            return verify_signature(token, pem)
+        except (GrantRefused, GrantError):
+            return None
+
+    def rotate_key(self, reason: str) -> tuple[int, str]:
+        """Replace the grant signing key (after a suspected leak, or on schedule): every grant still
+        live is revoked, the old private key is destroyed and its public key kept in
+        `RETIRED_KEYS_FILE` (its tokens are then refused as revoked, not as forgeries). Returns the
+        grants revoked and the new public key, which the signals service must be given again
+        (`fedrisk serve hospitals add --grant-key`). Audited (`grant.key-rotate`)."""
+        reason = " ".join(str(reason or "").split())
+        if not reason:
+            raise GrantError("--reason must say why the key is rotated (audited)")
+        old_pem = self.public_key_pem()
+        now = datetime.now(UTC)
+        with closing(self._connect()) as db:
+            live = [row[0] for row in db.execute(
+                "SELECT grant_id FROM grants WHERE revoked_at IS NULL AND expires > ? AND uses_spent < uses_allowed",
+                (_iso(now),))]
+        for grant_id in live:
+            self.revoke(grant_id, now)
+        retired_path = self.directory / RETIRED_KEYS_FILE
+        retired = json.loads(retired_path.read_text()) if retired_path.is_file() else []
+        retired.append({"public_key_pem": old_pem, "retired": _iso(now)})
+        tmp = retired_path.with_name(f".{RETIRED_KEYS_FILE}.{os.getpid()}")
+        tmp.write_text(json.dumps(retired, indent=2))
+        tmp.replace(retired_path)
+        self._key_path.unlink()
+        self._loaded_key = _load_or_create_key(self._key_path)
+        self._key_stamp = self._stamp()
+        new_pem = self.public_key_pem()
+        self._record(GRANT_KEY_ROTATE, SCORING_PURPOSE, {
+            "old-key": Digest(hashlib.sha256(old_pem.encode()).hexdigest()),
+            "new-key": Digest(hashlib.sha256(new_pem.encode()).hexdigest()), "grants-revoked": len(live),
+            "reason": reason[:300]})
+        return len(live), new_pem
 
     def public_key_pem(self) -> str:
         """The hospital's grant-verification key (SubjectPublicKeyInfo PEM): safe to publish."""
@@ -414,7 +482,15 @@ class GrantAuthority:
             raise
 
     def _verify(self, token: str, bank: str, release: str, purpose: str, now: datetime) -> Grant:
-        payload = verify_signature(token, self.public_key_pem())
+        try:
+            payload = verify_signature(token, self.public_key_pem())
+        except GrantRefused as refusal:
+            # a token signed with a key this node rotated away is its own, revoked at the rotation:
+            # checked below against the store, it is refused as revoked, not taken for a forgery
+            payload = next((p for p in (self._retired_signature(token, pem) for pem in self.retired_keys()) if p),
+                           None)
+            if payload is None:
+                raise refusal
         grant_id = payload.grant_id
         if payload.hospital != self.hospital:
             raise GrantRefused(FORGED, "forged token (names another hospital)", grant_id)

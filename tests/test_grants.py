@@ -320,3 +320,31 @@ def test_cli_defaults_mirror_the_grant_policy() -> None:
             cli_scoring.MAX_GRANT_USES, cli_scoring.DEFAULT_GRANT_INTERVAL_S) == (
         grants.DEFAULT_GRANT_HOURS, grants.MAX_GRANT_HOURS, grants.DEFAULT_GRANT_USES, grants.MAX_GRANT_USES,
         grants.DEFAULT_GRANT_INTERVAL_S) == (24, 720, 1, 10, 60.0)
+
+
+def test_rotating_the_signing_key_revokes_live_grants_and_a_running_service_follows(tmp_path: Path) -> None:
+    """After a suspected leak the hospital replaces its grant key: the old key's tokens are refused as
+    revoked (not as forgeries), the service that still holds the old public key refuses new tokens
+    until given the new one, and a node service started before the rotation signs and checks with
+    the new key at its next request."""
+    authority, audit = _authority(tmp_path / "node")
+    running, _ = _authority(tmp_path / "node")  # the node service's own instance, made before the rotation
+    old_token = authority.issue(PSEUDONYM, "bank-a", RELEASE)
+    old_pem = authority.public_key_pem()
+    old_private = (tmp_path / "node" / SIGNING_KEY_FILE).read_bytes()
+    revoked, new_pem = authority.rotate_key("key file found on a shared drive")
+    assert revoked == 1 and new_pem != old_pem
+    with pytest.raises(GrantRefused) as refused:
+        running.verify(old_token, "bank-a", RELEASE)
+    assert refused.value.kind == REVOKED
+    new_token = running.issue(PSEUDONYM, "bank-a", RELEASE)  # signed with the new key already
+    assert authority.verify(new_token, "bank-a", RELEASE).grant_id == peek_payload(new_token).grant_id
+    assert verify_signature(new_token, new_pem).grant_id == peek_payload(new_token).grant_id
+    with pytest.raises(GrantRefused) as at_service:
+        verify_signature(new_token, old_pem)  # the service with the old key, until re-registered
+    assert at_service.value.kind == FORGED
+    assert all(old_private not in p.read_bytes() for p in (tmp_path / "node").iterdir() if p.is_file())  # destroyed
+    rotation = [e for e in audit.entries() if e.action == "grant.key-rotate"]
+    assert len(rotation) == 1 and rotation[0].details["grants-revoked"] == 1
+    with pytest.raises(GrantError, match="--reason"):
+        authority.rotate_key(" ")
