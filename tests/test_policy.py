@@ -62,7 +62,8 @@ def test_defaults_without_a_policy_file(tmp_path: Path) -> None:
     assert policy == NodePolicy()
     assert policy.to_dict() == {"min_contributors": 2, "max_epsilon_per_run": 2.0, "max_rounds": 50,
                                 "max_delta": 1e-5, "purposes": [], "max_model_parameters": 2_000_000,
-                                "federation": "", "max_evaluation_epsilon": 0.5, "max_audit_epsilon": 0.5}
+                                "federation": "", "max_evaluation_epsilon": 0.5, "max_audit_epsilon": 0.5,
+                                "grant_retention_days": 365}
     assert list(tmp_path.iterdir()) == [], "loading the defaults wrote something"
     assert not {"dp", "he"} & {f.name for f in fields(NodePolicy)}, "DP and HE have no switch"
 
