@@ -29,3 +29,7 @@ def test_notebook_executes(path: Path, tmp_path: Path) -> None:
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
+    if path.name == "data_to_release.ipynb":  # it walks a data scientist through pictures, not only text
+        pictures = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                    if "image/png" in o.get("data", {})]
+        assert len(pictures) >= 3, "the training curve, the calibration plot and the scored records"
