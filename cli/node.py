@@ -152,22 +152,6 @@ def _cmd_node_budget(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_keys(data_file: Path, column: str) -> set[str]:
-    """The text form of every record key in a node's export (the form pseudonyms hash)."""
-    import pandas as pd
-
-    from federation.errors import DataError
-
-    try:
-        if data_file.suffix.lower() == ".parquet":
-            values = pd.read_parquet(data_file, columns=[column])[column]
-        else:
-            values = pd.read_csv(data_file, usecols=[column], dtype=str, encoding="utf-8")[column]
-    except (OSError, ValueError, KeyError) as exc:
-        raise DataError(f"cannot read column {column!r} of {data_file}: {type(exc).__name__}") from None
-    return {str(v).strip() for v in values.dropna()}
-
-
 def _consent_target(args: argparse.Namespace) -> tuple[object, str]:
     """The node and the pseudonym of --record-key, for a --purpose a consent column of the schema
     covers and a record key the export holds (neither echoed back: errors get pasted into tickets)."""
@@ -181,8 +165,7 @@ def _consent_target(args: argparse.Namespace) -> tuple[object, str]:
     if args.purpose not in purposes:
         raise ConfigError(f"--purpose {args.purpose!r}: no consent column of this node's schema covers it "
                           f"(purposes: {', '.join(purposes)})")
-    keys = _record_keys(state.data_file, schema.record_key)
-    if str(args.record_key).strip() not in keys:
+    if str(args.record_key).strip() not in set(state.record_keys()):
         raise ConfigError(f"--record-key: no record of {state.data_file.name} has that record key "
                           f"(column {schema.record_key!r}); nothing was changed")
     return state, state.pseudonym_key().pseudonymise(pd.Series([str(args.record_key).strip()])).iloc[0]

@@ -70,18 +70,10 @@ KEPT = (
 def _pseudonym(state: object, record_key: str) -> str:
     import pandas as pd
 
-    schema = state.schema()  # type: ignore[attr-defined]
-    data_file = Path(state.data_file)  # type: ignore[attr-defined]
-    column = schema.record_key
-    try:
-        table = (pd.read_parquet(data_file, columns=[column]) if data_file.suffix.lower() == ".parquet"
-                 else pd.read_csv(data_file, usecols=[column], dtype=str))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot read column {column!r} of {data_file}: {type(exc).__name__}") from None
     key = str(record_key).strip()
-    if key not in set(table[column].dropna().astype(str).str.strip()):
-        raise ConfigError(f"--record-key: no record of {data_file.name} has that record key (column {column!r}); "
-                          "nothing was erased")
+    if key not in set(state.record_keys()):  # type: ignore[attr-defined]
+        raise ConfigError(f"--record-key: no record of {Path(state.data_file).name} has that record key "  # type: ignore[attr-defined]
+                          f"(column {state.schema().record_key!r}); nothing was erased")  # type: ignore[attr-defined]
     return str(state.pseudonym_key().pseudonymise(pd.Series([key])).iloc[0])  # type: ignore[attr-defined]
 
 

@@ -136,12 +136,7 @@ def notification_list(state: object, scope: NodeScope, path: Path) -> int:
     import pandas as pd
 
     wanted = {g.pseudonym for g in scope.grants}
-    schema = state.schema()  # type: ignore[attr-defined]
-    data_file = Path(state.data_file)  # type: ignore[attr-defined]
-    column = schema.record_key
-    table = (pd.read_parquet(data_file, columns=[column]) if data_file.suffix.lower() == ".parquet"
-             else pd.read_csv(data_file, usecols=[column], dtype=str))
-    keys = table[column].dropna().astype(str).str.strip()
+    keys = pd.Series(state.record_keys(), dtype="string")  # type: ignore[attr-defined]
     pseudonyms = state.pseudonym_key().pseudonymise(keys)  # type: ignore[attr-defined]
     found = sorted({key for key, p in zip(keys, pseudonyms) if p in wanted})
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

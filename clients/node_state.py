@@ -107,6 +107,19 @@ class NodeState:
         """The node's pseudonymisation key."""
         return PseudonymKey.load(self.directory / "pseudonym.key")
 
+    def record_keys(self) -> list[str]:
+        """The text form of every record key in the export, in file order (the form pseudonyms hash):
+        what `node revoke`, `erase` and an incident's notification list look patients up by."""
+        column = self.schema().record_key
+        try:
+            if self.data_file.suffix.lower() == ".parquet":
+                values = pd.read_parquet(self.data_file, columns=[column])[column]
+            else:
+                values = pd.read_csv(self.data_file, usecols=[column], dtype=str, encoding="utf-8")[column]
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataError(f"cannot read column {column!r} of {self.data_file}: {type(exc).__name__}") from None
+        return [str(v).strip() for v in values.dropna()]
+
     def schema(self) -> ExportSchema:
         """The export schema the hospital declared."""
         return ExportSchema.load(self.schema_file)

@@ -288,12 +288,6 @@ class AlertMonitor:
             outcome["webhook"] = _to_webhook(self.config.webhook, alert)
         return outcome
 
-    def recorded(self) -> list[tuple[Alert, str]]:
-        """Every alert recorded here, oldest first, with how its delivery went."""
-        with closing(sqlite3.connect(self.state, timeout=30.0)) as db:
-            rows = db.execute("SELECT alert, delivered FROM alerts ORDER BY id").fetchall()
-        return [(Alert(**json.loads(text)), delivered) for text, delivered in rows]
-
 
 def recorded_alerts(directory: Path) -> list[tuple[Alert, str]]:
     """The alerts kept in `directory`'s alerts.sqlite (none if it has none); reads only."""
