@@ -286,6 +286,11 @@ def test_faults_stragglers_dropouts_bad_ciphertexts_and_a_coordinator_crash(fede
     _wait_for(lambda: _trainings(federation.node_dir("hospital_02"), run_id, 4) >= 2, 300, "resumed round 4")
     d.signal("supernode-hospital_02", signal.SIGKILL)
     status = d.wait_run(second, timeout=400)
+    if not status.completed and "could not be found" in status.details:
+        # Flower 1.42: a SuperNode killed while uploading its reply can leave the SuperLink a dangling
+        # object, and the ServerApp's pull of that round then fails; the operator resubmits, and the
+        # run resumes from its checkpoint without the dead hospital
+        status = d.wait_run(d.submit(config), timeout=400)
     assert status.completed, (status, d.log("superlink").read_text()[-3000:])
 
     summary = json.loads((run_dir / "release" / "run_summary.json").read_text())
