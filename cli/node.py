@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from federation.config import RunConfig
@@ -341,6 +342,70 @@ def _cmd_node_signing_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node_seal_key(args: argparse.Namespace) -> int:
+    from federation.sealing import KEY_FILE_ENV, create_key_file
+
+    path = create_key_file(Path(args.out), "node at-rest key")
+    print(f"node at-rest key (mode 0600): {path}; keep it off the node's disk and its backups, and give it to the "
+          f"node's processes as ${KEY_FILE_ENV}={path}")
+    return 0
+
+
+def _cmd_node_seal(args: argparse.Namespace) -> int:
+    from clients.keys import seal_node
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    sealed = seal_node(state)
+    print(f"{state.hospital}: secrets sealed at rest (AES-256-GCM): {', '.join(sealed) or 'all were already sealed'}; "
+          "the node now needs its at-rest key to start, and refuses a secret file in clear")
+    return 0
+
+
+def _cmd_node_rotate_signing(args: argparse.Namespace) -> int:
+    from clients.keys import rotate_signing_key
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    old, new = rotate_signing_key(state, args.reason)
+    print(json.dumps({"hospital": state.hospital, "signing_key": new, "retired": old}))
+    print(f"{state.hospital}: new contribution signing key; the old one is destroyed. Until the federation re-enrols "
+          "this node (`fedrisk node enrol`), the other hospitals refuse its contributions", file=sys.stderr)
+    return 0
+
+
+def _cmd_node_rotate_ckks(args: argparse.Namespace) -> int:
+    from clients.keys import install_ckks_key
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    old, new = install_ckks_key(state, Path(args.key_file), args.reason)
+    print(f"{state.hospital}: CKKS key {new} installed; key {old} destroyed (ciphertexts and checkpoints made under it "
+          "can no longer be decrypted here). Re-enrol the federation (`fedrisk node enrol`) once every hospital has "
+          "the new key")
+    return 0
+
+
+def _add_node_keys(node: argparse._SubParsersAction) -> None:
+    seal_key = node.add_parser("seal-key", help="make a node at-rest key (AES-256; keep it off the node's disk)")
+    seal_key.add_argument("--out", required=True, help="new key file (mode 0600)")
+    seal_key.set_defaults(handler=_cmd_node_seal_key)
+    seal = node.add_parser("seal", help="seal the node's secrets at rest under $FEDRISK_NODE_KEY_FILE (AES-256-GCM)")
+    seal.add_argument("--dir", required=True, help="node directory")
+    seal.set_defaults(handler=_cmd_node_seal)
+    rotate = node.add_parser("rotate", help="rotate a node key: its contribution signing key or the CKKS key"
+                             ).add_subparsers(dest="rotate_command", required=True)
+    signing = rotate.add_parser("signing-key", help="new contribution signing key (the federation re-enrols)")
+    signing.add_argument("--dir", required=True, help="node directory")
+    signing.add_argument("--reason", required=True, help="why (audited)")
+    signing.set_defaults(handler=_cmd_node_rotate_signing)
+    ckks = rotate.add_parser("ckks", help="install the federation's new CKKS key; the old one is destroyed")
+    ckks.add_argument("--dir", required=True, help="node directory")
+    ckks.add_argument("--key-file", required=True, help="the new hospital.ckks from `fedrisk keys init`")
+    ckks.add_argument("--reason", required=True, help="why (audited)")
+    ckks.set_defaults(handler=_cmd_node_rotate_ckks)
+
+
 def _cmd_node_anchor_accept(args: argparse.Namespace) -> int:
     from clients.anchoring import accept_rollback
     from clients.node_state import NodeState
@@ -366,6 +431,7 @@ def _add_node_federation(node: argparse._SubParsersAction) -> None:
     accept = anchor_commands.add_parser("accept", help="accept the rollback: new epoch, budgets closed, audited")
     accept.add_argument("--dir", required=True, help=NODE_DIR_HELP)
     accept.set_defaults(handler=_cmd_node_anchor_accept)
+    _add_node_keys(node)
 
 
 def _cmd_node_erase(args: argparse.Namespace) -> int:

@@ -17,7 +17,6 @@ audited recovery (`fedrisk node anchor accept`), which closes every remaining bu
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import json
@@ -32,10 +31,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from federation import sealing
 from federation.errors import ConfigError
 
 MAGIC = b"FEDRISK-NODE-BACKUP v1\n"
-KEY_BYTES, NONCE_BYTES = 32, 12
+NONCE_BYTES = sealing.NONCE_BYTES
 KEY_ENV = "FEDRISK_BACKUP_KEY"
 MANIFEST = "backup-manifest.json"
 SKIPPED_SUFFIXES = ("-journal", "-wal", "-shm", ".tmp")
@@ -53,34 +53,18 @@ class BackupInfo:
 
 def create_key(path: Path) -> Path:
     """A new random backup key at `path` (base64, mode 0600; never overwritten)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigError(f"{path} exists; a backup key is never overwritten (it may still open old backups)") from None
-    with os.fdopen(fd, "w", encoding="ascii") as handle:
-        handle.write(base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii") + "\n")
-    return Path(path)
+    return sealing.create_key_file(path, "backup key")
 
 
 def load_key(path: Path | None) -> bytes:
     """The backup key from `path`, else $FEDRISK_BACKUP_KEY; one-line ConfigError otherwise."""
+    what = "backup key (from `fedrisk node backup key`)"
     if path is not None:
-        try:
-            text = Path(path).read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError):
-            raise ConfigError(f"--key-file {path}: not readable") from None
-        where = f"--key-file {path}"
-    else:
-        text, where = os.environ.get(KEY_ENV, "").strip(), f"${KEY_ENV}"
-        if not text:
-            raise ConfigError(f"give --key-file (made by `fedrisk node backup key`) or set ${KEY_ENV}")
-    try:
-        key = base64.b64decode(text, validate=True)
-    except ValueError:
-        key = b""
-    if len(key) != KEY_BYTES:
-        raise ConfigError(f"{where}: not a backup key (base64 of {KEY_BYTES} bytes, from `fedrisk node backup key`)")
-    return key
+        return sealing.read_key_file(Path(path), f"--key-file {path}", what)
+    text = os.environ.get(KEY_ENV, "").strip()
+    if not text:
+        raise ConfigError(f"give --key-file (made by `fedrisk node backup key`) or set ${KEY_ENV}")
+    return sealing.parse_key(text, f"${KEY_ENV}", what)
 
 
 def _snapshot(node_dir: Path, staging: Path) -> dict[str, str]:

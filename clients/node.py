@@ -67,10 +67,10 @@ def _cached_data(state: NodeState, purpose: str, features: str) -> HospitalData:
     return _DATA_CACHE[key]
 
 
-def _cached_key(path: Path) -> HospitalKey:
-    key = (str(path), path.stat().st_mtime if path.exists() else 0.0)
+def _cached_key(path: Path, sealed: bool) -> HospitalKey:
+    key = (str(path), path.stat().st_mtime_ns if path.exists() else 0, sealed)
     if key not in _KEY_CACHE:
-        _KEY_CACHE[key] = HospitalKey.load(path)
+        _KEY_CACHE[key] = HospitalKey.load(path, require_sealed=sealed)
         check_file_mode(path)
     return _KEY_CACHE[key]
 
@@ -114,7 +114,7 @@ class HospitalNode:
         self.config = config
         self.state = state
         self.name = state.hospital
-        self.key = _cached_key(Path(key_file or state.key_file))
+        self.key = _cached_key(Path(key_file or state.key_file), state.sealed)
         self.policy = policy if policy is not None else NodePolicy.load(state.directory)
         self.length = num_parameters(config.model, config.input_size)
         self._data: HospitalData | None = None
@@ -167,10 +167,15 @@ class HospitalNode:
         """The federation manifest this hospital holds."""
         if self._manifest is None:
             try:
-                self._manifest = self.state.manifest()
+                manifest = self.state.manifest()
             except FedriskError as error:
                 self._refuse(error)
-        return self._manifest  # type: ignore[return-value]
+            if manifest.federation != self.key.key_id:
+                self._refuse(ConfigError(f"{self.name}: the federation manifest was made under CKKS key "
+                                         f"{manifest.federation}, not this node's key {self.key.key_id}; re-enrol "
+                                         "after a key rotation (`fedrisk node enrol`)"))
+            self._manifest = manifest
+        return self._manifest
 
     @property
     def decryptor(self) -> VerifiedDecryptor:

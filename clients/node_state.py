@@ -7,6 +7,7 @@
     audit.sqlite(.head) hash-chained log of every load, run, round, release and refusal
     revocations.sqlite  consent withdrawals, by pseudonym
     signing.key         Ed25519 key signing every contribution this node sends (0600)
+                        (the three keys sealed with AES-256-GCM when the node is sealed: federation.sealing)
     federation_manifest.json  the federation's hospitals and their public signing keys
     policy.json         the hospital's own policy (clients.policy): the last word on what it does
     decryptions.sqlite  every aggregate this node decrypted, once per step (clients.decryption)
@@ -32,6 +33,7 @@ from clients.data import HospitalData
 from clients.deidentify import PSEUDONYM, deidentify
 from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
 from clients.validation import validate_export
+from federation import sealing
 from federation.contributions import SIGNING_KEY_FILE, FederationManifest, SigningKey
 from federation.errors import ConfigError, DataError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
@@ -59,6 +61,9 @@ class NodeState:
     data_file: Path
     schema_file: Path
     key_file: Path
+    sealed: bool = False
+    """Whether the node's secrets are sealed at rest (`federation.sealing`); a sealed node refuses a
+    secret file in clear."""
 
     @property
     def ledger_path(self) -> Path:
@@ -97,7 +102,11 @@ class NodeState:
 
     def signing_key(self) -> SigningKey:
         """The node's contribution signing key."""
-        return SigningKey.load(self.directory / SIGNING_KEY_FILE)
+        return SigningKey.load(self.directory / SIGNING_KEY_FILE, require_sealed=self.sealed)
+
+    def hospital_key(self) -> HospitalKey:
+        """The node's copy of the federation's CKKS secret key."""
+        return HospitalKey.load(self.key_file, require_sealed=self.sealed)
 
     def manifest(self) -> FederationManifest:
         """The federation manifest this hospital holds (ConfigError until enrolled)."""
@@ -105,7 +114,7 @@ class NodeState:
 
     def pseudonym_key(self) -> PseudonymKey:
         """The node's pseudonymisation key."""
-        return PseudonymKey.load(self.directory / "pseudonym.key")
+        return PseudonymKey.load(self.directory / "pseudonym.key", require_sealed=self.sealed)
 
     def record_keys(self) -> list[str]:
         """The text form of every record key in the export, in file order (the form pseudonyms hash):
@@ -143,24 +152,32 @@ class NodeState:
         if not Path(key_file).is_file():
             raise ConfigError(f"hospital CKKS context not found: {key_file}")
         HospitalKey.load(Path(key_file))
+        sealed = sealing.at_rest_key() is not None
         state = cls(directory.resolve(), hospital, Path(data_file).resolve(), schema_file,
-                    directory.resolve() / HOSPITAL_CONTEXT_FILE)
+                    directory.resolve() / HOSPITAL_CONTEXT_FILE, sealed)
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
-        fd = os.open(state.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(Path(key_file).read_bytes())
+        plain = sealing.unseal(Path(key_file).read_bytes(), sealing.ROLE_CKKS, Path(key_file))
+        sealing.write_secret_file(state.key_file, sealing.seal_for_disk(plain, sealing.ROLE_CKKS), exclusive=True)
         PseudonymKey.create(directory / "pseudonym.key")
         SigningKey.create(directory / SIGNING_KEY_FILE)
         with state.ledger() as ledger:
             for purpose, (epsilon, delta) in budgets.items():
                 ledger.set_budget(purpose, epsilon, delta)
         state.revocations()
-        state.audit().append(NODE_INIT, details={"purposes": sorted(budgets)})
-        (directory / NODE_FILE).write_text(json.dumps({
-            "hospital": hospital, "data_file": _stored(state.data_file, state.directory),
-            "schema_file": _stored(schema_file, state.directory), "key_file": HOSPITAL_CONTEXT_FILE}, indent=2))
+        state.audit().append(NODE_INIT, details={"purposes": sorted(budgets), "sealed": sealed})
+        state.write_node_file()
         return state
+
+    def write_node_file(self) -> None:
+        """Write node.json (atomically): what the node directory names and whether it is sealed."""
+        body = {"hospital": self.hospital, "data_file": _stored(self.data_file, self.directory),
+                "schema_file": _stored(self.schema_file, self.directory), "key_file": HOSPITAL_CONTEXT_FILE}
+        if self.sealed:
+            body["sealed"] = True
+        tmp = self.directory / f".{NODE_FILE}.tmp"
+        tmp.write_text(json.dumps(body, indent=2))
+        tmp.replace(self.directory / NODE_FILE)
 
     @staticmethod
     def discover(nodes_dir: Path) -> list["NodeState"]:
@@ -176,7 +193,7 @@ class NodeState:
             home = directory.resolve()
             # the key is always the node's own copy: found beside node.json wherever the directory moved
             return cls(home, str(raw["hospital"]), home / Path(raw["data_file"]), home / Path(raw["schema_file"]),
-                       home / HOSPITAL_CONTEXT_FILE)
+                       home / HOSPITAL_CONTEXT_FILE, raw.get("sealed") is True)
         except FileNotFoundError:
             raise ConfigError(f"{directory} is not a fedrisk node; run `fedrisk node init` first") from None
         except (ValueError, KeyError, TypeError):
@@ -236,8 +253,8 @@ def enrol(states: list[NodeState]) -> FederationManifest:
     key_ids = set()
     for state in states:
         path = state.directory / SIGNING_KEY_FILE
-        keys[state.hospital] = (SigningKey.load(path) if path.exists() else SigningKey.create(path)).public_hex
-        key_ids.add(HospitalKey.load(state.key_file).key_id)
+        keys[state.hospital] = (state.signing_key() if path.exists() else SigningKey.create(path)).public_hex
+        key_ids.add(state.hospital_key().key_id)
     if len(key_ids) != 1:
         raise ConfigError("the node directories hold different CKKS keys; they cannot form one federation")
     manifest = FederationManifest(key_ids.pop(), keys)

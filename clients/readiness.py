@@ -30,7 +30,6 @@ from clients.schema import ExportSchema
 from federation import features as fx
 from federation.config import RunConfig
 from federation.errors import ConfigError, FedriskError
-from federation.he_codec import HospitalKey
 from federation.model import num_parameters
 from federation.round_evaluation import evaluation_noise_multiplier
 from privacy.accounting import calibrate_noise
@@ -110,7 +109,7 @@ def check_readiness(state: NodeState, config: RunConfig, today: date | None = No
 def _check(state: NodeState, config: RunConfig, today: date | None, ledger: BudgetLedger) -> Readiness:
     out = Readiness(hospital=state.hospital, purpose=config.purpose)
     policy = NodePolicy.load(state.directory)
-    key_id = HospitalKey.load(state.key_file).key_id
+    key_id = state.hospital_key().key_id
     schema = state.schema()
     purposes = ledger.purposes()
     ledger_delta = ledger.budget(config.purpose).delta if config.purpose in purposes else None

@@ -62,11 +62,20 @@ def preflight(config: RunConfig) -> RunConfig:
     check_file_mode(key_path)
     if hospital.key_id != server.key_id:
         raise KeyMaterialError(f"{key_path} is not the key named in {Path(config.keys_dir) / 'federation.json'}")
+    if config.run_dir and not config.query:
+        from server.checkpoint import Checkpoint
+
+        checkpoint = Checkpoint.load(Path(config.run_dir), config)
+        if checkpoint:
+            checkpoint.check_key(server.key_id, Path(config.run_dir))
     if config.nodes_dir:
         states = load_nodes(Path(config.nodes_dir), config.num_hospitals)
         for state in states:
             validate_export(state.data_file, state.schema())
-        _enrolled(states)
+            if state.hospital_key().key_id != server.key_id:
+                raise KeyMaterialError(f"{state.directory}: the node's CKKS key is not the federation's key "
+                                       f"{server.key_id} (after a rotation: `fedrisk node rotate ckks`)")
+        _enrolled(states, server.key_id)
         if not config.query:  # a query draws no DP-SGD batches
             warn_small_hospitals(states, config.sample_rate)
         return config
@@ -80,16 +89,17 @@ def preflight(config: RunConfig) -> RunConfig:
     return config
 
 
-def _enrolled(states: list) -> None:
+def _enrolled(states: list, key_id: str) -> None:
     """Nodes made one by one (`fedrisk node init`) are enrolled together before a simulation
     (the data scientist plays every hospital): unless each already holds a manifest listing
-    exactly these hospitals, they get one."""
+    exactly these hospitals under the federation's key `key_id`, they get one (so a simulation
+    after a CKKS key rotation re-enrols them)."""
     from clients.node_state import enrol
     from federation.errors import FedriskError
 
     names = sorted(s.hospital for s in states)
     try:
-        if all(sorted(s.manifest().hospitals) == names for s in states):
+        if all(sorted(s.manifest().hospitals) == names and s.manifest().federation == key_id for s in states):
             return
     except FedriskError:
         pass

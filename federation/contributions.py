@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PrivateFormat, PublicFormat, NoEncryption
 
+from federation import sealing
 from federation.errors import ConfigError, KeyMaterialError, ProtocolError
 from federation.he_codec import ciphertext_digest
 
@@ -119,14 +120,15 @@ class SigningKey:
         raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(raw)
+            handle.write(sealing.seal_for_disk(raw, sealing.ROLE_SIGNING))
         return cls(private)
 
     @classmethod
-    def load(cls, path: Path) -> "SigningKey":
-        """Read a node's signing key."""
+    def load(cls, path: Path, *, require_sealed: bool = False) -> "SigningKey":
+        """Read a node's signing key (sealed at rest or not, `federation.sealing`)."""
         try:
-            raw = Path(path).read_bytes()
+            raw = sealing.unseal(Path(path).read_bytes(), sealing.ROLE_SIGNING, Path(path),
+                                 require_sealed=require_sealed)
             return cls(Ed25519PrivateKey.from_private_bytes(raw))
         except FileNotFoundError:
             raise KeyMaterialError(f"node signing key not found: {path}; run `fedrisk node enrol`") from None

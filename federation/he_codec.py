@@ -67,6 +67,7 @@ from typing import Sequence
 import numpy as np
 import tenseal.sealapi as seal
 
+from federation import sealing
 from federation.errors import CodecRangeError, KeyMaterialError, ProtocolError
 
 POLY_MODULUS_DEGREE = 4096
@@ -328,10 +329,12 @@ class HospitalKey(_Parser):
     _secret_bytes: bytes
 
     @classmethod
-    def load(cls, path: Path) -> "HospitalKey":
-        """Load and check a hospital key file; refuses the server's (parameters-only) file."""
+    def load(cls, path: Path, *, require_sealed: bool = False) -> "HospitalKey":
+        """Load and check a hospital key file (sealed at rest or not, `federation.sealing`);
+        refuses the server's (parameters-only) file."""
         path = Path(path)
-        params_bytes, secret_bytes = _unpack_key_file(_read(path, "hospital"), path)
+        raw = sealing.unseal(_read(path, "hospital"), sealing.ROLE_CKKS, path, require_sealed=require_sealed)
+        params_bytes, secret_bytes = _unpack_key_file(raw, path)
         _, context = _params_from(params_bytes, path)
         secret = seal.SecretKey()
         try:

@@ -48,6 +48,7 @@ ROLE_HOSPITAL, ROLE_SERVER, ROLE_DATA_SCIENTIST = "hospital-node", "server", "da
 # Every action any fedrisk audit log records, in one place: the log's whole vocabulary.
 # A hospital node's log:
 NODE_INIT, NODE_ENROL, POLICY_SET = "node.init", "node.enrol", "policy.set"
+NODE_SEAL, NODE_KEY_ROTATE = "node.seal", "node.key-rotate"  # secrets sealed at rest; a CKKS or signing key replaced
 DATA_LOAD, REFUSAL, CONSENT_REVOKE, CONSENT_RESTORE = "data.load", "refusal", "consent.revoke", "consent.restore"
 CONSENT_ERASE, NODE_PURGE = "consent.erase", "node.purge"  # an erasure request carried out; retention enforced
 RUN_START, ROUND_TRAIN, ROUND_EVALUATE, RELEASE = "run.start", "round.train", "round.evaluate", "release"

@@ -52,7 +52,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from federation.errors import FedriskError
+from federation import sealing
+from federation.errors import FedriskError, KeyMaterialError
 from privacy.audit import (GRANT_ISSUE, GRANT_KEY_ROTATE, GRANT_REFUSED, GRANT_REVOKE, AuditIdentifierError, AuditLog,
                            Digest)
 from privacy.consent import PURPOSE_PATTERN
@@ -232,7 +233,7 @@ def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(pem)
+                handle.write(sealing.seal_for_disk(pem, sealing.ROLE_GRANT))
             os.link(tmp, path)  # fails if another process created the key first: use theirs
         except FileExistsError:
             pass
@@ -243,7 +244,11 @@ def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
         raise GrantError(f"grant signing key {path} is accessible to group or others (mode {mode:04o}); "
                          f"run: chmod 600 {path}")
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        pem = sealing.unseal(path.read_bytes(), sealing.ROLE_GRANT, path)
+    except KeyMaterialError as exc:
+        raise GrantError(str(exc)) from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
     except ValueError:
         raise GrantError(f"grant signing key {path} is damaged") from None
     if not isinstance(key, Ed25519PrivateKey):

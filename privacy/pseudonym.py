@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from federation import sealing
 from federation.errors import DataError, KeyMaterialError
 
 KEY_BYTES = 32
@@ -56,14 +57,15 @@ class PseudonymKey:
             raise PseudonymKeyError(f"cannot create pseudonymisation key {path}: {exc.strerror}") from None
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, secret)
+            os.write(fd, sealing.seal_for_disk(secret, sealing.ROLE_PSEUDONYM))
         finally:
             os.close(fd)
         return cls(secret=secret, path=path)
 
     @classmethod
-    def load(cls, path: Path) -> PseudonymKey:
-        """Read the key at `path`. Refuses a file that group or others may read or write."""
+    def load(cls, path: Path, *, require_sealed: bool = False) -> PseudonymKey:
+        """Read the key at `path` (sealed at rest or not, `federation.sealing`). Refuses a file
+        that group or others may read or write."""
         path = Path(path)
         try:
             info = path.stat()
@@ -76,9 +78,13 @@ class PseudonymKey:
             raise PseudonymKeyError(f"pseudonymisation key {path} is accessible to group or others "
                                     f"(mode {mode:04o}); run: chmod 600 {path}")
         try:
-            secret = path.read_bytes()
+            raw = path.read_bytes()
         except OSError as exc:
             raise PseudonymKeyError(f"cannot read pseudonymisation key {path}: {exc.strerror}") from None
+        try:
+            secret = sealing.unseal(raw, sealing.ROLE_PSEUDONYM, path, require_sealed=require_sealed)
+        except KeyMaterialError as exc:
+            raise PseudonymKeyError(str(exc)) from None
         if len(secret) != KEY_BYTES:
             raise PseudonymKeyError(f"pseudonymisation key {path} holds {len(secret)} bytes, expected {KEY_BYTES}")
         return cls(secret=secret, path=path)

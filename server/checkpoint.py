@@ -103,6 +103,15 @@ class Checkpoint:
                    contributors=as_rounds(meta["contributors"]), rejections=meta["rejections"],
                    evaluations=as_rounds(meta.get("evaluations", {})))
 
+    def check_key(self, key_id: str, run_dir: Path) -> None:
+        """Refuse to resume a checkpoint made under a CKKS key the federation has since retired:
+        no hospital can decrypt its ciphertexts any more."""
+        made_under = {c.header.key_id for c in self.census}
+        if made_under - {key_id}:
+            raise ConfigError(f"{Path(run_dir) / CHECKPOINT_FILE} was made under CKKS key "
+                              f"{', '.join(sorted(made_under))}, retired for the federation's key {key_id}: its "
+                              "ciphertexts cannot be decrypted any more; start a new run (another --run-dir)")
+
     @staticmethod
     def clear(run_dir: Path) -> None:
         """Remove the checkpoint of a run that has finished."""

@@ -95,6 +95,8 @@ class _Run:
         self.grid, self.config, self.notify, self.audit = grid, config, notify, audit
         self.he = ServerContext.load(config.keys_dir)
         self.checkpoint = Checkpoint.load(Path(config.run_dir), config)
+        if self.checkpoint:
+            self.checkpoint.check_key(self.he.key_id, Path(config.run_dir))
         self.run_id = self.checkpoint.run_id if self.checkpoint else (config.run_id or new_run_id())
         self.base: dict[str, object] = {M.KEY_ID: self.he.key_id, M.PARAMS_ID: self.he.params_id, M.RUN_ID: self.run_id,
                                         M.FEDERATION: self.he.key_id}
