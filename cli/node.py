@@ -386,6 +386,18 @@ def _cmd_node_rotate_ckks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node_rotate_pseudonym(args: argparse.Namespace) -> int:
+    from clients.keys import rekey_pseudonyms
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    remapped = rekey_pseudonyms(state, args.reason)
+    print(f"{state.hospital}: new pseudonymisation key; re-mapped {remapped.get('revocations', 0)} withdrawal(s), "
+          f"{remapped.get('consent_events', 0)} consent event(s), {remapped.get('erasures', 0)} erasure(s) and "
+          f"{remapped.get('grants', 0)} grant(s). The local test split is redrawn")
+    return 0
+
+
 def _add_node_keys(node: argparse._SubParsersAction) -> None:
     seal_key = node.add_parser("seal-key", help="make a node at-rest key (AES-256; keep it off the node's disk)")
     seal_key.add_argument("--out", required=True, help="new key file (mode 0600)")
@@ -393,12 +405,16 @@ def _add_node_keys(node: argparse._SubParsersAction) -> None:
     seal = node.add_parser("seal", help="seal the node's secrets at rest under $FEDRISK_NODE_KEY_FILE (AES-256-GCM)")
     seal.add_argument("--dir", required=True, help="node directory")
     seal.set_defaults(handler=_cmd_node_seal)
-    rotate = node.add_parser("rotate", help="rotate a node key: its contribution signing key or the CKKS key"
+    rotate = node.add_parser("rotate", help="rotate a node key: contribution signing key, pseudonym key or CKKS key"
                              ).add_subparsers(dest="rotate_command", required=True)
     signing = rotate.add_parser("signing-key", help="new contribution signing key (the federation re-enrols)")
     signing.add_argument("--dir", required=True, help="node directory")
     signing.add_argument("--reason", required=True, help="why (audited)")
     signing.set_defaults(handler=_cmd_node_rotate_signing)
+    pseudonym = rotate.add_parser("pseudonym", help="new pseudonymisation key; consents, erasures and grants re-mapped")
+    pseudonym.add_argument("--dir", required=True, help="node directory")
+    pseudonym.add_argument("--reason", required=True, help="why (audited)")
+    pseudonym.set_defaults(handler=_cmd_node_rotate_pseudonym)
     ckks = rotate.add_parser("ckks", help="install the federation's new CKKS key; the old one is destroyed")
     ckks.add_argument("--dir", required=True, help="node directory")
     ckks.add_argument("--key-file", required=True, help="the new hospital.ckks from `fedrisk keys init`")

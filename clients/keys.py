@@ -8,6 +8,12 @@
   entry in the federation manifest no longer matches, so its contributions are refused by the
   other hospitals until the federation re-enrols it (`fedrisk node enrol`): a leaked old key
   signs nothing anyone accepts.
+- `rekey_pseudonyms`: a new pseudonymisation key; every pseudonym the node's stores hold (consent
+  withdrawals and restorations, erasures, grants) is re-mapped through the export's record keys
+  in one SQLite transaction across both stores, so no consent, erasure or grant is lost. The old
+  key is kept sealed beside the new one for one use only: finding a patient's entries in the
+  append-only audit log written before the re-key (their usage record). It never makes a new
+  pseudonym. Re-keying redraws the local test split, which hashes the pseudonym.
 - `install_ckks_key`: the federation's new CKKS key replaces the node's copy of the old one,
   which is destroyed, and its id is recorded as retired. Ciphertexts and checkpoints made under
   the old key can no longer be decrypted by this node: a run made under it cannot resume, and
@@ -20,20 +26,30 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
-from clients.node_state import NodeState
+from clients.erasure import PURGED
+from clients.node_state import STAGED_PSEUDONYM_FILE, NodeState
 from federation import sealing
 from federation.contributions import SIGNING_KEY_FILE, SigningKey
 from federation.errors import ConfigError, KeyMaterialError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
 from privacy.audit import NODE_KEY_ROTATE, NODE_SEAL, Digest
+from privacy.grants import GRANTS_FILE
 from privacy.grants import SIGNING_KEY_FILE as GRANT_KEY_FILE
+from privacy.pseudonym import KEY_BYTES, PseudonymKey
+
+PSEUDONYM_FILE = "pseudonym.key"
+RETIRED_PSEUDONYM_FILE = "pseudonym_keys_retired"
+_PSEUDONYM_TABLES = ("revocations", "consent_events", "erasures")
 
 RETIRED_CKKS_FILE = "ckks_keys_retired.json"
 SECRET_FILES = ((HOSPITAL_CONTEXT_FILE, sealing.ROLE_CKKS), ("pseudonym.key", sealing.ROLE_PSEUDONYM),
-                (SIGNING_KEY_FILE, sealing.ROLE_SIGNING), (GRANT_KEY_FILE, sealing.ROLE_GRANT))
+                (SIGNING_KEY_FILE, sealing.ROLE_SIGNING), (GRANT_KEY_FILE, sealing.ROLE_GRANT),
+                ("pseudonym_keys_retired", sealing.ROLE_PSEUDONYM_RETIRED))
 """Every secret file a node directory can hold, with its sealing role."""
 
 
@@ -79,6 +95,76 @@ def rotate_signing_key(state: NodeState, reason: str) -> tuple[str, str]:
     state.audit().append(NODE_KEY_ROTATE, details={"key": "contribution-signing", "old": Digest(old),
                                                    "new": Digest(new), "reason": why})
     return old, new
+
+
+def rekey_pseudonyms(state: NodeState, reason: str) -> dict[str, int]:
+    """Replace the node's pseudonymisation key and re-map every stored pseudonym; returns the rows
+    re-mapped per table. Refuses, changing nothing, when a stored pseudonym belongs to no record of
+    the current export (a consent or an erasure would be lost). Interrupted, the same call
+    completes it: the new key is staged first, the stores' update only touches old pseudonyms,
+    and the node refuses to load records while a re-key is staged."""
+    why = _reason(reason)
+    staged = state.directory / STAGED_PSEUDONYM_FILE
+    old = PseudonymKey.load(state.directory / PSEUDONYM_FILE, require_sealed=state.sealed)
+    created = not staged.exists()
+    if created:
+        PseudonymKey.create(staged)
+        _require_sealed_if(state, staged)
+    new = PseudonymKey.load(staged, require_sealed=state.sealed)
+    mapping = {}
+    for record_key in state.record_keys():
+        mapping[old.pseudonym(record_key)] = new.pseudonym(record_key)
+    new_values = set(mapping.values())
+    registry, grants = state.directory / "revocations.sqlite", state.directory / GRANTS_FILE
+    state.revocations()
+    remapped: dict[str, int] = {}
+    with closing(sqlite3.connect(registry, timeout=30.0, isolation_level=None)) as db:
+        tables = [f"main.{t}" for t in _PSEUDONYM_TABLES]
+        if grants.is_file():
+            db.execute("ATTACH DATABASE ? AS g", (str(grants),))
+            tables.append("g.grants")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            stored = {row[0] for table in tables for row in db.execute(f"SELECT DISTINCT pseudonym FROM {table}")}
+            unmapped = stored - set(mapping) - new_values - {PURGED}
+            if unmapped:
+                raise ConfigError(f"{len(unmapped)} pseudonym(s) in the node's consent, erasure or grant records "
+                                  f"belong to no record of {state.data_file.name}; re-key with the export that holds "
+                                  "them (nothing was changed)")
+            db.execute("CREATE TEMP TABLE remap (old TEXT PRIMARY KEY, new TEXT NOT NULL)")
+            db.executemany("INSERT INTO remap VALUES (?, ?)", [p for p in mapping.items() if p[0] in stored])
+            for table in tables:
+                remapped[table.split(".")[1]] = db.execute(
+                    f"UPDATE {table} SET pseudonym = (SELECT new FROM remap WHERE old = pseudonym) "
+                    "WHERE pseudonym IN (SELECT old FROM remap)").rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            if created:
+                staged.unlink(missing_ok=True)
+            raise
+    retired_path = state.directory / RETIRED_PSEUDONYM_FILE
+    retired = _retired_pseudonym_secrets(state)
+    if old.secret not in retired:
+        sealing.write_secret_file(retired_path, sealing.seal_for_disk(b"".join([*retired, old.secret]),
+                                                                      sealing.ROLE_PSEUDONYM_RETIRED))
+    os.replace(staged, state.directory / PSEUDONYM_FILE)
+    state.audit().append(NODE_KEY_ROTATE, details={"key": "pseudonym", "reason": why, "remapped": remapped})
+    return remapped
+
+
+def retired_pseudonym_keys(state: NodeState) -> list[PseudonymKey]:
+    """The pseudonym keys this node held before, oldest first: only for finding a patient's entries
+    in audit records written before a re-key (`clients.usage`)."""
+    return [PseudonymKey(secret) for secret in _retired_pseudonym_secrets(state)]
+
+
+def _retired_pseudonym_secrets(state: NodeState) -> list[bytes]:
+    path = state.directory / RETIRED_PSEUDONYM_FILE
+    if not path.is_file():
+        return []
+    raw = sealing.unseal(path.read_bytes(), sealing.ROLE_PSEUDONYM_RETIRED, path, require_sealed=state.sealed)
+    return [raw[i:i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES)]
 
 
 def install_ckks_key(state: NodeState, key_file: Path, reason: str) -> tuple[str, str]:

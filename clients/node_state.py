@@ -35,7 +35,7 @@ from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
 from clients.validation import validate_export
 from federation import sealing
 from federation.contributions import SIGNING_KEY_FILE, FederationManifest, SigningKey
-from federation.errors import ConfigError, DataError
+from federation.errors import ConfigError, DataError, KeyMaterialError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
 from privacy.audit import DATA_LOAD, NODE_ENROL, NODE_INIT, REFUSAL, ROLE_HOSPITAL, AuditLog, Digest
 from privacy.consent import RevocationRegistry
@@ -43,6 +43,8 @@ from privacy.ledger import BudgetLedger
 from privacy.pseudonym import PseudonymKey
 
 NODE_FILE = "node.json"
+STAGED_PSEUDONYM_FILE = ".pseudonym.key.rekey"
+"""A new pseudonym key staged by a re-key that has not completed (`clients.keys.rekey_pseudonyms`)."""
 TEST_FRACTION = 0.2
 
 
@@ -113,7 +115,11 @@ class NodeState:
         return FederationManifest.load(self.directory)
 
     def pseudonym_key(self) -> PseudonymKey:
-        """The node's pseudonymisation key."""
+        """The node's pseudonymisation key (refused while a re-key is half done: the stores may
+        already hold the new key's pseudonyms)."""
+        if (self.directory / STAGED_PSEUDONYM_FILE).exists():
+            raise KeyMaterialError(f"{self.directory}: a pseudonym re-key was interrupted; run `fedrisk node rotate "
+                                   "pseudonym` again to complete it")
         return PseudonymKey.load(self.directory / "pseudonym.key", require_sealed=self.sealed)
 
     def record_keys(self) -> list[str]:

@@ -48,6 +48,7 @@ from typing import Any, TextIO
 
 import pandas as pd
 
+from clients.keys import retired_pseudonym_keys
 from clients.node_state import NodeState, test_split
 from clients.validation import validate_export
 from federation.errors import ConfigError
@@ -180,6 +181,9 @@ class _Reader:
     def __init__(self, state: NodeState, record_key: str, purpose: str | None) -> None:
         self.state, self.purpose = state, purpose
         self.pseudonym = state.pseudonym_key().pseudonym(str(record_key).strip())
+        # the audit log is append-only: entries written before a pseudonym re-key name the old pseudonym
+        self.pseudonyms = {self.pseudonym,
+                           *(k.pseudonym(str(record_key).strip()) for k in retired_pseudonym_keys(state))}
         schema = state.schema()
         self.policy = schema.consent_policy()
         if purpose is not None and purpose not in self.policy.fields:
@@ -196,7 +200,7 @@ class _Reader:
         self.audit_intact = log.verify().ok
         self.entries = log.entries()
         self.logged = [e for e in self.entries if e.action in (CONSENT_REVOKE, CONSENT_RESTORE)
-                       and e.details.get("pseudonym") == self.pseudonym]
+                       and e.details.get("pseudonym") in self.pseudonyms]
         self.charges: dict[str, list[Charge]] = {}
         self.delta: dict[str, float] = {}
         with state.ledger() as ledger:
@@ -348,10 +352,10 @@ class _Reader:
                 drafts.extend(d for d in [self._answer_row(entry)] if d)
             elif action in (SCORE_USE, SCORE_REFUSED, GRANT_ISSUE, GRANT_REVOKE, GRANT_REFUSED):
                 drafts.extend(d for d in [self._grant_row(entry)] if d)
-            elif action in (CONSENT_REVOKE, CONSENT_RESTORE) and details.get("pseudonym") == self.pseudonym:
+            elif action in (CONSENT_REVOKE, CONSENT_RESTORE) and details.get("pseudonym") in self.pseudonyms:
                 done = "withdrawn" if action == CONSENT_REVOKE else "restored (the withdrawal undone)"
                 drafts.append(self._recorded(entry, CONSENT, f"consent for {purpose} {done}"))
-            elif action == USAGE_REPORT and details.get("pseudonym") == self.pseudonym:
+            elif action == USAGE_REPORT and details.get("pseudonym") in self.pseudonyms:
                 drafts.append(self._recorded(entry, ACCESS, f"an access request answered ({details.get('uses', 0)} "
                                              "use(s) listed)"))
         for load in loads:

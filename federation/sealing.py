@@ -36,6 +36,7 @@ ROLE_CKKS = "ckks-secret-context"
 ROLE_PSEUDONYM = "pseudonym-key"
 ROLE_SIGNING = "contribution-signing-key"
 ROLE_GRANT = "grant-signing-key"
+ROLE_PSEUDONYM_RETIRED = "retired-pseudonym-keys"
 
 
 def create_key_file(path: Path, what: str) -> Path:
