@@ -303,6 +303,19 @@ def _cmd_certs_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_certs_renew(args: argparse.Namespace) -> int:
+    from engines.credentials import renew_credentials
+
+    creds = renew_credentials(Path(args.dir), days=args.days, new_ca=args.new_ca)
+    print(f"renewed the SuperLink's and {len(creds.hospitals)} SuperNode(s)' TLS keys and certificates in "
+          f"{creds.directory}, valid until {creds.not_valid_after:%Y-%m-%d %H:%M} UTC; SuperNode auth keys kept "
+          "(no hospital registers again). Restart the SuperLink and the SuperNodes to load them")
+    if args.new_ca:
+        print(f"new test CA {creds.ca_certificate} (sha256 {creds.ca_sha256_fingerprint}): give it to every party "
+              "before the restart; the old CA is no longer trusted by anyone who takes the new ca.crt")
+    return 0
+
+
 def _cmd_certs_node_key(args: argparse.Namespace) -> int:
     from engines.credentials import new_node_key
 
@@ -453,6 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     certs_init.add_argument("--days", type=int, default=30, help="validity of the certificates in days (default 30)")
     certs_init.add_argument("--force", action="store_true", help="replace credentials made earlier in --out")
     certs_init.set_defaults(handler=_cmd_certs_init)
+    certs_renew = certs_commands.add_parser(
+        "renew", help="rotate the TLS keys and certificates made by `certs init` (auth keys kept)")
+    certs_renew.add_argument("--dir", required=True, help="the credentials directory `certs init --out` made")
+    certs_renew.add_argument("--days", type=int, default=30, help="validity of the new certificates (default 30)")
+    certs_renew.add_argument("--new-ca", action="store_true", help="replace the test CA too (every party needs the "
+                             "new ca.crt)")
+    certs_renew.set_defaults(handler=_cmd_certs_renew)
     certs_node_key = certs_commands.add_parser(
         "node-key", help="one hospital's SuperNode auth key pair, made on its own machine")
     certs_node_key.add_argument("--out", required=True, help="directory to create (must be absent or empty)")

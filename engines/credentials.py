@@ -149,6 +149,59 @@ def init_credentials(out: Path, hospitals: list[str], hosts: list[str], days: in
     return paths
 
 
+def renew_credentials(out: Path, days: int = 30, new_ca: bool = False) -> CredentialPaths:
+    """Rotate the TLS certificates in `out` (made by `init_credentials`): a new key and certificate
+    for the SuperLink and for every SuperNode's Runtime API, valid for `days`, for the same
+    addresses. The SuperNodes' authentication keys are kept, so no hospital has to be registered
+    again. Under the same CA (default) the parties keep trusting `ca.crt`; the renewal cannot
+    outlive the CA. `new_ca` also replaces the CA (after its key leaked, or as it expires): every
+    party must then be given the new `ca.crt`. All files change at once or not at all."""
+    paths = load_manifest(out)
+    _check_days(days)
+    target = paths.directory
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    not_after = now + timedelta(days=days)
+    if new_ca:
+        ca_key, ca_cert = _issue_ca(now, not_after)
+    else:
+        try:
+            ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
+            ca_cert = x509.load_pem_x509_certificate(paths.ca_certificate.read_bytes())
+        except ValueError:
+            raise ConfigError(f"{paths.ca_key} or {paths.ca_certificate} is damaged") from None
+        if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{paths.ca_key} is not the test CA's EC key")
+        if not_after > ca_cert.not_valid_after_utc:
+            raise ConfigError(f"--days {days}: the test CA expires {ca_cert.not_valid_after_utc:%Y-%m-%d}; renew "
+                              "within its validity, or pass --new-ca (every party then needs the new ca.crt)")
+    hosts = list(_checked_hosts(list(paths.hosts)).values())
+    loopback = list(_checked_hosts(list(LOOPBACK_HOSTS)).values())
+    with _staged_directory(target) as stage:
+        shutil.copytree(target, stage, dirs_exist_ok=True)
+        if new_ca:
+            _replace_file(stage / CA_KEY_FILE, _pem(ca_key), 0o600)
+            _replace_file(stage / CA_CERT_FILE, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        link_key, link_cert = _issue_server_certificate(ca_key, ca_cert, "fedrisk SuperLink", hosts, now, not_after)
+        _replace_file(stage / SUPERLINK_KEY_FILE, _pem(link_key), 0o600)
+        _replace_file(stage / SUPERLINK_CERT_FILE, link_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        for name in paths.hospitals:
+            node_dir = stage / HOSPITALS_DIR / name
+            node_key, node_cert = _issue_server_certificate(
+                ca_key, ca_cert, f"fedrisk SuperNode {name}", loopback, now, not_after)
+            _replace_file(node_dir / NODE_KEY_FILE, _pem(node_key), 0o600)
+            _replace_file(node_dir / NODE_CERT_FILE, node_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        renewed = _credential_paths(target, list(paths.hospitals), paths.hosts, not_after,
+                                    ca_cert.fingerprint(hashes.SHA256()).hex(":").upper())
+        _replace_file(stage / MANIFEST_FILE, (json.dumps(_manifest(renewed, now), indent=2) + "\n").encode(), 0o644)
+    return renewed
+
+
+def _replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Overwrite `path` (inside a staged directory) with `data` and `mode`."""
+    path.unlink(missing_ok=True)
+    _write_new(path, data, mode)
+
+
 def new_node_key(out: Path, name: str, force: bool = False) -> tuple[Path, Path]:
     """Create one hospital's SuperNode authentication key pair in `out`, on the hospital's machine.
 

@@ -347,3 +347,38 @@ def test_node_key_refuses_a_bad_name(tmp_path, capsys) -> None:
     assert main(["certs", "node-key", "--out", str(tmp_path / "k"), "--name", "no/slashes"]) == 2
     assert "--name" in one_error_line(capsys)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_renewal_rotates_every_tls_key_keeps_the_auth_keys_and_handshakes(tmp_path, capsys) -> None:
+    out = tmp_path / "creds"
+    assert main(["certs", "init", "--out", str(out), "--hospitals", "2", "--days", "30"]) == 0
+    before = files_of(out)
+    old = load_manifest(out)
+    assert main(["certs", "renew", "--dir", str(out), "--days", "10"]) == 0
+    assert "auth keys kept" in capsys.readouterr().out
+    new = load_manifest(out)
+    assert new.ca_sha256_fingerprint == old.ca_sha256_fingerprint  # parties keep trusting ca.crt
+    for path in (new.superlink_key, new.superlink_certificate,
+                 *(h.node_key for h in new.hospitals.values()), *(h.node_certificate for h in new.hospitals.values())):
+        assert path.read_bytes() != before[path], path
+    for hospital in new.hospitals.values():  # no hospital registers its SuperNode again
+        assert hospital.auth_private_key.read_bytes() == before[hospital.auth_private_key]
+        assert stat.S_IMODE(hospital.node_key.stat().st_mode) == 0o600
+        verify_chain(new.ca_certificate, hospital.node_certificate, "127.0.0.1")
+    expected = datetime.now(timezone.utc) + timedelta(days=10)
+    assert abs(load_cert(new.superlink_certificate).not_valid_after_utc - expected) < timedelta(minutes=1)
+    assert handshake(new.superlink_certificate, new.superlink_key, new.ca_certificate, "localhost") == b"hello"
+
+    renewed = files_of(out)
+    assert main(["certs", "renew", "--dir", str(out), "--days", "60"]) == 2  # past the CA's expiry
+    assert "--new-ca" in one_error_line(capsys)
+    assert files_of(out) == renewed  # nothing changed
+    assert main(["certs", "renew", "--dir", str(out), "--days", "60", "--new-ca"]) == 0
+    rolled = load_manifest(out)
+    assert rolled.ca_sha256_fingerprint != old.ca_sha256_fingerprint
+    old_ca = tmp_path / "old-ca.crt"
+    old_ca.write_bytes(before[old.ca_certificate])
+    with pytest.raises(ssl.SSLCertVerificationError):  # a party still holding the old CA no longer trusts it
+        handshake(rolled.superlink_certificate, rolled.superlink_key, old_ca, "localhost")
+    assert handshake(rolled.superlink_certificate, rolled.superlink_key, rolled.ca_certificate, "localhost") == b"hello"
+    assert all(h.auth_private_key.read_bytes() == before[h.auth_private_key] for h in rolled.hospitals.values())

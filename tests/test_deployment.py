@@ -27,7 +27,7 @@ from engines.deployment import CONNECTION, PLAIN_CONNECTION, LocalDeployment
 from engines.provisioning import provision_nodes
 from engines.simulation import simulate
 from experiments.synthetic import synthesize
-from engines.credentials import init_credentials, new_node_key
+from engines.credentials import init_credentials, new_node_key, renew_credentials
 from federation import messages as M
 from federation.config import RunConfig
 from federation.contributions import SIGNING_KEY_FILE
@@ -55,7 +55,9 @@ class Federation:
         report = synthesize(3, 4500, root / "data", seed=11)
         self.hospitals = [path.stem for path in report.files]
         self.keys = init_keys(root / "keys")
-        self.credentials = init_credentials(root / "creds", self.hospitals, ["127.0.0.1", "localhost"])
+        init_credentials(root / "creds", self.hospitals, ["127.0.0.1", "localhost"])
+        # the deployment runs on rotated TLS keys and certificates (`fedrisk certs renew`), auth keys kept
+        self.credentials = renew_credentials(root / "creds", days=30)
         provision_nodes(root / "data", self.keys.hospital_context, root / "nodes",
                         purposes={PURPOSE: (10.0, 1e-5)})
         # The simulation gets an identical copy of every node (same pseudonym keys, same data).
