@@ -169,6 +169,9 @@ def _consent_target(args: argparse.Namespace) -> tuple[object, str]:
     if str(args.record_key).strip() not in set(state.record_keys()):
         raise ConfigError(f"--record-key: no record of {state.data_file.name} has that record key "
                           f"(column {schema.record_key!r}); nothing was changed")
+    from clients.keys import adopt_record
+
+    adopt_record(state, str(args.record_key).strip())  # rows kept under a retired pseudonym key, if any
     return state, state.pseudonym_key().pseudonymise(pd.Series([str(args.record_key).strip()])).iloc[0]
 
 
@@ -460,7 +463,12 @@ def _cmd_node_erase(args: argparse.Namespace) -> int:
         by = args.by or getpass.getuser()
     except (KeyError, OSError):
         by = "unknown"
-    report = erase_patient(NodeState.load(Path(args.dir)), args.record_key, reason=args.reason, by=by)
+    from clients.keys import adopt_record
+
+    state = NodeState.load(Path(args.dir))
+    if str(args.record_key).strip() in set(state.record_keys()):
+        adopt_record(state, str(args.record_key).strip())  # its grants kept under a retired key are revoked too
+    report = erase_patient(state, args.record_key, reason=args.reason, by=by)
     print("\n".join(report.lines()))
     return 0
 

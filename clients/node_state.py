@@ -40,11 +40,13 @@ from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
 from privacy.audit import DATA_LOAD, NODE_ENROL, NODE_INIT, REFUSAL, ROLE_HOSPITAL, AuditLog, Digest
 from privacy.consent import RevocationRegistry
 from privacy.ledger import BudgetLedger
-from privacy.pseudonym import PseudonymKey
+from privacy.pseudonym import KEY_BYTES, PseudonymKey
 
 NODE_FILE = "node.json"
 STAGED_PSEUDONYM_FILE = ".pseudonym.key.rekey"
 """A new pseudonym key staged by a re-key that has not completed (`clients.keys.rekey_pseudonyms`)."""
+RETIRED_PSEUDONYM_FILE = "pseudonym_keys_retired"
+"""The pseudonym keys a re-key replaced, sealed like the key: only to recognise old pseudonyms."""
 TEST_FRACTION = 0.2
 
 
@@ -63,9 +65,12 @@ class NodeState:
     data_file: Path
     schema_file: Path
     key_file: Path
-    sealed: bool = False
-    """Whether the node's secrets are sealed at rest (`federation.sealing`); a sealed node refuses a
-    secret file in clear."""
+
+    @property
+    def sealed(self) -> bool:
+        """Whether the node's secrets are sealed at rest (`federation.sealing`): it then refuses a
+        secret file in clear and writes none."""
+        return sealing.directory_sealed(self.directory)
 
     @property
     def ledger_path(self) -> Path:
@@ -122,6 +127,15 @@ class NodeState:
                                    "pseudonym` again to complete it")
         return PseudonymKey.load(self.directory / "pseudonym.key", require_sealed=self.sealed)
 
+    def retired_pseudonym_keys(self) -> list[PseudonymKey]:
+        """The pseudonym keys this node held before a re-key, oldest first. Never used to make a
+        pseudonym: only to recognise a withdrawal, an erasure or an audit entry recorded under one."""
+        path = self.directory / RETIRED_PSEUDONYM_FILE
+        if not path.is_file():
+            return []
+        raw = sealing.unseal(path.read_bytes(), sealing.ROLE_PSEUDONYM_RETIRED, path, require_sealed=self.sealed)
+        return [PseudonymKey(raw[i:i + KEY_BYTES]) for i in range(0, len(raw), KEY_BYTES)]
+
     def record_keys(self) -> list[str]:
         """The text form of every record key in the export, in file order (the form pseudonyms hash):
         what `node revoke`, `erase` and an incident's notification list look patients up by."""
@@ -160,11 +174,14 @@ class NodeState:
         HospitalKey.load(Path(key_file))
         sealed = sealing.at_rest_key() is not None
         state = cls(directory.resolve(), hospital, Path(data_file).resolve(), schema_file,
-                    directory.resolve() / HOSPITAL_CONTEXT_FILE, sealed)
+                    directory.resolve() / HOSPITAL_CONTEXT_FILE)
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
+        if sealed:
+            sealing.mark_sealed(directory)
         plain = sealing.unseal(Path(key_file).read_bytes(), sealing.ROLE_CKKS, Path(key_file))
-        sealing.write_secret_file(state.key_file, sealing.seal_for_disk(plain, sealing.ROLE_CKKS), exclusive=True)
+        sealing.write_secret_file(state.key_file, sealing.seal_for_disk(plain, sealing.ROLE_CKKS, state.key_file),
+                                  exclusive=True)
         PseudonymKey.create(directory / "pseudonym.key")
         SigningKey.create(directory / SIGNING_KEY_FILE)
         with state.ledger() as ledger:
@@ -172,18 +189,10 @@ class NodeState:
                 ledger.set_budget(purpose, epsilon, delta)
         state.revocations()
         state.audit().append(NODE_INIT, details={"purposes": sorted(budgets), "sealed": sealed})
-        state.write_node_file()
+        (directory / NODE_FILE).write_text(json.dumps({
+            "hospital": hospital, "data_file": _stored(state.data_file, state.directory),
+            "schema_file": _stored(schema_file, state.directory), "key_file": HOSPITAL_CONTEXT_FILE}, indent=2))
         return state
-
-    def write_node_file(self) -> None:
-        """Write node.json (atomically): what the node directory names and whether it is sealed."""
-        body = {"hospital": self.hospital, "data_file": _stored(self.data_file, self.directory),
-                "schema_file": _stored(self.schema_file, self.directory), "key_file": HOSPITAL_CONTEXT_FILE}
-        if self.sealed:
-            body["sealed"] = True
-        tmp = self.directory / f".{NODE_FILE}.tmp"
-        tmp.write_text(json.dumps(body, indent=2))
-        tmp.replace(self.directory / NODE_FILE)
 
     @staticmethod
     def discover(nodes_dir: Path) -> list["NodeState"]:
@@ -199,7 +208,7 @@ class NodeState:
             home = directory.resolve()
             # the key is always the node's own copy: found beside node.json wherever the directory moved
             return cls(home, str(raw["hospital"]), home / Path(raw["data_file"]), home / Path(raw["schema_file"]),
-                       home / HOSPITAL_CONTEXT_FILE, raw.get("sealed") is True)
+                       home / HOSPITAL_CONTEXT_FILE)
         except FileNotFoundError:
             raise ConfigError(f"{directory} is not a fedrisk node; run `fedrisk node init` first") from None
         except (ValueError, KeyError, TypeError):
@@ -212,6 +221,11 @@ class NodeState:
         validated = validate_export(self.data_file, schema)
         clean = deidentify(validated, schema, self.pseudonym_key(), purpose=purpose)
         revoked = self.revocations().revoked(purpose, as_of=datetime.now(timezone.utc))
+        current = clean.table[PSEUDONYM]
+        if revoked - set(current):  # rows of no current pseudonym: some may predate a re-key
+            for retired in self.retired_pseudonym_keys():
+                old = retired.pseudonymise(validated.table[schema.record_key])
+                revoked = revoked | set(current[old.isin(revoked).to_numpy()])
         decision = schema.consent_policy().decide(validated.table, purpose, today=today or date.today(),
                                                   revoked=revoked, pseudonyms=clean.table[PSEUDONYM])
         return clean.table, np.asarray(decision.mask, dtype=bool), decision.excluded.as_dict()

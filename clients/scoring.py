@@ -317,7 +317,8 @@ class ConsentedRecords:
 
     def _current(self) -> _Snapshot:
         try:
-            key = (_file_key(self.state.data_file), _file_key(self.state.schema_file), date.today())
+            key = (_file_key(self.state.data_file), _file_key(self.state.schema_file),
+                   _file_key(self.state.directory / "pseudonym.key"), date.today())
         except OSError:
             raise DataError("the node's export or its schema cannot be read") from None
         with self._lock:

@@ -48,7 +48,6 @@ from typing import Any, TextIO
 
 import pandas as pd
 
-from clients.keys import retired_pseudonym_keys
 from clients.node_state import NodeState, test_split
 from clients.validation import validate_export
 from federation.errors import ConfigError
@@ -183,7 +182,7 @@ class _Reader:
         self.pseudonym = state.pseudonym_key().pseudonym(str(record_key).strip())
         # the audit log is append-only: entries written before a pseudonym re-key name the old pseudonym
         self.pseudonyms = {self.pseudonym,
-                           *(k.pseudonym(str(record_key).strip()) for k in retired_pseudonym_keys(state))}
+                           *(k.pseudonym(str(record_key).strip()) for k in state.retired_pseudonym_keys())}
         schema = state.schema()
         self.policy = schema.consent_policy()
         if purpose is not None and purpose not in self.policy.fields:
@@ -194,8 +193,8 @@ class _Reader:
         self.held_out = bool(test_split(pd.Series([self.pseudonym]))[0])
         registry = state.directory / "revocations.sqlite"
         self.history = [h for h in (state.revocations().history() if registry.is_file() else [])
-                        if h[1] == self.pseudonym]
-        self.grants = {g.grant_id: g for g in list_grants(state.directory, self.pseudonym)}
+                        if h[1] in self.pseudonyms]
+        self.grants = {g.grant_id: g for p in sorted(self.pseudonyms) for g in list_grants(state.directory, p)}
         log = state.audit()
         self.audit_intact = log.verify().ok
         self.entries = log.entries()

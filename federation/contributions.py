@@ -118,9 +118,8 @@ class SigningKey:
         """Write a fresh key; refuses to replace one."""
         private = Ed25519PrivateKey.generate()
         raw = private.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(sealing.seal_for_disk(raw, sealing.ROLE_SIGNING))
+        sealing.write_secret_file(Path(path), sealing.seal_for_disk(raw, sealing.ROLE_SIGNING, Path(path)),
+                                  exclusive=True)
         return cls(private)
 
     @classmethod

@@ -32,6 +32,10 @@ KEY_BYTES, NONCE_BYTES = 32, 12
 KEY_ENV = "FEDRISK_NODE_KEY"
 KEY_FILE_ENV = "FEDRISK_NODE_KEY_FILE"
 
+SEALED_MARKER = ".fedrisk-sealed"
+"""A file in a directory whose secrets are sealed: every secret read there must be sealed, and no
+secret is written there in clear."""
+
 ROLE_CKKS = "ckks-secret-context"
 ROLE_PSEUDONYM = "pseudonym-key"
 ROLE_SIGNING = "contribution-signing-key"
@@ -96,10 +100,26 @@ def seal(plain: bytes, role: str, key: bytes) -> bytes:
     return MAGIC + nonce + AESGCM(key).encrypt(nonce, plain, MAGIC + role.encode("ascii"))
 
 
-def seal_for_disk(plain: bytes, role: str) -> bytes:
-    """What a writer of a new secret file writes: sealed when an at-rest key is configured."""
+def directory_sealed(directory: Path) -> bool:
+    """Whether `directory` holds sealed secrets (its `SEALED_MARKER` exists)."""
+    return (Path(directory) / SEALED_MARKER).exists()
+
+
+def mark_sealed(directory: Path) -> None:
+    """Mark `directory` as holding sealed secrets only."""
+    write_secret_file(Path(directory) / SEALED_MARKER, b"secrets in this directory are sealed at rest\n")
+
+
+def seal_for_disk(plain: bytes, role: str, path: Path) -> bytes:
+    """What a writer of the new secret file `path` writes: sealed when an at-rest key is
+    configured; refused in clear in a sealed directory (KeyMaterialError)."""
     key = at_rest_key()
-    return plain if key is None else seal(plain, role, key)
+    if key is None:
+        if directory_sealed(Path(path).parent):
+            raise KeyMaterialError(f"{Path(path).parent} is sealed: set ${KEY_FILE_ENV} (or ${KEY_ENV}) so "
+                                   f"{Path(path).name} is written sealed")
+        return plain
+    return seal(plain, role, key)
 
 
 def unseal(raw: bytes, role: str, where: Path, *, require_sealed: bool = False) -> bytes:
@@ -110,7 +130,7 @@ def unseal(raw: bytes, role: str, where: Path, *, require_sealed: bool = False) 
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     if not is_sealed(raw):
-        if require_sealed:
+        if require_sealed or directory_sealed(Path(where).parent):
             raise KeyMaterialError(f"{where} is in clear but this node's secrets are sealed at rest; a clear "
                                    "secret here was put in place from outside: restore it from a backup")
         return raw
@@ -144,13 +164,33 @@ def reseal_file(path: Path, role: str, key: bytes) -> bool:
         except InvalidTag:
             raise KeyMaterialError(f"{path} is sealed under another at-rest key") from None
         return False
-    write_secret_file(path, seal(raw, role, key))
+    write_secret_file(path, seal(raw, role, key), shred_old=True)
     return True
 
 
-def write_secret_file(path: Path, content: bytes, *, exclusive: bool = False) -> None:
-    """Write `content` to `path` with mode 0600 through a temporary file and an atomic rename
-    (`exclusive`: refuse if `path` exists, FileExistsError)."""
+def shred(path: Path) -> None:
+    """Overwrite a file with random bytes, in place, before it is removed or replaced (best effort:
+    on copy-on-write or flash storage old blocks may survive; only sealing protects those)."""
+    size = Path(path).stat().st_size
+    with open(path, "r+b") as handle:
+        handle.write(secrets.token_bytes(size))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the renames and creations in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_secret_file(path: Path, content: bytes, *, exclusive: bool = False, shred_old: bool = False) -> None:
+    """Write `content` to `path` with mode 0600 through a temporary file and an atomic rename,
+    durable when this returns (`exclusive`: refuse if `path` exists, FileExistsError;
+    `shred_old`: overwrite the file being replaced first, as when a clear secret is sealed)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -162,6 +202,9 @@ def write_secret_file(path: Path, content: bytes, *, exclusive: bool = False) ->
         if exclusive:
             os.link(tmp, path)
         else:
+            if shred_old and path.exists():
+                shred(path)
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_directory(path.parent)

@@ -229,11 +229,15 @@ def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
     if not path.exists():
         pem = Ed25519PrivateKey.generate().private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        try:
+            content = sealing.seal_for_disk(pem, sealing.ROLE_GRANT, path)
+        except KeyMaterialError as exc:
+            raise GrantError(str(exc)) from None
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(sealing.seal_for_disk(pem, sealing.ROLE_GRANT))
+                handle.write(content)
             os.link(tmp, path)  # fails if another process created the key first: use theirs
         except FileExistsError:
             pass

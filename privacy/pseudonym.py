@@ -50,6 +50,10 @@ class PseudonymKey:
         path = Path(path)
         secret = secrets.token_bytes(KEY_BYTES)
         try:
+            content = sealing.seal_for_disk(secret, sealing.ROLE_PSEUDONYM, path)
+        except KeyMaterialError as exc:
+            raise PseudonymKeyError(str(exc)) from None
+        try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
         except FileExistsError:
             raise PseudonymKeyError(f"{path} already exists; refusing to overwrite a pseudonymisation key") from None
@@ -57,9 +61,11 @@ class PseudonymKey:
             raise PseudonymKeyError(f"cannot create pseudonymisation key {path}: {exc.strerror}") from None
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, sealing.seal_for_disk(secret, sealing.ROLE_PSEUDONYM))
+            os.write(fd, content)
+            os.fsync(fd)
         finally:
             os.close(fd)
+        sealing.fsync_directory(path.parent)
         return cls(secret=secret, path=path)
 
     @classmethod

@@ -106,7 +106,7 @@ class Checkpoint:
     def check_key(self, key_id: str, run_dir: Path) -> None:
         """Refuse to resume a checkpoint made under a CKKS key the federation has since retired:
         no hospital can decrypt its ciphertexts any more."""
-        made_under = {c.header.key_id for c in self.census}
+        made_under = {c.header.key_id for c in [*self.census, *(c for step in self.chain.values() for c in step)]}
         if made_under - {key_id}:
             raise ConfigError(f"{Path(run_dir) / CHECKPOINT_FILE} was made under CKKS key "
                               f"{', '.join(sorted(made_under))}, retired for the federation's key {key_id}: its "

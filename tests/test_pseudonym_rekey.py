@@ -16,7 +16,7 @@ from clients import keys as node_keys
 from clients.node_state import NodeState
 from clients.usage import usage_record
 from federation import features as fx
-from federation.errors import ConfigError, KeyMaterialError
+from federation.errors import KeyMaterialError
 from privacy.grants import GRANTS_FILE, GrantAuthority, list_grants
 
 RESEARCH, SCORING = "credit-risk-research", "applicant-scoring"
@@ -76,33 +76,51 @@ def test_a_rekey_changes_every_pseudonym_and_loses_no_consent_erasure_or_grant(n
     assert node.audit().verify().ok
 
 
-def test_a_rekey_that_would_lose_a_consent_is_refused_and_an_interrupted_one_completes(node: NodeState,
-                                                                                         monkeypatch) -> None:
-    [patient] = _patients(node, 1)
-    key_bytes = (node.directory / "pseudonym.key").read_bytes()
-    node.revocations().revoke("ab" * 16, RESEARCH)  # a withdrawal for a record the export no longer holds
-    with pytest.raises(ConfigError, match="belong to no record of"):
-        node_keys.rekey_pseudonyms(node, "scheduled")
-    assert (node.directory / "pseudonym.key").read_bytes() == key_bytes
-    assert not (node.directory / ".pseudonym.key.rekey").exists()
-    node.revocations().restore("ab" * 16, RESEARCH)
-    with __import__("sqlite3").connect(node.directory / "revocations.sqlite") as db:
-        db.execute("DELETE FROM consent_events WHERE pseudonym = ?", ("ab" * 16,))
-        db.execute("DELETE FROM revocations WHERE pseudonym = ?", ("ab" * 16,))
+def test_a_withdrawal_and_an_erasure_of_a_record_absent_at_rekey_still_apply_when_it_returns(
+        tmp_path: Path, federation_data, keys, capsys) -> None:
+    export = tmp_path / "export.parquet"
+    full = pd.read_parquet(federation_data.files[0])
+    full.to_parquet(export)
+    node = NodeState.init(tmp_path / "node", hospital="hospital_00", data_file=export, key_file=keys.hospital_context,
+                          budgets={RESEARCH: (2.0, 1e-5), SCORING: (1.0, 1e-5)})
+    withdrawn, erased = _patients(node, 2)
+    assert _cli("node", "revoke", "--dir", str(node.directory), "--record-key", withdrawn, "--purpose", RESEARCH) == 0
+    assert _cli("node", "erase", "--dir", str(node.directory), "--record-key", erased, "--reason", "form 9") == 0
+    before = _usable(node)
+    full[~full[fx.RECORD_KEY].astype(str).isin([withdrawn, erased])].to_parquet(export)  # both left the export
+    remapped = node_keys.rekey_pseudonyms(node, "scheduled")
+    assert remapped["kept"] == 2 and remapped["revocations"] == 0  # the withdrawal and the erasure, kept
+    full.to_parquet(export)  # the records come back
+    assert _usable(node) == before  # still withdrawn, still erased
+    assert _cli("node", "restore", "--dir", str(node.directory), "--record-key", erased, "--purpose", RESEARCH,
+                "--reason", "x") == 2  # an erasure made under the old key is still final
+    assert "erased at the patient's request" in capsys.readouterr().err
+    assert _cli("node", "restore", "--dir", str(node.directory), "--record-key", withdrawn, "--purpose", RESEARCH,
+                "--reason", "consent given again") == 0  # a withdrawal made under the old key can be undone
+    assert _usable(node)[RESEARCH] == before[RESEARCH] + 1
 
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_an_interrupted_rekey_blocks_loads_and_completes_when_run_again(node: NodeState, monkeypatch,
+                                                                        crash_at: int) -> None:
+    [patient] = _patients(node, 1)
     node.revocations().revoke(node.pseudonym_key().pseudonym(patient), SCORING)
     before = _usable(node)
-    real_replace = os.replace
+    real_replace, calls = os.replace, []
 
-    def crash(src, dst):  # the machine stops after the stores committed, before the key is swapped
-        raise OSError("power cut")
+    def crash(src, dst):  # the machine stops after the stores committed, while the key files move
+        calls.append(dst)
+        if len(calls) == crash_at:
+            raise OSError("power cut")
+        real_replace(src, dst)
 
     monkeypatch.setattr(node_keys.os, "replace", crash)
     with pytest.raises(OSError, match="power cut"):
         node_keys.rekey_pseudonyms(node, "scheduled")
-    with pytest.raises(KeyMaterialError, match="re-key was interrupted"):
+    with pytest.raises(KeyMaterialError):
         node.load_records(RESEARCH)
     monkeypatch.setattr(node_keys.os, "replace", real_replace)
     node_keys.rekey_pseudonyms(node, "scheduled")
     assert _usable(node) == before
-    assert len(node_keys.retired_pseudonym_keys(node)) == 1
+    assert len(node.retired_pseudonym_keys()) == 1
+    assert not list(node.directory.glob(".pseudonym.key*"))

@@ -6,7 +6,6 @@ sealed node. Sealing an existing node keeps every pseudonym."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -46,7 +45,7 @@ def at_rest_key(tmp_path: Path, monkeypatch, capsys) -> Path:
 def test_a_node_made_under_an_at_rest_key_holds_no_secret_in_clear(tmp_path, federation_data, keys, at_rest_key,
                                                                    monkeypatch, capsys) -> None:
     node = _init(tmp_path / "node", federation_data, keys)
-    assert node.sealed and json.loads((node.directory / "node.json").read_text())["sealed"] is True
+    assert node.sealed and NodeState.load(node.directory).sealed
     clear_ckks = keys.hospital_context.read_bytes()
     for name in SECRETS:
         raw = (node.directory / name).read_bytes()
@@ -95,6 +94,13 @@ def test_a_sealed_node_refuses_a_swapped_or_planted_secret(tmp_path, federation_
         node.pseudonym_key()
     pseudonym_file.write_bytes(original)
     assert node.pseudonym_key().pseudonym("x")
+    # without the at-rest key, nothing is written in clear in a sealed node (the grant key, made on first use)
+    monkeypatch.delenv(sealing.KEY_FILE_ENV)
+    from privacy.grants import GrantAuthority, GrantError
+
+    with pytest.raises(GrantError, match="is sealed: set"):
+        GrantAuthority(node.directory, node.hospital, audit=node.audit()).issue("ab" * 16, "bank-a", "r1")
+    assert not (node.directory / "grant_signing.key").exists()
 
 
 def test_sealing_an_existing_node_keeps_its_pseudonyms_and_is_audited(tmp_path, federation_data, keys,
