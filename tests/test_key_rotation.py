@@ -1,8 +1,9 @@
 """Key rotation keeps the federation working, as the hospitals' operators carry it out on sealed
 nodes (secrets encrypted at rest): a node's new contribution signing key is refused by the other
 hospitals until the federation re-enrols it, then the federation trains with all three again; the
-federation's new CKKS key, installed at every node, trains end to end, while the old key's
-server context and a checkpoint made under the old key are refused before any round."""
+federation's new CKKS key, installed at every node, and a hospital's new pseudonym key train end to
+end, while the old key's server context and a checkpoint made under the old key are refused before
+any round."""
 
 from __future__ import annotations
 
@@ -91,10 +92,16 @@ def test_signing_and_ckks_key_rotations_keep_a_sealed_federation_training(federa
         simulate(stale)
     assert not (tmp_path / "run-old-key").exists()
 
+    # 4. hospital_02 re-keys its pseudonyms: nothing outside the node changes, the federation trains on
+    pseudonym = nodes[2].pseudonym_key().pseudonym("patient-1")
+    assert _cli("node", "rotate", "pseudonym", "--dir", str(nodes[2].directory), "--reason", "scheduled") == 0
+    assert nodes[2].pseudonym_key().pseudonym("patient-1") != pseudonym
     result = simulate(_config(nodes_dir, tmp_path / "keys-v2", tmp_path / "run-new-key"))
     assert sorted(result.contributors[1]) == ["hospital_00", "hospital_01", "hospital_02"]
     assert len(_dropped(nodes[0])) == len(dropped)
     assert all(NodeState.load(n.directory).manifest().federation != old_id for n in nodes)
     actions = [e.details.get("key") for e in nodes[1].audit().entries() if e.action == "node.key-rotate"]
     assert actions == ["contribution-signing", "ckks"]
+    assert [e.details.get("key") for e in nodes[2].audit().entries() if e.action == "node.key-rotate"] == [
+        "ckks", "pseudonym"]
     assert all(n.audit().verify().ok for n in nodes)
