@@ -165,10 +165,10 @@ def _remap(state: NodeState, mapping: dict[str, str]) -> dict[str, int]:
                 remapped[table.split(".")[1]] = db.execute(
                     f"UPDATE OR REPLACE {table} SET pseudonym = (SELECT new FROM remap WHERE old = pseudonym) "
                     "WHERE pseudonym IN (SELECT old FROM remap)").rowcount
-            kept = stored - set(mapping) - new_values - {PURGED}
+            db.execute("CREATE TEMP TABLE kept (pseudonym TEXT PRIMARY KEY)")
+            db.executemany("INSERT INTO kept VALUES (?)", [(p,) for p in stored - set(mapping) - new_values - {PURGED}])
             remapped["kept"] = sum(db.execute(f"SELECT COUNT(*) FROM {table} WHERE pseudonym IN "
-                                              f"({','.join('?' * len(kept))})", sorted(kept)).fetchone()[0]
-                                   for table in tables) if kept else 0
+                                              "(SELECT pseudonym FROM kept)").fetchone()[0] for table in tables)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
