@@ -222,8 +222,9 @@ class NodeState:
         clean = deidentify(validated, schema, self.pseudonym_key(), purpose=purpose)
         revoked = self.revocations().revoked(purpose, as_of=datetime.now(timezone.utc))
         current = clean.table[PSEUDONYM]
-        if revoked - set(current):  # rows of no current pseudonym: some may predate a re-key
-            for retired in self.retired_pseudonym_keys():
+        retired_keys = self.retired_pseudonym_keys()
+        if retired_keys and revoked - set(current):  # rows of no current pseudonym: some may predate a re-key
+            for retired in retired_keys:
                 old = retired.pseudonymise(validated.table[schema.record_key])
                 revoked = revoked | set(current[old.isin(revoked).to_numpy()])
         decision = schema.consent_policy().decide(validated.table, purpose, today=today or date.today(),
