@@ -285,7 +285,10 @@ def test_an_overspending_query_is_refused_everywhere_and_an_affordable_one_is_ch
     # decryption's flooding, a couple of records per cell, differs) and charges nothing more.
     parsed = CohortQuery.load(query)
     again = _answer(states, keys, parsed, parsed.default_run_id())
-    assert (((again["rate"] - table["rate"]).abs() < 0.5 * table["se"]) | table["suppressed"]).all()
+    # two independent floodings of ~1.5 records per sum (README: flooding's cost to a cohort count):
+    # their difference moves a rate by at most ~18 records / the cell's records at 6 sigma
+    flooding = 18.0 / table["records"].clip(lower=1)
+    assert (((again["rate"] - table["rate"]).abs() < 0.5 * table["se"] + flooding) | table["suppressed"]).all()
     assert (again["suppressed"] == table["suppressed"]).all()
     for state in states:
         with state.ledger() as ledger:

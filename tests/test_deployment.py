@@ -57,7 +57,7 @@ class Federation:
         self.keys = init_keys(root / "keys")
         init_credentials(root / "creds", self.hospitals, ["127.0.0.1", "localhost"])
         # the deployment runs on rotated TLS keys and certificates (`fedrisk certs renew`), auth keys kept
-        self.credentials = renew_credentials(root / "creds", days=30)
+        self.credentials = renew_credentials(root / "creds", days=29)  # within the CA's 30 days
         provision_nodes(root / "data", self.keys.hospital_context, root / "nodes",
                         purposes={PURPOSE: (10.0, 1e-5)})
         # The simulation gets an identical copy of every node (same pseudonym keys, same data).
