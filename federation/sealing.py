@@ -7,7 +7,7 @@ help against a stolen disk image or a backup tape. Sealed, each secret file is
     MAGIC | 12-byte random nonce | AES-256-GCM(secret, associated data = MAGIC | role)
 
 under a 32-byte at-rest key that never lies in the node directory: the operator keeps it in a
-file elsewhere (`$FEDRISK_NODE_KEY_FILE`, made by `fedrisk node seal key`) or hands it to the
+file elsewhere (`$FEDRISK_NODE_KEY_FILE`, made by `fedrisk node seal-key`) or hands it to the
 process in `$FEDRISK_NODE_KEY` (base64), for example from a secrets manager. The role in the
 associated data stops a sealed file from being swapped into another secret's place. Without
 the key a sealed file gives nothing and the node refuses to start, naming the file and the
@@ -100,6 +100,19 @@ def seal(plain: bytes, role: str, key: bytes) -> bytes:
     return MAGIC + nonce + AESGCM(key).encrypt(nonce, plain, MAGIC + role.encode("ascii"))
 
 
+def _open(raw: bytes, role: str, key: bytes) -> bytes | None:
+    """The secret a sealed file's content `raw` holds for `role` under `key`; None if it does not
+    open (wrong key, altered, or another role's file)."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    body = raw[len(MAGIC):]
+    try:
+        return AESGCM(key).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], MAGIC + role.encode("ascii"))
+    except (InvalidTag, ValueError):
+        return None
+
+
 def directory_sealed(directory: Path) -> bool:
     """Whether `directory` holds sealed secrets (its `SEALED_MARKER` exists)."""
     return (Path(directory) / SEALED_MARKER).exists()
@@ -126,9 +139,6 @@ def unseal(raw: bytes, role: str, where: Path, *, require_sealed: bool = False) 
     """The secret in a file's content `raw`: opened when sealed, as is when in clear (unless the
     node is sealed, `require_sealed`: then a clear file is refused, since it can only have been
     put there from outside). KeyMaterialError naming the file and what to set otherwise."""
-    from cryptography.exceptions import InvalidTag
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
     if not is_sealed(raw):
         if require_sealed or directory_sealed(Path(where).parent):
             raise KeyMaterialError(f"{where} is in clear but this node's secrets are sealed at rest; a clear "
@@ -141,12 +151,11 @@ def unseal(raw: bytes, role: str, where: Path, *, require_sealed: bool = False) 
     if key is None:
         raise KeyMaterialError(f"{where} is sealed at rest: set ${KEY_FILE_ENV} (or ${KEY_ENV}) to the node's "
                                "at-rest key")
-    body = raw[len(MAGIC):]
-    try:
-        return AESGCM(key).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], MAGIC + role.encode("ascii"))
-    except (InvalidTag, ValueError):
+    plain = _open(raw, role, key)
+    if plain is None:
         raise KeyMaterialError(f"{where} cannot be opened with this at-rest key (wrong key, altered, or another "
-                               "secret's file)") from None
+                               "secret's file)")
+    return plain
 
 
 def reseal_file(path: Path, role: str, key: bytes) -> bool:
@@ -155,14 +164,8 @@ def reseal_file(path: Path, role: str, key: bytes) -> bool:
     path = Path(path)
     raw = path.read_bytes()
     if is_sealed(raw):
-        from cryptography.exceptions import InvalidTag
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-        body = raw[len(MAGIC):]
-        try:
-            AESGCM(key).decrypt(body[:NONCE_BYTES], body[NONCE_BYTES:], MAGIC + role.encode("ascii"))
-        except InvalidTag:
-            raise KeyMaterialError(f"{path} is sealed under another at-rest key") from None
+        if _open(raw, role, key) is None:
+            raise KeyMaterialError(f"{path} is sealed under another at-rest key")
         return False
     write_secret_file(path, seal(raw, role, key), shred_old=True)
     return True
