@@ -1,10 +1,13 @@
-"""What sealing node secrets at rest costs: loading each secret sealed against loading it in clear.
+"""What sealing a node at rest costs: its secrets and stores sealed against in clear.
 
 Makes one CKKS key (`fedrisk keys init`) and, in a scratch directory, the node's three secrets
 twice: in clear, and sealed with AES-256-GCM under a fresh at-rest key (`federation.sealing`).
 Then times, interleaved (every repetition loads every secret once in each form, in turn), the
 loaders a node uses: `HospitalKey.load` (CKKS secret context), `PseudonymKey.load` and
-`SigningKey.load`. Reports the median per load and the sealed/clear ratio, and the file sizes.
+`SigningKey.load`; and the store operations a node does most, on a plain SQLite directory and on
+a sealed one (SQLCipher, `federation.stores`) holding the same rows: an audit append, a consent
+withdrawal written and the withdrawal set read back, and opening the ledger (WAL) for its budget.
+Reports the median per operation and the sealed/clear ratio, and the file sizes.
 
     PYTHONPATH=. python bench/sealing.py [--reps 30] [--json]
 """
@@ -20,6 +23,9 @@ import time
 from pathlib import Path
 
 from federation import sealing
+from privacy.audit import CONSENT_REVOKE, ROLE_HOSPITAL, AuditLog
+from privacy.consent import RevocationRegistry
+from privacy.ledger import BudgetLedger
 from federation.contributions import SigningKey
 from federation.he_codec import HospitalKey, init_keys
 from privacy.pseudonym import PseudonymKey
@@ -42,9 +48,43 @@ def _prepare(root: Path) -> dict[str, tuple[Path, Path, object]]:
         PseudonymKey.create(directory / "pseudonym.key")
         SigningKey.create(directory / "signing.key")
         os.environ[sealing.KEY_FILE_ENV] = str(at_rest)
+    sealing.mark_sealed(sealed)
+    for directory in (clear, sealed):
+        with BudgetLedger(directory / "ledger.sqlite") as ledger:
+            ledger.set_budget("credit-risk-research", 4.0, 1e-5)
+        RevocationRegistry(directory / "revocations.sqlite")
+        for i in range(200):  # a log with some history, as a node's has
+            AuditLog(directory / "audit.sqlite", role=ROLE_HOSPITAL, identity="h").append(
+                CONSENT_REVOKE, details={"n": i})
+    counter = iter(range(10**9))
+
+    def append(directory: Path) -> None:
+        AuditLog(directory / "audit.sqlite", role=ROLE_HOSPITAL, identity="h").append(
+            CONSENT_REVOKE, details={"n": next(counter)})
+
+    def revoke(directory: Path) -> None:
+        registry = RevocationRegistry(directory / "revocations.sqlite")
+        registry.revoke(f"{next(counter):032x}", "credit-risk-research")
+        registry.revoked("credit-risk-research")
+
+    def budget(directory: Path) -> None:
+        with BudgetLedger(directory / "ledger.sqlite") as ledger:
+            ledger.budget("credit-risk-research")
+
     return {"ckks secret context": (clear / "hospital.ckks", sealed / "hospital.ckks", HospitalKey.load),
             "pseudonym key": (clear / "pseudonym.key", sealed / "pseudonym.key", PseudonymKey.load),
-            "signing key": (clear / "signing.key", sealed / "signing.key", SigningKey.load)}
+            "signing key": (clear / "signing.key", sealed / "signing.key", SigningKey.load),
+            "store: audit append": (clear, sealed, append),
+            "store: consent write+read": (clear, sealed, revoke),
+            "store: ledger open": (clear, sealed, budget)}
+
+
+def _size(path: Path, name: str) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    store = {"store: audit append": "audit.sqlite", "store: consent write+read": "revocations.sqlite",
+             "store: ledger open": "ledger.sqlite"}[name]
+    return (path / store).stat().st_size
 
 
 def main() -> None:
@@ -63,15 +103,15 @@ def main() -> None:
                     times[name][form].append(time.perf_counter() - start)
         rows = {name: {"clear_ms": 1e3 * statistics.median(t["clear"]),
                        "sealed_ms": 1e3 * statistics.median(t["sealed"]),
-                       "bytes": secrets[name][1].stat().st_size} for name, t in times.items()}
+                       "bytes": _size(secrets[name][1], name)} for name, t in times.items()}
     for row in rows.values():
         row["ratio"] = row["sealed_ms"] / row["clear_ms"]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'secret':<22}{'clear ms':>10}{'sealed ms':>11}{'ratio':>8}{'bytes':>12}   (median of {args.reps})")
+    print(f"{'what':<27}{'clear ms':>10}{'sealed ms':>11}{'ratio':>8}{'bytes':>12}   (median of {args.reps})")
     for name, row in rows.items():
-        print(f"{name:<22}{row['clear_ms']:>10.3f}{row['sealed_ms']:>11.3f}{row['ratio']:>8.2f}{row['bytes']:>12,}")
+        print(f"{name:<27}{row['clear_ms']:>10.3f}{row['sealed_ms']:>11.3f}{row['ratio']:>8.2f}{row['bytes']:>12,}")
 
 
 if __name__ == "__main__":

@@ -360,8 +360,9 @@ def _cmd_node_seal(args: argparse.Namespace) -> int:
 
     state = NodeState.load(Path(args.dir))
     sealed = seal_node(state)
-    print(f"{state.hospital}: secrets sealed at rest (AES-256-GCM): {', '.join(sealed) or 'all were already sealed'}; "
-          "the node now needs its at-rest key to start, and refuses a secret file in clear")
+    print(f"{state.hospital}: sealed at rest (secrets AES-256-GCM, stores SQLCipher AES-256): "
+          f"{', '.join(sealed) or 'all were already sealed'}; the node now needs its at-rest key to start, and "
+          "refuses a secret file or a store in clear")
     return 0
 
 
@@ -401,14 +402,26 @@ def _cmd_node_rotate_pseudonym(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_node_rotate_at_rest(args: argparse.Namespace) -> int:
+    from clients.keys import rotate_at_rest_key
+    from clients.node_state import NodeState
+
+    state = NodeState.load(Path(args.dir))
+    old, new = rotate_at_rest_key(state, Path(args.new_key_file), args.reason)
+    print(f"{state.hospital}: secrets and stores re-encrypted under at-rest key {new} (was {old}). Set "
+          f"FEDRISK_NODE_KEY_FILE={args.new_key_file} for the node's processes now, then destroy the old key")
+    return 0
+
+
 def _add_node_keys(node: argparse._SubParsersAction) -> None:
     seal_key = node.add_parser("seal-key", help="make a node at-rest key (AES-256; keep it off the node's disk)")
     seal_key.add_argument("--out", required=True, help="new key file (mode 0600)")
     seal_key.set_defaults(handler=_cmd_node_seal_key)
-    seal = node.add_parser("seal", help="seal the node's secrets at rest under $FEDRISK_NODE_KEY_FILE (AES-256-GCM)")
+    seal = node.add_parser("seal", help="seal the node's secrets and encrypt its stores at rest under $FEDRISK_NODE_KEY_FILE")
     seal.add_argument("--dir", required=True, help="node directory")
     seal.set_defaults(handler=_cmd_node_seal)
-    rotate = node.add_parser("rotate", help="rotate a node key: contribution signing key, pseudonym key or CKKS key"
+    rotate = node.add_parser("rotate", help="rotate a node key: contribution signing key, pseudonym key, CKKS key or "
+                             "at-rest key"
                              ).add_subparsers(dest="rotate_command", required=True)
     signing = rotate.add_parser("signing-key", help="new contribution signing key (the federation re-enrols)")
     signing.add_argument("--dir", required=True, help="node directory")
@@ -423,6 +436,12 @@ def _add_node_keys(node: argparse._SubParsersAction) -> None:
     ckks.add_argument("--key-file", required=True, help="the new hospital.ckks from `fedrisk keys init`")
     ckks.add_argument("--reason", required=True, help="why (audited)")
     ckks.set_defaults(handler=_cmd_node_rotate_ckks)
+    at_rest = rotate.add_parser("at-rest", help="re-encrypt the sealed node under a new at-rest key (the current "
+                                                "one in $FEDRISK_NODE_KEY_FILE)")
+    at_rest.add_argument("--dir", required=True, help="node directory")
+    at_rest.add_argument("--new-key-file", required=True, help="the new key, from `fedrisk node seal-key --out`")
+    at_rest.add_argument("--reason", required=True, help="why (audited)")
+    at_rest.set_defaults(handler=_cmd_node_rotate_at_rest)
 
 
 def _cmd_node_anchor_accept(args: argparse.Namespace) -> int:

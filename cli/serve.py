@@ -5,6 +5,8 @@
     fedrisk serve keys list | revoke KEY_ID | rotate KEY_ID [--grace-hours 24] [--db D]
     fedrisk serve hospitals add --hospital H --url URL --grant-key PEM_FILE --token-file F [--db D]
     fedrisk serve hospitals list [--db D]
+    fedrisk serve seal [--db D]
+    fedrisk serve rekey --new-key-file F --reason R [--db D]
 
 Machinery is imported inside each handler so `fedrisk --help` stays fast. User errors are
 FedriskError subclasses: `cli.main.main` prints them as one line and exits 2.
@@ -107,6 +109,28 @@ def _cmd_hospitals_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_seal(args: argparse.Namespace) -> int:
+    from server.signals.app import SIGNALS_AUDIT
+    from server.signals.at_rest import seal_service
+
+    db = _db(args)
+    encrypted = seal_service(db, db.with_name(SIGNALS_AUDIT))
+    print(f"signals service stores in {db.parent} encrypted at rest (SQLCipher AES-256): "
+          f"{', '.join(encrypted) or 'all were already encrypted'}; the service now needs the at-rest key to start")
+    return 0
+
+
+def _cmd_rekey(args: argparse.Namespace) -> int:
+    from server.signals.app import SIGNALS_AUDIT
+    from server.signals.at_rest import rotate_service_key
+
+    db = _db(args)
+    old, new = rotate_service_key(db, db.with_name(SIGNALS_AUDIT), Path(args.new_key_file), args.reason)
+    print(f"signals service stores in {db.parent} re-encrypted under at-rest key {new} (was {old}); set "
+          f"FEDRISK_NODE_KEY_FILE={args.new_key_file} for the service now, then destroy the old key")
+    return 0
+
+
 def _db_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # On the sub-commands the default is SUPPRESS, so `fedrisk serve --db D keys add` keeps D.
     parser.add_argument("--db", default=None if top else argparse.SUPPRESS,
@@ -135,7 +159,16 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                        help="uvicorn's log level (default warning)")
     serve.set_defaults(handler=_cmd_serve)
-    manage = serve.add_subparsers(dest="serve_command", required=False, metavar="{keys,hospitals}")
+    manage = serve.add_subparsers(dest="serve_command", required=False, metavar="{keys,hospitals,seal,rekey}")
+    seal = manage.add_parser("seal", help="encrypt the service's stores at rest under $FEDRISK_NODE_KEY_FILE "
+                                          "(stop the service first)")
+    _db_option(seal, top=False)
+    seal.set_defaults(handler=_cmd_seal)
+    rekey = manage.add_parser("rekey", help="re-encrypt the sealed service's stores under a new at-rest key")
+    rekey.add_argument("--new-key-file", required=True, help="the new key, from `fedrisk node seal-key --out`")
+    rekey.add_argument("--reason", required=True, help="why (audited)")
+    _db_option(rekey, top=False)
+    rekey.set_defaults(handler=_cmd_rekey)
 
     keys = manage.add_parser("keys", help="API keys of principals").add_subparsers(dest="keys_command", required=True)
     add = keys.add_parser("add", help="make an API key (printed once)")

@@ -25,12 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from federation import stores
 from federation.contributions import ContributionHeader, FederationManifest
 from federation.errors import FedriskError, ProtocolError
 from privacy.audit import ANCHOR_ACCEPTED
@@ -111,10 +111,10 @@ def _decryptions(node_dir: Path) -> list[tuple[str, str]]:
     path = node_dir / "decryptions.sqlite"
     if not path.exists():
         return []
-    with closing(sqlite3.connect(path, timeout=30.0)) as db:
+    with closing(stores.connect(path, timeout=30.0)) as db:
         try:
             return [tuple(r) for r in db.execute("SELECT identity, contributors FROM decryptions ORDER BY rowid")]
-        except sqlite3.OperationalError:
+        except stores.OperationalError:
             return []
 
 
@@ -123,12 +123,12 @@ class AnchorStore:
 
     def __init__(self, node_dir: Path) -> None:
         self.path = Path(node_dir) / ANCHORS_FILE
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db, db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db, db:
             db.execute("CREATE TABLE IF NOT EXISTS anchors (hospital TEXT PRIMARY KEY, header TEXT NOT NULL, "
                        "signature BLOB NOT NULL)")
 
     def _rows(self) -> list[tuple[str, str, bytes]]:
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db:
             return list(db.execute("SELECT hospital, header, signature FROM anchors ORDER BY hospital"))
 
     def get(self, hospital: str) -> StateHead | None:
@@ -150,7 +150,7 @@ class AnchorStore:
         known = self.get(header.hospital)
         if known is not None and not known.behind(head):
             return
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db, db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db, db:
             db.execute("INSERT INTO anchors VALUES (?, ?, ?) ON CONFLICT (hospital) DO UPDATE SET "
                        "header = excluded.header, signature = excluded.signature",
                        (header.hospital, header.canonical().decode(), bytes(signature)))
@@ -168,7 +168,7 @@ class AnchorStore:
                 newest[header.hospital] = (head, header, signature)
         if not newest:
             return
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db, db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db, db:
             db.executemany("INSERT INTO anchors VALUES (?, ?, ?) ON CONFLICT (hospital) DO UPDATE SET "
                            "header = excluded.header, signature = excluded.signature",
                            [(h.hospital, h.canonical().decode(), bytes(sig)) for _, h, sig in newest.values()])

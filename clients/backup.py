@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import shutil
-import sqlite3
 import tarfile
 import tempfile
 from contextlib import closing
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from federation import sealing
+from federation import sealing, stores
 from federation.errors import ConfigError
 
 MAGIC = b"FEDRISK-NODE-BACKUP v1\n"
@@ -78,8 +77,8 @@ def _snapshot(node_dir: Path, staging: Path) -> dict[str, str]:
         target = staging / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         if source.suffix == ".sqlite":
-            with closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30.0)) as src, \
-                    closing(sqlite3.connect(target)) as dst:
+            with closing(stores.connect(source, read_only=True, timeout=30.0)) as src, \
+                    closing(stores.connect(target, encrypted=stores.is_encrypted(source))) as dst:
                 src.backup(dst)
         else:
             shutil.copyfile(source, target)

@@ -21,7 +21,6 @@ the node
 from __future__ import annotations
 
 import json
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from clients.anchoring import AnchorStore
+from federation import stores
 from federation.contributions import FederationManifest, SignedContribution
 from federation.errors import ProtocolError
 from federation.he_codec import CONTRIBUTOR_UNIT, MAX_DECRYPTIONS_PER_KEY, HospitalKey, ReplyRejected
@@ -68,7 +68,7 @@ class VerifiedDecryptor:
         self.min_contributors = min_contributors
         self.hospital = state.hospital  # type: ignore[attr-defined]
         self.path = Path(state.directory) / DECRYPTIONS_FILE  # type: ignore[attr-defined]
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db, db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db, db:
             db.execute("CREATE TABLE IF NOT EXISTS decryptions (identity TEXT PRIMARY KEY, key_id TEXT NOT NULL, "
                        "contributors TEXT NOT NULL, vector BLOB NOT NULL, decrypted_at TEXT NOT NULL)")
 
@@ -122,7 +122,7 @@ class VerifiedDecryptor:
 
     def decrypt(self, contributions: Sequence[SignedContribution], expected: Expected) -> np.ndarray:
         """The flooded, rounded sum of the verified contributions (see the module docstring)."""
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db:
             recorded = db.execute("SELECT 1 FROM decryptions WHERE identity = ?", (expected.identity,)).fetchone()
         parsed: dict[str, list] = {}
         items = self.verified(contributions, expected, first=recorded is None, parsed=parsed)
@@ -130,7 +130,7 @@ class VerifiedDecryptor:
             self._refuse(f"refusing to decrypt a {expected.step} aggregate of {len(items)} verified hospital(s); "
                          f"this node's policy requires at least {self.min_contributors}")
         contributors = json.dumps([[c.header.hospital, c.header.digest] for c in items])
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db:
             row = db.execute("SELECT contributors, vector FROM decryptions WHERE identity = ?",
                              (expected.identity,)).fetchone()
             done = db.execute("SELECT COUNT(*) FROM decryptions WHERE key_id = ?", (self.key.key_id,)).fetchone()[0]
@@ -147,7 +147,7 @@ class VerifiedDecryptor:
         counted = int(round(values[-1] / CONTRIBUTOR_UNIT))
         if counted != len(items):
             self._refuse(f"the {expected.step} aggregate counts {counted} contributors where {len(items)} were added")
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db, db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db, db:
             db.execute("INSERT OR IGNORE INTO decryptions VALUES (?, ?, ?, ?, ?)",
                        (expected.identity, self.key.key_id, contributors, values.astype("<f8").tobytes(),
                         datetime.now(timezone.utc).isoformat(timespec="seconds")))
@@ -167,7 +167,7 @@ def decryptions_done(node_dir: Path) -> int:
     path = Path(node_dir) / DECRYPTIONS_FILE
     if not path.exists():
         return 0
-    with closing(sqlite3.connect(path)) as db:
+    with closing(stores.connect(path)) as db:
         return int(db.execute("SELECT COUNT(*) FROM decryptions").fetchone()[0])
 
 

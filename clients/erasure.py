@@ -23,12 +23,12 @@ release, dates, uses) stays for the audit trail. One audit entry (`node.purge`) 
 
 from __future__ import annotations
 
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from federation import stores
 from federation.errors import ConfigError
 from privacy.audit import CONSENT_ERASE, NODE_PURGE, AuditIdentifierError, Digest
 from privacy.grants import GRANTS_FILE, GrantAuthority, list_grants
@@ -116,7 +116,7 @@ def _unlink(path: Path, where: str, keys: list[tuple[str]]) -> int:
     """Blank the pseudonym of the grant rows matching `where` for each of `keys`, overwriting the
     old bytes (secure_delete) and compacting the file (VACUUM), so the link is gone from the file
     too, not only from the table. Returns the rows changed."""
-    with closing(sqlite3.connect(path, timeout=30.0)) as db:
+    with closing(stores.connect(path, timeout=30.0)) as db:
         db.execute("PRAGMA secure_delete = ON")
         with db:
             count = sum(db.execute(f"UPDATE grants SET pseudonym = ? WHERE {where} AND pseudonym != ?",
@@ -136,7 +136,7 @@ def purge_node(state: object, *, now: datetime | None = None, dry_run: bool = Fa
     path = Path(state.directory) / GRANTS_FILE  # type: ignore[attr-defined]
     if not path.is_file():
         return 0
-    with closing(sqlite3.connect(path, timeout=30.0)) as db:
+    with closing(stores.connect(path, timeout=30.0)) as db:
         rows = db.execute("SELECT grant_id, expires, revoked_at FROM grants WHERE pseudonym != ?", (PURGED,)).fetchall()
     # a grant ends when revoked or when it expires (a used-up one is kept to its expiry: its last use is unknown here)
     ended = [grant_id for grant_id, expires, revoked_at in rows

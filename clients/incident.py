@@ -18,13 +18,13 @@ import csv
 import hashlib
 import json
 import os
-import sqlite3
 from collections.abc import Iterable
 from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from federation import stores
 from federation.errors import ConfigError
 from privacy.audit import INCIDENT_CONTAIN, SCORE_USE, AuditIdentifierError, Digest
 from privacy.grants import GRANTS_FILE, grant_ref
@@ -105,7 +105,7 @@ def scope_at_node(state: object, *, bank: str = "", grant_refs: Iterable[str] = 
     path = Path(state.directory) / GRANTS_FILE  # type: ignore[attr-defined]
     rows: list[tuple] = []
     if path.is_file():
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)) as db:
+        with closing(stores.connect(path, read_only=True, timeout=30.0)) as db:
             rows = db.execute("SELECT grant_id, pseudonym, bank, COALESCE(release, ''), issued, expires, revoked_at "
                               "FROM grants ORDER BY issued, grant_id").fetchall()
     uses: dict[str, list[int]] = {}

@@ -2,8 +2,10 @@
 
 - `seal_node`: every secret in the node directory (CKKS secret context, pseudonym key,
   contribution signing key, grant signing key) sealed with AES-256-GCM under the operator's
-  at-rest key (`federation.sealing`), the clear files overwritten; the directory is then marked
-  sealed, and a secret found (or about to be written) in clear there is refused from then on.
+  at-rest key (`federation.sealing`), and every SQLite store (ledger, audit log, consent, grants,
+  decryptions, anchors, runs, alert state) encrypted page by page (`federation.stores`), the
+  clear files overwritten; the directory is then marked sealed, and a secret or store found (or
+  about to be written) in clear there is refused from then on.
 - `rotate_signing_key`: a new Ed25519 contribution key; the old one is destroyed. The node's
   entry in the federation manifest no longer matches, so its contributions are refused by the
   other hospitals until the federation re-enrols it (`fedrisk node enrol`): a leaked old key
@@ -15,6 +17,8 @@
   applies if the record comes back (`NodeState.usable`), and so that a patient's entries in the
   append-only audit log written before the re-key are still found (their usage record). It never
   makes a new pseudonym. Re-keying redraws the local test split, which hashes the pseudonym.
+- `rotate_at_rest_key`: every sealed secret and encrypted store re-encrypted under a new at-rest
+  key (a suspected leak of the old one, or a scheduled change).
 - `install_ckks_key`: the federation's new CKKS key replaces the node's copy of the old one,
   which is destroyed, and its id is recorded as retired. Ciphertexts and checkpoints made under
   the old key can no longer be decrypted by this node: a run made under it cannot resume, and
@@ -27,14 +31,13 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
 from clients.erasure import PURGED
 from clients.node_state import RETIRED_PSEUDONYM_FILE, STAGED_PSEUDONYM_FILE, NodeState
-from federation import sealing
+from federation import sealing, stores
 from federation.contributions import SIGNING_KEY_FILE, SigningKey
 from federation.errors import ConfigError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
@@ -61,9 +64,11 @@ def _reason(reason: str) -> str:
 
 
 def seal_node(state: NodeState) -> list[str]:
-    """Seal every secret file of the node under the configured at-rest key and mark the node
-    sealed. Returns the files sealed now (already sealed ones are left). Everything is checked
-    to open first, so a wrong key or a damaged file changes nothing."""
+    """Seal every secret file of the node and encrypt every SQLite store in it (`federation.stores`)
+    under the configured at-rest key, then mark the node sealed. Returns the files sealed or
+    encrypted now (already sealed ones are left, so running it again finishes an interrupted
+    seal). Everything is checked to open first, so a wrong key or a damaged file changes nothing.
+    The node must not be serving while it is sealed."""
     key = sealing.at_rest_key()
     if key is None:
         raise ConfigError(f"set ${sealing.KEY_FILE_ENV} (a key from `fedrisk node seal-key`) or ${sealing.KEY_ENV} "
@@ -73,7 +78,9 @@ def seal_node(state: NodeState) -> list[str]:
         sealing.unseal(path.read_bytes(), role, path)
     state.hospital_key()
     state.pseudonym_key()
+    stores.check_directory(state.directory)
     sealed = [path.name for path, role in present if sealing.reseal_file(path, role, key)]
+    sealed += stores.encrypt_directory(state.directory)
     sealing.mark_sealed(state.directory)
     state.audit().append(NODE_SEAL, details={"files": sorted(sealed)})
     return sealed
@@ -150,10 +157,10 @@ def _remap(state: NodeState, mapping: dict[str, str]) -> dict[str, int]:
     registry, grants = state.directory / "revocations.sqlite", state.directory / GRANTS_FILE
     new_values = set(mapping.values())
     remapped: dict[str, int] = {}
-    with closing(sqlite3.connect(registry, timeout=30.0, isolation_level=None)) as db:
+    with closing(stores.connect(registry, timeout=30.0, isolation_level=None)) as db:
         tables = [f"main.{t}" for t in _PSEUDONYM_TABLES]
         if grants.is_file():
-            db.execute("ATTACH DATABASE ? AS g", (str(grants),))
+            stores.attach(db, grants, "g")
             tables.append("g.grants")
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -200,6 +207,23 @@ def install_ckks_key(state: NodeState, key_file: Path, reason: str) -> tuple[str
     state.audit().append(NODE_KEY_ROTATE, details={"key": "ckks", "old": Digest(old_key.key_id),
                                                    "new": Digest(new_key.key_id), "reason": why})
     return old_key.key_id, new_key.key_id
+
+
+def rotate_at_rest_key(state: NodeState, new_key_file: Path, reason: str) -> tuple[str, str]:
+    """Re-encrypt the sealed node under the at-rest key in `new_key_file` (every sealed secret
+    resealed, every store re-keyed; `federation.stores.rotate_directory`) and audit it; returns
+    the (old, new) key fingerprints. The current key is the configured one; from here on this
+    process uses the new one. The node must not be serving. Run it again (with the old key still
+    configured) to finish an interrupted rotation."""
+    why = _reason(reason)
+    new = sealing.read_key_file(Path(new_key_file), f"--new-key-file {new_key_file}", "node at-rest key")
+    old = sealing.at_rest_key()
+    changed = stores.rotate_directory(state.directory, dict(SECRET_FILES), new)
+    sealing.use_key_file(Path(new_key_file))
+    old_id, new_id = sealing.key_id(old) if old else "", sealing.key_id(new)
+    state.audit().append(NODE_KEY_ROTATE, details={"key": "at-rest", "old": old_id, "new": new_id,
+                                                   "files": len(changed), "reason": why})
+    return old_id, new_id
 
 
 def retired_ckks_keys(state: NodeState) -> list[str]:

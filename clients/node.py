@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import sqlite3
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from clients.data import HospitalData
 from clients.decryption import Expected, VerifiedDecryptor
 from clients.node_state import NodeState
 from clients.policy import NodePolicy, PolicyRefusal
-from federation import round_evaluation
+from federation import round_evaluation, stores
 from federation.config import RunConfig
 from federation.contributions import ContributionHeader, FederationManifest, SignedContribution
 from federation.errors import ConfigError, FedriskError, KeyMaterialError, PrivacyBudgetError, ProtocolError
@@ -231,7 +230,7 @@ class HospitalNode:
         cannot change a run's configuration between its messages (more rounds for a larger
         evaluation noise budget, another learning rate for fresh noise), only start a new run."""
         fingerprint = self.config.fingerprint()
-        with closing(sqlite3.connect(self.state.directory / RUNS_FILE, timeout=30.0)) as db, db:
+        with closing(stores.connect(self.state.directory / RUNS_FILE, timeout=30.0)) as db, db:
             db.execute("CREATE TABLE IF NOT EXISTS runs (run TEXT PRIMARY KEY, fingerprint TEXT NOT NULL)")
             db.execute("INSERT OR IGNORE INTO runs VALUES (?, ?)", (run_id, fingerprint))
             pinned = db.execute("SELECT fingerprint FROM runs WHERE run = ?", (run_id,)).fetchone()[0]

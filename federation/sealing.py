@@ -87,6 +87,20 @@ def at_rest_key() -> bytes | None:
     return parse_key(text, f"${KEY_ENV}", "node at-rest key") if text else None
 
 
+def key_id(key: bytes) -> str:
+    """A public fingerprint of an at-rest key (which key sealed a directory, for the audit log and
+    the operator); it reveals nothing of the key."""
+    import hashlib
+
+    return hashlib.sha256(b"fedrisk at-rest key id\0" + key).hexdigest()[:16]
+
+
+def use_key_file(path: Path) -> None:
+    """Make the key file `path` this process's at-rest key from now on (after a rotation)."""
+    os.environ[KEY_FILE_ENV] = str(path)
+    os.environ.pop(KEY_ENV, None)
+
+
 def is_sealed(raw: bytes) -> bool:
     """Whether `raw` is a sealed secret file's content."""
     return raw.startswith(MAGIC)
@@ -100,9 +114,11 @@ def seal(plain: bytes, role: str, key: bytes) -> bytes:
     return MAGIC + nonce + AESGCM(key).encrypt(nonce, plain, MAGIC + role.encode("ascii"))
 
 
-def _open(raw: bytes, role: str, key: bytes) -> bytes | None:
+def open_sealed(raw: bytes, role: str, key: bytes) -> bytes | None:
     """The secret a sealed file's content `raw` holds for `role` under `key`; None if it does not
-    open (wrong key, altered, or another role's file)."""
+    open (wrong key, altered, another role's file, or not sealed)."""
+    if not is_sealed(raw):
+        return None
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -151,7 +167,7 @@ def unseal(raw: bytes, role: str, where: Path, *, require_sealed: bool = False) 
     if key is None:
         raise KeyMaterialError(f"{where} is sealed at rest: set ${KEY_FILE_ENV} (or ${KEY_ENV}) to the node's "
                                "at-rest key")
-    plain = _open(raw, role, key)
+    plain = open_sealed(raw, role, key)
     if plain is None:
         raise KeyMaterialError(f"{where} cannot be opened with this at-rest key (wrong key, altered, or another "
                                "secret's file)")
@@ -164,7 +180,7 @@ def reseal_file(path: Path, role: str, key: bytes) -> bool:
     path = Path(path)
     raw = path.read_bytes()
     if is_sealed(raw):
-        if _open(raw, role, key) is None:
+        if open_sealed(raw, role, key) is None:
             raise KeyMaterialError(f"{path} is sealed under another at-rest key")
         return False
     write_secret_file(path, seal(raw, role, key), shred_old=True)

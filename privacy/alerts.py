@@ -32,7 +32,6 @@ import json
 import logging
 import logging.handlers
 import queue
-import sqlite3
 import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
@@ -42,6 +41,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from federation import stores
 from federation.errors import ConfigError
 
 CONFIG_FILE, STATE_FILE = "alerts.json", "alerts.sqlite"
@@ -179,7 +179,7 @@ class AlertMonitor:
         for entry in history or []:
             self._evaluate(entry)
         self._seeding = False
-        with closing(sqlite3.connect(self.state, timeout=30.0)) as db, db:
+        with closing(stores.connect(self.state, timeout=30.0)) as db, db:
             db.execute("CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY, rule TEXT NOT NULL, "
                        "key TEXT NOT NULL, severity TEXT NOT NULL, at TEXT NOT NULL, alert TEXT NOT NULL, "
                        "delivered TEXT NOT NULL DEFAULT '')")
@@ -264,7 +264,7 @@ class AlertMonitor:
         """Record `alert` (once per rule and key within the rule's window, or ever for a budget
         threshold) and deliver it. Returns it."""
         cooldown = (self.config.rule(alert.rule) or {}).get("window_s")
-        with closing(sqlite3.connect(self.state, timeout=30.0)) as db, db:
+        with closing(stores.connect(self.state, timeout=30.0)) as db, db:
             last = db.execute("SELECT at FROM alerts WHERE rule = ? AND key = ? ORDER BY id DESC LIMIT 1",
                               (alert.rule, key)).fetchone()
             if last:
@@ -294,7 +294,7 @@ def recorded_alerts(directory: Path) -> list[tuple[Alert, str]]:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         return []
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)) as db:
+    with closing(stores.connect(path, read_only=True, timeout=30.0)) as db:
         rows = db.execute("SELECT alert, delivered FROM alerts ORDER BY id").fetchall()
     return [(Alert(**json.loads(text)), delivered) for text, delivered in rows]
 
@@ -373,10 +373,10 @@ class _Delivery:
             except Exception as exc:  # delivery must never take the watched service down
                 outcome = {"delivery": f"failed: {type(exc).__name__}"}
             try:
-                with closing(sqlite3.connect(monitor.state, timeout=30.0)) as db, db:
+                with closing(stores.connect(monitor.state, timeout=30.0)) as db, db:
                     db.execute("UPDATE alerts SET delivered = ? WHERE id = ?",
                                (json.dumps(outcome, sort_keys=True), row_id))
-            except sqlite3.Error:
+            except stores.Error:
                 pass
 
 

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import re
-import sqlite3
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import closing, contextmanager
@@ -40,6 +39,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from federation import stores
 from federation.errors import FedriskError
 
 GENESIS = "0" * 64
@@ -66,6 +66,8 @@ RUN_RESUME, REPLY_REJECTED, ROUND_MISSING = "run.resume", "reply.rejected", "rou
 ANALYTICS_RELEASE, RELEASE_CREATE, SIGNALS_REQUEST = "analytics.release", "release.create", "signals.request"
 RELEASE_APPROVE = "release.approve"  # the registry's log: one of a release's two approvals
 INCIDENT_CONTAIN = "incident.contain"  # any party's log: a containment step (`fedrisk incident contain`)
+STORES_SEAL, STORES_REKEY = "stores.seal", "stores.rekey"  # the signals service's log: its stores encrypted at
+# rest (`fedrisk serve seal`), re-encrypted under a new at-rest key (`fedrisk serve rekey`)
 MAX_DETAILS_CHARS = 4096  # a summary of an event, never data
 
 _ACTION = re.compile(r"[a-z][a-z0-9_-]*(?:\.[a-z0-9_-]+)*")
@@ -290,11 +292,11 @@ class AuditLog:
                     "appends cannot be ruled out"] if state else []
         return AuditVerification(entries=len(rows), problems=problems + _diagnose(rows, anchor))
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+    def _connect(self) -> stores.Connection:
+        return stores.connect(self.path, timeout=60.0, isolation_level=None)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[stores.Connection]:
         with closing(self._connect()) as db:
             db.execute("BEGIN IMMEDIATE")
             try:

@@ -11,7 +11,6 @@ next run. Pure pandas and SQLite: no federation machinery.
 from __future__ import annotations
 
 import re
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -21,6 +20,7 @@ from typing import AbstractSet, Mapping, NamedTuple
 import numpy as np
 import pandas as pd
 
+from federation import stores
 from federation.errors import DataError
 
 DEFAULT_VALIDITY_DAYS = 730
@@ -165,13 +165,13 @@ class RevocationRegistry:
         if self.path.is_dir():
             raise ConsentError(f"revocation registry {self.path} is a directory, not a file")
         try:
-            with closing(sqlite3.connect(self.path)) as db, db:
+            with closing(stores.connect(self.path)) as db, db:
                 db.execute("CREATE TABLE IF NOT EXISTS revocations (pseudonym TEXT NOT NULL, "
                            "purpose TEXT NOT NULL, revoked_at TEXT NOT NULL, PRIMARY KEY (pseudonym, purpose))")
                 db.execute("CREATE TABLE IF NOT EXISTS consent_events (pseudonym TEXT NOT NULL, purpose TEXT NOT NULL, "
                            f"action TEXT NOT NULL CHECK (action IN ('{REVOKED}', '{RESTORED}')), at TEXT NOT NULL)")
                 db.execute("CREATE TABLE IF NOT EXISTS erasures (pseudonym TEXT PRIMARY KEY, at TEXT NOT NULL)")
-        except sqlite3.DatabaseError:
+        except stores.DatabaseError:
             raise ConsentError(f"cannot open revocation registry {self.path}: not a fedrisk registry") from None
 
     @staticmethod
@@ -185,7 +185,7 @@ class RevocationRegistry:
         """Record that `pseudonym` withdrew consent for `purpose` at `when` (default now). Returns
         False, recording nothing, if the consent is withdrawn already (the earlier time stands)."""
         self._check(pseudonym, purpose)
-        with closing(sqlite3.connect(self.path)) as db, db:
+        with closing(stores.connect(self.path)) as db, db:
             if self._status(db, pseudonym, purpose) == REVOKED:
                 return False
             first = db.execute("INSERT OR IGNORE INTO revocations VALUES (?, ?, ?)",
@@ -202,13 +202,13 @@ class RevocationRegistry:
         self._check(pseudonym, purpose)
         if pseudonym in self.erased():
             raise ConsentError("this record was erased at the patient's request; its use cannot be restored")
-        with closing(sqlite3.connect(self.path)) as db, db:
+        with closing(stores.connect(self.path)) as db, db:
             if self._status(db, pseudonym, purpose) != REVOKED:
                 raise ConsentError(f"no withdrawal of this record's consent for {purpose} is in force; nothing to undo")
             db.execute("INSERT INTO consent_events VALUES (?, ?, ?, ?)", (pseudonym, purpose, RESTORED, _timestamp(when)))
 
     @staticmethod
-    def _status(db: sqlite3.Connection, pseudonym: str, purpose: str) -> str | None:
+    def _status(db: stores.Connection, pseudonym: str, purpose: str) -> str | None:
         """REVOKED, RESTORED or None (never withdrawn) for one consent, now."""
         first = db.execute("SELECT 1 FROM revocations WHERE pseudonym = ? AND purpose = ?", (pseudonym, purpose)).fetchone()
         if not first:
@@ -221,7 +221,7 @@ class RevocationRegistry:
         """Every withdrawal as (pseudonym, purpose, revoked_at), in the order recorded, then every
         later restore or repeated withdrawal as (pseudonym, purpose, at, action): what the node's
         anchored state head hashes (`clients.anchoring`); it only grows."""
-        with closing(sqlite3.connect(self.path)) as db:
+        with closing(stores.connect(self.path)) as db:
             first = [tuple(row) for row in db.execute(
                 "SELECT pseudonym, purpose, revoked_at FROM revocations ORDER BY rowid")]
             events = [tuple(row) for row in db.execute(
@@ -234,7 +234,7 @@ class RevocationRegistry:
         """Record the patient's erasure request: from `when` (default now) the record is excluded
         from every purpose, present and future, for good (no `restore`). False if erased already."""
         self._check(pseudonym, "credit-risk-research")  # the pseudonym's form; every purpose is meant
-        with closing(sqlite3.connect(self.path)) as db, db:
+        with closing(stores.connect(self.path)) as db, db:
             return bool(db.execute("INSERT OR IGNORE INTO erasures VALUES (?, ?)",
                                    (pseudonym, _timestamp(when))).rowcount)
 
@@ -243,7 +243,7 @@ class RevocationRegistry:
         query, parameters = "SELECT pseudonym FROM erasures", ()
         if as_of is not None:
             query, parameters = query + " WHERE at <= ?", (_timestamp(as_of),)
-        with closing(sqlite3.connect(self.path)) as db:
+        with closing(stores.connect(self.path)) as db:
             return {row[0] for row in db.execute(query, parameters)}
 
     def history(self) -> list[tuple[str, str, str, str]]:

@@ -38,7 +38,6 @@ import math
 import os
 import re
 import secrets
-import sqlite3
 import stat
 from contextlib import closing
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from federation import sealing
+from federation import sealing, stores
 from federation.errors import FedriskError, KeyMaterialError
 from privacy.audit import (GRANT_ISSUE, GRANT_KEY_ROTATE, GRANT_REFUSED, GRANT_REVOKE, AuditIdentifierError, AuditLog,
                            Digest)
@@ -307,7 +306,7 @@ def list_grants(node_dir: Path, pseudonym: str | None = None) -> list[GrantRecor
     if not path.is_file():
         return []
     where, arguments = ("WHERE pseudonym = ? ", (pseudonym,)) if pseudonym is not None else ("", ())
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)) as db:
+    with closing(stores.connect(path, read_only=True, timeout=30.0)) as db:
         rows = db.execute("SELECT grant_id, bank, purpose, COALESCE(release, ''), issued, expires, uses_spent, "
                           f"uses_allowed, revoked_at FROM grants {where}ORDER BY issued, grant_id", arguments).fetchall()
     return [GrantRecord(*row) for row in rows]
@@ -348,9 +347,9 @@ class GrantAuthority:
                 db.execute("ROLLBACK")
                 raise
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self) -> stores.Connection:
         """Autocommit connection: multi-statement transactions are opened explicitly."""
-        return sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+        return stores.connect(self.db_path, timeout=30.0, isolation_level=None)
 
     def _stamp(self) -> tuple[int, int]:
         info = self._key_path.stat()

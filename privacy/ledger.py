@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import math
 import re
-import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -67,6 +66,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 
+from federation import stores
 from federation.errors import PrivacyBudgetError
 from privacy.accounting import (  # noqa: F401  (the ledger's mechanisms live in accounting)
     ACCOUNTANT,
@@ -207,7 +207,7 @@ def _charge_from_row(row: tuple[Any, ...]) -> Charge:
                   GaussianMechanism(row[7], row[8], row[9]), row[10], row[11], row[12])
 
 
-def _is_busy(error: sqlite3.OperationalError) -> bool:
+def _is_busy(error: Exception) -> bool:
     code = getattr(error, "sqlite_errorcode", None)
     if code is not None:
         return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
@@ -225,7 +225,7 @@ class BudgetLedger:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
+        self._db = stores.connect(self.path, timeout=busy_timeout, isolation_level=None)
         try:
             with self._busy_as_typed():
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -317,7 +317,7 @@ class BudgetLedger:
         """SQLite's "database is locked" becomes LedgerBusy naming this file; other errors pass."""
         try:
             yield
-        except sqlite3.OperationalError as error:
+        except stores.OperationalError as error:
             if not _is_busy(error):
                 raise
             raise LedgerBusy(f"ledger {self.path} is busy: another process held it for more than "
@@ -530,7 +530,7 @@ class BudgetLedger:
 
         try:
             return self._write_if_unchanged(purpose, plan, write)
-        except sqlite3.IntegrityError as error:
+        except stores.IntegrityError as error:
             # Only reachable if the slot was filled behind the unchanged-check (the schema's
             # UNIQUE caught it): resolve against what is now there.
             with self._transaction():

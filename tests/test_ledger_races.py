@@ -9,14 +9,17 @@ a Queue, so a raw sqlite3 error would show up in the assertion by name.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import multiprocessing
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from federation import sealing, stores
 from privacy.ledger import BudgetExceeded, BudgetLedger, ChargeConflict, GaussianMechanism
 
 PROCESSES = 8
@@ -25,7 +28,7 @@ DELTA = 1e-5
 # BASE spends most of the budget; one RACER costs ~60% of what is left, two cost more.
 BASE = GaussianMechanism(0.01, 1.0, 1000)
 RACER = GaussianMechanism(0.01, 1.0, 800)
-Race = Callable[[Path, list[str], list[str]], list[tuple[int, str, Any]]]
+Race = Callable[..., list[tuple[int, str, Any]]]
 
 
 def identity(*parts: object) -> str:
@@ -38,7 +41,12 @@ def _racer(index: int, tasks: Any, barrier: Any, results: Any) -> None:
     others, charge RACER and report the outcome."""
     RACER.epsilon(DELTA)  # imports the accountant and caches RACER's epsilon before any race
     while (task := tasks.get()) is not None:
-        path, slot, output = task
+        path, slot, output, at_rest = task
+        os.environ.pop(sealing.KEY_FILE_ENV, None)
+        if at_rest:  # the ledger is encrypted at rest (a sealed node): every process holds the key
+            os.environ[sealing.KEY_ENV] = at_rest
+        else:
+            os.environ.pop(sealing.KEY_ENV, None)
         try:
             with BudgetLedger(path) as ledger:
                 barrier.wait(timeout=120)
@@ -63,9 +71,9 @@ def race() -> Iterator[Race]:
     for worker in workers:
         worker.start()
 
-    def run(path: Path, slots: list[str], outputs: list[str]) -> list[tuple[int, str, Any]]:
+    def run(path: Path, slots: list[str], outputs: list[str], at_rest: str = "") -> list[tuple[int, str, Any]]:
         for i in range(PROCESSES):
-            tasks[i].put((str(path), slots[i], outputs[i]))
+            tasks[i].put((str(path), slots[i], outputs[i], at_rest))
         return sorted((results.get(timeout=240) for _ in workers), key=lambda report: report[0])
 
     try:
@@ -112,8 +120,16 @@ def test_eight_retries_of_one_output_are_charged_once_and_all_get_that_charge(tm
         assert ledger.spent(PURPOSE) == RACER.epsilon(DELTA)
 
 
-def test_eight_processes_racing_for_the_last_of_a_budget_cannot_overspend_it(tmp_path: Path, race: Race) -> None:
+@pytest.mark.parametrize("encrypted", [False, True], ids=["clear", "encrypted-at-rest"])
+def test_eight_processes_racing_for_the_last_of_a_budget_cannot_overspend_it(tmp_path: Path, race: Race,
+                                                                            encrypted: bool, monkeypatch) -> None:
     path = tmp_path / "ledger.sqlite"
+    at_rest = ""
+    if encrypted:  # a sealed node's ledger (SQLCipher pages, WAL frames too) shared by 8 processes
+        at_rest = base64.b64encode(os.urandom(32)).decode()
+        monkeypatch.delenv(sealing.KEY_FILE_ENV, raising=False)
+        monkeypatch.setenv(sealing.KEY_ENV, at_rest)
+        sealing.mark_sealed(tmp_path)
     with BudgetLedger(path) as ledger:
         ledger.set_budget(PURPOSE, 10.0, DELTA)
         ledger.charge(PURPOSE, BASE, run_id="base", kind="training", actor="alice", slot="round-1",
@@ -124,7 +140,7 @@ def test_eight_processes_racing_for_the_last_of_a_budget_cannot_overspend_it(tmp
         twice = GaussianMechanism(RACER.sample_rate, RACER.noise_multiplier, 2 * RACER.steps)
         assert ledger.would_spend(PURPOSE, twice) > spent + 1.0  # two racers cannot both fit
     slots = [f"round-{i + 2}" for i in range(PROCESSES)]
-    reports = race(path, slots, [identity("run-1", slot) for slot in slots])
+    reports = race(path, slots, [identity("run-1", slot) for slot in slots], at_rest)
     verdicts = [verdict for _, verdict, _ in reports]
     assert sorted(verdicts) == ["charged"] + ["exceeded"] * (PROCESSES - 1), reports
     winner = next(report for report in reports if report[1] == "charged")
@@ -133,3 +149,4 @@ def test_eight_processes_racing_for_the_last_of_a_budget_cannot_overspend_it(tmp
         assert [c.run_id for c in history] == ["base", "run-1"] and history[1] == winner[2]
         assert ledger.spent(PURPOSE) <= ledger.budget(PURPOSE).epsilon_total
         assert ledger.spent(PURPOSE) == winner[2].epsilon_after
+    assert stores.is_clear(path) is (not encrypted)

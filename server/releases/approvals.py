@@ -13,12 +13,12 @@ The approvals live in `<registry>/approvals.sqlite`; they only ever grow.
 from __future__ import annotations
 
 import re
-import sqlite3
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from federation import stores
 from federation.errors import FedriskError
 
 APPROVALS_FILE = "approvals.sqlite"
@@ -51,7 +51,7 @@ class ApprovalStore:
 
     def __init__(self, registry_dir: Path) -> None:
         self.path = Path(registry_dir) / APPROVALS_FILE
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db, db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db, db:
             db.execute("CREATE TABLE IF NOT EXISTS approvals (run_id TEXT NOT NULL, sha256 TEXT NOT NULL, "
                        "role TEXT NOT NULL, by TEXT NOT NULL, hospital TEXT NOT NULL, at TEXT NOT NULL, "
                        "PRIMARY KEY (run_id, sha256, role, by))")
@@ -69,14 +69,14 @@ class ApprovalStore:
         if role == ROLE_DATA_SCIENTIST and hospital:
             raise ApprovalError("--hospital is for a hospital operator's approval")
         approval = Approval(run_id, sha256, role, by, hospital, datetime.now(UTC).isoformat(timespec="seconds"))
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db, db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db, db:
             db.execute("INSERT OR IGNORE INTO approvals VALUES (?, ?, ?, ?, ?, ?)",
                        (approval.run_id, approval.sha256, approval.role, approval.by, approval.hospital, approval.at))
         return approval
 
     def of(self, run_id: str, sha256: str) -> list[Approval]:
         """The approvals of one run's model, oldest first."""
-        with closing(sqlite3.connect(self.path, timeout=30.0)) as db:
+        with closing(stores.connect(self.path, timeout=30.0)) as db:
             rows = db.execute("SELECT run_id, sha256, role, by, hospital, at FROM approvals WHERE run_id = ? AND "
                               "sha256 = ? ORDER BY at, role", (run_id, sha256)).fetchall()
         return [Approval(*row) for row in rows]

@@ -24,7 +24,6 @@ import hmac
 import math
 import re
 import secrets
-import sqlite3
 import threading
 import time
 from contextlib import closing
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from federation import stores
 from federation.errors import ConfigError
 
 ROLE_BANK, ROLE_HOSPITAL = "bank-analyst", "hospital-operator"
@@ -165,8 +165,8 @@ class KeyStore:
                               "FROM principals ORDER BY created, key_id").fetchall()
         return [Principal(*row) for row in rows]
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30.0)
+    def _connect(self) -> stores.Connection:
+        return stores.connect(self.path, timeout=30.0)
 
 
 def _check_principal(role: str, label: str, bank: str | None, hospital: str | None) -> None:

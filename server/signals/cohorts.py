@@ -20,7 +20,6 @@ import io
 import json
 import math
 import re
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from federation import stores
 from federation.errors import ConfigError
 from federation.query import CohortQuery
 
@@ -105,7 +105,7 @@ class CohortStore:
                 db.execute("INSERT INTO cohorts VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
                     cohort.cohort_id, json.dumps(cohort.query), json.dumps(privacy), json.dumps(columns),
                     json.dumps(rows), approved_by, cohort.approved_at, cohort.note))
-        except sqlite3.IntegrityError:
+        except stores.IntegrityError:
             raise CohortConflict(f"cohort {cohort_id} is already approved") from None
         return cohort
 
@@ -131,8 +131,8 @@ class CohortStore:
             row = db.execute("SELECT * FROM cohorts WHERE cohort_id = ?", (cohort_id,)).fetchone()
         return _cohort(row) if row else None
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30.0)
+    def _connect(self) -> stores.Connection:
+        return stores.connect(self.path, timeout=30.0)
 
 
 def _cohort(row: tuple) -> ApprovedCohort:

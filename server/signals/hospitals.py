@@ -18,7 +18,6 @@ again before its token is read for any request, so an edited database cannot dow
 from __future__ import annotations
 
 import re
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from federation import stores
 from federation.errors import ConfigError
 from federation.urls import unprotected_url as _unprotected
 
@@ -130,8 +130,8 @@ class HospitalDirectory:
                               "ORDER BY hospital").fetchall()
         return [HospitalEndpoint(*row) for row in rows]
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30.0)
+    def _connect(self) -> stores.Connection:
+        return stores.connect(self.path, timeout=30.0)
 
 
 def _read_grant_key(path: Path) -> str:

@@ -15,7 +15,6 @@ the service's request log (`incident.contain`).
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from federation import stores
 from federation.errors import ConfigError
 from privacy.audit import INCIDENT_CONTAIN, SIGNALS_REQUEST, AuditIdentifierError, AuditLog
 from server.signals.auth import KeyStore
@@ -95,7 +95,7 @@ def suspend_hospital(db: Path, hospital: str) -> bool:
     from server.signals.hospitals import HospitalDirectory
 
     HospitalDirectory(db)  # adds the suspended_at column to a table made before it
-    with closing(sqlite3.connect(db, timeout=30.0)) as connection, connection:
+    with closing(stores.connect(db, timeout=30.0)) as connection, connection:
         changed = connection.execute("UPDATE hospitals SET suspended_at = ? WHERE hospital = ?",
                                      (datetime.now(UTC).isoformat(timespec="seconds"), hospital)).rowcount
     return bool(changed)
