@@ -417,7 +417,8 @@ def _add_node_keys(node: argparse._SubParsersAction) -> None:
     seal_key = node.add_parser("seal-key", help="make a node at-rest key (AES-256; keep it off the node's disk)")
     seal_key.add_argument("--out", required=True, help="new key file (mode 0600)")
     seal_key.set_defaults(handler=_cmd_node_seal_key)
-    seal = node.add_parser("seal", help="seal the node's secrets and encrypt its stores at rest under $FEDRISK_NODE_KEY_FILE")
+    seal = node.add_parser("seal", help="seal the node's secrets and encrypt its stores at rest under "
+                                        "$FEDRISK_NODE_KEY_FILE")
     seal.add_argument("--dir", required=True, help="node directory")
     seal.set_defaults(handler=_cmd_node_seal)
     rotate = node.add_parser("rotate", help="rotate a node key: contribution signing key, pseudonym key, CKKS key or "
