@@ -242,9 +242,25 @@ def _scored_query_options(parser: argparse.ArgumentParser, verb: str, noun: str)
                                                            "workspace's)")
 
 
+def _cmd_purge(args: argparse.Namespace) -> int:
+    from server.releases.retention import purge_runs
+
+    store = args.tracking_uri or ws.workspace(args).tracking_uri
+    if not args.tracking_uri and not ws.workspace(args).exists():
+        raise ConfigError(f"no MLflow store in the workspace {ws.workspace(args).root}: nothing to purge (give "
+                          f"--workspace, ${ws.WORKSPACE_ENV} or --tracking-uri)")
+    report = purge_runs(_registry(args, store), store, args.runs_older_than_days, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(report.purged)} run(s) that ended before {report.cutoff} with "
+          f"{report.artifact_bytes:,} bytes of artifacts; kept {len(report.kept_released)} behind releases and "
+          f"{len(report.kept_running)} still running")
+    return 0
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     """Add `fedrisk release evaluate|audit|create|withdraw|list|show` to the `fedrisk` parser."""
-    release = commands.add_parser("release", help="released models: evaluate, audit, create, withdraw, list, show").add_subparsers(
+    release = commands.add_parser("release", help="released models: evaluate, audit, create, withdraw, list, show, "
+                                                    "purge").add_subparsers(
         dest="release_command", required=True)
     user = _login_name()
 
@@ -311,3 +327,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     show = with_registry(release.add_parser("show", help="a release's privacy certificate and model card (JSON)"))
     _positional_or_flag(show, "release_id", "--release-id", "RELEASE_ID", "e.g. r3 (from `fedrisk release list`)")
     show.set_defaults(handler=_cmd_show)
+
+    purge = with_registry(release.add_parser("purge", help="retention: delete the workspace's runs (and their "
+                                             "artifacts) older than N days, except those behind releases"))
+    purge.add_argument("--runs-older-than-days", type=int, required=True,
+                       help="delete the runs that ended more than this many days ago")
+    purge.add_argument("--tracking-uri", default="", help="the MLflow store to purge (default: the workspace's)")
+    purge.add_argument("--dry-run", action="store_true", help="list what would be deleted; change nothing")
+    purge.set_defaults(handler=_cmd_purge)

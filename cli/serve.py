@@ -7,6 +7,7 @@
     fedrisk serve hospitals list [--db D]
     fedrisk serve seal [--db D]
     fedrisk serve rekey --new-key-file F --reason R [--db D]
+    fedrisk serve purge --cohorts-older-than-days N [--dry-run] [--db D]
 
 Machinery is imported inside each handler so `fedrisk --help` stays fast. User errors are
 FedriskError subclasses: `cli.main.main` prints them as one line and exits 2.
@@ -131,6 +132,18 @@ def _cmd_rekey(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_purge(args: argparse.Namespace) -> int:
+    from server.signals.app import SIGNALS_AUDIT
+    from server.signals.retention import purge_cohorts
+
+    db = _db(args)
+    ids = purge_cohorts(db, db.with_name(SIGNALS_AUDIT), args.cohorts_older_than_days, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(ids)} cohort table(s) approved more than {args.cohorts_older_than_days} days ago"
+          + (f": {', '.join(ids[:20])}{' ...' if len(ids) > 20 else ''}" if ids else ""))
+    return 0
+
+
 def _db_option(parser: argparse.ArgumentParser, *, top: bool) -> None:
     # On the sub-commands the default is SUPPRESS, so `fedrisk serve --db D keys add` keeps D.
     parser.add_argument("--db", default=None if top else argparse.SUPPRESS,
@@ -159,7 +172,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                        help="uvicorn's log level (default warning)")
     serve.set_defaults(handler=_cmd_serve)
-    manage = serve.add_subparsers(dest="serve_command", required=False, metavar="{keys,hospitals,seal,rekey}")
+    manage = serve.add_subparsers(dest="serve_command", required=False, metavar="{keys,hospitals,seal,rekey,purge}")
     seal = manage.add_parser("seal", help="encrypt the service's stores at rest under $FEDRISK_NODE_KEY_FILE "
                                           "(stop the service first)")
     _db_option(seal, top=False)
@@ -169,6 +182,12 @@ def register(commands: argparse._SubParsersAction) -> None:
     rekey.add_argument("--reason", required=True, help="why (audited)")
     _db_option(rekey, top=False)
     rekey.set_defaults(handler=_cmd_rekey)
+    purge = manage.add_parser("purge", help="retention: delete approved cohort tables past their time (audited)")
+    purge.add_argument("--cohorts-older-than-days", type=int, required=True,
+                       help="delete the tables approved more than this many days ago")
+    purge.add_argument("--dry-run", action="store_true", help="list what would be deleted; change nothing")
+    _db_option(purge, top=False)
+    purge.set_defaults(handler=_cmd_purge)
 
     keys = manage.add_parser("keys", help="API keys of principals").add_subparsers(dest="keys_command", required=True)
     add = keys.add_parser("add", help="make an API key (printed once)")

@@ -66,6 +66,8 @@ RUN_RESUME, REPLY_REJECTED, ROUND_MISSING = "run.resume", "reply.rejected", "rou
 ANALYTICS_RELEASE, RELEASE_CREATE, SIGNALS_REQUEST = "analytics.release", "release.create", "signals.request"
 RELEASE_APPROVE = "release.approve"  # the registry's log: one of a release's two approvals
 INCIDENT_CONTAIN = "incident.contain"  # any party's log: a containment step (`fedrisk incident contain`)
+WORKSPACE_PURGE = "workspace.purge"  # the registry's log: old runs and their artifacts deleted (retention)
+COHORTS_PURGE = "cohorts.purge"  # the signals service's log: approved cohort tables past retention deleted
 STORES_SEAL, STORES_REKEY = "stores.seal", "stores.rekey"  # the signals service's log: its stores encrypted at
 # rest (`fedrisk serve seal`), re-encrypted under a new at-rest key (`fedrisk serve rekey`)
 MAX_DETAILS_CHARS = 4096  # a summary of an event, never data

@@ -757,3 +757,50 @@ def test_a_release_needs_two_people_in_two_roles_for_this_very_model(store: Hand
     release = registry.create(first, APPROVER, evaluation=_evaluation_of(store.digest), unaudited=UNAUDITED)
     assert {(a["role"], a["by"]) for a in release.certificate.approvals} == {
         ("data-scientist", "Dana Risk"), ("hospital-operator", "Dana Risk"), ("hospital-operator", "Hank Ops")}
+
+
+def test_retention_purges_old_runs_and_their_artifacts_but_keeps_what_releases_stand_on(tmp_path: Path, capsys) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from mlflow.exceptions import MlflowException
+
+    from server.releases.retention import purge_runs
+
+    store = HandBuiltStore(tmp_path / "workspace")
+    registry = ReleaseRegistry(store.tracking_uri, tmp_path / "registry")
+    released_run = store.run(_honest_report())
+    release = registry.create(approve(registry, released_run), APPROVER, evaluation=_evaluation_of(store.digest),
+                              unaudited=UNAUDITED)
+    old_runs = [store.run(_honest_report()), store.run(_honest_report())]
+    running = store.client.create_run(store.experiment_id).info.run_id  # may still be resumed
+    artifacts = {run_id: Path(store.client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+                 for run_id in [released_run, *old_runs]}
+    assert all(path.is_dir() for path in artifacts.values())
+
+    assert main(["release", "purge", "--registry", str(tmp_path / "registry"), "--tracking-uri", store.tracking_uri,
+                 "--runs-older-than-days", "0"]) == EXIT_USER_ERROR
+    assert "--older-than-days must be a whole number of days" in capsys.readouterr().err
+    assert main(["release", "purge", "--registry", str(tmp_path / "registry"), "--tracking-uri", store.tracking_uri,
+                 "--runs-older-than-days", "30"]) == 0  # today's runs are inside any retention
+    assert "deleted 0 run(s)" in capsys.readouterr().out
+
+    later = datetime.now(UTC) + timedelta(days=400)
+    dry = purge_runs(registry, store.tracking_uri, 365, now=later, dry_run=True)
+    assert sorted(dry.purged) == sorted(old_runs) and dry.kept_released == [released_run]
+    assert dry.kept_running == [running] and dry.artifact_bytes > 0
+    assert all(path.is_dir() for path in artifacts.values())  # a dry run changes nothing
+
+    report = purge_runs(registry, store.tracking_uri, 365, now=later)
+    assert sorted(report.purged) == sorted(old_runs)
+    for run_id in old_runs:
+        with pytest.raises(MlflowException):
+            store.client.get_run(run_id)
+        assert not artifacts[run_id].exists()
+    assert store.client.get_run(released_run).info.lifecycle_stage == "active" and artifacts[released_run].is_dir()
+    assert registry.get(release.release_id).run_id == released_run  # the release still reads
+    entry = registry.audit.entries()[-1]
+    assert entry.action == "workspace.purge" and entry.details["runs-purged"] == 2
+    assert entry.details["kept-released"] == 1 and registry.audit.verify().ok
+    logged = len(registry.audit.entries())
+    again = purge_runs(registry, store.tracking_uri, 365, now=later)
+    assert again.purged == [] and len(registry.audit.entries()) == logged  # nothing to do: nothing audited

@@ -173,6 +173,11 @@ class ReleaseRegistry:
         versions = sorted((v for v in self._versions() if _complete(v)), key=lambda v: int(v.version))
         return [self._release(v) for v in versions]
 
+    def run_ids(self) -> set[str]:
+        """The training runs behind every model version: releases live or withdrawn, and versions still
+        being created (retention keeps all of them, `server.releases.retention`)."""
+        return {str(v.run_id) for v in self._versions() if v.run_id}
+
     def get(self, release_id: str) -> Release:
         """The release `release_id`, its model files in `model_dir`; raises ReleaseNotFound."""
         return self._release(self._version(release_id))

@@ -131,6 +131,18 @@ class CohortStore:
             row = db.execute("SELECT * FROM cohorts WHERE cohort_id = ?", (cohort_id,)).fetchone()
         return _cohort(row) if row else None
 
+    def purge(self, before: datetime, *, dry_run: bool = False) -> list[str]:
+        """Delete the tables approved before `before` (their rows overwritten on disk, SQLite's
+        secure_delete); the ids deleted, or with `dry_run` the ids that would be."""
+        cutoff = before.astimezone(UTC).isoformat(timespec="seconds")
+        with closing(self._connect()) as db, db:
+            ids = [row[0] for row in db.execute("SELECT cohort_id FROM cohorts WHERE approved_at < ? "
+                                                "ORDER BY approved_at, cohort_id", (cutoff,))]
+            if ids and not dry_run:
+                db.execute("PRAGMA secure_delete = ON")
+                db.execute("DELETE FROM cohorts WHERE approved_at < ?", (cutoff,))
+        return ids
+
     def _connect(self) -> stores.Connection:
         return stores.connect(self.path, timeout=30.0)
 
