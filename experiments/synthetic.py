@@ -26,6 +26,11 @@ CUTOFF_DATE = np.datetime64("2026-06-30")
 HOSPITAL_TYPES: tuple[str, ...] = ("tertiary", "community", "rural")
 MIN_HOSPITAL_ROWS = 500
 MIN_HOSPITAL_SHARE = 0.01
+FLOOR_TOTAL_SHARE = 0.2
+"""At most this share of all patients goes to the hospitals' size floors: with more than 20
+hospitals each floor is `FLOOR_TOTAL_SHARE / hospitals` of the patients instead of 1%, so 500
+hospitals keep the heavy-tailed sizes (and 20 or fewer draw exactly what they always drew)."""
+MAX_HOSPITALS = 1000
 TRUTH_DIR = "ground_truth"
 
 _FEMALE_NAMES = (
@@ -138,26 +143,30 @@ def _check_parameters(hospitals: int, patients: int, seed: int) -> None:
     for name, value in (("hospitals", hospitals), ("patients", patients), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
             raise SynthesisError(f"{name} must be an integer, got {value!r}")
-    if not 1 <= hospitals <= round(1 / MIN_HOSPITAL_SHARE):
-        raise SynthesisError(f"hospitals must be between 1 and {round(1 / MIN_HOSPITAL_SHARE)}, got {hospitals}")
+    if not 1 <= hospitals <= MAX_HOSPITALS:
+        raise SynthesisError(f"hospitals must be between 1 and {MAX_HOSPITALS}, got {hospitals}")
     if seed < 0:
         raise SynthesisError(f"seed must be non-negative, got {seed}")
-    if patients < hospitals * _min_rows(patients):
+    if patients < hospitals * _min_rows(patients, hospitals):
         raise SynthesisError(
-            f"patients must be at least {hospitals * _min_rows(patients)} for {hospitals} hospitals "
-            f"(each needs at least {MIN_HOSPITAL_ROWS} rows and {MIN_HOSPITAL_SHARE:.0%} of patients), "
+            f"patients must be at least {hospitals * _min_rows(patients, hospitals)} for {hospitals} hospitals "
+            f"(each needs at least {MIN_HOSPITAL_ROWS} rows and {_floor_share(hospitals):.2%} of patients), "
             f"got {patients}"
         )
 
 
-def _min_rows(patients: int) -> int:
+def _floor_share(hospitals: int) -> float:
+    return min(MIN_HOSPITAL_SHARE, FLOOR_TOTAL_SHARE / hospitals)
+
+
+def _min_rows(patients: int, hospitals: int) -> int:
     """Smallest hospital size that keeps every hospital usable for local training."""
-    return max(MIN_HOSPITAL_ROWS, int(np.ceil(MIN_HOSPITAL_SHARE * patients)))
+    return max(MIN_HOSPITAL_ROWS, int(np.ceil(_floor_share(hospitals) * patients)))
 
 
 def _hospital_sizes(rng: np.random.Generator, hospitals: int, patients: int) -> np.ndarray:
     """Heavy-tailed sizes: a Zipf-like share per hospital with lognormal jitter, above a usable floor."""
-    floor = _min_rows(patients)
+    floor = _min_rows(patients, hospitals)
     shares = np.arange(1, hospitals + 1) ** -1.1 * rng.lognormal(0.0, 0.25, hospitals)
     shares = rng.permutation(shares / shares.sum())
     extra = (patients - floor * hospitals) * shares

@@ -180,7 +180,8 @@ def test_logistic_regression_on_encoded_features_comes_close_to_the_oracle(gener
 
 @pytest.mark.parametrize(("hospitals", "patients", "seed", "named"), [
     (0, 10_000, 0, "hospitals"),
-    (101, 10_000_000, 0, "hospitals"),
+    (1001, 10_000_000, 0, "hospitals"),
+    (500, 249_999, 0, "patients"),
     (4, 1_999, 0, "patients"),
     (2.5, 10_000, 0, "hospitals"),
     (2, 10_000, -1, "seed"),
@@ -198,3 +199,14 @@ def test_refuses_to_overwrite_existing_hospital_files(tmp_path):
     with pytest.raises(SynthesisError, match=re.escape(str(tmp_path))):
         synthesize(2, 1_000, tmp_path, seed=1)
     assert (tmp_path / "hospital_00.parquet").read_bytes() == before
+
+
+def test_five_hundred_hospitals_are_generated_heavy_tailed_and_each_usable(tmp_path):
+    import pyarrow.parquet as pq
+
+    report = synthesize(500, 300_000, tmp_path / "out", seed=4)
+    sizes = np.array([pq.ParquetFile(f).metadata.num_rows for f in report.files])
+    assert len(report.files) == 500 and sizes.sum() == 300_000
+    assert sizes.min() >= 500  # every hospital can train locally
+    assert sizes.max() > 8 * np.median(sizes)  # a few large hospitals, many small ones
+    assert len({f.name for f in report.files}) == 500
