@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from clients import encoding
+from clients.data import LoadCache
 from clients.deidentify import PSEUDONYM
 from clients.node_state import NodeState, test_split
 from federation import features as fx
@@ -114,8 +115,7 @@ def scored_records(query: CohortQuery, used: pd.DataFrame, model: Any, schema: A
                           MEMBERSHIP_SCORE: np.where(label == 1.0, probability, 1.0 - probability)})
 
 
-_USABLE_CACHE: dict[tuple, tuple[pd.DataFrame, dict[str, int]]] = {}
-_CACHE_LIMIT = 16
+_USABLE_CACHE: LoadCache[tuple[pd.DataFrame, dict[str, int]]] = LoadCache()
 
 
 def consented_records(state: NodeState, purpose: str) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -123,12 +123,12 @@ def consented_records(state: NodeState, purpose: str) -> tuple[pd.DataFrame, dic
     while the export, schema and consent withdrawals are unchanged (a withdrawal takes effect
     on the next query), so a series of queries validates the export once."""
     key = (str(state.directory), purpose, *state.inputs_stamp())
-    if key not in _USABLE_CACHE:
-        if len(_USABLE_CACHE) >= _CACHE_LIMIT:
-            _USABLE_CACHE.pop(next(iter(_USABLE_CACHE)))
+
+    def load() -> tuple[pd.DataFrame, dict[str, int]]:
         table, mask, excluded = state.usable(purpose)
-        _USABLE_CACHE[key] = (table.loc[mask].reset_index(drop=True), excluded)
-    return _USABLE_CACHE[key]
+        return table.loc[mask].reset_index(drop=True), excluded
+
+    return _USABLE_CACHE.get(key, load)
 
 
 def _data_digest(table: pd.DataFrame, query: CohortQuery) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 
 from clients import faults
 from clients.anchoring import check_not_rolled_back
-from clients.data import HospitalData
+from clients.data import HospitalData, LoadCache
 from clients.decryption import Expected, VerifiedDecryptor
 from clients.node_state import NodeState
 from clients.policy import NodePolicy, PolicyRefusal
@@ -47,8 +47,7 @@ from privacy.accounting import DPSpend, HospitalSpend, remembered_noise
 from privacy.audit import RELEASE, ROUND_EVALUATE, ROUND_TRAIN, RUN_START, Digest
 from privacy.ledger import GaussianMechanism
 
-_DATA_CACHE: dict[tuple, HospitalData] = {}
-_CACHE_LIMIT = 16  # hospitals one simulation worker may serve in turn
+_DATA_CACHE: LoadCache[HospitalData] = LoadCache()  # every hospital a simulation worker serves, to a byte budget
 _KEY_CACHE: dict[tuple[str, float], HospitalKey] = {}
 NOISE_CACHE = "noise_calibrations.json"
 """In the node directory: the sigmas this node has calibrated (see `remembered_noise`)."""
@@ -59,11 +58,7 @@ RUNS_FILE = "runs.sqlite"
 
 def _cached_data(state: NodeState, purpose: str, features: str) -> HospitalData:
     key = (str(state.directory), purpose, features, *state.inputs_stamp())
-    if key not in _DATA_CACHE:
-        if len(_DATA_CACHE) >= _CACHE_LIMIT:
-            _DATA_CACHE.pop(next(iter(_DATA_CACHE)))
-        _DATA_CACHE[key] = state.load_records(purpose, features=features)
-    return _DATA_CACHE[key]
+    return _DATA_CACHE.get(key, lambda: state.load_records(purpose, features=features))
 
 
 def _cached_key(path: Path, sealed: bool) -> HospitalKey:
@@ -245,8 +240,8 @@ class HospitalNode:
         A resumed run (same `run_id`) is checked for the steps it has not yet charged only."""
         cfg = self.config
         self.pin_run(run_id)
-        for key in [k for k in _DATA_CACHE if k[0] == str(self.state.directory)]:
-            del _DATA_CACHE[key]  # every run reads (and audits) its data afresh
+        home = str(self.state.directory)
+        _DATA_CACHE.drop(lambda key: key[0] == home)  # every run reads (and audits) its data afresh
         self._data = None
         with self.state.ledger() as ledger:
             try:

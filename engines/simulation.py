@@ -56,6 +56,9 @@ def preflight(config: RunConfig) -> RunConfig:
     is the same key; every hospital's export validates against its schema. Without a
     `nodes_dir`, node directories are provisioned under the run directory from `data_dir`.
     Returns the config with `nodes_dir` set."""
+    from clients.data import cache_budget
+
+    cache_budget()  # a bad $FEDRISK_RECORD_CACHE_MB fails here, not in a worker mid-round
     server = ServerContext.load(Path(config.keys_dir))
     key_path = Path(config.keys_dir) / HOSPITAL_CONTEXT_FILE
     hospital = HospitalKey.load(key_path)
