@@ -129,6 +129,7 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout,
             "wall_seconds": wall_seconds,
             "he_overhead_ratio": None,
             "dp_overhead_ratio": None,
+            "dp_overhead_ratio_vs_fedrisk_loop": None,
             "ciphertext_expansion": None,
             "mlflow_run_id": result.run_id,
             "tracking_uri": config.mlflow_uri,
@@ -144,7 +145,9 @@ def run_demo(settings: DemoSettings, stream: TextIO = sys.stdout,
             stream.write("  measuring overheads side by side (DP vs plain epoch, HE vs plaintext round)...\n")
             stream.flush()
             pooled = reference.pooled(hospitals)
-            summary["dp_overhead_ratio"] = overheads.dp_overhead(pooled, config).ratio
+            dp = overheads.dp_overhead(pooled, config)
+            summary["dp_overhead_ratio"] = dp.tight.ratio
+            summary["dp_overhead_ratio_vs_fedrisk_loop"] = dp.loop.ratio
             he = overheads.he_overhead(nodes, config.replace(rounds=1), repeats=3)
             summary["he_overhead_ratio"] = he.round.ratio
             summary["ciphertext_expansion"] = he.ciphertext_expansion
@@ -207,7 +210,8 @@ def render_summary(summary: dict[str, Any]) -> str:
         ("membership attack AUC (DP audit of the release)", _audit_line(summary.get("privacy_audit"))),
         ("rounds", str(summary["rounds"])),
         ("training wall time", f"{summary['wall_seconds']:.1f} s"),
-        ("DP overhead (DP-SGD epoch / plain epoch)", fmt(summary["dp_overhead_ratio"], ".2f") + "x"),
+        ("DP overhead (DP-SGD epoch / tight plain epoch)", fmt(summary["dp_overhead_ratio"], ".2f") + "x"),
+        ("  (against fedrisk's own plain loop)", fmt(summary["dp_overhead_ratio_vs_fedrisk_loop"], ".2f") + "x"),
         ("HE overhead (CKKS round / plaintext round)", fmt(summary["he_overhead_ratio"], ".3f") + "x"),
         ("ciphertext expansion (update / float32)", fmt(summary["ciphertext_expansion"], ".2f") + "x"),
     ]
