@@ -95,7 +95,8 @@ def tight_plain_epoch(start: np.ndarray, features: np.ndarray, labels: np.ndarra
     optimizer = torch.optim.Adam(model.parameters(), lr=plan.learning_rate)
     criterion = nn.BCEWithLogitsLoss()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(plan.seed))
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).index_select(0, order)  # shuffled once: every batch is a contiguous view
+    # shuffled once, so that every batch below is a contiguous view
+    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)).index_select(0, order)
     y = torch.from_numpy(labels).to(torch.float32).index_select(0, order)
     batch = max(1, int(round(plan.sample_rate * len(y))))
     for step in range(min(int(round(1.0 / plan.sample_rate)), -(-len(y) // batch))):
