@@ -120,6 +120,18 @@ class VerifiedDecryptor:
             parsed.update({name: loaded[name] for name in kept})
         return [kept[name] for name in sorted(kept)]
 
+    def recorded(self, expected: Expected) -> np.ndarray | None:
+        """The sum this node verified and decrypted earlier for `expected`, under its current key,
+        or None. What a node replays a round from when the server no longer sends that round's
+        contributions (they are the same this node verified: a different set is never decrypted)."""
+        with closing(stores.connect(self.path, timeout=30.0)) as db:
+            row = db.execute("SELECT key_id, vector FROM decryptions WHERE identity = ?",
+                             (expected.identity,)).fetchone()
+        if row is None or row[0] != self.key.key_id:
+            return None
+        values = np.frombuffer(row[1], dtype="<f8").copy()
+        return values if len(values) == expected.length else None
+
     def decrypt(self, contributions: Sequence[SignedContribution], expected: Expected) -> np.ndarray:
         """The flooded, rounded sum of the verified contributions (see the module docstring)."""
         with closing(stores.connect(self.path, timeout=30.0)) as db:

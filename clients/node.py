@@ -279,20 +279,36 @@ class HospitalNode:
         return total
 
     # --- global model -------------------------------------------------------------------------
+    def unverified_rounds(self, chain: Mapping[int, Sequence[SignedContribution]], run_id: str,
+                          through: int) -> list[int]:
+        """Rounds up to `through` the server sent no contributions for and this node has not
+        verified and decrypted in an earlier message of the run."""
+        return [r for r in range(1, through + 1) if r not in chain
+                and self.decryptor.recorded(Expected(run_id, r, "train", "update", self.length + 2)) is None]
+
     def global_weights(self, chain: Mapping[int, Sequence[SignedContribution]], run_id: str,
                        through: int) -> np.ndarray:
         """The global model after round `through`: the public initial model moved by each round's
         verified, decrypted aggregate divided by its summed record share (the FedAvg step),
         through server momentum when the run sets it (FedAvgM: m = beta * m + step,
-        w = w + eta * m). Every hospital replays the same public steps, so all agree."""
+        w = w + eta * m). Every hospital replays the same public steps, so all agree.
+
+        `chain` need only hold the rounds this node has not yet verified: a round it verified and
+        decrypted before is replayed from its own record of that decryption, so the server sends
+        each hospital only what is new to it and a message's size does not grow with the round."""
         cfg = self.config
         weights = initial_weights(cfg.model, cfg.seed, cfg.input_size)
         momentum = np.zeros_like(weights)
+        missing = self.unverified_rounds(chain, run_id, through)
+        if missing:  # checked before anything is decrypted: a refused message costs no decryption
+            self._refuse(ProtocolError(f"{self.name}: the server sent no contributions for round {missing[0]}, "
+                                       "which this node has not verified"))
         for server_round in range(1, through + 1):
-            if server_round not in chain:
-                self._refuse(ProtocolError(f"{self.name}: the server sent no contributions for round {server_round}"))
-            values = self.decryptor.decrypt(chain[server_round],
-                                            Expected(run_id, server_round, "train", "update", self.length + 2))
+            expected = Expected(run_id, server_round, "train", "update", self.length + 2)
+            if server_round in chain:
+                values = self.decryptor.decrypt(chain[server_round], expected)
+            else:  # verified and decrypted by this node in an earlier message of the run
+                values = self.decryptor.recorded(expected)
             share = values[-2]
             if share <= 0:
                 self._refuse(ProtocolError(f"{self.name}: round {server_round} aggregate carries no records"))
@@ -371,9 +387,10 @@ class HospitalNode:
         began = time.perf_counter()
         from clients.training import LocalTraining, train_local  # torch + opacus: train messages only
 
-        missing = [r for r in range(1, server_round) if r not in chain]
+        missing = self.unverified_rounds(chain, run_id, server_round - 1)
         if missing:  # checked before anything is decrypted: a refused message costs no decryption
-            self._refuse(ProtocolError(f"{self.name}: the server sent no contributions for round {missing[0]}"))
+            self._refuse(ProtocolError(f"{self.name}: the server sent no contributions for round {missing[0]}, "
+                                       "which this node has not verified"))
         n_hat = self.census_total(census, run_id)
         start = self.global_weights(chain, run_id, server_round - 1)
         he_seconds = time.perf_counter() - began

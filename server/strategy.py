@@ -79,7 +79,8 @@ def reply_record(reply: Message) -> tuple[ConfigRecord | None, str | None]:
 
 @dataclass
 class RoundTraffic:
-    """Bytes that crossed the wire in one round (per hospital, both directions)."""
+    """Ciphertext bytes that crossed the wire in one round: each hospital's update (up) and the
+    largest message the server sent one hospital in the round (down)."""
 
     up_bytes: dict[str, int] = field(default_factory=dict)
     down_bytes: int = 0
@@ -192,6 +193,7 @@ class HEFedAvg(Strategy):
         self.traffic: dict[int, RoundTraffic] = {}
         self.contributors: dict[int, list[str]] = {}
         self.evaluations: dict[int, list[float]] = {}  # each round's revealed DP evaluation (record units)
+        self.verified_through: dict[int, int] = {}  # node id -> the round through which it verified the chain
 
     @property
     def rejections(self) -> list[Rejection]:
@@ -201,16 +203,29 @@ class HEFedAvg(Strategy):
     def summary(self) -> None:
         """Nothing to print: the run tracker logs the configuration."""
 
-    def records(self, through: int, server_round: int) -> dict[str, ConfigRecord]:
-        """What every message of a round carries: config, census, the chain through `through`
-        and the newest signed state heads the server relays (`clients.anchoring`)."""
+    def records(self, through: int, server_round: int, after: int = 0) -> dict[str, ConfigRecord]:
+        """What a message of a round carries: config, census, the chain's rounds `after`+1 to
+        `through` and the newest signed state heads the server relays (`clients.anchoring`)."""
         records = {M.CONFIG: ConfigRecord({**self.base_config, M.ROUND: server_round}),
                    M.CENSUS_RECORD: ConfigRecord(to_record(self.census)),
                    M.ANCHORS: ConfigRecord(relay_record(self.anchors))}
-        for past in range(1, through + 1):
+        for past in range(after + 1, through + 1):
             if past in self.chain:
                 records[M.ROUND_RECORD.format(past)] = ConfigRecord(to_record(self.chain[past]))
         return records
+
+    def confirm(self, hospitals: Iterable[str], through: int) -> None:
+        """These hospitals' accepted replies show they verified and decrypted every round up to
+        `through` (a train reply of round r: through r - 1; an evaluation of round r: through r):
+        their later messages leave those rounds out (`clients.node.HospitalNode.global_weights`
+        replays them from the hospital's own decryption records). A hospital without a valid
+        reply in this step is sent the whole chain again next time."""
+        confirmed = {self.checker.node_ids[h] for h in hospitals if h in self.checker.node_ids}
+        for node in list(self.verified_through):
+            if node not in confirmed:  # no valid reply this step (lost its records, dropped out): send it all again
+                del self.verified_through[node]
+        for node in confirmed:
+            self.verified_through[node] = max(self.verified_through.get(node, 0), through)
 
     def relay(self, contributions: Iterable[SignedContribution]) -> None:
         """Keep the newest signed state head of each hospital, to relay to all."""
@@ -220,11 +235,18 @@ class HEFedAvg(Strategy):
         node_ids = sorted(grid.get_node_ids())
         if len(node_ids) < self.checker.min_replies:
             raise ProtocolError(f"only {len(node_ids)} hospital node(s) connected; {self.checker.min_replies} needed")
-        content = RecordDict(self.records(through, server_round))
-        down = contribution_bytes(self.census) + sum(contribution_bytes(self.chain.get(r, []))
-                                                     for r in range(1, through + 1))
-        self.traffic.setdefault(server_round, RoundTraffic()).down_bytes = down
-        return [Message(content=content, dst_node_id=node, message_type=message_type) for node in node_ids]
+        contents: dict[int, RecordDict] = {}  # one content per starting round, shared by the nodes it fits
+        messages, largest = [], 0
+        for node in node_ids:
+            after = min(self.verified_through.get(node, 0), through)
+            if after not in contents:
+                contents[after] = RecordDict(self.records(through, server_round, after))
+            largest = max(largest, contribution_bytes(self.census) + sum(
+                contribution_bytes(self.chain.get(r, [])) for r in range(after + 1, through + 1)))
+            messages.append(Message(content=contents[after], dst_node_id=node, message_type=message_type))
+        traffic = self.traffic.setdefault(server_round, RoundTraffic())
+        traffic.down_bytes = max(traffic.down_bytes, largest)
+        return messages
 
     def configure_train(self, server_round: int, arrays: object, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -245,6 +267,7 @@ class HEFedAvg(Strategy):
         self.chain[server_round] = accepted
         self.relay(accepted)
         self.contributors[server_round] = sorted(item.header.hospital for item in accepted)
+        self.confirm(self.contributors[server_round], server_round - 1)
         return None, MetricRecord({ROUND_HOSPITALS: len(accepted),
                                    ROUND_EPSILON_MAX: max(p.run_epsilon for p in self.privacy.values())})
 
@@ -267,6 +290,7 @@ class HEFedAvg(Strategy):
         if len(multipliers) != 1:
             raise ProtocolError(f"evaluation round {server_round}: hospitals used different noise ({sorted(multipliers)})")
         self.relay(accepted)
+        self.confirm([item.header.hospital for item in accepted], server_round)
         values = self.reveal(accepted, server_round)
         summed = [v / M.EVAL_UNIT for v in values[:-1]]
         self.evaluations[server_round] = summed

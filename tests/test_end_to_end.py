@@ -228,3 +228,13 @@ def test_a_reply_with_a_malformed_spend_is_left_out_naming_the_field(run, keys) 
     assert sorted(c.header.hospital for c in accepted) == sorted(spends) and liar_name not in spends
     (rejection,) = checker.rejections
     assert rejection.hospital == liar_name and "noise_multiplier" in rejection.reason
+
+
+def test_a_message_to_a_hospital_is_as_large_in_the_last_round_as_in_the_first(run) -> None:
+    """Each hospital replays the rounds it verified from its own decryption records, so the server
+    sends it only what is new: the chain no longer rides along with every message."""
+    from server.tracking import ROUND_BYTES_DOWN
+
+    config, result, _ = run
+    down = [result.rounds[r][ROUND_BYTES_DOWN] for r in range(1, config.rounds + 1)]
+    assert down[0] > 0 and down == [down[0]] * config.rounds, down
