@@ -358,7 +358,7 @@ def _cmd_node_seal(args: argparse.Namespace) -> int:
     from clients.keys import seal_node
     from clients.node_state import NodeState
 
-    state = NodeState.load(Path(args.dir))
+    state = NodeState.load(Path(args.dir), to_seal=True)
     sealed = seal_node(state)
     print(f"{state.hospital}: sealed at rest (secrets AES-256-GCM, stores SQLCipher AES-256): "
           f"{', '.join(sealed) or 'all were already sealed'}; the node now needs its at-rest key to start, and "

@@ -25,8 +25,15 @@ DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8400
 DEFAULT_DB = Path("runs/signals/signals.sqlite")
 
 
-def _db(args: argparse.Namespace) -> Path:
-    return Path(getattr(args, "db", None) or DEFAULT_DB)
+def _db(args: argparse.Namespace, *, to_seal: bool = False) -> Path:
+    """The service's store (--db); a process given an at-rest key refuses it unless its directory
+    is sealed (`federation.sealing.check_keyed`) or `fedrisk serve seal` is sealing it."""
+    from federation.sealing import check_keyed
+
+    db = Path(getattr(args, "db", None) or DEFAULT_DB)
+    if not to_seal:
+        check_keyed(db.parent, f"fedrisk serve seal --db {db}")
+    return db
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -114,7 +121,7 @@ def _cmd_seal(args: argparse.Namespace) -> int:
     from server.signals.app import SIGNALS_AUDIT
     from server.signals.at_rest import seal_service
 
-    db = _db(args)
+    db = _db(args, to_seal=True)
     encrypted = seal_service(db, db.with_name(SIGNALS_AUDIT))
     print(f"signals service stores in {db.parent} encrypted at rest (SQLCipher AES-256): "
           f"{', '.join(encrypted) or 'all were already encrypted'}; the service now needs the at-rest key to start")

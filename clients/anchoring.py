@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from federation import stores
+from federation import sealing, stores
 from federation.contributions import ContributionHeader, FederationManifest
 from federation.errors import FedriskError, ProtocolError
 from privacy.audit import ANCHOR_ACCEPTED
@@ -86,13 +86,24 @@ def _chain(rows: Iterable[object]) -> tuple[int, str]:
 
 
 def read_epoch(node_dir: Path) -> int:
-    """The node's anchor epoch (0 until a recovery raised it)."""
+    """The node's anchor epoch (0 until a recovery raised it). Sealed in a sealed node, so that
+    someone with write access but no key cannot raise it to hide a rolled-back ledger."""
+    path = Path(node_dir) / EPOCH_FILE
     try:
-        return int((Path(node_dir) / EPOCH_FILE).read_text().strip() or 0)
+        raw = path.read_bytes()
     except FileNotFoundError:
         return 0
-    except ValueError:
-        raise RollbackDetected(f"{Path(node_dir) / EPOCH_FILE} is damaged") from None
+    try:
+        return int(sealing.unseal(raw, sealing.ROLE_ANCHOR_EPOCH, path).decode("ascii").strip() or 0)
+    except (ValueError, UnicodeDecodeError):
+        raise RollbackDetected(f"{path} is damaged") from None
+
+
+def write_epoch(node_dir: Path, epoch: int) -> None:
+    """Record the node's new anchor epoch (sealed in a sealed node)."""
+    path = Path(node_dir) / EPOCH_FILE
+    sealing.write_secret_file(path, sealing.seal_for_disk(f"{epoch}\n".encode("ascii"), sealing.ROLE_ANCHOR_EPOCH,
+                                                          path))
 
 
 def state_head(state: "object") -> StateHead:
@@ -242,7 +253,7 @@ def accept_rollback(state: "object") -> StateHead:
             ledger.set_budget(purpose, max(spent, 1e-9), budget.delta)
             closed[purpose] = round(spent, 6)
     epoch = anchored.epoch + 1
-    (Path(state.directory) / EPOCH_FILE).write_text(f"{epoch}\n")  # type: ignore[attr-defined]
+    write_epoch(Path(state.directory), epoch)  # type: ignore[attr-defined]
     state.audit().append(ANCHOR_ACCEPTED, details={  # type: ignore[attr-defined]
         "anchored-charges": anchored.charges, "anchored-withdrawals": anchored.revocations,
         "local-charges": current.charges, "local-withdrawals": current.revocations, "new-epoch": epoch,

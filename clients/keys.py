@@ -35,6 +35,7 @@ from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 
+from clients.anchoring import EPOCH_FILE
 from clients.erasure import PURGED
 from clients.node_state import RETIRED_PSEUDONYM_FILE, STAGED_PSEUDONYM_FILE, NodeState
 from federation import sealing, stores
@@ -52,8 +53,8 @@ _PSEUDONYM_TABLES = ("revocations", "consent_events", "erasures")
 RETIRED_CKKS_FILE = "ckks_keys_retired.json"
 SECRET_FILES = ((HOSPITAL_CONTEXT_FILE, sealing.ROLE_CKKS), ("pseudonym.key", sealing.ROLE_PSEUDONYM),
                 (SIGNING_KEY_FILE, sealing.ROLE_SIGNING), (GRANT_KEY_FILE, sealing.ROLE_GRANT),
-                (RETIRED_PSEUDONYM_FILE, sealing.ROLE_PSEUDONYM_RETIRED))
-"""Every secret file a node directory can hold, with its sealing role."""
+                (RETIRED_PSEUDONYM_FILE, sealing.ROLE_PSEUDONYM_RETIRED), (EPOCH_FILE, sealing.ROLE_ANCHOR_EPOCH))
+"""Every sealed file a node directory can hold, with its sealing role."""
 
 
 def _reason(reason: str) -> str:
@@ -218,7 +219,8 @@ def rotate_at_rest_key(state: NodeState, new_key_file: Path, reason: str) -> tup
     why = _reason(reason)
     new = sealing.read_key_file(Path(new_key_file), f"--new-key-file {new_key_file}", "node at-rest key")
     old = sealing.at_rest_key()
-    changed = stores.rotate_directory(state.directory, dict(SECRET_FILES), new)
+    staged = {STAGED_PSEUDONYM_FILE: sealing.ROLE_PSEUDONYM, f".{HOSPITAL_CONTEXT_FILE}.new": sealing.ROLE_CKKS}
+    changed = stores.rotate_directory(state.directory, {**dict(SECRET_FILES), **staged}, new)
     sealing.use_key_file(Path(new_key_file))
     old_id, new_id = sealing.key_id(old) if old else "", sealing.key_id(new)
     state.audit().append(NODE_KEY_ROTATE, details={"key": "at-rest", "old": old_id, "new": new_id,

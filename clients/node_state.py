@@ -200,19 +200,23 @@ class NodeState:
         return [NodeState.load(d) for d in sorted(p for p in Path(nodes_dir).glob("*") if (p / NODE_FILE).is_file())]
 
     @classmethod
-    def load(cls, directory: Path) -> "NodeState":
-        """Open an initialised node directory."""
+    def load(cls, directory: Path, *, to_seal: bool = False) -> "NodeState":
+        """Open an initialised node directory. A process given an at-rest key refuses a node that
+        is not sealed (`federation.sealing.check_keyed`), unless it opens it `to_seal` it."""
         directory = Path(directory)
         try:
             raw = json.loads((directory / NODE_FILE).read_text())
             home = directory.resolve()
             # the key is always the node's own copy: found beside node.json wherever the directory moved
-            return cls(home, str(raw["hospital"]), home / Path(raw["data_file"]), home / Path(raw["schema_file"]),
-                       home / HOSPITAL_CONTEXT_FILE)
+            state = cls(home, str(raw["hospital"]), home / Path(raw["data_file"]), home / Path(raw["schema_file"]),
+                        home / HOSPITAL_CONTEXT_FILE)
         except FileNotFoundError:
             raise ConfigError(f"{directory} is not a fedrisk node; run `fedrisk node init` first") from None
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"{directory / NODE_FILE} is damaged") from None
+        if not to_seal:
+            sealing.check_keyed(home, f"fedrisk node seal --dir {directory}")
+        return state
 
     def usable(self, purpose: str, today: date | None = None) -> tuple[pd.DataFrame, np.ndarray, dict[str, int]]:
         """Validate, de-identify and apply consent: the de-identified table (all rows), the

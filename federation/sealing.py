@@ -41,6 +41,7 @@ ROLE_PSEUDONYM = "pseudonym-key"
 ROLE_SIGNING = "contribution-signing-key"
 ROLE_GRANT = "grant-signing-key"
 ROLE_PSEUDONYM_RETIRED = "retired-pseudonym-keys"
+ROLE_ANCHOR_EPOCH = "anchor-epoch"  # not secret, but sealed so that it cannot be raised without the key
 
 
 def create_key_file(path: Path, what: str) -> Path:
@@ -132,6 +133,18 @@ def open_sealed(raw: bytes, role: str, key: bytes) -> bytes | None:
 def directory_sealed(directory: Path) -> bool:
     """Whether `directory` holds sealed secrets (its `SEALED_MARKER` exists)."""
     return (Path(directory) / SEALED_MARKER).exists()
+
+
+def check_keyed(directory: Path, seal_command: str) -> None:
+    """A process given an at-rest key opens only sealed directories: an unsealed one there is
+    either not sealed yet (`seal_command` seals it) or was sealed and lost its marker, which is
+    how someone with write access but no key would make it read clear files planted in place of
+    the encrypted ones. KeyMaterialError either way, naming the directory."""
+    if not directory_sealed(directory) and at_rest_key() is not None:
+        raise KeyMaterialError(f"{directory} is not sealed at rest but an at-rest key is configured "
+                               f"(${KEY_FILE_ENV} or ${KEY_ENV}): if it was sealed, its {SEALED_MARKER} marker was "
+                               f"removed, so restore the directory from a backup; otherwise run `{seal_command}` "
+                               "or unset the key")
 
 
 def mark_sealed(directory: Path) -> None:

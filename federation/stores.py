@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from contextlib import closing
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -65,17 +66,28 @@ def _quiet() -> None:
         db.execute("PRAGMA cipher_log_level = NONE")
 
 
-def store_key() -> str:
+def store_key(path: Path | None = None) -> str:
     """The SQLCipher raw-key literal for this process's at-rest key; KeyMaterialError naming the
-    variables when none is configured."""
+    store `path` and the variables when none is configured."""
     try:
         at_rest = sealing.at_rest_key()
     except ConfigError as exc:
         raise KeyMaterialError(str(exc)) from None
     if at_rest is None:
-        raise KeyMaterialError(f"set ${sealing.KEY_FILE_ENV} (or ${sealing.KEY_ENV}) to the at-rest key: "
-                               "the stores here are encrypted")
+        where = f"{path} is encrypted at rest" if path is not None else "the stores here are encrypted at rest"
+        raise KeyMaterialError(f"{where}: set ${sealing.KEY_FILE_ENV} (or ${sealing.KEY_ENV}) to the at-rest key")
     return _derive(at_rest)
+
+
+def _not_a_database(error: Exception) -> bool:
+    """Whether a driver error says the key does not open the file (SQLITE_NOTADB), as opposed to a
+    busy, locked or full database, which callers handle as such."""
+    return getattr(error, "sqlite_errorcode", None) == 26 or "file is not a database" in str(error)
+
+
+def _wrong_key(path: Path) -> KeyMaterialError:
+    return KeyMaterialError(f"{path} cannot be opened with this at-rest key (${sealing.KEY_FILE_ENV} or "
+                            f"${sealing.KEY_ENV} holds another key, or the file was altered)")
 
 
 def is_clear(path: Path) -> bool | None:
@@ -116,7 +128,14 @@ def attach(db: Connection, path: Path, alias: str) -> None:
         if not isinstance(db, _cipher.Connection):
             raise KeyMaterialError(f"{path} is encrypted at rest but the store it joins is not; run `fedrisk node "
                                    "seal` to finish encrypting the directory")
-        db.execute(f'ATTACH DATABASE ? AS {alias} KEY "{store_key()}"', (str(path),))
+        db.execute(f'ATTACH DATABASE ? AS {alias} KEY "{store_key(path)}"', (str(path),))
+        try:
+            db.execute(f"SELECT count(*) FROM {alias}.sqlite_master").fetchone()
+        except _cipher.DatabaseError as error:
+            db.execute(f"DETACH DATABASE {alias}")
+            if _not_a_database(error):
+                raise _wrong_key(path) from None
+            raise
     elif isinstance(db, _cipher.Connection):
         db.execute(f"ATTACH DATABASE ? AS {alias} KEY ''", (str(path),))
     else:
@@ -141,24 +160,81 @@ def connect(path: Path | str, *, timeout: float = 30.0, isolation_level: str | N
     if is_clear(path):
         raise KeyMaterialError(f"{path} is a plain SQLite file in a directory whose stores are encrypted at rest; "
                                "run `fedrisk node seal` (or `fedrisk signals seal`) to encrypt it")
-    key = store_key()
+    key = store_key(path)
     _quiet()
     db = _cipher.connect(target, timeout=timeout, isolation_level=isolation_level, uri=read_only)
     try:
         db.execute(f'PRAGMA key = "{key}"')
         db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except _cipher.DatabaseError:
+    except _cipher.DatabaseError as error:
         db.close()
-        raise KeyMaterialError(f"{path} cannot be opened with this at-rest key (wrong key, or the file was "
-                               "altered)") from None
+        if _not_a_database(error):
+            raise _wrong_key(path) from None
+        raise
     return db
 
 
+def _shred_open(handle: Any) -> None:
+    """Overwrite the whole file behind the open binary `handle` with random bytes, durably."""
+    size = os.fstat(handle.fileno()).st_size
+    handle.seek(0)
+    handle.write(os.urandom(size))
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _reencrypt(path: Path, old: str | None, new: str) -> None:
+    """Rewrite the store at `path` (plain when `old` is None, else under the raw key `old`) under
+    the raw key `new`: exported into a new file beside it, renamed over it, and only then the old
+    file's content overwritten through a handle held across the rename, so that an interruption
+    leaves either the old store or the new one, never neither. Its journals are overwritten too."""
+    staged = path.with_name(f".{path.name}.encrypting")
+    staged.unlink(missing_ok=True)
+    _quiet()
+    source = _cipher.connect(str(path), isolation_level=None, timeout=60.0)
+    try:
+        if old is not None:
+            source.execute(f'PRAGMA key = "{old}"')
+        journal = source.execute("PRAGMA journal_mode").fetchone()[0]
+        busy = source.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy and busy[0]:
+            raise KeyMaterialError(f"{path} is in use by another process; stop the node (or service) first")
+        source.execute(f'ATTACH DATABASE ? AS encrypted KEY "{new}"', (str(staged),))
+        source.execute("BEGIN EXCLUSIVE")
+        version = source.execute("PRAGMA main.user_version").fetchone()[0]
+        source.execute("SELECT sqlcipher_export('encrypted')")
+        source.execute(f"PRAGMA encrypted.user_version = {int(version)}")
+        source.execute("COMMIT")
+        source.execute("DETACH DATABASE encrypted")
+    except BaseException:
+        source.close()
+        staged.unlink(missing_ok=True)
+        raise
+    source.close()
+    os.chmod(staged, 0o600)
+    if journal == "wal":
+        target = _cipher.connect(str(staged), isolation_level=None)
+        try:
+            target.execute(f'PRAGMA key = "{new}"')
+            target.execute("PRAGMA journal_mode=WAL")
+        finally:
+            target.close()
+    with open(path, "r+b") as previous:
+        os.replace(staged, path)
+        sealing.fsync_directory(path.parent)
+        _shred_open(previous)
+    for suffix in ("-wal", "-shm", "-journal"):
+        sidecar = Path(f"{path}{suffix}")
+        if sidecar.exists():
+            with open(sidecar, "r+b") as handle:
+                _shred_open(handle)
+            sidecar.unlink()
+    sealing.fsync_directory(path.parent)
+
+
 def encrypt_in_place(path: Path) -> bool:
-    """Encrypt the plain SQLite store at `path` under the at-rest key, atomically: the encrypted
-    copy is written beside it and renamed over it, and the plain file is overwritten first. False
-    if it already is encrypted (checked to open under this key). The store's writers must be
-    stopped; an exclusive lock is held on it while it is copied."""
+    """Encrypt the plain SQLite store at `path` under the at-rest key (`_reencrypt`). False if it
+    already is encrypted (checked to open under this key). The store's writers must be stopped."""
     path = Path(path)
     state = is_clear(path)
     if state is None:
@@ -166,31 +242,7 @@ def encrypt_in_place(path: Path) -> bool:
     if state is False:
         connect(path, encrypted=True).close()
         return False
-    key = store_key()
-    staged = path.with_name(f".{path.name}.encrypting")
-    staged.unlink(missing_ok=True)
-    source = _cipher.connect(str(path), isolation_level=None, timeout=60.0)
-    try:
-        journal = source.execute("PRAGMA journal_mode").fetchone()[0]
-        source.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        source.execute(f"ATTACH DATABASE ? AS encrypted KEY \"{key}\"", (str(staged),))
-        source.execute("BEGIN EXCLUSIVE")
-        version = source.execute("PRAGMA main.user_version").fetchone()[0]
-        source.execute("SELECT sqlcipher_export('encrypted')")
-        source.execute(f"PRAGMA encrypted.user_version = {int(version)}")
-        source.execute("COMMIT")
-        source.execute("DETACH DATABASE encrypted")
-    finally:
-        source.close()
-    os.chmod(staged, 0o600)
-    if journal == "wal":
-        with closing(connect(staged, encrypted=True, isolation_level=None)) as db:
-            db.execute("PRAGMA journal_mode=WAL")
-    sealing.shred(path)
-    os.replace(staged, path)
-    for suffix in ("-wal", "-shm", "-journal"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
-    sealing.fsync_directory(path.parent)
+    _reencrypt(path, None, store_key(path))
     return True
 
 
@@ -200,11 +252,14 @@ def stores_in(directory: Path) -> list[Path]:
                   if p.is_file() and p.suffix in STORE_SUFFIXES and is_clear(p) is not None)
 
 
-def check_directory(directory: Path) -> list[Path]:
-    """Every store in `directory`, each checked to open (a plain one as SQLite, an encrypted one
-    under this at-rest key) before anything is changed; KeyMaterialError or DatabaseError naming
-    the first that does not."""
+def check_directory(directory: Path, only: Iterable[str] | None = None) -> list[Path]:
+    """Every store in `directory` (or those of its stores named in `only`), each checked to open
+    (a plain one as SQLite, an encrypted one under this at-rest key) before anything is changed;
+    KeyMaterialError naming the first that does not."""
     found = stores_in(directory)
+    if only is not None:
+        names = set(only)
+        found = [p for p in found if p.name in names]
     for path in found:
         try:
             with closing(connect(path, read_only=True, encrypted=is_clear(path) is False)) as db:
@@ -214,12 +269,12 @@ def check_directory(directory: Path) -> list[Path]:
     return found
 
 
-def encrypt_directory(directory: Path) -> list[str]:
+def encrypt_directory(directory: Path, only: Iterable[str] | None = None) -> list[str]:
     """Encrypt every plain store in `directory` under the at-rest key (`encrypt_in_place`), after
     checking they all open; the names encrypted now. The caller marks the directory sealed once
     everything in it is, so that an interruption is finished by running it again."""
-    store_key()
-    return [path.name for path in check_directory(directory) if encrypt_in_place(path)]
+    store_key(Path(directory))
+    return [path.name for path in check_directory(directory, only) if encrypt_in_place(path)]
 
 
 def _open_under(path: Path, literal: str) -> Any | None:
@@ -230,19 +285,23 @@ def _open_under(path: Path, literal: str) -> Any | None:
     try:
         db.execute(f'PRAGMA key = "{literal}"')
         db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except _cipher.DatabaseError:
+    except _cipher.DatabaseError as error:
         db.close()
-        return None
+        if _not_a_database(error):
+            return None
+        raise
     return db
 
 
-def rotate_directory(directory: Path, secrets: dict[str, str], new_at_rest: bytes) -> list[str]:
+def rotate_directory(directory: Path, secrets: dict[str, str], new_at_rest: bytes,
+                     only: Iterable[str] | None = None) -> list[str]:
     """Re-encrypt a sealed directory under a new at-rest key: every sealed secret file named in
     `secrets` ({file name: sealing role}) and every store. The current key is the configured one.
 
     Everything is checked first to open under the current key or the new one (a file already
     under the new key is left: running it again finishes an interrupted rotation); then each
-    secret is resealed and each store re-keyed (`PRAGMA rekey`, one transaction per store).
+    secret is resealed and each store rewritten under the new key (`_reencrypt`: the old file's
+    pages are overwritten, not left in a journal).
     Returns the files changed. The directory's writers must be stopped."""
     directory = Path(directory)
     if not sealing.directory_sealed(directory):
@@ -265,7 +324,7 @@ def rotate_directory(directory: Path, secrets: dict[str, str], new_at_rest: byte
         if plain is not None:
             pending_secrets.append((path, role, plain))
     pending_stores: list[Path] = []
-    for path in stores_in(directory):
+    for path in [p for p in stores_in(directory) if only is None or p.name in set(only)]:
         for literal in (old, new):
             db = _open_under(path, literal)
             if db is not None:
@@ -278,14 +337,5 @@ def rotate_directory(directory: Path, secrets: dict[str, str], new_at_rest: byte
     for path, role, plain in pending_secrets:
         sealing.write_secret_file(path, sealing.seal(plain, role, new_at_rest), shred_old=True)
     for path in pending_stores:
-        db = _open_under(path, old)
-        try:
-            journal = db.execute("PRAGMA journal_mode").fetchone()[0]
-            if journal == "wal":  # SQLCipher re-keys a rollback-journal database only
-                db.execute("PRAGMA journal_mode=DELETE")
-            db.execute(f'PRAGMA rekey = "{new}"')
-            if journal == "wal":
-                db.execute("PRAGMA journal_mode=WAL")
-        finally:
-            db.close()
+        _reencrypt(path, old, new)
     return sorted([p.name for p, _, _ in pending_secrets] + [p.name for p in pending_stores])

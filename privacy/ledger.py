@@ -225,7 +225,8 @@ class BudgetLedger:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = stores.connect(self.path, timeout=busy_timeout, isolation_level=None)
+        with self._busy_as_typed():  # an encrypted store reads its first page on opening
+            self._db = stores.connect(self.path, timeout=busy_timeout, isolation_level=None)
         try:
             with self._busy_as_typed():
                 self._db.execute("PRAGMA journal_mode=WAL")

@@ -254,3 +254,76 @@ def test_rotating_the_at_rest_key_re_encrypts_everything_and_the_old_key_opens_n
     assert last.action == "node.key-rotate" and last.details["key"] == "at-rest"
     assert last.details["new"] == sealing.key_id(sealing.read_key_file(new_key, "k", "k"))
     assert last.details["files"] == 7  # 4 secrets and 3 stores: the ledger was re-keyed before the interruption
+
+
+def test_a_removed_marker_with_planted_clear_stores_is_refused_not_read(tmp_path, federation_data, keys,
+                                                                        monkeypatch) -> None:
+    """Someone with write access but no key deletes the marker and puts clear stores in place
+    (a fresh ledger with budget to spare, a consent store with no withdrawals): the node, run with
+    its key, refuses the directory instead of reading them."""
+    import sqlite3
+
+    monkeypatch.setenv(sealing.KEY_FILE_ENV, str(_key(tmp_path / "k")))
+    node, _ = _busy_node(tmp_path / "node", federation_data, keys)
+    (node.directory / sealing.SEALED_MARKER).unlink()
+    for name in ("ledger.sqlite", "revocations.sqlite"):
+        (node.directory / name).unlink()
+        sqlite3.connect(node.directory / name).close()
+    with pytest.raises(KeyMaterialError, match="is not sealed at rest but an at-rest key is configured"):
+        NodeState.load(node.directory)
+
+
+def test_a_locked_encrypted_ledger_is_busy_not_a_wrong_key(tmp_path, monkeypatch) -> None:
+    from privacy.ledger import BudgetLedger, LedgerBusy
+
+    monkeypatch.setenv(sealing.KEY_FILE_ENV, str(_key(tmp_path / "k")))
+    sealing.mark_sealed(tmp_path)
+    with BudgetLedger(tmp_path / "ledger.sqlite") as ledger:
+        ledger.set_budget(PURPOSE, 1.0, 1e-5)
+    holder = stores.connect(tmp_path / "ledger.sqlite", isolation_level=None)
+    holder.execute("PRAGMA journal_mode=DELETE")  # a rollback-journal lock blocks readers too
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(LedgerBusy, match="is busy"):
+            BudgetLedger(tmp_path / "ledger.sqlite", busy_timeout=0.2)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_an_interrupted_encryption_leaves_the_plain_store_whole(tmp_path, monkeypatch) -> None:
+    import sqlite3
+
+    monkeypatch.setenv(sealing.KEY_FILE_ENV, str(_key(tmp_path / "k")))
+    path = tmp_path / "revocations.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE erasures (pseudonym TEXT PRIMARY KEY, at TEXT NOT NULL)")
+        db.execute("INSERT INTO erasures VALUES ('ab', 'today')")
+    real_replace = os.replace
+
+    def crash(src, dst):  # the machine stops just before the rename
+        raise OSError("power lost")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        stores.encrypt_in_place(path)
+    monkeypatch.setattr(os, "replace", real_replace)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT * FROM erasures").fetchall() == [("ab", "today")]
+    assert stores.encrypt_in_place(path) and stores.is_clear(path) is False  # running it again finishes
+    assert not list(tmp_path.glob(".*encrypting*"))
+    with stores.connect(path, encrypted=True) as db:
+        assert db.execute("SELECT * FROM erasures").fetchall() == [("ab", "today")]
+
+
+def test_the_service_seal_refuses_a_directory_shared_with_other_stores(tmp_path, monkeypatch, capsys) -> None:
+    import sqlite3
+
+    db = tmp_path / "signals.sqlite"
+    assert _cli("serve", "keys", "list", "--db", str(db)) == 0
+    sqlite3.connect(tmp_path / "mlflow.db").execute("CREATE TABLE runs (x)").connection.close()
+    monkeypatch.setenv(sealing.KEY_FILE_ENV, str(_key(tmp_path / "keys" / "k")))
+    capsys.readouterr()
+    assert _cli("serve", "seal", "--db", str(db)) == 2
+    assert "also holds mlflow.db" in capsys.readouterr().err
+    assert stores.is_clear(tmp_path / "mlflow.db") and stores.is_clear(db)

@@ -193,7 +193,11 @@ def _with_node_states(summary: ReleaseSummary, nodes: dict[str, dict[str, str] |
 
 
 def make_app(settings: ServiceSettings) -> FastAPI:
-    """The service over the state `settings` names (created on first use)."""
+    """The service over the state `settings` names (created on first use). A process given an
+    at-rest key refuses a state directory that is not sealed (`federation.sealing.check_keyed`)."""
+    from federation.sealing import check_keyed
+
+    check_keyed(Path(settings.db).parent, f"fedrisk serve seal --db {settings.db}")
     keys = KeyStore(Path(settings.db))
     hospitals = HospitalDirectory(Path(settings.db))
     cohorts = CohortStore(Path(settings.db))

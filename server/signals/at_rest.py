@@ -14,8 +14,20 @@ from pathlib import Path
 
 from federation import sealing, stores
 from federation.errors import ConfigError
+from privacy.alerts import STATE_FILE as ALERT_STATE_FILE
 from privacy.audit import STORES_REKEY, STORES_SEAL
 from server.signals.trail import RequestTrail
+
+
+def _own_stores(db: Path, audit: Path) -> list[str]:
+    """The service's stores beside `db`; ConfigError if the directory holds any other store (a
+    workspace's mlflow.db, another service's): sealing marks the whole directory."""
+    own = [db.name, audit.name, ALERT_STATE_FILE]
+    others = [p.name for p in stores.stores_in(db.parent) if p.name not in own]
+    if others:
+        raise ConfigError(f"--db {db}: its directory also holds {', '.join(others)}; keep the service's stores in a "
+                          "directory of their own before sealing it")
+    return own
 
 
 def seal_service(db: Path, audit: Path) -> list[str]:
@@ -30,7 +42,7 @@ def seal_service(db: Path, audit: Path) -> list[str]:
     if sealing.at_rest_key() is None:
         raise ConfigError(f"set ${sealing.KEY_FILE_ENV} (a key from `fedrisk node seal-key`) or ${sealing.KEY_ENV} "
                           "to the at-rest key first")
-    encrypted = stores.encrypt_directory(directory)
+    encrypted = stores.encrypt_directory(directory, _own_stores(db, audit))
     sealing.mark_sealed(directory)
     RequestTrail(audit).log.append(STORES_SEAL, details={"stores": sorted(encrypted)})
     return encrypted
@@ -45,7 +57,7 @@ def rotate_service_key(db: Path, audit: Path, new_key_file: Path, reason: str) -
         raise ConfigError("--reason must say why (it is audited)")
     new = sealing.read_key_file(Path(new_key_file), f"--new-key-file {new_key_file}", "at-rest key")
     old = sealing.at_rest_key()
-    changed = stores.rotate_directory(Path(db).parent, {}, new)
+    changed = stores.rotate_directory(Path(db).parent, {}, new, _own_stores(Path(db), Path(audit)))
     sealing.use_key_file(Path(new_key_file))
     old_id, new_id = sealing.key_id(old) if old else "", sealing.key_id(new)
     RequestTrail(audit).log.append(STORES_REKEY, details={"old": old_id, "new": new_id, "stores": sorted(changed),
