@@ -15,7 +15,8 @@ from federation.he_codec import KeyBundlePaths, init_keys  # noqa: E402
 
 
 UNIT_TIER = frozenset({
-    "test_accounting.py", "test_architecture.py", "test_sealing.py", "test_encrypted_stores.py", "test_retention.py", "test_record_cache.py", "test_pseudonym_rekey.py", "test_audit.py", "test_certs.py", "test_clipping.py",
+    "test_accounting.py", "test_architecture.py", "test_sealing.py", "test_encrypted_stores.py", "test_retention.py",
+    "test_record_cache.py", "test_pseudonym_rekey.py", "test_audit.py", "test_certs.py", "test_clipping.py",
     "test_deploy_compose.py", "test_grants.py", "test_he_codec.py", "test_ledger.py", "test_ledger_races.py",
     "test_policy.py", "test_round_evaluation.py", "test_synthetic.py", "test_training.py",
     "test_governance_data.py", "test_node_channel.py", "test_calibration.py", "test_cli_usability.py", "test_readiness.py", "test_schema_draft.py", "test_dashboard_wording.py", "test_release_model.py", "test_graded_protection.py", "test_alerts.py", "test_incident.py", "test_backup.py", "test_erasure.py"})

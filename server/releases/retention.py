@@ -121,9 +121,9 @@ def _collect(tracking_uri: str, run_ids: list[str]) -> None:
     """`mlflow gc` of the given (deleted) runs: their rows and their artifact directories go."""
     for start in range(0, len(run_ids), 200):
         batch = run_ids[start:start + 200]
-        done = subprocess.run([sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri,
-                               "--tracking-uri", tracking_uri, "--run-ids", ",".join(batch)], capture_output=True, text=True,
-                              timeout=_GC_TIMEOUT_S, check=False)
+        command = [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri,
+                   "--tracking-uri", tracking_uri, "--run-ids", ",".join(batch)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_GC_TIMEOUT_S, check=False)
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise ConfigError(f"mlflow gc failed on the workspace's store ({last[:200]}); the runs are marked "
