@@ -1,8 +1,8 @@
 """Scale benchmark: the simulation at growing numbers of hospitals and patients, side by side.
 
 For each (hospitals, patients) size, in one process: synthesise the exports, make a CKKS key,
-then time `fedrisk run`'s simulation (`engines.simulation.simulate`, 2 rounds by default) and
-report, per size:
+then time `fedrisk run`'s simulation (`engines.simulation.simulate`, 2 rounds by default, delta
+0.1 / patients so that every hospital's policy admits it) and report, per size:
 
 * before_round_1_s: wall time from the call to the end of round 1, minus round 1 itself (worker
   start-up, imports, noise calibration, MLflow, provisioning and validation of the nodes);
@@ -74,7 +74,7 @@ def measure(hospitals: int, patients: int, rounds: int, work: Path) -> dict[str,
     report = synthesize(hospitals, patients, work / "data", seed=7)
     keys = init_keys(work / "keys")
     config = RunConfig(data_dir=str(report.files[0].parent), keys_dir=str(keys.server_context.parent),
-                       run_dir=str(work / "run"), num_hospitals=hospitals, rounds=rounds)
+                       run_dir=str(work / "run"), num_hospitals=hospitals, rounds=rounds, delta=0.1 / patients)
     ends: dict[int, float] = {}
     began = time.perf_counter()
     with PeakMemory() as memory:

@@ -260,12 +260,13 @@ def _labs(rng: np.random.Generator, conditions: dict[str, np.ndarray], frailty: 
     systolic mmHg, albumin g/dL), shifted by the matching conditions; some are never measured."""
     n = len(frailty)
     labs = {
-        "hba1c": rng.normal(5.4, 0.4, n) + conditions["diabetes"] * rng.gamma(4.0, 0.5, n),
-        "creatinine": rng.lognormal(np.log(0.9) + 0.9 * conditions["ckd"], 0.25),
-        "hemoglobin": rng.normal(np.where(female, 13.2, 14.8) - 1.2 * conditions["ckd"]
-                                 - 0.9 * conditions["cancer"], 1.2),
+        "hba1c": np.clip(rng.normal(5.4, 0.4, n) + conditions["diabetes"] * rng.gamma(4.0, 0.5, n), 3.5, 19.0),
+        "creatinine": np.clip(rng.lognormal(np.log(0.9) + 0.9 * conditions["ckd"], 0.25), 0.2, 24.0),
+        "hemoglobin": np.clip(rng.normal(np.where(female, 13.2, 14.8) - 1.2 * conditions["ckd"]
+                                         - 0.9 * conditions["cancer"], 1.2), 4.0, 24.0),
         "bmi": np.clip(rng.normal(28.0 + 2.5 * conditions["diabetes"], 5.5), 15.0, 65.0),
-        "systolic_bp": rng.normal(122.0 + 14.0 * conditions["hypertension"] + 3.0 * a, 14.0),
+        # clipped where a 5-sigma draw (a few in ten million) would leave what a monitor can record
+        "systolic_bp": np.clip(rng.normal(122.0 + 14.0 * conditions["hypertension"] + 3.0 * a, 14.0), 60.0, 260.0),
         "albumin": np.clip(rng.normal(4.2 - 0.15 * frailty, 0.35), 1.5, 5.5),
     }
     labs = {name: np.round(values, 2 if name == "creatinine" else 1) for name, values in labs.items()}
