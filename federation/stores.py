@@ -159,18 +159,10 @@ def connect(path: Path | str, *, timeout: float = 30.0, isolation_level: str | N
         return sqlite3.connect(target, timeout=timeout, isolation_level=isolation_level, uri=read_only)
     if is_clear(path):
         raise KeyMaterialError(f"{path} is a plain SQLite file in a directory whose stores are encrypted at rest; "
-                               "run `fedrisk node seal` (or `fedrisk signals seal`) to encrypt it")
-    key = store_key(path)
-    _quiet()
-    db = _cipher.connect(target, timeout=timeout, isolation_level=isolation_level, uri=read_only)
-    try:
-        db.execute(f'PRAGMA key = "{key}"')
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except _cipher.DatabaseError as error:
-        db.close()
-        if _not_a_database(error):
-            raise _wrong_key(path) from None
-        raise
+                               "run `fedrisk node seal` (or `fedrisk serve seal`) to encrypt it")
+    db = _keyed(target, store_key(path), timeout=timeout, isolation_level=isolation_level, uri=read_only)
+    if db is None:
+        raise _wrong_key(path)
     return db
 
 
@@ -232,6 +224,23 @@ def _reencrypt(path: Path, old: str | None, new: str) -> None:
     sealing.fsync_directory(path.parent)
 
 
+def _keyed(target: str, literal: str, *, timeout: float = 60.0, isolation_level: str | None = None,
+           uri: bool = False) -> Any | None:
+    """An SQLCipher connection to `target` under the raw-key `literal`, its first page read at once;
+    None if the key does not open it (busy or locked errors pass as such)."""
+    _quiet()
+    db = _cipher.connect(target, timeout=timeout, isolation_level=isolation_level, uri=uri)
+    try:
+        db.execute(f'PRAGMA key = "{literal}"')
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except _cipher.DatabaseError as error:
+        db.close()
+        if _not_a_database(error):
+            return None
+        raise
+    return db
+
+
 def encrypt_in_place(path: Path) -> bool:
     """Encrypt the plain SQLite store at `path` under the at-rest key (`_reencrypt`). False if it
     already is encrypted (checked to open under this key). The store's writers must be stopped."""
@@ -280,17 +289,7 @@ def encrypt_directory(directory: Path, only: Iterable[str] | None = None) -> lis
 def _open_under(path: Path, literal: str) -> Any | None:
     """A connection to the encrypted store `path` under the raw-key `literal`, or None if it does
     not open under it."""
-    _quiet()
-    db = _cipher.connect(str(path), timeout=60.0, isolation_level=None)
-    try:
-        db.execute(f'PRAGMA key = "{literal}"')
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-    except _cipher.DatabaseError as error:
-        db.close()
-        if _not_a_database(error):
-            return None
-        raise
-    return db
+    return _keyed(str(path), literal)
 
 
 def rotate_directory(directory: Path, secrets: dict[str, str], new_at_rest: bytes,
