@@ -68,6 +68,7 @@ class VerifiedDecryptor:
         self.min_contributors = min_contributors
         self.hospital = state.hospital  # type: ignore[attr-defined]
         self.path = Path(state.directory) / DECRYPTIONS_FILE  # type: ignore[attr-defined]
+        self._recorded: dict[str, np.ndarray] = {}
         with closing(stores.connect(self.path, timeout=30.0)) as db, db:
             db.execute("CREATE TABLE IF NOT EXISTS decryptions (identity TEXT PRIMARY KEY, key_id TEXT NOT NULL, "
                        "contributors TEXT NOT NULL, vector BLOB NOT NULL, decrypted_at TEXT NOT NULL)")
@@ -124,13 +125,15 @@ class VerifiedDecryptor:
         """The sum this node verified and decrypted earlier for `expected`, under its current key,
         or None. What a node replays a round from when the server no longer sends that round's
         contributions (they are the same this node verified: a different set is never decrypted)."""
-        with closing(stores.connect(self.path, timeout=30.0)) as db:
-            row = db.execute("SELECT key_id, vector FROM decryptions WHERE identity = ?",
-                             (expected.identity,)).fetchone()
-        if row is None or row[0] != self.key.key_id:
-            return None
-        values = np.frombuffer(row[1], dtype="<f8").copy()
-        return values if len(values) == expected.length else None
+        if expected.identity not in self._recorded:  # a record, once written, never changes: read it once
+            with closing(stores.connect(self.path, timeout=30.0)) as db:
+                row = db.execute("SELECT key_id, vector FROM decryptions WHERE identity = ?",
+                                 (expected.identity,)).fetchone()
+            if row is None or row[0] != self.key.key_id:
+                return None
+            self._recorded[expected.identity] = np.frombuffer(row[1], dtype="<f8").copy()
+        values = self._recorded[expected.identity]
+        return values.copy() if len(values) == expected.length else None
 
     def decrypt(self, contributions: Sequence[SignedContribution], expected: Expected) -> np.ndarray:
         """The flooded, rounded sum of the verified contributions (see the module docstring)."""
