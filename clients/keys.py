@@ -217,12 +217,9 @@ def rotate_at_rest_key(state: NodeState, new_key_file: Path, reason: str) -> tup
     process uses the new one. The node must not be serving. Run it again (with the old key still
     configured) to finish an interrupted rotation."""
     why = _reason(reason)
-    new = sealing.read_key_file(Path(new_key_file), f"--new-key-file {new_key_file}", "node at-rest key")
-    old = sealing.at_rest_key()
     staged = {STAGED_PSEUDONYM_FILE: sealing.ROLE_PSEUDONYM, f".{HOSPITAL_CONTEXT_FILE}.new": sealing.ROLE_CKKS}
-    changed = stores.rotate_directory(state.directory, {**dict(SECRET_FILES), **staged}, new)
-    sealing.use_key_file(Path(new_key_file))
-    old_id, new_id = sealing.key_id(old) if old else "", sealing.key_id(new)
+    changed, old_id, new_id = stores.rotate_to_key_file(state.directory, {**dict(SECRET_FILES), **staged},
+                                                        Path(new_key_file))
     state.audit().append(NODE_KEY_ROTATE, details={"key": "at-rest", "old": old_id, "new": new_id,
                                                    "files": len(changed), "reason": why})
     return old_id, new_id

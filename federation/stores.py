@@ -338,3 +338,15 @@ def rotate_directory(directory: Path, secrets: dict[str, str], new_at_rest: byte
     for path in pending_stores:
         _reencrypt(path, old, new)
     return sorted([p.name for p, _, _ in pending_secrets] + [p.name for p in pending_stores])
+
+
+def rotate_to_key_file(directory: Path, secrets: dict[str, str], new_key_file: Path,
+                       only: Iterable[str] | None = None) -> tuple[list[str], str, str]:
+    """`rotate_directory` under the key in `new_key_file`, which then becomes this process's
+    at-rest key (so the caller's audit entry is written under it). Returns the files changed and
+    the old and new keys' public fingerprints."""
+    new = sealing.read_key_file(Path(new_key_file), f"--new-key-file {new_key_file}", "at-rest key")
+    old = sealing.at_rest_key()
+    changed = rotate_directory(directory, secrets, new, only)
+    sealing.use_key_file(Path(new_key_file))
+    return changed, sealing.key_id(old) if old else "", sealing.key_id(new)

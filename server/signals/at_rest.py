@@ -55,11 +55,8 @@ def rotate_service_key(db: Path, audit: Path, new_key_file: Path, reason: str) -
     why = " ".join(str(reason or "").split())
     if not why:
         raise ConfigError("--reason must say why (it is audited)")
-    new = sealing.read_key_file(Path(new_key_file), f"--new-key-file {new_key_file}", "at-rest key")
-    old = sealing.at_rest_key()
-    changed = stores.rotate_directory(Path(db).parent, {}, new, _own_stores(Path(db), Path(audit)))
-    sealing.use_key_file(Path(new_key_file))
-    old_id, new_id = sealing.key_id(old) if old else "", sealing.key_id(new)
+    changed, old_id, new_id = stores.rotate_to_key_file(Path(db).parent, {}, Path(new_key_file),
+                                                        _own_stores(Path(db), Path(audit)))
     RequestTrail(audit).log.append(STORES_REKEY, details={"old": old_id, "new": new_id, "stores": sorted(changed),
                                                           "reason": why})
     return old_id, new_id

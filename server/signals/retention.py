@@ -9,15 +9,15 @@ does not refund the privacy it cost: that was charged at the hospitals when it w
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 from federation.errors import ConfigError
 from privacy.audit import COHORTS_PURGE
+from server.retention import retention_cutoff
 from server.signals.cohorts import CohortStore
 from server.signals.trail import RequestTrail
 
-MAX_RETENTION_DAYS = 36500
 _LISTED_IDS = 50  # the audit entry names at most this many tables (an entry is a summary, never a dump)
 
 
@@ -25,13 +25,9 @@ def purge_cohorts(db: Path, audit: Path, older_than_days: int, *, now: datetime 
                   dry_run: bool = False) -> list[str]:
     """Delete the cohort tables in `db` approved more than `older_than_days` ago and audit it in
     `audit`; the ids deleted (or, with `dry_run`, that would be, changing nothing)."""
-    if isinstance(older_than_days, bool) or not isinstance(older_than_days, int) \
-            or not 1 <= older_than_days <= MAX_RETENTION_DAYS:
-        raise ConfigError(f"--cohorts-older-than-days must be a whole number of days from 1 to "
-                          f"{MAX_RETENTION_DAYS}, got {older_than_days!r}")
+    cutoff = retention_cutoff(older_than_days, "--cohorts-older-than-days", now)
     if not Path(db).is_file():
         raise ConfigError(f"--db {db}: no signals service store there")
-    cutoff = (now or datetime.now(UTC)) - timedelta(days=older_than_days)
     ids = CohortStore(Path(db)).purge(cutoff, dry_run=dry_run)
     if ids and not dry_run:
         RequestTrail(Path(audit)).log.append(COHORTS_PURGE, details={
