@@ -10,7 +10,7 @@ from pathlib import Path
 
 from federation.config import RunConfig
 from federation.errors import ConfigError
-from privacy.audit import CONSENT_RESTORE, CONSENT_REVOKE, NODE_ENROL
+from privacy.audit import CONSENT_RESTORE, CONSENT_REVOKE, NODE_ENROL, hospital_names
 
 NODE_DIR_HELP = "the node's state directory (made by `fedrisk node init --dir`)"
 
@@ -329,7 +329,7 @@ def _cmd_node_enrol(args: argparse.Namespace) -> int:
             if manifest.hospitals.get(state.hospital) != state.signing_key().public_hex:
                 raise ConfigError(f"{source} does not list {state.hospital} with this node's signing key")
             manifest.save(state.directory)
-            state.audit().append(NODE_ENROL, details={"hospitals": sorted(manifest.hospitals)})
+            state.audit().append(NODE_ENROL, details={"hospitals": hospital_names(manifest.hospitals)})
         print(f"installed the manifest of {len(manifest.hospitals)} hospital(s) in {len(states)} node(s)")
         return 0
     manifest = enrol(states)

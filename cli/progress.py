@@ -1,9 +1,10 @@
 """What a long command shows while it works.
 
-On a terminal, a Rich progress display: a spinner with the elapsed time while the checks run and
-Flower's simulation engine starts, then a bar over the run's rounds, each finished round's line
-printed above it. Piped or redirected (a log file, CI), the same information as plain lines: the
-"starting" line, then one line per round.
+On a terminal, a Rich progress display: a spinner with the elapsed time and what is happening now
+(the checks, provisioning node i of N, Flower's simulation engine starting, the census, then each
+round's training and evaluation), a bar over the run's rounds, each finished round's line printed
+above it. Piped or redirected (a log file, CI), the same information as plain lines: the
+"starting" line, a line when the run moves to another step, one line per finished round.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Working:
         self.terminal = self.stream.isatty() if terminal is None else terminal
         self._progress: Any = None
         self._task: Any = None
+        self._printed = ""  # the step a plain log last got a line for
 
     def __enter__(self) -> "Working":
         if not self.terminal:
@@ -50,7 +52,11 @@ class Working:
         return self
 
     def callback(self, event: str, data: dict[str, Any]) -> None:
-        """Show one engine event: a finished round advances the bar and prints its line."""
+        """Show one engine event: a step of the run (`server.training_run.stage`) becomes the
+        display's description; a finished round advances the bar and prints its line."""
+        if event == "stage":
+            self._show_stage(data)
+            return
         if event != "round":
             return
         from engines.simulation import round_line
@@ -61,6 +67,17 @@ class Working:
             return
         self._progress.console.print(line, markup=False, highlight=False)
         self._progress.update(self._task, completed=int(data["round"]), description=self.what)
+
+    def _show_stage(self, data: dict[str, Any]) -> None:
+        text = str(data.get("text", data.get("stage", "")))
+        if "done" in data and "total" in data:
+            text += f" {int(data['done'])}/{int(data['total'])}"
+        key = str(data.get("stage", ""))
+        if self._progress is not None:
+            self._progress.update(self._task, description=f"{self.what}: {text}")
+        elif key not in ("checks", self._printed):  # the "starting" line said the checks; a line per step, not per node
+            self._printed = key
+            print(f"{self.what}: {text}", file=self.stream, flush=True)
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:

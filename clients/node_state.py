@@ -32,17 +32,19 @@ from clients import encoding
 from clients.data import HospitalData
 from clients.deidentify import PSEUDONYM, deidentify
 from clients.schema import SHIPPED_SYNTHETIC_SCHEMA, ExportSchema
-from clients.validation import validate_export
+from clients.validation import export_digest, record_validated, validate_export, validate_unless_stamped
 from federation import sealing
 from federation.contributions import SIGNING_KEY_FILE, FederationManifest, SigningKey
 from federation.errors import ConfigError, DataError, KeyMaterialError
 from federation.he_codec import HOSPITAL_CONTEXT_FILE, HospitalKey
-from privacy.audit import DATA_LOAD, NODE_ENROL, NODE_INIT, REFUSAL, ROLE_HOSPITAL, AuditLog, Digest
+from privacy.audit import DATA_LOAD, NODE_ENROL, NODE_INIT, REFUSAL, ROLE_HOSPITAL, AuditLog, Digest, hospital_names
 from privacy.consent import RevocationRegistry
 from privacy.ledger import BudgetLedger
 from privacy.pseudonym import KEY_BYTES, PseudonymKey
 
 NODE_FILE = "node.json"
+VALIDATED_FILE = "export_validated"
+"""In the node directory: the digest of the last export that passed a pre-flight validation."""
 STAGED_PSEUDONYM_FILE = ".pseudonym.key.rekey"
 """A new pseudonym key staged by a re-key that has not completed (`clients.keys.rekey_pseudonyms`)."""
 RETIRED_PSEUDONYM_FILE = "pseudonym_keys_retired"
@@ -153,6 +155,12 @@ class NodeState:
         """The export schema the hospital declared."""
         return ExportSchema.load(self.schema_file)
 
+    def check_export(self) -> None:
+        """Validate the export against the schema, unless these exact bytes passed before (a
+        simulation's pre-flight over hundreds of nodes then costs a hash per export; loading
+        records always validates)."""
+        validate_unless_stamped(self.data_file, self.schema(), self.schema_file, self.directory / VALIDATED_FILE)
+
     @classmethod
     def init(cls, directory: Path, *, hospital: str, data_file: Path, key_file: Path,
              budgets: dict[str, tuple[float, float]], schema_file: Path | None = None) -> "NodeState":
@@ -168,7 +176,8 @@ class NodeState:
             raise ConfigError("a node needs at least one purpose budget (--budget PURPOSE=EPSILON)")
         schema_file = Path(schema_file or SHIPPED_SYNTHETIC_SCHEMA).resolve()
         schema = ExportSchema.load(schema_file)
-        validate_export(Path(data_file), schema)
+        digest = export_digest(Path(data_file), schema_file)
+        validate_export(Path(data_file), schema)  # nothing is written before the export passes
         if not Path(key_file).is_file():
             raise ConfigError(f"hospital CKKS context not found: {key_file}")
         HospitalKey.load(Path(key_file))
@@ -188,6 +197,7 @@ class NodeState:
             for purpose, (epsilon, delta) in budgets.items():
                 ledger.set_budget(purpose, epsilon, delta)
         state.revocations()
+        record_validated(directory / VALIDATED_FILE, state.data_file, schema_file, digest)  # pre-flight: no re-check
         state.audit().append(NODE_INIT, details={"purposes": sorted(budgets), "sealed": sealed})
         (directory / NODE_FILE).write_text(json.dumps({
             "hospital": hospital, "data_file": _stored(state.data_file, state.directory),
@@ -286,5 +296,5 @@ def enrol(states: list[NodeState]) -> FederationManifest:
     for state in states:
         manifest.save(state.directory)
         state.audit().append(NODE_ENROL, details={"federation": Digest(manifest.federation),
-                                                    "hospitals": sorted(keys)})
+                                                    "hospitals": hospital_names(keys)})
     return manifest

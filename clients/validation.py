@@ -13,6 +13,7 @@ zeros and a typo in a number is reported rather than silently turned into a miss
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from dataclasses import dataclass
@@ -110,6 +111,10 @@ def category_text(series: pd.Series) -> pd.Series:
             return text.split(".")[0] if re.fullmatch(r"-?\d+\.0+", text) else text
         return pd.NA
 
+    if pd.api.types.infer_dtype(series, skipna=True) == "string":  # the common case: each distinct text once
+        codes, uniques = pd.factorize(series, use_na_sentinel=True)
+        mapped = pd.array([one(value) for value in uniques] + [pd.NA], dtype="string")
+        return pd.Series(mapped.take(np.where(codes < 0, len(uniques), codes)), index=series.index)
     return series.map(one).astype("string")
 
 
@@ -281,3 +286,47 @@ def validate_export(path: Path, schema: ExportSchema) -> ValidatedExport:
     except pa.errors.SchemaError:
         raise ValidationFailed(f"{path}: does not match its schema {schema.source}") from None
     return ValidatedExport(path=path, table=_typed(frame, schema), schema=schema)
+
+
+_VALIDATOR = hashlib.sha256(b"".join(Path(module).read_bytes() for module in (__file__, Path(__file__).with_name(
+    "schema.py")))).hexdigest()
+"""The validation code itself: a stamp made by another version of it does not count."""
+
+
+def export_digest(data_file: Path, schema_file: Path) -> str | None:
+    """SHA-256 of this validator, the schema file and the export's bytes: what an export's
+    validation result depends on (None when a file cannot be read: validating says why)."""
+    digest = hashlib.sha256(_VALIDATOR.encode())
+    try:
+        for path in (schema_file, data_file):
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+            digest.update(b"\0")
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def validate_unless_stamped(data_file: Path, schema: ExportSchema, schema_file: Path, stamp: Path) -> None:
+    """Validate the export unless `stamp` records that these exact bytes, under this schema and
+    this validator, passed before; record a pass. A pre-flight check on the driver (the hospital
+    node always validates what it loads, in its own process); the stamp holds only a digest, so
+    an edited, replaced or re-exported file is validated again."""
+    before = export_digest(data_file, schema_file)
+    try:
+        if before is not None and stamp.read_text().strip() == before:
+            return
+    except OSError:
+        pass
+    validate_export(data_file, schema)
+    record_validated(stamp, data_file, schema_file, before)
+
+
+def record_validated(stamp: Path, data_file: Path, schema_file: Path, before: str | None) -> None:
+    """Write `stamp` for an export that passed validation, whose digest was `before` when the
+    validation began; nothing if the file changed since (what passed may not be what is there)."""
+    if before is not None and export_digest(data_file, schema_file) == before:
+        partial = stamp.with_name(stamp.name + ".partial")
+        partial.write_text(before + "\n")
+        partial.replace(stamp)

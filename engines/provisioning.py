@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from clients.data import hospital_files
 from clients.node_state import TEST_FRACTION, NodeState, enrol
@@ -19,8 +20,10 @@ from federation.errors import ConfigError, warn_user
 
 
 def provision_nodes(data_dir: Path, key_file: Path, nodes_dir: Path, *, purposes: dict[str, tuple[float, float]],
-                    count: int | None = None, schema_file: Path | None = None) -> list[NodeState]:
-    """One node directory per hospital file (named after the file), with `purposes` budgets."""
+                    count: int | None = None, schema_file: Path | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> list[NodeState]:
+    """One node directory per hospital file (named after the file), with `purposes` budgets.
+    `progress(done, total)` is called before each node is made (and once when all are)."""
     files = hospital_files(Path(data_dir))
     if count is not None:
         if len(files) < count:
@@ -33,8 +36,14 @@ def provision_nodes(data_dir: Path, key_file: Path, nodes_dir: Path, *, purposes
     if nodes_dir.exists() and any(nodes_dir.iterdir()):
         raise ConfigError(f"{nodes_dir} already holds node directories")
     try:
-        states = [NodeState.init(nodes_dir / path.stem, hospital=path.stem, data_file=path, key_file=key_file,
-                                 budgets=purposes, schema_file=schema_file) for path in files]
+        states = []
+        for path in files:
+            if progress:
+                progress(len(states), len(files))
+            states.append(NodeState.init(nodes_dir / path.stem, hospital=path.stem, data_file=path, key_file=key_file,
+                                         budgets=purposes, schema_file=schema_file))
+        if progress:
+            progress(len(states), len(files))
         for state in states:  # the data scientist plays every hospital: its policy allows what its budgets do
             NodePolicy.for_budgets(purposes).save(state.directory)
         enrol(states)

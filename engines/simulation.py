@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from clients.app import make_client_app
-from clients.validation import validate_export
 from engines.provisioning import load_nodes, provision_nodes, warn_small_hospitals, record_release_inputs
 from federation.config import RunConfig
 from federation.errors import FedriskError, KeyMaterialError, ProtocolError
@@ -28,6 +27,7 @@ from federation.he_codec import (
 )
 from federation.round_evaluation import AUC, BRIER, LOG_LOSS, SE_SUFFIX
 from server.app import FederatedResult, Progress, make_server_app
+from server.training_run import stage
 from server.tracking import ROUND_EPSILON_MAX, ROUND_SECONDS
 
 
@@ -50,14 +50,16 @@ def print_rounds(stream: TextIO) -> Progress:
     return show
 
 
-def preflight(config: RunConfig) -> RunConfig:
+def preflight(config: RunConfig, progress: Progress | None = None) -> RunConfig:
     """Check everything that can be checked before any process starts, so a bad input costs
     seconds and leaves nothing behind: the key material is of the right kind on each side and
     is the same key; every hospital's export validates against its schema. Without a
     `nodes_dir`, node directories are provisioned under the run directory from `data_dir`.
-    Returns the config with `nodes_dir` set."""
+    Returns the config with `nodes_dir` set; `progress` hears the provisioning's steps."""
     from clients.data import cache_budget
 
+    notify = progress or (lambda event, data: None)
+    stage(notify, "checks", "checking the keys and every hospital's export")
     cache_budget()  # a bad $FEDRISK_RECORD_CACHE_MB fails here, not in a worker mid-round
     server = ServerContext.load(Path(config.keys_dir))
     key_path = Path(config.keys_dir) / HOSPITAL_CONTEXT_FILE
@@ -74,7 +76,7 @@ def preflight(config: RunConfig) -> RunConfig:
     if config.nodes_dir:
         states = load_nodes(Path(config.nodes_dir), config.num_hospitals)
         for state in states:
-            validate_export(state.data_file, state.schema())
+            state.check_export()
             if state.hospital_key().key_id != server.key_id:
                 raise KeyMaterialError(f"{state.directory}: the node's CKKS key is not the federation's key "
                                        f"{server.key_id} (after a rotation: `fedrisk node rotate ckks`)")
@@ -85,7 +87,10 @@ def preflight(config: RunConfig) -> RunConfig:
     nodes_dir = Path(config.run_dir) / "nodes"
     states = provision_nodes(Path(config.data_dir), key_path, nodes_dir, count=config.num_hospitals,
                              purposes={config.purpose: (config.provision_budget, config.delta)},
-                             schema_file=Path(config.schema_file) if config.schema_file else None)
+                             schema_file=Path(config.schema_file) if config.schema_file else None,
+                             progress=lambda done, total: stage(notify, "provision", "provisioning hospital nodes "
+                                                                "(validating and pseudonymising each export)",
+                                                                done=done, total=total))
     config = config.replace(nodes_dir=str(nodes_dir))
     if not config.query:
         warn_small_hospitals(states, config.sample_rate)
@@ -120,7 +125,7 @@ def simulate(config: RunConfig, progress: Progress | None = None, verbose: bool 
 
     run_dir_existed = Path(config.run_dir).exists()
     provisioned = not config.nodes_dir
-    config = preflight(config)
+    config = preflight(config, progress)
     try:
         result = _run(config, progress, verbose, run_simulation)
     except BaseException:
@@ -147,6 +152,7 @@ def _run(config: RunConfig, progress: Progress | None, verbose: bool, run_simula
         warnings.filterwarnings("ignore")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+    stage(progress or (lambda event, data: None), "engine", "starting Flower's simulation engine")
     cpus = max(1, min(os.cpu_count() or 1, config.num_hospitals))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose,

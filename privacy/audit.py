@@ -32,7 +32,7 @@ import math
 import os
 import re
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
 from dataclasses import astuple, dataclass, replace
 from datetime import datetime, timedelta, timezone
@@ -113,6 +113,20 @@ class Digest(str):
 
 
 _HEX_DIGEST = re.compile(r"[0-9a-f]{12,128}")
+
+NAMES_LISTED_UP_TO = 64
+"""`hospital_names` lists up to this many names in an entry; more are summarised (an audit entry
+is at most MAX_DETAILS_CHARS, and a 500-hospital federation's names are not)."""
+
+
+def hospital_names(names: Iterable[str]) -> object:
+    """Hospital names for an entry's details: the sorted list, or for a federation of more than
+    NAMES_LISTED_UP_TO, {"count", "sha256" of the sorted names one per line}, which the full list
+    (the manifest, the run's summary) can be checked against."""
+    ordered = sorted(names)
+    if len(ordered) <= NAMES_LISTED_UP_TO:
+        return ordered
+    return {"count": len(ordered), "sha256": Digest(hashlib.sha256("\n".join(ordered).encode()).hexdigest())}
 
 
 @dataclass(frozen=True)

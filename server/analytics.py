@@ -247,7 +247,7 @@ def _query_model(config: RunConfig, query: CohortQuery) -> np.ndarray | None:
 def run_analytics(grid: Grid, config: RunConfig) -> QueryResult:
     """The ServerApp's job for a run whose config carries a `query`: answer it, write the
     table under `<run-dir>/queries/`, track it in MLflow and audit the release (or refusal)."""
-    from privacy.audit import ROLE_SERVER, AuditLog, Digest
+    from privacy.audit import ROLE_SERVER, AuditLog, Digest, hospital_names
     from federation.run_dir import SERVER_AUDIT_FILE
     from server.tracking import track_query
 
@@ -265,6 +265,6 @@ def run_analytics(grid: Grid, config: RunConfig) -> QueryResult:
     result.mlflow_run_id = track_query(config, result, [Path(p) for p in result.files])
     audit.append(ANALYTICS_RELEASE, purpose=query.purpose, epsilon=result.epsilon, details={
         "run": run_id, "query": query.name, "digest": Digest(query.digest()), "measure": query.measure,
-        "hospitals": result.hospitals, "cells": len(query.layout().cells),
+        "hospitals": hospital_names(result.hospitals), "cells": len(query.layout().cells),
         "suppressed-cells": int(result.table["suppressed"].sum()), "mlflow-run": Digest(result.mlflow_run_id)})
     return result

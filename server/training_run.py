@@ -35,6 +35,7 @@ from privacy.audit import (
     RUN_START,
     AuditLog,
     Digest,
+    hospital_names,
 )
 from server.calibration import Calibration, calibrate_release
 from server.checkpoint import Checkpoint, new_run_id
@@ -44,6 +45,16 @@ from server.tracking import (ROUND_BYTES_DOWN, ROUND_BYTES_UP, ROUND_CONTRIBUTOR
                              ROUND_HOSPITALS, ROUND_REJECTED, ROUND_SECONDS, RunTracker, privacy_report)
 
 Progress = Callable[[str, dict], None]
+"""A run's progress callback: (event, data). Events: "stage" (data: `stage`, a short key, and
+`text`, what is happening now, for a display), "round" (a finished round's metrics), "resume",
+"rejected" (a reply the server refused)."""
+
+STAGE = "stage"
+
+
+def stage(notify: Progress, key: str, text: str, **data: object) -> None:
+    """Tell the progress display what the run does now (start-up steps, then each round's steps)."""
+    notify(STAGE, {"stage": key, "text": text, **data})
 
 
 @dataclass
@@ -156,8 +167,12 @@ class _Run:
 
     def run(self) -> FederatedResult:
         config, strategy, checkpoint = self.config, self.strategy, self.checkpoint
+        stage(self.notify, "nodes", f"waiting for {config.num_hospitals} hospital nodes to connect")
         nodes = wait_for_nodes(self.grid, config.num_hospitals, config.required_replies, config.round_timeout)
+        stage(self.notify, "census", f"{len(nodes)} hospital nodes connected; census (each node checks its policy "
+              "and budget and calibrates its noise)")
         self._census(nodes)
+        stage(self.notify, "tracking", "starting the MLflow run")
         tracker = RunTracker(config, resume_run_id=checkpoint.mlflow_run_id if checkpoint else "", run_name=self.run_id)
         if checkpoint:
             self.audit.append(RUN_RESUME, purpose=config.purpose, details={
@@ -218,9 +233,13 @@ class _Run:
         """Train, aggregate, evaluate; then log and checkpoint the round."""
         config, strategy = self.config, self.strategy
         began = time.perf_counter()
+        stage(self.notify, "train", f"round {server_round}/{config.rounds}: DP-SGD training at the hospitals",
+              round=server_round)
         replies = self._send(server_round, list(strategy.configure_train(server_round, None, ConfigRecord(), self.grid)),
                              "training")
         _, train_metrics = strategy.aggregate_train(server_round, replies)
+        stage(self.notify, "evaluate", f"round {server_round}/{config.rounds}: DP evaluation at the hospitals",
+              round=server_round)
         replies = self._send(server_round, list(strategy.configure_evaluate(server_round, None, ConfigRecord(), self.grid)),
                              "evaluation")
         evaluation = strategy.aggregate_evaluate(server_round, replies)
@@ -236,7 +255,7 @@ class _Run:
                    ROUND_SECONDS: seconds}
         tracker.log_round(server_round, metrics)
         self.audit.append(ROUND_TRAIN, purpose=config.purpose, epsilon=metrics[ROUND_EPSILON_MAX], details={
-            "run": self.run_id, "round": server_round, "contributors": strategy.contributors[server_round],
+            "run": self.run_id, "round": server_round, "contributors": hospital_names(strategy.contributors[server_round]),
             "dp-auc": round(metrics[AUC], 6) if np.isfinite(metrics[AUC]) else None})
         self.rounds[server_round] = metrics
         Checkpoint(run_id=self.run_id, fingerprint=config.fingerprint(), completed_round=server_round,

@@ -303,3 +303,21 @@ def test_concurrent_appends_from_four_processes_keep_one_verifying_chain(tmp_pat
     seen = {(e.identity, e.details["i"]) for e in entries}
     assert seen == {(f"worker-{w}", i) for w in range(workers) for i in range(count)}
     assert log.head().count == workers * count  # type: ignore[union-attr]
+
+
+def test_a_federation_of_500_hospitals_fits_an_entry_and_its_names_can_be_checked(tmp_path: Path) -> None:
+    """An enrolment or a round of 500 hospitals used to exceed an entry's size and fail the run at
+    provisioning; past NAMES_LISTED_UP_TO names the entry holds the count and a digest of the
+    sorted names, which the manifest's list reproduces, and a small federation is still listed."""
+    from privacy.audit import NAMES_LISTED_UP_TO, NODE_ENROL, hospital_names
+
+    names = [f"hospital_{i:03d}" for i in range(500)]
+    log = AuditLog(tmp_path / "audit.sqlite", role=ROLE_HOSPITAL, identity="hospital_000")
+    log.append(NODE_ENROL, details={"hospitals": hospital_names(reversed(names))})
+    log.append(ROUND_TRAIN, purpose="credit-risk-research", epsilon=0.5,
+               details={"contributors": hospital_names(names[:NAMES_LISTED_UP_TO])})
+    enrol, round_entry = log.entries()
+    summary = json.loads(enrol.details_json)["hospitals"]
+    assert summary == {"count": 500, "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+    assert json.loads(round_entry.details_json)["contributors"] == names[:NAMES_LISTED_UP_TO]
+    assert log.verify().problems == []

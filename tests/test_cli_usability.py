@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
+import pytest
+
 from cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,6 +101,66 @@ def test_preflight_warns_of_files_left_out_and_of_a_hospital_too_small_to_train(
     assert "MRN-" not in err  # counts and names only
     preflight(config.replace(run_dir=str(tmp_path / "run2"), num_hospitals=3, sample_rate=0.5))
     assert capsys.readouterr().err == ""  # nothing to warn of
+
+
+def test_preflight_over_provisioned_nodes_validates_only_an_export_that_changed(tmp_path: Path, monkeypatch) -> None:
+    """A run on provisioned nodes does not re-validate on the driver an export whose bytes passed
+    before (a hash per node, not a validation: 500 hospitals' pre-flight took minutes); an export
+    edited since is validated again and refused, naming the file, before any engine starts."""
+    import clients.validation as validation
+    from engines.provisioning import provision_nodes
+    from engines.simulation import preflight
+    from experiments.synthetic import synthesize
+    from federation.config import RunConfig
+    from federation.errors import DataError
+    from federation.he_codec import init_keys
+
+    report = synthesize(3, 3_000, tmp_path / "data", seed=2)
+    keys = init_keys(tmp_path / "keys")
+    provision_nodes(tmp_path / "data", keys.hospital_context, tmp_path / "nodes",
+                    purposes={"credit-risk-research": (6.0, 1e-5)})
+    validated: list[Path] = []
+    real = validation.validate_export
+    monkeypatch.setattr(validation, "validate_export", lambda path, schema: validated.append(Path(path)) or real(path, schema))
+    config = RunConfig(nodes_dir=str(tmp_path / "nodes"), keys_dir=str(keys.server_context.parent),
+                       run_dir=str(tmp_path / "run"), num_hospitals=3, sample_rate=0.5)
+    preflight(config)
+    assert validated == []  # provisioning validated these bytes: the pre-flight hashed them only
+    victim = report.files[1]
+    frame = pd.read_csv(victim) if victim.suffix == ".csv" else pd.read_parquet(victim)
+    frame.loc[frame.index[0], "age"] = -40  # out of the schema's range
+    frame.to_csv(victim, index=False) if victim.suffix == ".csv" else frame.to_parquet(victim, index=False)
+    with pytest.raises(DataError, match=victim.name):
+        preflight(config)
+    assert validated == [victim.resolve()] or validated == [victim]
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_start_up_steps_reach_the_display_a_line_per_step_in_a_log() -> None:
+    """What the run does before round 1 (provisioning node i of N, the engine, the census) is
+    shown: a terminal's description follows it, a log gets one line per step, not per node."""
+    import io
+
+    from cli.progress import Working
+
+    steps = [("provision", "provisioning hospital nodes", {"done": i, "total": 3}) for i in range(4)]
+    steps += [("engine", "starting Flower's simulation engine", {}), ("census", "3 hospital nodes connected", {}),
+              ("train", "round 1/2: DP-SGD training at the hospitals", {"round": 1})]
+    log = io.StringIO()
+    with Working("training at 3 hospitals", 2, stream=log, terminal=False) as working:
+        for key, text, data in steps:
+            working.callback("stage", {"stage": key, "text": text, **data})
+        working.callback("round", _round(1, 2))
+    lines = log.getvalue().splitlines()
+    assert [line.split(": ", 1)[1].split(" ")[0] for line in lines[1:5]] == ["provisioning", "starting", "3", "round"]
+    assert lines[1].endswith("0/3") and "round 1/2  DP pooled AUC" in lines[5] and len(lines) == 6
+    with Working("training at 3 hospitals", 2, stream=io.StringIO(), terminal=True) as working:
+        shown = []
+        for key, text, data in steps:
+            working.callback("stage", {"stage": key, "text": text, **data})
+            shown.append(working._progress.tasks[0].description)
+    assert shown[3] == "training at 3 hospitals: provisioning hospital nodes 3/3"
+    assert shown[-1] == "training at 3 hospitals: round 1/2: DP-SGD training at the hospitals"
 
 
 def _round(number: int, rounds: int) -> dict:
