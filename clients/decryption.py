@@ -34,7 +34,7 @@ from federation import stores
 from federation.contributions import FederationManifest, SignedContribution
 from federation.errors import ProtocolError
 from federation.he_codec import CONTRIBUTOR_UNIT, MAX_DECRYPTIONS_PER_KEY, HospitalKey, ReplyRejected
-from privacy.audit import ANCHOR_BEHIND, CONTRIBUTION_DROPPED, DECRYPTION
+from privacy.audit import ANCHOR_BEHIND, CONTRIBUTION_DROPPED, DECRYPTION, hospital_names
 
 DECRYPTIONS_FILE = "decryptions.sqlite"
 
@@ -173,7 +173,7 @@ class VerifiedDecryptor:
                          "another set of contributions")
         self.state.audit().append(DECRYPTION, details={  # type: ignore[attr-defined]
             "run": expected.run, "round": expected.round, "step": expected.step,
-            "contributors": [c.header.hospital for c in items]})
+            "contributors": hospital_names(c.header.hospital for c in items)})
         return np.frombuffer(stored[1], dtype="<f8").copy()
 
 

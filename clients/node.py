@@ -318,8 +318,8 @@ class HospitalNode:
 
     # --- train --------------------------------------------------------------------------------
     def _evaluation_mechanism(self) -> GaussianMechanism:
-        z = round_evaluation.evaluation_noise_multiplier(self.config.evaluation_budget, self.config.delta,
-                                                         self.config.rounds)
+        z = round_evaluation.remembered_evaluation_noise(self.state.directory / NOISE_CACHE, self.config.evaluation_budget,
+                                                         self.config.delta, self.config.rounds)
         return GaussianMechanism.gaussian_release(noise_multiplier=z)
 
     def noise_multiplier(self) -> float:

@@ -41,11 +41,12 @@ from __future__ import annotations
 import math
 import numbers
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
 from federation.errors import ConfigError
-from privacy.accounting import GaussianMechanism
+from privacy.accounting import GaussianMechanism, remembered
 
 SCORE_BINS: tuple[float, ...] = (0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.13, 0.16, 0.20, 0.25, 0.30,
                                  0.40, 0.50, 0.70, 1.0)
@@ -124,10 +125,25 @@ def evaluation_noise_multiplier(epsilon: float, delta: float, releases: int = 1)
     return _calibrated(epsilon, delta, _count(releases, "releases"))
 
 
+def remembered_evaluation_noise(cache: Path, epsilon: float, delta: float, releases: int = 1) -> float:
+    """`evaluation_noise_multiplier`, remembered in the JSON file `cache` for the next process
+    (`privacy.accounting.remembered`): a remembered z is used only if its releases spend between
+    99.5% and 100% of `epsilon` (what the bisection guarantees; two evaluations, not fourteen)."""
+    def usable(z: float) -> bool:
+        return 0.995 * epsilon <= _spent(z, releases, delta) <= epsilon
+
+    return remembered(cache, ["evaluation", epsilon, delta, releases], usable=usable,
+                      compute=lambda: evaluation_noise_multiplier(epsilon, delta, releases))
+
+
+def _spent(z: float, releases: int, delta: float) -> float:
+    return GaussianMechanism.gaussian_release(noise_multiplier=z, count=releases).epsilon(delta)
+
+
 @lru_cache(maxsize=256)
 def _calibrated(epsilon: float, delta: float, releases: int) -> float:
     def spent(z: float) -> float:
-        return GaussianMechanism.gaussian_release(noise_multiplier=z, count=releases).epsilon(delta)
+        return _spent(z, releases, delta)
 
     low, high = 0.0, 1.0
     while spent(high) > epsilon:  # epsilon falls as z grows: find a z that meets the target

@@ -35,7 +35,7 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -193,36 +193,44 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
             return high
 
 
-def remembered_noise(cache: Path, *, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                     extra: Extra = ()) -> float:
-    """`calibrate_noise`, remembered in the JSON file `cache` for the next process.
-
-    A deployed hospital answers each message in a fresh process, and a calibration costs a
-    couple of seconds of PLD evaluations. A remembered sigma is used only after one evaluation
-    confirms it still meets the target, so an edited or corrupt file can cost accuracy (a
-    larger sigma) but never privacy; anything unusable is recalibrated and rewritten. The key
-    names the accountant, so a sigma calibrated under RDP (valid, but more noise than PLD
-    needs) is recalibrated rather than reused."""
-    key = json.dumps([target_epsilon, delta, sample_rate, steps] + ([list(m) for m in extra] if extra else [])
-                     + [ACCOUNTANT])
+def remembered(cache: Path, key: list, *, usable: Callable[[float], bool], compute: Callable[[], float]) -> float:
+    """A calibration result remembered in the JSON file `cache` under `key` for the next process:
+    used only if `usable` confirms it (one accountant evaluation, against the guarantee it must
+    meet), else `compute`d and written back. So an edited or corrupt file can cost a recalibration
+    (or accuracy, within what `usable` admits) but never privacy. The key ends with the accountant."""
+    name = json.dumps([*key, ACCOUNTANT])
     try:
-        remembered = json.loads(Path(cache).read_text())
+        stored = json.loads(Path(cache).read_text())
     except (OSError, ValueError):
-        remembered = {}
-    sigma = remembered.get(key) if isinstance(remembered, dict) else None
-    if isinstance(sigma, float) and 0 < sigma <= 1e4 and epsilon_for(
-            sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, delta=delta, extra=extra) <= target_epsilon:
-        return sigma
-    sigma = calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
-                            extra=extra)
-    remembered = {**(remembered if isinstance(remembered, dict) else {}), key: sigma}
+        stored = {}
+    stored = stored if isinstance(stored, dict) else {}
+    value = stored.get(name)
+    if isinstance(value, float) and 0 < value <= 1e4 and usable(value):
+        return value
+    value = compute()
     temporary = Path(cache).with_name(f".{Path(cache).name}.{os.getpid()}")
     try:
-        temporary.write_text(json.dumps(remembered, sort_keys=True))
+        temporary.write_text(json.dumps({**stored, name: value}, sort_keys=True))
         os.replace(temporary, cache)
     except OSError:  # a read-only node directory: calibrate every time
         temporary.unlink(missing_ok=True)
-    return sigma
+    return value
+
+
+def remembered_noise(cache: Path, *, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                     extra: Extra = ()) -> float:
+    """`calibrate_noise`, remembered in the JSON file `cache` for the next process (`remembered`).
+
+    A deployed hospital answers each message in a fresh process, and a calibration costs a
+    couple of seconds of PLD evaluations. A remembered sigma is used only after one evaluation
+    confirms it still meets the target. The key names the accountant, so a sigma calibrated
+    under RDP (valid, but more noise than PLD needs) is recalibrated rather than reused."""
+    return remembered(
+        cache, [target_epsilon, delta, sample_rate, steps] + ([list(m) for m in extra] if extra else []),
+        usable=lambda sigma: epsilon_for(sample_rate=sample_rate, noise_multiplier=sigma, steps=steps, delta=delta,
+                                         extra=extra) <= target_epsilon,
+        compute=lambda: calibrate_noise(target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate,
+                                        steps=steps, extra=extra))
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,27 @@ def test_a_sigma_remembered_under_rdp_is_recalibrated_under_pld(tmp_path: Path) 
     assert json.loads(cache.read_text()) == {RDP_ERA_KEY: rdp_sigma, KEY: sigma}
 
 
+@pytest.mark.parametrize("planted", [None, 0.05, 40.0])
+def test_the_evaluation_noise_is_remembered_and_a_planted_value_is_never_used(tmp_path: Path, planted) -> None:
+    """The next process reads the run's evaluation noise multiplier instead of bisecting again;
+    a value planted in the file that spends more than the budget (0.05) or wastes it (40: far
+    more noise than needed) is recalibrated, so the file can cost neither privacy nor accuracy."""
+    from federation.round_evaluation import evaluation_noise_multiplier, remembered_evaluation_noise
+
+    cache = tmp_path / "noise_calibrations.json"
+    key = json.dumps(["evaluation", 0.5, 1e-5, 3, ACCOUNTANT])
+    if planted is not None:
+        cache.write_text(json.dumps({key: planted}))
+    z = remembered_evaluation_noise(cache, 0.5, 1e-5, 3)
+    assert z == evaluation_noise_multiplier(0.5, 1e-5, 3) and json.loads(cache.read_text())[key] == z
+    probe = ("import sys; from federation import round_evaluation as r; calls = [];"
+             "r._calibrated = lambda *a: calls.append(a) or 0.0;"
+             "print(r.remembered_evaluation_noise(sys.argv[1], 0.5, 1e-5, 3), len(calls))")
+    out = subprocess.run([sys.executable, "-c", probe, str(cache)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert (float(out[0]), int(out[1])) == (z, 0)
+
+
 def _hospital_spend() -> HospitalSpend:
     training = DPSpend.of(sample_rate=0.02, noise_multiplier=1.1, steps=150, clip_norm=1.0, delta=1e-6)
     evaluation = GaussianMechanism.gaussian_release(noise_multiplier=40.0, count=3)
