@@ -31,6 +31,11 @@ from server.training_run import stage
 from server.tracking import ROUND_EPSILON_MAX, ROUND_SECONDS
 
 
+IN_FLIGHT_PER_WORKER = 4
+"""Unanswered messages per simulation worker (one per core) the server keeps pushed: enough that
+no worker waits, few enough that Flower's per-poll scan of stored messages stays small."""
+
+
 def round_line(data: dict[str, Any]) -> str:
     """One finished round as `fedrisk run` and the demo show it: the DP evaluation's metrics, the
     largest epsilon so far and the round's time."""
@@ -145,7 +150,8 @@ def simulate(config: RunConfig, progress: Progress | None = None, verbose: bool 
 
 def _run(config: RunConfig, progress: Progress | None, verbose: bool, run_simulation) -> FederatedResult:
     outcome: list = []
-    server_app = make_server_app(config, progress, outcome)
+    cpus = max(1, min(os.cpu_count() or 1, config.num_hospitals))
+    server_app = make_server_app(config, progress, outcome, in_flight=IN_FLIGHT_PER_WORKER * cpus)
     client_app = make_client_app(config)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -153,7 +159,6 @@ def _run(config: RunConfig, progress: Progress | None, verbose: bool, run_simula
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
     stage(progress or (lambda event, data: None), "engine", "starting Flower's simulation engine")
-    cpus = max(1, min(os.cpu_count() or 1, config.num_hospitals))
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose,
                              "logging_level": logging.ERROR}}

@@ -14,10 +14,11 @@ __all__ = ["FederatedResult", "Progress", "make_server_app", "run_federated", "a
 
 
 def make_server_app(preset: RunConfig | None = None, progress: Progress | None = None,
-                    outcome: list | None = None) -> ServerApp:
+                    outcome: list | None = None, in_flight: int | None = None) -> ServerApp:
     """A ServerApp: federated training, or a cohort query when the run config carries one.
     `preset` fixes the run config (simulation); `outcome` receives the FederatedResult (or
-    `server.analytics.QueryResult`), or the user-caused error that ended the run."""
+    `server.analytics.QueryResult`), or the user-caused error that ended the run; `in_flight`
+    caps a training step's unanswered messages (simulation: its workers answer a few at a time)."""
     server_app = ServerApp()
 
     @server_app.main()
@@ -29,7 +30,7 @@ def make_server_app(preset: RunConfig | None = None, progress: Progress | None =
 
                 result = run_analytics(grid, config)
             else:
-                result = run_federated(grid, config, progress, share_config=preset is None)
+                result = run_federated(grid, config, progress, share_config=preset is None, in_flight=in_flight)
         except FedriskError as exc:
             if outcome is None:
                 raise

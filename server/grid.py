@@ -21,18 +21,33 @@ grid sleeps 3 s between pulls in its own `send_and_receive`, adding 1.5 s on ave
 step of a run; a pull that finds nothing costs the SuperLink about a millisecond."""
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """Push `messages` and collect their replies until all have come or `timeout` passes."""
-    pending = set(grid.push_messages(messages))
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
+                     in_flight: int | None = None) -> list[Message]:
+    """Push `messages` and collect their replies until all have come or `timeout` passes.
+
+    `in_flight` caps how many are pushed and not yet answered (None: all at once). Flower's
+    simulation engine scans every stored message for every node ten times a second, so with
+    hundreds of hospitals and all their messages stored at once its polling alone kept a core
+    busy; its workers answer a few at a time anyway. Deployed hospitals answer in parallel:
+    there, no cap."""
+    queue = list(messages)
+    cap = len(queue) if in_flight is None else max(1, in_flight)
+    pending: set[str] = set()
     deadline = time.monotonic() + timeout
     replies: list[Message] = []
-    while pending:
+    while True:
+        if queue and len(pending) < cap:
+            batch, queue = queue[:cap - len(pending)], queue[cap - len(pending):]
+            pending |= set(grid.push_messages(batch))
+        if not pending:
+            break
         arrived = list(grid.pull_messages(sorted(pending)))
         replies += arrived
         pending -= {reply.metadata.reply_to_message_id for reply in arrived}
-        if not pending or time.monotonic() >= deadline:
+        if (not pending and not queue) or time.monotonic() >= deadline:
             break
-        time.sleep(min(REPLY_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
+        if not arrived or not queue:
+            time.sleep(min(REPLY_POLL_SECONDS, max(0.0, deadline - time.monotonic())))
     return replies
 
 
@@ -65,8 +80,11 @@ def wait_for_nodes(grid: Grid, want: int, need: int, timeout: float) -> list[int
     return nodes
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], list[int]]:
-    """Send and wait up to `timeout`; return the replies and the nodes that did not reply."""
-    replies = send_and_receive(grid, messages, timeout)
+def exchange(grid: Grid, messages: list[Message], timeout: float,
+             in_flight: int | None = None) -> tuple[list[Message], list[int]]:
+    """Send (at most `in_flight` unanswered at a time) and wait up to `timeout`; return the
+    replies and the nodes that did not reply (a message never pushed before the deadline
+    counts as not replied)."""
+    replies = send_and_receive(grid, messages, timeout, in_flight)
     replied = {reply.metadata.src_node_id for reply in replies}
     return replies, [m.metadata.dst_node_id for m in messages if m.metadata.dst_node_id not in replied]

@@ -84,16 +84,17 @@ class FederatedResult:
 
 
 def run_federated(grid: Grid, config: RunConfig, progress: Progress | None = None,
-                  share_config: bool = False) -> FederatedResult:
+                  share_config: bool = False, in_flight: int | None = None) -> FederatedResult:
     """Run census, `config.rounds` HE FedAvg rounds with federated evaluation, and the release.
 
     Resumes after the last completed round when the run directory holds this run's checkpoint.
+    `in_flight` caps a step's unanswered messages (`server.grid.send_and_receive`; simulation).
     """
     notify = progress or (lambda event, data: None)
     Path(config.run_dir).mkdir(parents=True, exist_ok=True)
     audit = AuditLog(Path(config.run_dir) / SERVER_AUDIT_FILE, role=ROLE_SERVER, identity="coordinator")
     try:
-        return _Run(grid, config, notify, share_config, audit).run()
+        return _Run(grid, config, notify, share_config, audit, in_flight).run()
     except FedriskError as error:
         audit.refusal(error, purpose=config.purpose)
         raise
@@ -102,8 +103,9 @@ def run_federated(grid: Grid, config: RunConfig, progress: Progress | None = Non
 class _Run:
     """One federated run (or the rest of one, when resuming), driven by the ServerApp."""
 
-    def __init__(self, grid: Grid, config: RunConfig, notify: Progress, share_config: bool, audit: AuditLog) -> None:
-        self.grid, self.config, self.notify, self.audit = grid, config, notify, audit
+    def __init__(self, grid: Grid, config: RunConfig, notify: Progress, share_config: bool, audit: AuditLog,
+                 in_flight: int | None = None) -> None:
+        self.grid, self.config, self.notify, self.audit, self.in_flight = grid, config, notify, audit, in_flight
         self.he = ServerContext.load(config.keys_dir)
         self.checkpoint = Checkpoint.load(Path(config.run_dir), config)
         if self.checkpoint:
@@ -138,7 +140,7 @@ class _Run:
         self.logged_rejections = len(self.strategy.rejections)
 
     def _send(self, server_round: int, messages: list[Message], step: str) -> list[Message]:
-        replies, silent = exchange(self.grid, messages, self.config.round_timeout)
+        replies, silent = exchange(self.grid, messages, self.config.round_timeout, self.in_flight)
         for node in silent:
             self.strategy.rejections.append(Rejection(server_round, step, self.strategy.checker.hospital_of(node),
                                                       f"no reply within round-timeout ({self.config.round_timeout:g}s)"))

@@ -185,3 +185,16 @@ def test_bad_replies_are_left_out_and_a_failed_run_resumes_from_its_checkpoint(k
     summary = json.loads((run_dir / "release" / "run_summary.json").read_text())
     assert sorted(summary["rounds"]) == ["1", "2", "3"]
     shutil.rmtree(run_dir / "release")
+
+
+def test_a_step_with_fewer_messages_in_flight_than_hospitals_reaches_every_hospital(keys, nodes, monkeypatch) -> None:
+    """The simulation keeps only a few messages unanswered at a time (Flower's engine scans every
+    stored message on each poll); every hospital is still asked, a bad reply is still named, and
+    the round aggregates the others."""
+    import engines.simulation as simulation
+
+    monkeypatch.setattr(simulation, "IN_FLIGHT_PER_WORKER", 1)  # 2 workers: 2 in flight for 3 hospitals
+    monkeypatch.setenv(faults.ENV, "hospital_01:train@1:truncated")
+    result = simulate(_config(keys, nodes, nodes.parent / "run", rounds=1, min_replies=2))
+    assert result.contributors[1] == ["hospital_00", "hospital_02"]
+    assert [(r["hospital"], r["step"]) for r in result.rejections] == [("hospital_01", "training")]
