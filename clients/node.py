@@ -271,8 +271,18 @@ class HospitalNode:
                          server_round=0, step="census", kind="census", head=head, message_type=message_type)
 
     def census_total(self, census: Sequence[SignedContribution], run_id: str) -> float:
-        """N_hat, the federation's training record count, from the verified census."""
-        values = self.decryptor.decrypt(census, Expected(run_id, 0, "census", "census", CENSUS_LENGTH))
+        """N_hat, the federation's training record count, from the verified census. A message may
+        leave the census out once this node has verified it: then it is read from this node's own
+        record of that decryption (as verified rounds are: `global_weights`)."""
+        expected = Expected(run_id, 0, "census", "census", CENSUS_LENGTH)
+        if census:
+            values = self.decryptor.decrypt(census, expected)
+        else:
+            recorded = self.decryptor.recorded(expected)
+            if recorded is None:
+                self._refuse(ProtocolError(f"{self.name}: the server sent no census for run {run_id}, and this node "
+                                           "has not verified one"))
+            values = recorded
         total = float(values[0] / CENSUS_UNIT)
         if total < 1.0:
             self._refuse(ProtocolError(f"{self.name}: the census holds no records"))

@@ -172,7 +172,7 @@ class HEFedAvg(Strategy):
 
     Args:
         he: the server's parameters-only CKKS context (it checks shapes, nothing more).
-        census: every hospital's signed census contribution, sent with every message.
+        census: every hospital's signed census contribution, sent until a hospital has verified it.
         reveal: asks a key-holding hospital to reveal a round's summed DP evaluation.
         min_replies: fewest hospitals whose valid replies a round needs.
         config: extra ConfigRecord entries sent with every message (run, key and parameter ids).
@@ -194,6 +194,7 @@ class HEFedAvg(Strategy):
         self.contributors: dict[int, list[str]] = {}
         self.evaluations: dict[int, list[float]] = {}  # each round's revealed DP evaluation (record units)
         self.verified_through: dict[int, int] = {}  # node id -> the round through which it verified the chain
+        self.census_verified: set[int] = set()  # node ids whose accepted train reply decrypted the census
 
     @property
     def rejections(self) -> list[Rejection]:
@@ -203,29 +204,35 @@ class HEFedAvg(Strategy):
     def summary(self) -> None:
         """Nothing to print: the run tracker logs the configuration."""
 
-    def records(self, through: int, server_round: int, after: int = 0) -> dict[str, ConfigRecord]:
-        """What a message of a round carries: config, census, the chain's rounds `after`+1 to
-        `through` and the newest signed state heads the server relays (`clients.anchoring`)."""
+    def records(self, through: int, server_round: int, after: int = 0, census: bool = True) -> dict[str, ConfigRecord]:
+        """What a message of a round carries: config, the census (unless `census` is False: the
+        hospital verified it), the chain's rounds `after`+1 to `through` and the newest signed
+        state heads the server relays (`clients.anchoring`)."""
         records = {M.CONFIG: ConfigRecord({**self.base_config, M.ROUND: server_round}),
-                   M.CENSUS_RECORD: ConfigRecord(to_record(self.census)),
                    M.ANCHORS: ConfigRecord(relay_record(self.anchors))}
+        if census:
+            records[M.CENSUS_RECORD] = ConfigRecord(to_record(self.census))
         for past in range(after + 1, through + 1):
             if past in self.chain:
                 records[M.ROUND_RECORD.format(past)] = ConfigRecord(to_record(self.chain[past]))
         return records
 
-    def confirm(self, hospitals: Iterable[str], through: int) -> None:
+    def confirm(self, hospitals: Iterable[str], through: int, census: bool = False) -> None:
         """These hospitals' accepted replies show they verified and decrypted every round up to
-        `through` (a train reply of round r: through r - 1; an evaluation of round r: through r):
-        their later messages leave those rounds out (`clients.node.HospitalNode.global_weights`
-        replays them from the hospital's own decryption records). A hospital without a valid
-        reply in this step is sent the whole chain again next time."""
+        `through` (a train reply of round r: through r - 1; an evaluation of round r: through r),
+        and with `census` (a train reply) the census too: their later messages leave those out
+        (`clients.node.HospitalNode.global_weights` and `census_total` read them from the
+        hospital's own decryption records). A hospital without a valid reply in this step is
+        sent the census and the whole chain again next time."""
         confirmed = {self.checker.node_ids[h] for h in hospitals if h in self.checker.node_ids}
         for node in list(self.verified_through):
             if node not in confirmed:  # no valid reply this step (lost its records, dropped out): send it all again
                 del self.verified_through[node]
+        self.census_verified &= confirmed
         for node in confirmed:
             self.verified_through[node] = max(self.verified_through.get(node, 0), through)
+        if census:
+            self.census_verified |= confirmed
 
     def relay(self, contributions: Iterable[SignedContribution]) -> None:
         """Keep the newest signed state head of each hospital, to relay to all."""
@@ -235,15 +242,16 @@ class HEFedAvg(Strategy):
         node_ids = sorted(grid.get_node_ids())
         if len(node_ids) < self.checker.min_replies:
             raise ProtocolError(f"only {len(node_ids)} hospital node(s) connected; {self.checker.min_replies} needed")
-        contents: dict[int, RecordDict] = {}  # one content per starting round, shared by the nodes it fits
+        contents: dict[tuple[int, bool], RecordDict] = {}  # one per (starting round, census sent), shared
         messages, largest = [], 0
         for node in node_ids:
             after = min(self.verified_through.get(node, 0), through)
-            if after not in contents:
-                contents[after] = RecordDict(self.records(through, server_round, after))
-            largest = max(largest, contribution_bytes(self.census) + sum(
+            census = node not in self.census_verified
+            if (after, census) not in contents:
+                contents[after, census] = RecordDict(self.records(through, server_round, after, census))
+            largest = max(largest, (contribution_bytes(self.census) if census else 0) + sum(
                 contribution_bytes(self.chain.get(r, [])) for r in range(after + 1, through + 1)))
-            messages.append(Message(content=contents[after], dst_node_id=node, message_type=message_type))
+            messages.append(Message(content=contents[after, census], dst_node_id=node, message_type=message_type))
         traffic = self.traffic.setdefault(server_round, RoundTraffic())
         traffic.down_bytes = max(traffic.down_bytes, largest)
         return messages
@@ -267,7 +275,7 @@ class HEFedAvg(Strategy):
         self.chain[server_round] = accepted
         self.relay(accepted)
         self.contributors[server_round] = sorted(item.header.hospital for item in accepted)
-        self.confirm(self.contributors[server_round], server_round - 1)
+        self.confirm(self.contributors[server_round], server_round - 1, census=True)
         return None, MetricRecord({ROUND_HOSPITALS: len(accepted),
                                    ROUND_EPSILON_MAX: max(p.run_epsilon for p in self.privacy.values())})
 
