@@ -184,9 +184,16 @@ class AnchorStore:
                            "header = excluded.header, signature = excluded.signature",
                            [(h.hospital, h.canonical().decode(), bytes(sig)) for _, h, sig in newest.values()])
 
-    def behind(self, header: ContributionHeader) -> StateHead | None:
-        """The anchored head `header`'s hospital has fallen behind, or None if it has not."""
-        head, known = StateHead.parse(header.head), self.get(header.hospital)
+    def heads(self) -> dict[str, StateHead | None]:
+        """Every hospital's newest anchored head, in one read (for checking a whole census)."""
+        return {name: StateHead.parse(json.loads(header)["head"]) for name, header, _ in self._rows()}
+
+    def behind(self, header: ContributionHeader, heads: dict[str, StateHead | None] | None = None
+               ) -> StateHead | None:
+        """The anchored head `header`'s hospital has fallen behind, or None if it has not.
+        `heads` (from `heads()`) saves a read per header when checking many."""
+        head = StateHead.parse(header.head)
+        known = heads.get(header.hospital) if heads is not None else self.get(header.hospital)
         if known is None:
             return None
         if head is None or head.behind(known):
@@ -221,9 +228,15 @@ def check_not_rolled_back(state: "object", hospital: str, relayed: Iterable[tupl
     at this node and those relayed (signed by itself). Records the newest; raises
     RollbackDetected if the node is behind any of them."""
     store = AnchorStore(state.directory)  # type: ignore[attr-defined]
-    for header, signature in verified_anchors(relayed, manifest):
-        if header.hospital == hospital:
-            store.record(header, signature)
+    own = []  # only this node's own anchors are used: verify those, not every hospital's
+    for text, signature in relayed:
+        try:
+            if ContributionHeader.parse(text).hospital == hospital:
+                own.append((text, signature))
+        except (ProtocolError, ValueError, TypeError):
+            continue
+    for header, signature in verified_anchors(own, manifest):
+        store.record(header, signature)
     current = state_head(state)
     anchored = store.get(hospital)
     if anchored is not None and current.behind(anchored):

@@ -67,6 +67,7 @@ class _InProcess:
     def __init__(self, preset: RunConfig | None) -> None:
         self.preset = preset
         self.services: dict[tuple[str, int], NodeService] = {}
+        self.directories: dict[str, list[Path]] = {}  # nodes_dir -> its node directories, in name order
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -87,10 +88,13 @@ class _InProcess:
             partition = (config.nodes_dir, index)
             with self._lock:
                 if partition not in self.services:
-                    nodes = NodeState.discover(Path(config.nodes_dir))
+                    if config.nodes_dir not in self.directories:  # once per worker, not once per partition
+                        found = NodeState.discover(Path(config.nodes_dir))
+                        self.directories[config.nodes_dir] = [state.directory for state in found]
+                    nodes = self.directories[config.nodes_dir]
                     if index >= len(nodes):
                         raise ConfigError(f"{config.nodes_dir} holds {len(nodes)} fedrisk node(s); node {index} has none")
-                    self.services[partition] = NodeService(nodes[index].directory, preset=self.preset)
+                    self.services[partition] = NodeService(nodes[index], preset=self.preset)
         except FedriskError as error:
             return refusal(str(error))
         return self.services[partition].handle(request)

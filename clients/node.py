@@ -328,8 +328,9 @@ class HospitalNode:
 
     # --- train --------------------------------------------------------------------------------
     def _evaluation_mechanism(self) -> GaussianMechanism:
-        z = round_evaluation.remembered_evaluation_noise(self.state.directory / NOISE_CACHE, self.config.evaluation_budget,
-                                                         self.config.delta, self.config.rounds)
+        cfg = self.config
+        z = round_evaluation.remembered_evaluation_noise(self.state.directory / NOISE_CACHE, cfg.evaluation_budget,
+                                                         cfg.delta, cfg.rounds)
         return GaussianMechanism.gaussian_release(noise_multiplier=z)
 
     def noise_multiplier(self) -> float:
@@ -414,10 +415,11 @@ class HospitalNode:
                                             f"{cfg.planned_steps} DP-SGD steps the noise was calibrated for"))
         identity = charge_identity(cfg.purpose, run_id, server_round, weights_digest(start), cfg.fingerprint(),
                                    records_digest(data.train_x, data.train_y))
-        self._charge(run_id, f"round-{server_round}", identity, self._mechanism(round_steps), "training")
+        mechanism = self._mechanism(round_steps)  # read once: what trains is exactly what is charged
+        self._charge(run_id, f"round-{server_round}", identity, mechanism, "training")
         self.state.audit().append(ROUND_TRAIN, purpose=cfg.purpose, details={
             "run": run_id, "round": server_round, "steps": round_steps, "identity": Digest(identity)})
-        sigma = self.noise_multiplier()
+        sigma = mechanism.noise_multiplier
         result = train_local(start, data.train_x, data.train_y, LocalTraining(
             model_kind=cfg.model, epochs=cfg.local_epochs, sample_rate=cfg.sample_rate,
             learning_rate=cfg.learning_rate, clip_norm=cfg.clip_norm, noise_multiplier=sigma,

@@ -170,8 +170,8 @@ class NodeState:
         directory = Path(directory)
         if (directory / NODE_FILE).exists():
             raise ConfigError(f"{directory} is already a fedrisk node ({NODE_FILE} exists)")
-        if not hospital or not hospital.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"hospital name must be letters, digits, '-' or '_', got {hospital!r}")
+        if not hospital or not hospital.replace("_", "").replace("-", "").isalnum() or len(hospital) > 64:
+            raise ConfigError(f"hospital name must be 1-64 letters, digits, '-' or '_', got {hospital[:80]!r}")
         if not budgets:
             raise ConfigError("a node needs at least one purpose budget (--budget PURPOSE=EPSILON)")
         schema_file = Path(schema_file or SHIPPED_SYNTHETIC_SCHEMA).resolve()

@@ -14,7 +14,9 @@ zeros and a typo in a number is reported rather than silently turned into a miss
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from importlib.metadata import version as _version
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +116,7 @@ def category_text(series: pd.Series) -> pd.Series:
     if pd.api.types.infer_dtype(series, skipna=True) == "string":  # the common case: each distinct text once
         codes, uniques = pd.factorize(series, use_na_sentinel=True)
         mapped = pd.array([one(value) for value in uniques] + [pd.NA], dtype="string")
-        return pd.Series(mapped.take(np.where(codes < 0, len(uniques), codes)), index=series.index)
+        return pd.Series(mapped.take(np.where(codes < 0, len(uniques), codes)), index=series.index, name=series.name)
     return series.map(one).astype("string")
 
 
@@ -289,8 +291,10 @@ def validate_export(path: Path, schema: ExportSchema) -> ValidatedExport:
 
 
 _VALIDATOR = hashlib.sha256(b"".join(Path(module).read_bytes() for module in (__file__, Path(__file__).with_name(
-    "schema.py")))).hexdigest()
-"""The validation code itself: a stamp made by another version of it does not count."""
+    "schema.py"))) + f"pandas {pd.__version__} pyarrow {pyarrow.__version__} pandera {_version('pandera')}".encode()
+).hexdigest()
+"""The validation code itself and the libraries it reads with: a stamp made by another version of
+them does not count."""
 
 
 def export_digest(data_file: Path, schema_file: Path) -> str | None:
@@ -326,7 +330,11 @@ def validate_unless_stamped(data_file: Path, schema: ExportSchema, schema_file: 
 def record_validated(stamp: Path, data_file: Path, schema_file: Path, before: str | None) -> None:
     """Write `stamp` for an export that passed validation, whose digest was `before` when the
     validation began; nothing if the file changed since (what passed may not be what is there)."""
-    if before is not None and export_digest(data_file, schema_file) == before:
-        partial = stamp.with_name(stamp.name + ".partial")
+    if before is None or export_digest(data_file, schema_file) != before:
+        return
+    partial = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+    try:
         partial.write_text(before + "\n")
         partial.replace(stamp)
+    except OSError:  # a directory this process cannot write: the stamp only saves time
+        partial.unlink(missing_ok=True)

@@ -115,16 +115,18 @@ class Digest(str):
 _HEX_DIGEST = re.compile(r"[0-9a-f]{12,128}")
 
 NAMES_LISTED_UP_TO = 64
-"""`hospital_names` lists up to this many names in an entry; more are summarised (an audit entry
-is at most MAX_DETAILS_CHARS, and a 500-hospital federation's names are not)."""
+NAMES_LISTED_CHARS = 2048
+"""`hospital_names` lists up to NAMES_LISTED_UP_TO names, of at most NAMES_LISTED_CHARS together;
+more are summarised (an entry is at most MAX_DETAILS_CHARS, and a 500-hospital federation's
+names, or a few very long ones, are not)."""
 
 
 def hospital_names(names: Iterable[str]) -> object:
-    """Hospital names for an entry's details: the sorted list, or for a federation of more than
-    NAMES_LISTED_UP_TO, {"count", "sha256" of the sorted names one per line}, which the full list
-    (the manifest, the run's summary) can be checked against."""
+    """Names (hospitals, approvers) for an entry's details: the sorted list, or past
+    NAMES_LISTED_UP_TO names or NAMES_LISTED_CHARS characters, {"count", "sha256" of the sorted
+    names one per line}, which the full list (the manifest, the run's summary) can be checked against."""
     ordered = sorted(names)
-    if len(ordered) <= NAMES_LISTED_UP_TO:
+    if len(ordered) <= NAMES_LISTED_UP_TO and len(json.dumps(ordered)) <= NAMES_LISTED_CHARS:
         return ordered
     return {"count": len(ordered), "sha256": Digest(hashlib.sha256("\n".join(ordered).encode()).hexdigest())}
 

@@ -38,8 +38,10 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float,
     while True:
         if queue and len(pending) < cap:
             batch, queue = queue[:cap - len(pending)], queue[cap - len(pending):]
-            pending |= set(grid.push_messages(batch))
+            pending |= {message_id for message_id in grid.push_messages(batch) if message_id}
         if not pending:
+            if queue:  # nothing of that batch was stored (a node gone): push the next
+                continue
             break
         arrived = list(grid.pull_messages(sorted(pending)))
         replies += arrived

@@ -257,7 +257,8 @@ class _Run:
                    ROUND_SECONDS: seconds}
         tracker.log_round(server_round, metrics)
         self.audit.append(ROUND_TRAIN, purpose=config.purpose, epsilon=metrics[ROUND_EPSILON_MAX], details={
-            "run": self.run_id, "round": server_round, "contributors": hospital_names(strategy.contributors[server_round]),
+            "run": self.run_id, "round": server_round,
+            "contributors": hospital_names(strategy.contributors[server_round]),
             "dp-auc": round(metrics[AUC], 6) if np.isfinite(metrics[AUC]) else None})
         self.rounds[server_round] = metrics
         Checkpoint(run_id=self.run_id, fingerprint=config.fingerprint(), completed_round=server_round,

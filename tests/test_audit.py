@@ -321,3 +321,14 @@ def test_a_federation_of_500_hospitals_fits_an_entry_and_its_names_can_be_checke
     assert summary == {"count": 500, "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
     assert json.loads(round_entry.details_json)["contributors"] == names[:NAMES_LISTED_UP_TO]
     assert log.verify().problems == []
+
+
+def test_a_few_very_long_names_are_summarised_too(tmp_path: Path) -> None:
+    """The summary also applies by size: 40 names of 60 characters would pass the count but not
+    the entry's limit (an approver could add approvals under long names to block a release)."""
+    from privacy.audit import NODE_ENROL, hospital_names
+
+    names = [f"h{i:02d}-" + "x" * 56 for i in range(40)]
+    log = AuditLog(tmp_path / "audit.sqlite", role=ROLE_HOSPITAL, identity="h00")
+    log.append(NODE_ENROL, details={"hospitals": hospital_names(names)})
+    assert json.loads(log.entries()[0].details_json)["hospitals"]["count"] == 40

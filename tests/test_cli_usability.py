@@ -121,7 +121,8 @@ def test_preflight_over_provisioned_nodes_validates_only_an_export_that_changed(
                     purposes={"credit-risk-research": (6.0, 1e-5)})
     validated: list[Path] = []
     real = validation.validate_export
-    monkeypatch.setattr(validation, "validate_export", lambda path, schema: validated.append(Path(path)) or real(path, schema))
+    monkeypatch.setattr(validation, "validate_export",
+                        lambda path, schema: validated.append(Path(path)) or real(path, schema))
     config = RunConfig(nodes_dir=str(tmp_path / "nodes"), keys_dir=str(keys.server_context.parent),
                        run_dir=str(tmp_path / "run"), num_hospitals=3, sample_rate=0.5)
     preflight(config)

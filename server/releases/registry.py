@@ -44,7 +44,7 @@ from federation.errors import FedriskError
 from federation.model import weights_digest
 from federation.workspace import REGISTRY_POINTER, record_registry_store, registry_store, sqlite_path
 from privacy.audit import (RELEASE_APPROVE, RELEASE_CREATE, RELEASE_WITHDRAW, ROLE_SERVER, AuditIdentifierError,
-                           AuditLog, Digest)
+                           AuditLog, Digest, hospital_names)
 from server.releases.approvals import Approval, ApprovalStore, missing_approvals
 from server.releases.certificates import (
     ModelCard,
@@ -370,7 +370,7 @@ class ReleaseRegistry:
                 "cutoff": run.cutoff, "dp-evaluated": True, "recalibrated": run.calibration is not None,
                 "calibration-override": calibration_override is not None,
                 "privacy-audited": bool(privacy_audit["audited"]),
-                "approvals": [f"{a.role}:{a.hospital or '-'}" for a in approvals]})
+                "approvals": hospital_names(f"{a.role}:{a.hospital or '-'}" for a in approvals)})
         except BaseException:
             self.client.delete_model_version(REGISTERED_MODEL, version.version)
             shutil.rmtree(target, ignore_errors=True)
