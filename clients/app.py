@@ -60,14 +60,30 @@ def relay(message: Message, context: Context) -> RecordDict:
         return refusal(f"the hospital's node service at {path} is unreachable ({error.strerror or error})")
 
 
+_LISTED: dict[tuple[str, int], list[Path]] = {}
+"""(nodes dir, its mtime) -> its node directories in name order: listed once per worker process
+(Flower's simulation engine ships the app with every message, so an instance's caches last one
+message; listing 500 node directories per message was a tenth of a worker's time)."""
+_LISTED_LOCK = threading.Lock()
+
+
+def _node_directories(nodes_dir: str) -> list[Path]:
+    from clients.node_state import NodeState
+
+    key = (nodes_dir, Path(nodes_dir).stat().st_mtime_ns if Path(nodes_dir).is_dir() else 0)
+    with _LISTED_LOCK:
+        if key not in _LISTED:
+            _LISTED[key] = [state.directory for state in NodeState.discover(Path(nodes_dir))]
+        return _LISTED[key]
+
+
 class _InProcess:
-    """Simulation: one NodeService per partition, made on first use (the nodes directory is
-    read once per partition, not once per message)."""
+    """Simulation: one NodeService per partition, made on first use (in one process; the node
+    directories are listed once per process)."""
 
     def __init__(self, preset: RunConfig | None) -> None:
         self.preset = preset
         self.services: dict[tuple[str, int], NodeService] = {}
-        self.directories: dict[str, list[Path]] = {}  # nodes_dir -> its node directories, in name order
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -77,7 +93,6 @@ class _InProcess:
         self.__init__(state["preset"])  # type: ignore[misc]
 
     def __call__(self, message: Message, context: Context) -> RecordDict:
-        from clients.node_state import NodeState
         from clients.service import NodeService, _run_config
         from federation.errors import ConfigError, FedriskError
 
@@ -88,10 +103,7 @@ class _InProcess:
             partition = (config.nodes_dir, index)
             with self._lock:
                 if partition not in self.services:
-                    if config.nodes_dir not in self.directories:  # once per worker, not once per partition
-                        found = NodeState.discover(Path(config.nodes_dir))
-                        self.directories[config.nodes_dir] = [state.directory for state in found]
-                    nodes = self.directories[config.nodes_dir]
+                    nodes = _node_directories(config.nodes_dir)
                     if index >= len(nodes):
                         raise ConfigError(f"{config.nodes_dir} holds {len(nodes)} fedrisk node(s); node {index} has none")
                     self.services[partition] = NodeService(nodes[index], preset=self.preset)
