@@ -54,7 +54,9 @@ class Working:
     def callback(self, event: str, data: dict[str, Any]) -> None:
         """Show one engine event: a step of the run (`server.training_run.stage`) becomes the
         display's description; a finished round advances the bar and prints its line."""
-        if event == "stage":
+        from server.training_run import STAGE
+
+        if event == STAGE:
             self._show_stage(data)
             return
         if event != "round":

@@ -188,12 +188,11 @@ class AnchorStore:
         """Every hospital's newest anchored head, in one read (for checking a whole census)."""
         return {name: StateHead.parse(json.loads(header)["head"]) for name, header, _ in self._rows()}
 
-    def behind(self, header: ContributionHeader, heads: dict[str, StateHead | None] | None = None
-               ) -> StateHead | None:
-        """The anchored head `header`'s hospital has fallen behind, or None if it has not.
-        `heads` (from `heads()`) saves a read per header when checking many."""
-        head = StateHead.parse(header.head)
-        known = heads.get(header.hospital) if heads is not None else self.get(header.hospital)
+    @staticmethod
+    def behind(header: ContributionHeader, heads: dict[str, StateHead | None]) -> StateHead | None:
+        """The anchored head (of `heads()`, read once for a whole census) that `header`'s hospital
+        has fallen behind, or None if it has not."""
+        head, known = StateHead.parse(header.head), heads.get(header.hospital)
         if known is None:
             return None
         if head is None or head.behind(known):

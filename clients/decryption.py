@@ -88,7 +88,8 @@ class VerifiedDecryptor:
             self._refuse(f"refusing a {expected.step} set of {len(contributions)} contributions: the federation has "
                          f"{len(self.manifest.hospitals)} hospitals, one contribution each")
         anchors = AnchorStore(self.state.directory)  # type: ignore[attr-defined]
-        heads = anchors.heads() if first and expected.step == "census" else {}
+        fresh_census = first and expected.step == "census"  # only then are heads held to the anchors
+        heads = anchors.heads() if fresh_census else {}
         kept: dict[str, SignedContribution] = {}
         loaded: dict[str, list] = {}
         audit = self.state.audit()  # type: ignore[attr-defined]
@@ -108,7 +109,7 @@ class VerifiedDecryptor:
                     loaded[header.hospital] = self.key.parse(item.ciphertexts, expected.length)
                 except (ProtocolError, ReplyRejected) as exc:
                     reason = str(exc)
-            if reason is None and first and expected.step == "census" and anchors.behind(header, heads) is not None:
+            if reason is None and fresh_census and anchors.behind(header, heads) is not None:
                 reason = "its hospital's ledger is behind the head this node anchored for it"
                 audit.append(ANCHOR_BEHIND, details={"hospital": header.hospital, "step": expected.step})
             if reason is not None:

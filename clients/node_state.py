@@ -159,7 +159,7 @@ class NodeState:
         """Validate the export against the schema, unless these exact bytes passed before (a
         simulation's pre-flight over hundreds of nodes then costs a hash per export; loading
         records always validates)."""
-        validate_unless_stamped(self.data_file, self.schema(), self.schema_file, self.directory / VALIDATED_FILE)
+        validate_unless_stamped(self.data_file, self.schema_file, self.directory / VALIDATED_FILE)
 
     @classmethod
     def init(cls, directory: Path, *, hospital: str, data_file: Path, key_file: Path,

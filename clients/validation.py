@@ -311,7 +311,7 @@ def export_digest(data_file: Path, schema_file: Path) -> str | None:
     return digest.hexdigest()
 
 
-def validate_unless_stamped(data_file: Path, schema: ExportSchema, schema_file: Path, stamp: Path) -> None:
+def validate_unless_stamped(data_file: Path, schema_file: Path, stamp: Path) -> None:
     """Validate the export unless `stamp` records that these exact bytes, under this schema and
     this validator, passed before; record a pass. A pre-flight check on the driver (the hospital
     node always validates what it loads, in its own process); the stamp holds only a digest, so
@@ -322,7 +322,7 @@ def validate_unless_stamped(data_file: Path, schema: ExportSchema, schema_file: 
             return
     except OSError:
         pass
-    validate_export(data_file, schema)
+    validate_export(data_file, ExportSchema.load(schema_file))
     record_validated(stamp, data_file, schema_file, before)
 
 

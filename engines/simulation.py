@@ -63,8 +63,7 @@ def preflight(config: RunConfig, progress: Progress | None = None) -> RunConfig:
     Returns the config with `nodes_dir` set; `progress` hears the provisioning's steps."""
     from clients.data import cache_budget
 
-    notify = progress or (lambda event, data: None)
-    stage(notify, "checks", "checking the keys and every hospital's export")
+    stage(progress, "checks", "checking the keys and every hospital's export")
     cache_budget()  # a bad $FEDRISK_RECORD_CACHE_MB fails here, not in a worker mid-round
     server = ServerContext.load(Path(config.keys_dir))
     key_path = Path(config.keys_dir) / HOSPITAL_CONTEXT_FILE
@@ -93,7 +92,7 @@ def preflight(config: RunConfig, progress: Progress | None = None) -> RunConfig:
     states = provision_nodes(Path(config.data_dir), key_path, nodes_dir, count=config.num_hospitals,
                              purposes={config.purpose: (config.provision_budget, config.delta)},
                              schema_file=Path(config.schema_file) if config.schema_file else None,
-                             progress=lambda done, total: stage(notify, "provision", "provisioning hospital nodes "
+                             progress=lambda done, total: stage(progress, "provision", "provisioning hospital nodes "
                                                                 "(validating and pseudonymising each export)",
                                                                 done=done, total=total))
     config = config.replace(nodes_dir=str(nodes_dir))
@@ -158,7 +157,7 @@ def _run(config: RunConfig, progress: Progress | None, verbose: bool, run_simula
         warnings.filterwarnings("ignore")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
-    stage(progress or (lambda event, data: None), "engine", "starting Flower's simulation engine")
+    stage(progress, "engine", "starting Flower's simulation engine")
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose,
                              "logging_level": logging.ERROR}}

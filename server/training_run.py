@@ -52,9 +52,10 @@ Progress = Callable[[str, dict], None]
 STAGE = "stage"
 
 
-def stage(notify: Progress, key: str, text: str, **data: object) -> None:
-    """Tell the progress display what the run does now (start-up steps, then each round's steps)."""
-    notify(STAGE, {"stage": key, "text": text, **data})
+def stage(notify: Progress | None, key: str, text: str, **data: object) -> None:
+    """Tell the progress display, if any, what the run does now (start-up steps, then each round's)."""
+    if notify is not None:
+        notify(STAGE, {"stage": key, "text": text, **data})
 
 
 @dataclass
